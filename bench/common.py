@@ -1,0 +1,119 @@
+"""Timing and environment helpers shared by every benchmark.
+
+Timing on a GPU uses CUDA events around each call after a warm-up, and reports the median and
+the 10th/90th percentiles of many runs; on a CPU it uses perf_counter. Every record carries the
+hardware and software it was measured with, so no number travels without its context.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def environment(device: torch.device | str) -> dict:
+    """Fields every record carries: gpu, torch, triton, commit, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "gpu": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 10, reps: int = 50) -> dict[str, float]:
+    """Median / p10 / p90 milliseconds of `fn()` on `device` (CUDA events on a GPU)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "ms_median": statistics.median(times),
+        "ms_p10": _percentile(times, 0.1),
+        "ms_p90": _percentile(times, 0.9),
+        "reps": reps,
+    }
+
+
+def first_call_ms(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Wall time of one call including compilation/autotuning (run this before `time_fn`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measured_peak_matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured (not datasheet) dense matmul throughput, the roof for compute-bound kernels."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=5, reps=20)
+    return 2 * n**3 / (t["ms_median"] * 1e-3) / 1e12
+
+
+def measured_hbm_gbps(device: torch.device | str) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes), the roof for memory-bound kernels."""
+    numel = 512 * 1024 * 1024 // 4
+    src = torch.empty(numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=5, reps=20)
+    return 2 * numel * 4 / (t["ms_median"] * 1e-3) / 1e9

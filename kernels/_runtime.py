@@ -1,0 +1,56 @@
+"""Shared launcher helpers: where a Triton kernel may run, and dtype checks.
+
+A kernel runs on a CUDA tensor, or on a CPU tensor when the Triton interpreter is on
+(`TRITON_INTERPRET=1`, which must be set before `triton` is first imported). Launchers call
+`check_launchable` first so a user gets one clear sentence instead of a Triton traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_can_run(device: torch.device | str | None = None) -> bool:
+    """Whether our Triton kernels can run on `device` (None: the default CUDA device or the interpreter)."""
+    if not triton_importable():
+        return False
+    if interpreter_enabled():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def check_launchable(name: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error if `tensors` cannot feed a Triton kernel called `name`."""
+    first = tensors[0]
+    for t in tensors:
+        if t.device != first.device:
+            raise ValueError(f"{name}: all tensors must be on one device, got {first.device} and {t.device}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, float16 or bfloat16")
+    if first.device.type == "cuda":
+        return
+    if first.device.type == "cpu" and interpreter_enabled():
+        return
+    raise RuntimeError(
+        f"{name}: Triton kernels need a CUDA tensor (got {first.device}); on a CPU set TRITON_INTERPRET=1 "
+        "before importing triton to run them in the interpreter, or use kernels='sdpa' / 'eager'."
+    )

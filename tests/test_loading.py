@@ -1,0 +1,186 @@
+"""vithybrid_fast.load: local dirs, an offline HF cache, shards, dtypes, and every way a checkpoint can be wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import vithybrid_fast as vf
+from tests.hf_reference import TINY_CASES, build_hf_model
+
+REPO_ID = "google/vit-hybrid-base-bit-384"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return build_hf_model(TINY_CASES["bottleneck-same"], "eager")
+
+
+@pytest.fixture
+def checkpoint(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def logits_of(model, seed=0):
+    pixels = torch.randn(1, 3, 72, 72, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(pixels.to(model.device)).logits.float()
+
+
+def make_offline_cache(cache_dir, source_dir):
+    """The huggingface_hub cache layout: refs/main → snapshot with the files."""
+    repo = cache_dir / f"models--{REPO_ID.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source_dir / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_loads_by_repo_id_from_offline_cache(tmp_path, checkpoint, hf_model, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    make_offline_cache(cache, checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at call time, not only at import
+    model = vf.load(REPO_ID, kernels="eager", cache_dir=cache)
+    expected = logits_of(hf_model)
+    assert (logits_of(model) - expected).abs().max().item() <= 1e-4
+
+
+def test_local_files_only_without_env(tmp_path, checkpoint, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    make_offline_cache(cache, checkpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model = vf.load(REPO_ID, kernels="sdpa", cache_dir=cache, local_files_only=True)
+    assert model.config.hidden_size == 48
+
+
+def test_uncached_repo_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(vf.CheckpointNotFoundError, match=r"config\.json"):
+        vf.load("someone/not-cached", cache_dir=tmp_path)
+
+
+def test_sharded_safetensors(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model = vf.load(tmp_path, kernels="eager")
+    assert (logits_of(model) - logits_of(hf_model)).abs().max().item() <= 1e-4
+
+
+def test_sharded_bin(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path, max_shard_size="200KB", safe_serialization=False)
+    assert (tmp_path / "pytorch_model.bin.index.json").is_file()
+    model = vf.load(tmp_path, kernels="eager")
+    assert (logits_of(model) - logits_of(hf_model)).abs().max().item() <= 1e-4
+
+
+def test_safetensors_preferred_over_bin(checkpoint):
+    (checkpoint / "pytorch_model.bin").write_bytes(b"garbage that must never be read")
+    assert vf.load(checkpoint, kernels="eager").config.hidden_size == 48
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "float16", "bf16"])
+def test_dtype_conversion(checkpoint, hf_model, dtype):
+    model = vf.load(checkpoint, kernels="eager", dtype=dtype)
+    want = {"float16": torch.float16, "bf16": torch.bfloat16}.get(dtype, dtype)
+    assert all(p.dtype == want for p in model.parameters())
+    # float32 pixels are cast to the model dtype; the result stays close to the float32 model
+    diff = (logits_of(model) - logits_of(hf_model)).abs().max().item()
+    assert diff < 0.1 * logits_of(hf_model).abs().max().item()
+
+
+def test_truncated_safetensors_is_a_clear_error(checkpoint):
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(vf.CheckpointError, match="corrupt or truncated"):
+        vf.load(checkpoint)
+
+
+def test_garbage_safetensors_header_is_a_clear_error(checkpoint):
+    (checkpoint / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(vf.CheckpointError, match="corrupt or truncated"):
+        vf.load(checkpoint)
+
+
+def test_truncated_bin_is_a_clear_error(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path, safe_serialization=False)
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(vf.CheckpointError, match="corrupt, truncated"):
+        vf.load(tmp_path)
+
+
+def test_pickled_code_in_bin_is_refused(tmp_path, checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    torch.save({"weights": torch.zeros(1), "obj": object()}, checkpoint / "pytorch_model.bin")
+    with pytest.raises(vf.CheckpointError):
+        vf.load(checkpoint)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(checkpoint):
+    from safetensors.torch import load_file
+
+    state = load_file(checkpoint / "model.safetensors")
+    del state["vit.layernorm.bias"]
+    state["vit.extra.weight"] = torch.zeros(3)
+    state["classifier.weight"] = torch.zeros(5, 48)
+    save_file(state, checkpoint / "model.safetensors")
+    with pytest.raises(vf.CheckpointError) as info:
+        vf.load(checkpoint)
+    message = str(info.value)
+    assert "missing (1): vit.layernorm.bias" in message
+    assert "unexpected (1): vit.extra.weight" in message
+    assert "classifier.weight: checkpoint (5, 48) vs model (7, 48)" in message
+
+
+def test_config_that_does_not_match_weights(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(vf.CheckpointError, match=r"missing \(16\): vit.encoder.layer.2"):
+        vf.load(checkpoint)
+
+
+def test_missing_weights_or_directory(tmp_path, checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(vf.CheckpointNotFoundError, match=r"none of model\.safetensors"):
+        vf.load(checkpoint)
+    with pytest.raises(vf.CheckpointNotFoundError, match="no such checkpoint directory"):
+        vf.load(tmp_path / "does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(vf.CheckpointNotFoundError, match=r"has no config\.json"):
+        vf.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"kernels": "fastest"}, ValueError, "choose one of eager, sdpa, triton, auto"),
+    ({"kernels": {"attention": "cudnn"}}, ValueError, "kernels\\['attention'\\]"),
+    ({"kernels": {"softmax": "triton"}}, ValueError, "unknown kernel families"),
+    ({"dtype": torch.int8}, ValueError, "not supported"),
+    ({"dtype": "float8"}, ValueError, "not supported"),
+])  # fmt: skip
+def test_bad_load_arguments(checkpoint, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        vf.load(checkpoint, **kwargs)
+
+
+def test_cuda_device_without_gpu_is_a_clear_error(checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        vf.load(checkpoint, device="cuda")
+
+
+def test_loaded_model_is_in_eval_mode_and_keys_are_hf_keys(checkpoint, hf_model):
+    model = vf.load(checkpoint, kernels="sdpa")
+    assert not model.training
+    assert list(model.state_dict()) == list(hf_model.state_dict())
+    assert all(p.device.type == "cpu" for p in model.parameters())

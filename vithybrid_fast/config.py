@@ -1,0 +1,444 @@
+"""ViTHybridConfig and BitConfig: read and write HuggingFace `config.json` without transformers.
+
+Field names and defaults follow transformers 4.47.1 (`ViTHybridConfig`, `BitConfig`), so a
+config.json written by transformers loads here and one written here loads there. Fields we do not
+use are kept verbatim and written back; fields we use are validated, and contradictory ones
+(a label map that disagrees with `num_labels`, `out_features` against `out_indices`, a backbone
+whose channels do not match `backbone_featmap_shape`) raise `ValueError` instead of being guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS = (
+    "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "selu", "silu", "swish",
+    "tanh", "sigmoid", "mish", "linear",
+)  # fmt: skip
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+# Generic PretrainedConfig fields that a transformers config.json carries; we keep them on round-trip.
+_GENERIC_DEFAULTS: dict[str, Any] = {
+    "architectures": None,
+    "problem_type": None,
+    "torch_dtype": None,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "return_dict": True,
+}
+
+
+def _check_activation(name: Any, field: str) -> str:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"{field}={name!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+def _as_int_list(value: Any, field: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(f"{field} must be a list of positive integers, got {value!r}")
+    return list(value)
+
+
+class _ConfigBase:
+    """Shared JSON plumbing: known fields are attributes, unknown ones are kept in `extra`."""
+
+    model_type: str = ""
+    _DEFAULTS: dict[str, Any] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = dict(kwargs)
+        given_type = kwargs.pop("model_type", self.model_type)
+        if given_type != self.model_type:
+            raise ValueError(f"{type(self).__name__} expects model_type={self.model_type!r}, got {given_type!r}")
+        for key, default in self._DEFAULTS.items():
+            setattr(self, key, copy.deepcopy(kwargs.pop(key, default)))
+        self.extra: dict[str, Any] = kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        out = copy.deepcopy(self.extra)
+        out.update({key: copy.deepcopy(getattr(self, key)) for key in self._DEFAULTS})
+        out["model_type"] = self.model_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(**data)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {json.dumps(self.to_dict(), indent=2, sort_keys=True)}"
+
+
+class BitConfig(_ConfigBase):
+    """The BiT ResNet backbone (transformers' `BitConfig`)."""
+
+    model_type = "bit"
+    _DEFAULTS = {
+        "num_channels": 3,
+        "embedding_size": 64,
+        "hidden_sizes": [256, 512, 1024, 2048],
+        "depths": [3, 4, 6, 3],
+        "layer_type": "preactivation",
+        "hidden_act": "relu",
+        "global_padding": None,
+        "num_groups": 32,
+        "drop_path_rate": 0.0,
+        "embedding_dynamic_padding": False,
+        "output_stride": 32,
+        "width_factor": 1,
+        "out_features": None,
+        "out_indices": None,
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("stage_names", None)  # derived from depths; recomputed below
+        super().__init__(**kwargs)
+        if self.layer_type not in ("preactivation", "bottleneck"):
+            raise ValueError(f"layer_type={self.layer_type!r} is not one of preactivation, bottleneck")
+        if self.global_padding is not None:
+            if not isinstance(self.global_padding, str) or self.global_padding.upper() not in ("SAME", "VALID"):
+                raise ValueError(f"global_padding={self.global_padding!r}: use 'SAME', 'VALID' or null")
+            self.global_padding = self.global_padding.upper()
+        self.depths = _as_int_list(self.depths, "depths")
+        self.hidden_sizes = _as_int_list(self.hidden_sizes, "hidden_sizes")
+        if len(self.hidden_sizes) < len(self.depths):
+            raise ValueError(f"hidden_sizes {self.hidden_sizes} has fewer entries than depths {self.depths}")
+        _check_activation(self.hidden_act, "backbone hidden_act")
+        for field in ("num_channels", "embedding_size", "num_groups", "output_stride", "width_factor"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"backbone {field} must be a positive integer, got {value!r}")
+        self.out_features, self.out_indices = self._align_outputs(self.out_features, self.out_indices)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+
+    def _align_outputs(self, features: Any, indices: Any) -> tuple[list[str], list[int]]:
+        names = self.stage_names
+        if features is None and indices is None:
+            return [names[-1]], [len(names) - 1]
+        if features is not None:
+            unknown = [f for f in features if f not in names]
+            if unknown:
+                raise ValueError(f"out_features {unknown} are not stages; stages are {names}")
+        if indices is not None:
+            bad = [i for i in indices if not isinstance(i, int) or not -len(names) <= i < len(names)]
+            if bad:
+                raise ValueError(f"out_indices {bad} are out of range for stages {names}")
+            indices = [i % len(names) for i in indices]
+        if features is None:
+            features = [names[i] for i in indices]
+        if indices is None:
+            indices = [names.index(f) for f in features]
+        if [names.index(f) for f in features] != list(indices):
+            raise ValueError(f"out_features {features} and out_indices {indices} name different stages")
+        if list(indices) != sorted(set(indices)):
+            raise ValueError(f"out_features {features} must be unique and in stage order")
+        return list(features), list(indices)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["stage_names"] = self.stage_names
+        return dict(sorted(out.items()))
+
+    def stage_channels(self) -> list[int]:
+        """Output channels of stem, stage1, ... (transformers' make_div of hidden_sizes × width_factor)."""
+        return [self.embedding_size] + [
+            make_div(size * self.width_factor) for size in self.hidden_sizes[: len(self.depths)]
+        ]
+
+    def stage_strides(self) -> list[int]:
+        """Cumulative output stride of stem, stage1, ... (dilation takes over past output_stride)."""
+        strides, current = [4], 4
+        for stage_idx in range(len(self.depths)):
+            stride = 1 if stage_idx == 0 else 2
+            if current >= self.output_stride:
+                stride = 1
+            current *= stride
+            strides.append(current)
+        return strides
+
+
+def make_div(value: float, divisor: int = 8) -> int:
+    """Round channels to a multiple of 8, never below 90% of the request (BiT/timm rule)."""
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+class ViTHybridConfig(_ConfigBase):
+    """ViT Hybrid (transformers' `ViTHybridConfig`), with its `BitConfig` as `backbone_config`."""
+
+    model_type = "vit-hybrid"
+    _DEFAULTS = {
+        **_GENERIC_DEFAULTS,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "image_size": 224,
+        "patch_size": 1,
+        "num_channels": 3,
+        "backbone_featmap_shape": [1, 1024, 24, 24],
+        "qkv_bias": True,
+    }
+
+    def __init__(
+        self,
+        backbone_config: BitConfig | dict[str, Any] | None = None,
+        id2label: dict[Any, str] | None = None,
+        label2id: dict[str, int] | None = None,
+        num_labels: int | None = None,
+        attn_implementation: str = "sdpa",
+        **kwargs: Any,
+    ) -> None:
+        for unsupported in ("backbone", "backbone_kwargs"):
+            if kwargs.get(unsupported):
+                raise ValueError(
+                    f"{unsupported}={kwargs[unsupported]!r}: only an inline BiT backbone_config is supported"
+                )
+        for unsupported in ("use_timm_backbone", "use_pretrained_backbone"):
+            if kwargs.get(unsupported):
+                raise ValueError(f"{unsupported}=true is not supported: the BiT backbone is built from backbone_config")
+        kwargs.pop("_attn_implementation", None)
+        kwargs.pop("_attn_implementation_autoset", None)
+        super().__init__(**kwargs)
+        if backbone_config is None:
+            backbone_config = {
+                "global_padding": "same", "layer_type": "bottleneck", "depths": [3, 4, 9],
+                "out_features": ["stage3"], "embedding_dynamic_padding": True,
+            }  # fmt: skip
+        if isinstance(backbone_config, dict):
+            backbone_config = BitConfig(**backbone_config)
+        if not isinstance(backbone_config, BitConfig):
+            raise ValueError(f"backbone_config must be a BitConfig or a dict, got {type(backbone_config).__name__}")
+        self.backbone_config = backbone_config
+        self.attn_implementation = attn_implementation
+        self._set_labels(id2label, label2id, num_labels)
+        self._validate()
+
+    # -- labels ---------------------------------------------------------------------------------
+    def _set_labels(self, id2label: Any, label2id: Any, num_labels: int | None) -> None:
+        if id2label is None:
+            count = 2 if num_labels is None else num_labels
+            id2label = {i: f"LABEL_{i}" for i in range(count)}
+        try:
+            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"id2label keys must be integers: {err}") from None
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError("id2label keys must be 0..num_labels-1 without gaps")
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"num_labels={num_labels} contradicts id2label with {len(id2label)} entries")
+        if label2id is None:
+            label2id = {name: i for i, name in sorted(id2label.items())}
+        label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+        for name, index in label2id.items():
+            if index not in id2label:
+                raise ValueError(f"label2id[{name!r}]={index} is not a valid class index")
+        self.id2label, self.label2id = id2label, label2id
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        self._set_labels(None, None, value)
+
+    # -- validation -----------------------------------------------------------------------------
+    def _validate(self) -> None:
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "num_channels"):  # fmt: skip
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        _check_activation(self.hidden_act, "hidden_act")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type={self.problem_type!r}; choose one of {PROBLEM_TYPES[1:]} or null")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={self.attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}")
+        for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= float(getattr(self, field)) < 1.0:
+                raise ValueError(f"{field} must be in [0, 1), got {getattr(self, field)!r}")
+        if not float(self.layer_norm_eps) > 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.backbone_config.num_channels != self.num_channels:
+            raise ValueError(
+                f"num_channels={self.num_channels} contradicts backbone_config.num_channels="
+                f"{self.backbone_config.num_channels}"
+            )
+        shape = self.backbone_featmap_shape
+        if not isinstance(shape, (list, tuple)) or len(shape) != 4:
+            raise ValueError(f"backbone_featmap_shape must be [batch, channels, height, width], got {shape!r}")
+        self.backbone_featmap_shape = _as_int_list(shape, "backbone_featmap_shape")
+        backbone_channels = self.backbone_config.stage_channels()[self.backbone_config.out_indices[-1]]
+        if self.backbone_featmap_shape[1] != backbone_channels:
+            raise ValueError(
+                f"backbone_featmap_shape channels {self.backbone_featmap_shape[1]} contradict the backbone's "
+                f"{self.backbone_config.out_features[-1]} output of {backbone_channels} channels"
+            )
+        if self.backbone_grid(*self.image_size_hw) != tuple(self.feature_grid):
+            logger.warning(
+                "image_size %s gives a %s backbone grid but backbone_featmap_shape says %s: inputs of "
+                "image_size will need interpolate_pos_encoding=True",
+                self.image_size, self.backbone_grid(*self.image_size_hw), tuple(self.feature_grid),
+            )  # fmt: skip
+
+    @property
+    def image_size_hw(self) -> tuple[int, int]:
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def patch_size_hw(self) -> tuple[int, int]:
+        size = self.patch_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def feature_grid(self) -> tuple[int, int]:
+        return self.backbone_featmap_shape[2], self.backbone_featmap_shape[3]
+
+    @property
+    def position_grid(self) -> tuple[int, int]:
+        """Grid of the position-embedding table (excluding the CLS position)."""
+        (fh, fw), (ph, pw) = self.feature_grid, self.patch_size_hw
+        return fh // ph, fw // pw
+
+    def backbone_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of the backbone's output feature map for an input of height × width."""
+        bb = self.backbone_config
+        return grid_after_backbone(bb, height), grid_after_backbone(bb, width)
+
+    # -- (de)serialization ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["backbone_config"] = self.backbone_config.to_dict()
+        out["id2label"] = {str(k): v for k, v in sorted(self.id2label.items())}
+        out["label2id"] = dict(sorted(self.label2id.items()))
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "config.json"
+        path.write_text(self.to_json_string())
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ViTHybridConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> ViTHybridConfig:
+        """Read config.json from a local directory or file, or from the hub (see `hub.resolve_file`)."""
+        from .hub import resolve_file
+
+        path = Path(name_or_path)
+        if path.is_file():
+            return cls.from_json_file(path)
+        return cls.from_json_file(resolve_file(name_or_path, "config.json", required=True, **hub_kwargs))
+
+    @classmethod
+    def base_384(cls, **overrides: Any) -> ViTHybridConfig:
+        """The exact config of `google/vit-hybrid-base-bit-384` (1000 ImageNet classes)."""
+        data = copy.deepcopy(BASE_384)
+        data["id2label"] = dict(enumerate(imagenet_labels()))
+        data.update(overrides)
+        return cls.from_dict(data)
+
+
+def grid_after_backbone(bb: BitConfig, size: int) -> int:
+    """Output length of one spatial axis through the BiT stem and stages (any padding mode)."""
+
+    def conv_out(x: int, k: int, s: int, d: int = 1) -> int:
+        if bb.global_padding == "SAME":
+            return -(-x // s)
+        pad = 0 if bb.global_padding == "VALID" else ((s - 1) + d * (k - 1)) // 2
+        return (x + 2 * pad - d * (k - 1) - 1) // s + 1
+
+    x = conv_out(size, 7, 2)
+    if bb.global_padding != "SAME":
+        x += 2  # the stem's ConstantPad2d(1)
+    x = -(-x // 2) if bb.embedding_dynamic_padding else (x - 3) // 2 + 1
+    current = 4
+    for stage_idx in range(bb.out_indices[-1]):
+        stride = 1 if stage_idx == 0 else 2
+        if current >= bb.output_stride:
+            stride = 1
+        current *= stride
+        if stride > 1:
+            # the stride-2 1×1 downsample conv decides the shortcut's size; the 3×3 conv matches it
+            x = conv_out(x, 1, stride)
+    return x
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names in the order of the hub checkpoint's id2label."""
+    text = resources.files("vithybrid_fast").joinpath("data/imagenet1k_labels.json").read_text()
+    return json.loads(text)
+
+
+BASE_384: dict[str, Any] = {
+    "architectures": ["ViTHybridForImageClassification"],
+    "attention_probs_dropout_prob": 0.0,
+    "backbone_config": {
+        "depths": [3, 4, 9],
+        "embedding_dynamic_padding": True,
+        "global_padding": "SAME",
+        "hidden_sizes": [256, 512, 1024, 2048],
+        "layer_type": "bottleneck",
+        "num_groups": 32,
+        "out_features": ["stage3"],
+        "model_type": "bit",
+    },
+    "backbone_featmap_shape": [1, 1024, 24, 24],
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "hidden_size": 768,
+    "image_size": 384,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "model_type": "vit-hybrid",
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "num_hidden_layers": 12,
+    "patch_size": 1,
+    "qkv_bias": True,
+    "torch_dtype": "float32",
+}
+
+PRESETS = {"google/vit-hybrid-base-bit-384": ViTHybridConfig.base_384}

@@ -1,0 +1,240 @@
+"""Kernel-backed modules, one class per swappable reference module (see patching.py).
+
+Each is built from the reference module it replaces and keeps that module's parameters (the same
+`nn.Parameter` objects, under the same attribute names), so `state_dict()` is unchanged and a
+patched model trains and saves like the original. Calls the kernels cannot serve take the
+reference path for that call: `output_attentions=True` (a flash kernel never forms the
+probabilities), `head_mask`, attention dropout in training, an activation the kernel lacks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    """nn.GELU() or transformers' GELUActivation — both erf GELU; tanh variants are not."""
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is nn.functional.gelu
+
+
+def _is_relu(module: nn.Module) -> bool:
+    return isinstance(module, nn.ReLU)
+
+
+def _needs_weight_grad(*params: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+
+
+class _DerivedWeightCache:
+    """Caches a tensor derived from parameters; recomputed when any parameter's storage, in-place
+    version counter, dtype or device changes (so `load_state_dict`, `.to()` and optimizer steps
+    all invalidate it)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: torch.Tensor | tuple | None = None
+
+    @staticmethod
+    def key_of(*params: torch.Tensor | None) -> tuple:
+        return tuple(
+            None if p is None else (p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params
+        )
+
+    def get(self, compute, *params: torch.Tensor | None):
+        if _needs_weight_grad(*params) or torch.compiler.is_compiling():
+            return compute()  # autograd (or the compiler) must see the computation
+        key = self.key_of(*params)
+        if key != self.key:
+            with torch.no_grad():
+                self.value = compute()
+            self.key = key
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT encoder
+# ---------------------------------------------------------------------------------------------
+class FastSelfAttention(nn.Module):
+    """Self-attention with one fused QKV projection and the Triton flash-attention kernel.
+
+    The QKV weight is the concatenation of query/key/value weights, cached for inference; the
+    kernel reads q, k, v as strided views of the (B, N, 3, H, d) projection output, with no copy.
+    """
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.query, self.key, self.value = reference.query, reference.key, reference.value
+        self.dropout = reference.dropout
+        self.num_attention_heads = reference.num_attention_heads
+        self.attention_head_size = reference.attention_head_size
+        self.all_head_size = reference.all_head_size
+        self._qkv = _DerivedWeightCache()
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = torch.cat([self.query.weight, self.key.weight, self.value.weight], dim=0)
+            biases = [self.query.bias, self.key.bias, self.value.bias]
+            bias = None if any(b is None for b in biases) else torch.cat(biases, dim=0)
+            return weight, bias
+
+        params = (self.query.weight, self.key.weight, self.value.weight,
+                  self.query.bias, self.key.bias, self.value.bias)  # fmt: skip
+        return self._qkv.get(compute, *params)
+
+    def can_fuse(self, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
+        dropout_active = self.training and self.dropout.p > 0
+        return not output_attentions and head_mask is None and not dropout_active
+
+    def attend_packed(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3·H·d) projection output → (B, N, H·d) attention context."""
+        batch, tokens, _ = qkv.shape
+        qkv = qkv.view(batch, tokens, 3, self.num_attention_heads, self.attention_head_size)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
+        context = kernels.flash_attention(q, k, v)
+        return context.transpose(1, 2).reshape(batch, tokens, self.all_head_size)
+
+    def reference_forward(
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(*x.shape[:2], self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+        q, k, v = heads(self.query(hidden_states)), heads(self.key(hidden_states)), heads(self.value(hidden_states))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / (self.attention_head_size**0.5)
+        probs = self.dropout(nn.functional.softmax(scores, dim=-1))
+        if head_mask is not None:
+            probs = probs * head_mask
+        context = torch.matmul(probs, v).transpose(1, 2).reshape(*hidden_states.shape[:2], self.all_head_size)
+        return context, (probs if output_attentions else None)
+
+    def forward(
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.can_fuse(head_mask, output_attentions):
+            return self.reference_forward(hidden_states, head_mask, output_attentions)
+        weight, bias = self.fused_qkv()
+        return self.attend_packed(nn.functional.linear(hidden_states, weight, bias)), None
+
+
+class FastViTLayer(nn.Module):
+    """A ViT layer in about five launches:
+
+        LN-before fused into the QKV GEMM → flash attention → out-proj GEMM (+bias +residual)
+        → LN-after fused into fc1 (+bias +GELU) → fc2 (+bias +residual)
+
+    The attention half is fused only when the layer's self-attention is a FastSelfAttention (the
+    "attention" family is on Triton too); otherwise it runs the module it holds.
+    """
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.attention = reference.attention
+        self.intermediate = reference.intermediate
+        self.output = reference.output
+        self.layernorm_before = reference.layernorm_before
+        self.layernorm_after = reference.layernorm_after
+
+    def attention_block(
+        self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from kernels.fused_linear import fused_linear, layer_norm_stats
+
+        self_attention = self.attention.attention
+        if isinstance(self_attention, FastSelfAttention) and self_attention.can_fuse(head_mask, output_attentions):
+            ln = self.layernorm_before
+            weight, bias = self_attention.fused_qkv()
+            mean, rstd = layer_norm_stats(x, ln.eps)
+            qkv = fused_linear(x, weight, bias, ln=(mean, rstd, ln.weight, ln.bias))
+            context = self_attention.attend_packed(qkv)
+            dense = self.attention.output.dense
+            if self.training and self.attention.output.dropout.p > 0:
+                return self.attention.output.dropout(nn.functional.linear(context, dense.weight, dense.bias)) + x, None
+            return fused_linear(context, dense.weight, dense.bias, residual=x), None
+        attention_output, probs = self.attention(self.layernorm_before(x), head_mask, output_attentions)[:2]
+        return attention_output + x, probs
+
+    def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
+        dropout_active = self.training and self.output.dropout.p > 0
+        if dropout_active or not _is_exact_gelu(self.intermediate.intermediate_act_fn):
+            return self.output(self.intermediate(self.layernorm_after(h)), h)
+        ln, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
+        return kernels.layer_norm_mlp(h, ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, ln.eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, probs = self.attention_block(hidden_states, head_mask, output_attentions)
+        return self.mlp_block(h), probs
+
+
+# ---------------------------------------------------------------------------------------------
+# BiT backbone
+# ---------------------------------------------------------------------------------------------
+class FastWeightStandardizedConv2d(nn.Module):
+    """Weight-standardized conv whose standardized weight comes from the Triton kernel.
+
+    When no gradient for the weight is needed (no_grad / inference mode / frozen weights) the
+    standardized weight is computed once and cached — a steady-state forward is one convolution;
+    otherwise the kernel runs every call under autograd.
+    """
+
+    def __init__(self, reference: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight, self.bias = reference.weight, reference.bias
+        self.pad = reference.pad
+        self.stride, self.padding, self.dilation = reference.stride, reference.padding, reference.dilation
+        self.groups, self.eps = reference.groups, reference.eps
+        self.out_channels = reference.out_channels
+        self._standardized = _DerivedWeightCache()
+
+    def standardized_weight(self) -> torch.Tensor:
+        return self._standardized.get(lambda: kernels.weight_standardize(self.weight, self.eps), self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
+        return nn.functional.conv2d(
+            x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class FastGroupNormActivation(nn.Module):
+    """GroupNorm (+ ReLU) in the Triton group_norm_act kernel; other activations run after it."""
+
+    def __init__(self, reference: nn.GroupNorm) -> None:
+        super().__init__()
+        self.weight, self.bias = reference.weight, reference.bias
+        self.num_groups, self.num_channels, self.eps = reference.num_groups, reference.num_channels, reference.eps
+        self.activation = reference.activation
+        self.fused_act = "relu" if _is_relu(self.activation) else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = kernels.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.fused_act, residual)
+        if self.fused_act is None and not isinstance(self.activation, nn.Identity):
+            out = self.activation(out)
+        return out
+
+
+class FastBottleneckLayer(nn.Module):
+    """Post-activation bottleneck with norm3 + shortcut + ReLU in one group_norm_act pass."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        for name in ("downsample", "conv1", "norm1", "conv2", "norm2", "conv3", "norm3", "drop_path", "activation"):
+            setattr(self, name, getattr(reference, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.norm2(self.conv2(self.norm1(self.conv1(x))))
+        x = self.conv3(x)
+        drop_path_active = self.training and getattr(self.drop_path, "drop_prob", 0.0) > 0
+        norm3 = self.norm3
+        if drop_path_active or not _is_relu(self.activation):
+            return self.activation(self.drop_path(norm3(x)) + shortcut)
+        weight, bias = norm3.weight, norm3.bias
+        return kernels.group_norm_act(x, norm3.num_groups, weight, bias, norm3.eps, "relu", shortcut)

@@ -1,0 +1,202 @@
+"""load(): hub repo id or local directory → config + weights → model (+ kernels).
+
+The model is built on the meta device (no memory, no random init), every tensor is read once from
+the checkpoint (safetensors memory-mapped; .bin with `weights_only=True`, memory-mapped when the
+file allows), converted to the requested dtype/device on the way, checked against the model's
+expected keys and shapes, and only then assigned. A failure at any step raises before a model
+exists, so a half-loaded model is never returned. Peak resident memory ≈ one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ViTHybridConfig
+from .hub import CheckpointNotFoundError, resolve_file
+from .modeling import ViTHybridForImageClassification, ViTHybridModel, ViTHybridPreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, truncated, or does not match the model's architecture."""
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: ViTHybridConfig) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # like transformers: the checkpoint's torch_dtype is used only if asked ("auto")
+    if dtype == "auto":
+        dtype = config.torch_dtype or "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+        dtype = DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    return dtype
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but no CUDA GPU is available")
+    return device
+
+
+def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> list[Path]:
+    """The weight files to read, safetensors first; a sharded checkpoint gives all of its shards."""
+    for filename in WEIGHT_FILES:
+        path = resolve_file(name_or_path, filename, **hub_kwargs)
+        if path is None:
+            continue
+        if not filename.endswith(".index.json"):
+            return [path]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} is not a valid shard index: {err!r}") from None
+        shards = sorted(set(weight_map.values()))
+        return [resolve_file(name_or_path, shard, required=True, **hub_kwargs) for shard in shards]  # type: ignore[misc]
+    raise CheckpointNotFoundError(f"{name_or_path!s} has none of {', '.join(WEIGHT_FILES)}")
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                yield key, handle.get_tensor(key)
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is corrupt or truncated (safetensors: {err})") from None
+
+
+def _read_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError… for bad files
+        raise CheckpointError(f"{path} is corrupt, truncated or not a weights-only checkpoint: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    yield from state.items()
+
+
+def read_state_dict(files: list[Path], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        reader = _read_safetensors if path.name.endswith(".safetensors") else _read_bin
+        for key, tensor in reader(path):
+            key = _legacy_key(key)
+            if key in state:
+                raise CheckpointError(f"{key} appears twice in the checkpoint shards")
+            # floating tensors take the model dtype; the conversion happens per tensor, so peak
+            # memory stays at one checkpoint copy plus the largest tensor
+            if tensor.is_floating_point():
+                tensor = tensor.to(device=device, dtype=dtype)
+            state[key] = tensor.to(device)
+    return state
+
+
+def _legacy_key(key: str) -> str:
+    """Old transformers checkpoints named LayerNorm weights gamma/beta."""
+    if key.endswith(".gamma"):
+        return key[: -len("gamma")] + "weight"
+    if key.endswith(".beta"):
+        return key[: -len("beta")] + "bias"
+    return key
+
+
+def build_for_keys(config: ViTHybridConfig, keys: set[str]) -> ViTHybridPreTrainedModel:
+    """The class the checkpoint was saved from, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        if any(k.startswith("vit.") for k in keys):
+            return ViTHybridForImageClassification(config)
+        return ViTHybridModel(
+            config,
+            add_pooling_layer="pooler.dense.weight" in keys,
+            use_mask_token="embeddings.mask_token" in keys,
+        )
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or mismatched:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = [f"{name} ({len(items)}): {show(items)}" for name, items in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if items]  # fmt: skip
+        raise CheckpointError(f"{source} does not match its config.json — " + "; ".join(parts))
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    **hub_kwargs: Any,
+) -> ViTHybridPreTrainedModel:
+    """Config + weights → model in eval mode, with reference (plain PyTorch) modules."""
+    config = ViTHybridConfig.from_json_file(resolve_file(name_or_path, "config.json", required=True, **hub_kwargs))
+    dtype, device = resolve_dtype(dtype, config), resolve_device(device)
+    files = find_weight_files(name_or_path, **hub_kwargs)
+    logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
+    state = read_state_dict(files, dtype, device)
+    model = build_for_keys(config, set(state))
+    check_state_dict(model, state, str(name_or_path))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    kernels: str | dict[str, str] = "auto",
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> ViTHybridPreTrainedModel:
+    """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
+
+    kernels: "eager" | "sdpa" | "triton" | "auto" (triton on a CUDA GPU, else sdpa) or a dict per
+    module family, e.g. {"attention": "triton", "mlp": "torch"}; see `vithybrid_fast.patch`.
+    """
+    from .patching import apply_kernels, validate_kernels
+
+    validate_kernels(kernels, device=resolve_device(device))  # fail before reading 400 MB
+    model = load_model(
+        name_or_path, dtype, device,
+        revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+    )  # fmt: skip
+    return apply_kernels(model, kernels)
