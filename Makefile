@@ -1,0 +1,37 @@
+# Set-up and entry points. Everything installs into .venv on first use.
+#   make demo    offline demo on a bundled photo (cached hub checkpoint, else random weights, said so)
+#   make test    ruff + the whole test suite on the CPU (Triton kernels under TRITON_INTERPRET=1)
+#   make bench   the benchmark suite (GPU providers need a CUDA GPU; CPU runs a tiny smoke config)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 resolves to the local CPU wheel on our CI machines; use TORCH=torch for your platform's latest.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/vithybrid-fast demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# pytest exits 5 when it collected nothing: an empty suite is a failure here, said plainly.
+test: lint
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: $(VENV)/.installed
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

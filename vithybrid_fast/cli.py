@@ -1,0 +1,187 @@
+"""`vithybrid-fast` command: classify images, run the offline demo, or the benchmark suite.
+
+vithybrid-fast classify cat.jpg dog.png --top-k 3 --kernels auto
+vithybrid-fast demo
+vithybrid-fast bench --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HUB_ID = "google/vit-hybrid-base-bit-384"
+
+
+def _dtype(name: str) -> torch.dtype:
+    from .loading import DTYPES
+
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+def _processor_for(model_name: str, image_size: tuple[int, int], **hub_kwargs):
+    """The checkpoint's preprocessor_config.json, or the hub model's settings at the model's size."""
+    from .hub import CheckpointNotFoundError
+    from .processing import ViTHybridImageProcessor, load_processor
+
+    try:
+        return load_processor(model_name, **hub_kwargs)
+    except CheckpointNotFoundError:
+        height, width = image_size
+        print(
+            f"note: {model_name} has no preprocessor_config.json; using the hub model's preprocessing", file=sys.stderr
+        )
+        return ViTHybridImageProcessor.for_base_384(
+            size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
+        )
+
+
+def _open_images(paths: list[str]):
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())
+        except (OSError, UnidentifiedImageError) as err:
+            raise SystemExit(f"error: cannot read image {path}: {err}") from None
+    return images
+
+
+def top_k(logits: torch.Tensor, id2label: dict[int, str], k: int) -> list[list[tuple[str, float]]]:
+    probs = logits.float().softmax(dim=-1)
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [
+        [(id2label.get(int(i), str(int(i))), float(p)) for p, i in zip(row_p, row_i)]
+        for row_p, row_i in zip(values, indices)
+    ]
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from . import load
+
+    model = load(args.model, kernels=args.kernels, dtype=args.dtype, device=args.device)
+    processor = _processor_for(args.model, model.config.image_size_hw)
+    images = _open_images(args.images)
+    pixels = processor(images, return_tensors="pt")["pixel_values"].to(model.device)
+    with torch.inference_mode():
+        logits = model(pixels).logits
+    for path, ranked in zip(args.images, top_k(logits, model.config.id2label, args.top_k)):
+        print(path)
+        for label, prob in ranked:
+            print(f"  {prob:7.4f}  {label}")
+    return 0
+
+
+def _demo_model(device: torch.device, dtype: torch.dtype):
+    """The cached hub checkpoint, or — said plainly — the same architecture with random weights."""
+    from . import load
+    from .config import ViTHybridConfig
+    from .hub import CheckpointNotFoundError
+    from .modeling import ViTHybridForImageClassification
+
+    try:
+        model = load(HUB_ID, kernels="eager", dtype=dtype, device=device, local_files_only=True)
+        print(f"model: {HUB_ID} (hub checkpoint from the local cache)")
+        return model, True
+    except CheckpointNotFoundError:
+        print(f"model: {HUB_ID} is NOT in the local Hugging Face cache (and the hub is not contacted).")
+        print("       Using the same architecture with RANDOM weights: labels below are meaningless;")
+        print("       timings and the agreement between kernel paths are still real.")
+        torch.manual_seed(0)
+        model = ViTHybridForImageClassification(ViTHybridConfig.base_384()).eval()
+        return model.to(device=device, dtype=dtype), False
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .patching import patch, triton_can_run, unpatch
+    from .processing import ViTHybridImageProcessor, sample_image_path
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, pretrained = _demo_model(device, args.dtype)
+    image_path = Path(args.image) if args.image else sample_image_path()
+    processor = ViTHybridImageProcessor.for_base_384()
+    pixels = processor(_open_images([str(image_path)]), return_tensors="pt")["pixel_values"].to(device)
+    print(f"image: {image_path}  device: {device}  dtype: {args.dtype}  torch {torch.__version__}")
+
+    paths = ["eager", "sdpa"] + (["triton"] if triton_can_run(device) else [])
+    if "triton" not in paths:
+        print("triton: skipped (needs a CUDA GPU, or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    results = {}
+    for kernels in paths:
+        patch(model, kernels)
+        with torch.inference_mode():
+            model(pixels)  # warm-up: autotuning, cached weights, allocator
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            logits = model(pixels).logits.float()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        results[kernels] = (logits, (time.perf_counter() - start) * 1e3)
+        unpatch(model)
+    reference = results["eager"][0]
+    print(f"{'path':<8} {'ms':>9} {'max |Δlogit| vs eager':>22}  top-1")
+    for kernels, (logits, ms) in results.items():
+        best = top_k(logits, model.config.id2label, 1)[0][0]
+        diff = (logits - reference).abs().max().item()
+        print(f"{kernels:<8} {ms:9.1f} {diff:22.2e}  {best[0]} ({best[1]:.3f})")
+    print("top-5 (eager):" + ("" if pretrained else "  [random weights]"))
+    for label, prob in top_k(reference, model.config.id2label, 5)[0]:
+        print(f"  {prob:7.4f}  {label}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vithybrid-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    classify = sub.add_parser("classify", help="print the top-k labels of images")
+    classify.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    classify.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory")
+    classify.add_argument("--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"])
+    classify.add_argument("--dtype", default=torch.float32, type=_dtype, help="float32 | float16 | bfloat16")
+    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default cpu)")
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.set_defaults(func=cmd_classify)
+
+    demo = sub.add_parser("demo", help="offline demo on a bundled photo: every attention path, timed")
+    demo.add_argument("--image", default=None, help="another image instead of the bundled one")
+    demo.add_argument("--dtype", default=torch.float32, type=_dtype)
+    demo.add_argument("--device", default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    sub.add_parser("bench", help="the benchmark suite (same flags as python -m bench)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if getattr(args, "top_k", 1) < 1:
+        raise SystemExit("error: --top-k must be at least 1")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
