@@ -1,0 +1,63 @@
+"""The `vithybrid-fast` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hf_reference import TINY_CASES, build_hf_model
+from vithybrid_fast.cli import main
+from vithybrid_fast.processing import ViTHybridImageProcessor, sample_image_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    build_hf_model(TINY_CASES["bottleneck-same"]).save_pretrained(path)
+    ViTHybridImageProcessor.for_base_384(
+        size={"shortest_edge": 72}, crop_size={"height": 72, "width": 72}
+    ).save_pretrained(path)
+    return path
+
+
+def test_classify_prints_top_k_with_probabilities(checkpoint, capsys):
+    image = str(sample_image_path())
+    assert main(["classify", image, image, "--model", str(checkpoint), "--kernels", "sdpa", "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == image and lines[4] == image and len(lines) == 8
+    probs = [float(line.split()[0]) for line in lines[1:4]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert all(line.split()[1].startswith("class_") for line in lines[1:4])
+
+
+def test_classify_unreadable_image(checkpoint, tmp_path):
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_text("hello")
+    with pytest.raises(SystemExit, match="cannot read image"):
+        main(["classify", str(bad), "--model", str(checkpoint), "--kernels", "sdpa"])
+
+
+def test_classify_missing_checkpoint_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert main(["classify", str(sample_image_path()), "--model", str(tmp_path / "nowhere")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_demo_runs_offline_and_says_weights_are_random(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))  # an empty cache: the random-weights path
+    out = subprocess.run(
+        [sys.executable, "-m", "vithybrid_fast.cli", "demo"], env=env, cwd=ROOT, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "RANDOM weights" in out.stdout
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith(("eager ", "sdpa "))}
+    assert set(rows) == {"eager", "sdpa"}
+    assert float(rows["eager"][2]) == 0.0 and float(rows["sdpa"][2]) < 1e-3  # sdpa agrees with eager
+    assert "triton: skipped" in out.stdout
