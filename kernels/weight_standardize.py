@@ -1,0 +1,230 @@
+"""Weight standardization of conv weights: per output channel, (w − mean) / sqrt(biased var + eps).
+
+BiT's `WeightStandardizedConv2d` (HF: `nn.functional.batch_norm(w.reshape(1, O, -1), None, None,
+training=True, momentum=0., eps=eps)`) standardizes every conv weight of the backbone before each conv;
+eps is 1e-8 for every conv of ViT Hybrid.
+
+Shapes: w (O, *) with O output channels and K = numel / O fan-in elements per channel, e.g. (64, 3, 7, 7)
+(K = 147) up to (256, 1024, 1, 1) / (256, 256, 3, 3) (K = 1024 / 2304); any O, K ≥ 1 works.
+Dtypes: float32, float16, bfloat16 in; statistics in float32; output in w.dtype.
+
+Layout: each output channel must be one contiguous span of K elements. That holds for contiguous (OIHW)
+and channels_last (OHWI) weights, which are read in place, and the output keeps that memory format
+(the statistics do not depend on element order). Any other strides are copied to contiguous first.
+
+Kernel: one program per output channel. If K fits one block (≤ 4096), the row is loaded once and the
+variance is the exact two-pass Σ(w − mean)² on registers. Otherwise three sweeps over the row (sum →
+mean; centred sum of squares → var; write), which re-read at most 36 KB per row from L2: exact, never
+E[w²] − E[w]², which cancels when |mean| ≫ std.
+
+Backward (Triton): with ŵ = (w − mean)·rstd and g = dL/dout, per channel
+    dL/dw = rstd · (g − mean(g) − ŵ · mean(g · ŵ))
+using the float32 mean/rstd saved by the forward pass (O floats each).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._runtime import check_launchable, interpreter_enabled
+
+MAX_BLOCK = 4096  # largest row held in registers: 16 float32 per thread at 8 warps
+
+
+def reference(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Plain-torch twin: float32 math (float64 for a float64 input), result in w.dtype."""
+    compute = torch.promote_types(w.dtype, torch.float32)
+    flat = w.to(compute).reshape(w.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    var = flat.var(dim=1, correction=0, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape).to(w.dtype)
+
+
+@triton.jit
+def _weight_standardize_fwd(
+    w_ptr,  # (O, K) weight rows, each a contiguous span
+    out_ptr,  # (O, K) standardized weight, w.dtype
+    mean_ptr,  # (O,) float32 out, saved for backward
+    rstd_ptr,  # (O,) float32 out, saved for backward
+    eps,  # 1e-8 for BiT
+    K: tl.constexpr,  # fan-in; constexpr so loops have static trip counts (and the interpreter can run them)
+    BLOCK: tl.constexpr,  # row chunk; == next_pow2(K) when SINGLE_PASS
+    SINGLE_PASS: tl.constexpr,  # whole row in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    w_ptr += row * K
+    out_ptr += row * K
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_PASS:
+        mask = cols < K
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(w, axis=0) / K
+        centred = tl.where(mask, w - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+        tl.store(out_ptr + cols, (centred * rstd).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            mask = start + cols < K
+            acc += tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=0) / K
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            mask = start + cols < K
+            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            centred = tl.where(mask, w - mean, 0.0)
+            acc += centred * centred
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+        for start in range(0, K, BLOCK):
+            mask = start + cols < K
+            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + start + cols, ((w - mean) * rstd).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _weight_standardize_bwd(
+    g_ptr,  # (O, K) upstream gradient, same layout as w
+    w_ptr,  # (O, K) the forward's input
+    mean_ptr,  # (O,) float32 from the forward
+    rstd_ptr,  # (O,) float32 from the forward
+    dw_ptr,  # (O, K) out: gradient w.r.t. w, w.dtype
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g_ptr += row * K
+    w_ptr += row * K
+    dw_ptr += row * K
+    mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_PASS:
+        mask = cols < K
+        g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w_hat = tl.where(mask, (w - mean) * rstd, 0.0)
+        mean_g = tl.sum(g, axis=0) / K
+        mean_gw = tl.sum(g * w_hat, axis=0) / K
+        dw = rstd * (g - mean_g - w_hat * mean_gw)
+        tl.store(dw_ptr + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_gw = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, K, BLOCK):
+            mask = start + cols < K
+            g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc_g += g
+            acc_gw += g * tl.where(mask, (w - mean) * rstd, 0.0)
+        mean_g = tl.sum(acc_g, axis=0) / K
+        mean_gw = tl.sum(acc_gw, axis=0) / K
+        for start in range(0, K, BLOCK):
+            mask = start + cols < K
+            g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dw = rstd * (g - mean_g - (w - mean) * rstd * mean_gw)
+            tl.store(dw_ptr + start + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+
+
+def _quick_bench(kernel_call, quantiles):
+    # Memory-bound kernels of microseconds: 20 ms per candidate is plenty (default 125 ms).
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({}, num_warps=4)]
+    # One row per program: only the warp count is worth tuning (K = 64 wants 1-2 warps, 2304 wants 8).
+    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # More than 32 float32 row elements per thread would spill (e.g. a 4096 row on one warp).
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    fit = [cfg for cfg in configs if block <= 32 * 32 * cfg.num_warps]
+    return fit or configs[-1:]
+
+
+_tune_kw = {"configs": _configs(), "key": ["K"], "do_bench": _quick_bench}
+if not interpreter_enabled():
+    _tune_kw["prune_configs_by"] = {"early_config_prune": _prune}
+_fwd_tuned = triton.autotune(**_tune_kw)(_weight_standardize_fwd)
+_bwd_tuned = triton.autotune(**_tune_kw)(_weight_standardize_bwd)
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """w with each output channel a contiguous span (in place if contiguous or channels_last)."""
+    if w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)):
+        return w
+    return w.contiguous()
+
+
+def _block(k: int) -> tuple[int, bool]:
+    block = triton.next_power_of_2(k)
+    return (block, True) if block <= MAX_BLOCK else (MAX_BLOCK, False)
+
+
+def _check(w: torch.Tensor) -> None:
+    check_launchable("weight_standardize", w)
+    if w.dim() < 2 or w.numel() == 0:
+        raise ValueError(
+            f"weight_standardize: expected a non-empty weight (O, I, ...) with at least 2 dims, "
+            f"got shape {tuple(w.shape)}"
+        )
+
+
+def launch_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the forward kernel: (out, rows, mean, rstd) with `rows` the layout-normalized input."""
+    _check(w)
+    rows = _rows(w)
+    out_ch, k = rows.shape[0], rows.numel() // rows.shape[0]
+    out = torch.empty_like(rows)  # preserve_format keeps channels_last
+    mean = torch.empty(out_ch, device=w.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block, single = _block(k)
+    _fwd_tuned[(out_ch,)](rows, out, mean, rstd, eps, K=k, BLOCK=block, SINGLE_PASS=single)
+    return out, rows, mean, rstd
+
+
+def launch_backward(grad_out: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """dL/dw for the standardized weight, in the layout of `rows`."""
+    if rows.is_contiguous():
+        grad_out = grad_out.contiguous()
+    else:  # rows is channels_last: the gradient must walk each channel in the same order
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    out_ch, k = rows.shape[0], rows.numel() // rows.shape[0]
+    dw = torch.empty_like(rows)
+    block, single = _block(k)
+    _bwd_tuned[(out_ch,)](grad_out, rows, mean, rstd, dw, K=k, BLOCK=block, SINGLE_PASS=single)
+    return dw
+
+
+class _WeightStandardize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, eps: float) -> torch.Tensor:
+        out, rows, mean, rstd = launch_forward(w, eps)
+        ctx.save_for_backward(rows, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        rows, mean, rstd = ctx.saved_tensors
+        return launch_backward(grad_out, rows, mean, rstd), None
+
+
+def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-output-channel (w − mean) / sqrt(biased var + eps) of a conv weight (O, I, kh, kw), in w.dtype.
+
+    Differentiable (Triton backward). Contiguous and channels_last weights are read in place and the
+    result keeps their memory format; other layouts are copied to contiguous first.
+    """
+    if torch.is_grad_enabled() and w.requires_grad:
+        return _WeightStandardize.apply(w, eps)
+    return launch_forward(w, eps)[0]

@@ -1,0 +1,182 @@
+"""group_norm_act against the float64 reference, with plain torch in the same dtype as the peer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.group_norm_act import group_norm_act, reference
+from tests.tolerance import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+CASES = [
+    ((2, 12, 5, 7), 4),  # odd 5x7 spatial, 3 channels per group (not a power of two), C < tile
+    ((2, 20, 3, 3), 4),  # 5 channels per group, 3x3
+    ((1, 64, 3, 3), 32),  # BiT's 32 groups of 2 channels
+    ((3, 8, 1, 1), 4),  # 1x1 spatial: two elements per group, batch 3
+    ((1, 8, 24, 24), 2),  # S=576 (stage-3 spatial): several stats chunks and the Chan merge loop
+    ((1, 4, 10, 16), 2),  # S=160: the last stats chunk ends in empty blocks (zero-count merges)
+    ((2, 6, 9), 3),  # 3-D (N, C, L) input
+]
+
+
+def torch_peer(x, num_groups, weight, bias, eps=1e-5, act="relu", residual=None):
+    """What HF's BitGroupNormActivation (+ bottleneck add/relu) computes, in x's own dtype."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if act == "relu" else y
+
+
+def make_inputs(shape, dtype, device, seed=0, residual=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(device, dtype)
+    weight = (torch.rand(shape[1], generator=g) + 0.5).to(device, dtype)
+    bias = (torch.randn(shape[1], generator=g) * 0.2).to(device, dtype)
+    res = torch.randn(shape, generator=g).to(device, dtype) if residual else None
+    return x, weight, bias, res
+
+
+def check_forward(x, num_groups, weight, bias, act, residual):
+    out = group_norm_act(x, num_groups, weight, bias, act=act, residual=residual)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    peer = torch_peer(x, num_groups, weight, bias, act=act, residual=residual)
+    as64 = [None if t is None else t.double() for t in (x, weight, bias, residual)]
+    ref = reference(as64[0], num_groups, as64[1], as64[2], act=act, residual=as64[3])
+    assert_close_to_reference(out, peer, ref, x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "num_groups"), CASES)
+def test_forward_residual_relu(shape, num_groups, dtype, device):
+    # The bottleneck tail relu(GN(x) + shortcut), every shape and dtype.
+    x, w, b, res = make_inputs(shape, dtype, device)
+    check_forward(x, num_groups, w, b, "relu", res)
+
+
+@pytest.mark.parametrize("act", ["relu", None])
+@pytest.mark.parametrize("residual", [False, True])
+def test_forward_act_and_residual_options(act, residual, device):
+    # norm1/norm2 (relu, no residual), downsample/norm3 alone (no act), and the fused tail.
+    x, w, b, res = make_inputs((2, 12, 5, 7), torch.float16, device, residual=residual)
+    check_forward(x, 4, w, b, act, res)
+
+
+@pytest.mark.parametrize("x_channels_last", [False, True])
+@pytest.mark.parametrize("res_channels_last", [False, True])
+def test_channels_last_layouts(x_channels_last, res_channels_last, device):
+    x, w, b, res = make_inputs((2, 12, 5, 7), torch.bfloat16, device)
+    if x_channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    if res_channels_last:
+        res = res.to(memory_format=torch.channels_last)
+    out = check_forward(x, 4, w, b, "relu", res)
+    if x_channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+def test_non_dense_inputs_are_copied(device):
+    x, w, b, res = make_inputs((2, 8, 6, 10), torch.float32, device)
+    x, res = x[:, :, ::2], res[:, :, 1::2]  # strided views: neither NCHW nor channels-last dense
+    out = check_forward(x, 4, w, b, "relu", res)
+    assert out.is_contiguous()
+
+
+def test_no_affine(device):
+    x, _, _, res = make_inputs((2, 12, 5, 7), torch.float32, device)
+    check_forward(x, 4, None, None, None, res)
+
+
+def test_large_mean_statistics(device):
+    # |mean| / std = 1000 per group: E[x²] − E[x]² in float32 would give a var error of ~6%.
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 24, 24, device=device) + 1000.0
+    w, b = torch.ones(8, device=device), torch.zeros(8, device=device)
+    out = group_norm_act(x, 2, w, b, act=None)
+    ref = reference(x.double(), 2, w.double(), b.double(), act=None)
+    assert (out.double() - ref).abs().max().item() < 1e-3
+
+
+def test_eps_is_used(device):
+    x, w, b, _ = make_inputs((2, 12, 5, 7), torch.float32, device)
+    x = x * 1e-2
+    out = group_norm_act(x, 4, w, b, eps=1e-2)
+    assert_close_to_reference(
+        out, torch_peer(x, 4, w, b, eps=1e-2), reference(x.double(), 4, w.double(), b.double(), eps=1e-2), torch.float32
+    )
+
+
+def run_grads(fn, inputs, grad_out, **kwargs):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    x, w, b, res = leaves
+    fn(x, kwargs.pop("num_groups"), w, b, residual=res, **kwargs).backward(grad_out.to(x.dtype))
+    return [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    ("shape", "num_groups", "dtype", "act", "residual", "channels_last"),
+    [
+        ((2, 12, 5, 7), 4, torch.float32, "relu", True, False),  # the fused tail, odd group size
+        ((2, 12, 5, 7), 4, torch.bfloat16, "relu", True, True),  # channels-last, bfloat16
+        ((1, 8, 24, 24), 2, torch.float16, "relu", False, False),  # several chunks, norm1/norm2 form
+        ((1, 64, 3, 3), 32, torch.float32, None, True, True),  # 32 groups, no act, channels-last
+        ((3, 8, 1, 1), 4, torch.float32, None, False, False),  # 1x1 spatial, plain GroupNorm
+    ],
+)
+def test_backward(shape, num_groups, dtype, act, residual, channels_last, device):
+    inputs = list(make_inputs(shape, dtype, device, residual=residual))
+    if channels_last:
+        inputs[0] = inputs[0].to(memory_format=torch.channels_last)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    ours = run_grads(group_norm_act, inputs, grad_out, num_groups=num_groups, act=act)
+    peer = run_grads(torch_peer, inputs, grad_out, num_groups=num_groups, act=act)
+    as64 = [None if t is None else t.double() for t in inputs]
+    ref = run_grads(reference, as64, grad_out.double(), num_groups=num_groups, act=act)
+    for name, o, p, r in zip(("dx", "dweight", "dbias", "dresidual"), ours, peer, ref):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close_to_reference(o, p, r, dtype, what=name)
+
+
+def test_backward_only_residual_requires_grad(device):
+    x, w, b, res = make_inputs((2, 12, 5, 7), torch.float32, device)
+    res.requires_grad_()
+    out = group_norm_act(x, 4, w, b, residual=res)
+    out.sum().backward()
+    torch.testing.assert_close(res.grad, (out > 0).float())
+
+
+def test_no_grad_matches_grad_path(device):
+    x, w, b, res = make_inputs((2, 12, 5, 7), torch.float32, device)
+    w.requires_grad_()
+    with torch.no_grad():
+        a = group_norm_act(x, 4, w, b, residual=res)
+    assert torch.equal(a, group_norm_act(x, 4, w, b, residual=res).detach())
+
+
+def bad_inputs():
+    x = torch.randn(2, 12, 3, 3)
+    w, b = torch.ones(12), torch.zeros(12)
+    return [
+        (dict(x=x, num_groups=5, weight=w, bias=b), ValueError, "divisible"),  # 12 channels, 5 groups
+        (dict(x=x, num_groups=4, weight=torch.ones(8), bias=b), ValueError, "weight must have shape"),
+        (dict(x=x, num_groups=4, weight=w, bias=torch.zeros(12, 1)), ValueError, "bias must have shape"),
+        (dict(x=x.to(torch.int32), num_groups=4, weight=w, bias=b), TypeError, "dtype"),
+        (dict(x=x, num_groups=4, weight=w, bias=b, residual=torch.randn(2, 12, 3, 4)), ValueError, "residual shape"),
+        (dict(x=x, num_groups=4, weight=w, bias=b, act="gelu"), ValueError, "act must be"),
+        (dict(x=torch.randn(12), num_groups=4, weight=w, bias=b), ValueError, r"\(N, C, \*spatial\)"),
+    ]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), bad_inputs())
+def test_bad_inputs(kwargs, error, match, device):
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        group_norm_act(**kwargs)

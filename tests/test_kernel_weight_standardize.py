@@ -1,0 +1,131 @@
+"""weight_standardize against the float64 reference, with HF's batch_norm trick as the same-dtype peer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.weight_standardize import MAX_BLOCK, reference, weight_standardize
+from tests.tolerance import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+SHAPES = [
+    (5, 3, 7, 7),  # odd out-channels, stem-like fan-in 147 (not a power of two)
+    (7, 13, 3, 3),  # odd in-channels, fan-in 117
+    (16, 8, 1, 1),  # 1x1 conv
+    (4, 1, 1, 1),  # fan-in 1: variance 0, output exactly 0
+    (64, 3, 7, 7),  # the real stem conv
+    (3, 520, 3, 3),  # fan-in 4680 > MAX_BLOCK: the looped three-sweep path with a masked tail
+]
+
+
+def hf_batch_norm_trick(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """What HF's BitWeightStandardizedConv2d computes, in w's own dtype."""
+    if w[0].numel() == 1:  # batch_norm refuses one value per channel (HF cannot run it); all zeros
+        return torch.zeros_like(w) * w
+    flat = w.reshape(1, w.shape[0], -1)
+    return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=eps).reshape_as(w)
+
+
+def test_looped_shape_exceeds_block():
+    assert MAX_BLOCK < 520 * 9  # keeps SHAPES[-1] on the looped path if MAX_BLOCK changes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward(shape, dtype, device):
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device=device) * 0.05 + 0.01).to(dtype)
+    out = weight_standardize(w)
+    assert out.shape == w.shape and out.dtype == dtype
+    assert_close_to_reference(out, hf_batch_norm_trick(w), reference(w.double()), dtype)
+
+
+def test_large_mean_is_exact(device):
+    # |mean| / std = 1e4: E[w²] − E[w]² in float32 would lose every digit of the variance.
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, 3, 3, device=device) * 1e-3 + 10.0
+    out = weight_standardize(w)
+    ref = reference(w.double())
+    assert (out.double() - ref).abs().max().item() < 1e-2
+
+
+def test_eps_is_used(device):
+    w = torch.randn(6, 5, 3, 3, device=device) * 0.1
+    out = weight_standardize(w, eps=0.5)
+    assert_close_to_reference(out, hf_batch_norm_trick(w, eps=0.5), reference(w.double(), eps=0.5), w.dtype)
+
+
+def test_channels_last_in_place_layout(device):
+    w = torch.randn(9, 6, 3, 3, device=device).to(memory_format=torch.channels_last)
+    out = weight_standardize(w)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(out, hf_batch_norm_trick(w), reference(w.double()), w.dtype)
+
+
+def test_non_contiguous_input(device):
+    # A strided slice: copied to contiguous, values unchanged.
+    base = torch.randn(10, 12, 3, 3, device=device)
+    w = base[::2, ::3]
+    assert not w.is_contiguous()
+    assert_close_to_reference(weight_standardize(w), hf_batch_norm_trick(w), reference(w.double()), w.dtype)
+
+
+def grads(fn, w: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    w = w.detach().clone().requires_grad_()
+    fn(w).backward(grad_out.to(w.dtype))
+    return w.grad
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((5, 3, 7, 7), torch.float32),  # single-pass backward
+        ((7, 13, 3, 3), torch.bfloat16),
+        ((16, 8, 1, 1), torch.float16),
+        ((4, 1, 1, 1), torch.float32),  # fan-in 1: gradient exactly 0
+        ((3, 520, 3, 3), torch.float32),  # looped backward
+        ((3, 520, 3, 3), torch.bfloat16),
+    ],
+)
+def test_backward(shape, dtype, device):
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device=device) * 0.05).to(dtype)
+    grad_out = torch.randn(shape, device=device)
+    ours = grads(weight_standardize, w, grad_out)
+    peer = grads(hf_batch_norm_trick, w, grad_out)
+    ref = grads(reference, w.double(), grad_out.double())
+    assert ours.dtype == dtype
+    # Gradients scale with rstd (~20 here): compare relative to that scale.
+    assert_close_to_reference(ours, peer, ref, dtype, what="dw")
+
+
+def test_backward_channels_last_and_strided_grad(device):
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, device=device).to(memory_format=torch.channels_last)
+    grad_out = torch.randn(6, 3, 3, 4, device=device).permute(0, 3, 1, 2)  # yet another layout
+    ours = grads(weight_standardize, w, grad_out)
+    ref = grads(reference, w.double(), grad_out.double())
+    assert_close_to_reference(ours, grads(hf_batch_norm_trick, w, grad_out), ref, w.dtype, what="dw")
+
+
+def test_no_grad_matches_grad_path(device):
+    w = torch.randn(5, 3, 7, 7, device=device, requires_grad=True)
+    with torch.no_grad():
+        a = weight_standardize(w)
+    assert torch.equal(a, weight_standardize(w).detach())
+
+
+@pytest.mark.parametrize(
+    ("w", "error", "match"),
+    [
+        (torch.ones(4, 3, 3, 3, dtype=torch.int32), TypeError, "dtype"),
+        (torch.ones(8), ValueError, "at least 2 dims"),
+        (torch.ones(0, 3, 3, 3), ValueError, "non-empty"),
+    ],
+)
+def test_bad_inputs(w, error, match, device):
+    with pytest.raises(error, match=match):
+        weight_standardize(w.to(device))
