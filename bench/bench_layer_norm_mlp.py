@@ -1,0 +1,141 @@
+"""Benchmark the ViT-Base MLP block (LN → 768→3072 GELU → 3072→768 + residual) on a CUDA GPU.
+
+Providers, measured in the same run on the same GPU and inputs:
+  ours           kernels.layer_norm_mlp (LN stats + two fused GEMMs: 3 launches)
+  eager          nn.LayerNorm + nn.Linear + nn.GELU + nn.Linear + add (5+ launches)
+  torch.compile  the same module, torch.compile(mode="default")
+
+M = 577·batch tokens (384² images, 16² patches + CLS). FLOPs = 2·M·768·3072·2 (the two GEMMs).
+Usage: python -m bench.bench_layer_norm_mlp --out bench/results/layer_norm_mlp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, time_fn
+
+TOKENS = 577
+D, HIDDEN = 768, 3072
+EPS = 1e-12  # the hub checkpoint's LayerNorm eps
+
+
+class EagerMLP(nn.Module):
+    """HF ViT layernorm_after → intermediate.dense → GELU → output.dense, plus the residual."""
+
+    def __init__(self, d: int = D, hidden: int = HIDDEN, eps: float = EPS):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+def _providers(mlp: EagerMLP) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from kernels.layer_norm_mlp import layer_norm_mlp
+
+    params = (mlp.norm.weight, mlp.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    compiled = torch.compile(mlp, mode="default")
+    return {
+        "ours": lambda x: layer_norm_mlp(x, *params, EPS),
+        "eager": mlp,
+        "torch.compile": compiled,
+    }
+
+
+def run(
+    device: str = "cuda",
+    batches: tuple[int, ...] = (1, 8, 64),
+    dtypes: tuple[str, ...] = ("float16", "bfloat16"),
+) -> list[dict]:
+    """Time every provider at each (dtype, batch); one record per measurement ([] without CUDA)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        print(f"bench_layer_norm_mlp: needs a CUDA GPU (device={device!r}, cuda available: "
+              f"{torch.cuda.is_available()}); the Triton interpreter is far too slow to time.")  # fmt: skip
+        return []
+    env = environment(device)
+    records: list[dict] = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        peak = measured_peak_matmul_tflops(device, dtype)
+        torch.manual_seed(0)
+        mlp = EagerMLP().to(device=device, dtype=dtype).eval()
+        providers = _providers(mlp)
+        for batch in batches:
+            m = batch * TOKENS
+            x = torch.randn(batch, TOKENS, D, device=device, dtype=dtype)
+            flops = 2 * m * D * HIDDEN * 2
+            with torch.inference_mode():
+                eager_out = mlp(x)
+                for provider, fn in providers.items():
+                    call = functools.partial(fn, x)
+                    first_ms = first_call_ms(call, device)  # includes compilation / autotuning
+                    timing = time_fn(call, device)
+                    diff = (call().float() - eager_out.float()).abs().max().item()
+                    tflops = flops / (timing["ms_median"] * 1e-3) / 1e12
+                    records.append(
+                        {
+                            "provider": provider,
+                            "kernel": "layer_norm_mlp",
+                            "batch": batch,
+                            "M": m,
+                            "dtype": dtype_name,
+                            "ms_median": timing["ms_median"],
+                            "ms_p10": timing["ms_p10"],
+                            "ms_p90": timing["ms_p90"],
+                            "reps": timing["reps"],
+                            "first_call_ms": first_ms,
+                            "tflops": tflops,
+                            "peak_matmul_tflops": peak,
+                            "fraction_of_peak": tflops / peak,
+                            "max_abs_diff_vs_eager": diff,
+                            **env,
+                        }
+                    )
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    header = f"{'dtype':<9} {'batch':>5} {'M':>6} {'provider':<14} {'ms':>8} {'p10':>8} {'p90':>8} "
+    header += f"{'TFLOP/s':>8} {'%peak':>6} {'maxdiff':>9}"
+    lines = [header, "-" * len(header)]
+    for r in records:
+        lines.append(
+            f"{r['dtype']:<9} {r['batch']:>5} {r['M']:>6} {r['provider']:<14} {r['ms_median']:>8.3f} "
+            f"{r['ms_p10']:>8.3f} {r['ms_p90']:>8.3f} {r['tflops']:>8.1f} {100 * r['fraction_of_peak']:>5.0f}% "
+            f"{r['max_abs_diff_vs_eager']:>9.2e}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
+    args = parser.parse_args(argv)
+    records = run(args.device, tuple(args.batches), tuple(args.dtypes))
+    if not records:
+        return
+    print(f"{records[0]['gpu']}  torch {records[0]['torch']}  triton {records[0]['triton']}  "
+          f"commit {records[0]['commit']}")  # fmt: skip
+    print(format_table(records))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(records, indent=2))
+        print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
