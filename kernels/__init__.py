@@ -1,25 +1,31 @@
 """Hand-written Triton kernels for ViT Hybrid, each beside its plain-torch `reference`.
 
-Import is lazy per kernel so that `import kernels` never needs triton (CPU-only installs
-of the model keep working); the functions import their module on first use.
+    from kernels import flash_attention, weight_standardize, group_norm_act, layer_norm_mlp
+
+Two of the kernel files share their name with their function (kernels/weight_standardize.py
+defines weight_standardize). Python binds a package attribute to the submodule when it is
+imported, so we import every submodule here first and then bind the names to the functions;
+each function carries its twin as `.reference` (so `kernels.weight_standardize.reference` still
+names the plain-torch definition, as DESIGN.md writes it). The modules stay reachable through
+`importlib.import_module("kernels.<name>")` / `from kernels.<name> import ...`.
+
+Importing this package imports triton: set TRITON_INTERPRET=1 before it to run on a CPU.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .attention import flash_attention
+from .attention import reference as _attention_reference
+from .group_norm_act import group_norm_act
+from .group_norm_act import reference as _group_norm_act_reference
+from .layer_norm_mlp import layer_norm_mlp
+from .layer_norm_mlp import reference as _layer_norm_mlp_reference
+from .weight_standardize import reference as _weight_standardize_reference
+from .weight_standardize import weight_standardize
 
-_EXPORTS = {
-    "flash_attention": "kernels.attention",
-    "weight_standardize": "kernels.weight_standardize",
-    "group_norm_act": "kernels.group_norm_act",
-    "layer_norm_mlp": "kernels.layer_norm_mlp",
-}
+flash_attention.reference = _attention_reference  # type: ignore[attr-defined]
+group_norm_act.reference = _group_norm_act_reference  # type: ignore[attr-defined]
+layer_norm_mlp.reference = _layer_norm_mlp_reference  # type: ignore[attr-defined]
+weight_standardize.reference = _weight_standardize_reference  # type: ignore[attr-defined]
 
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+__all__ = ["flash_attention", "group_norm_act", "layer_norm_mlp", "weight_standardize"]

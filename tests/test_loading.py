@@ -166,6 +166,7 @@ def test_missing_weights_or_directory(tmp_path, checkpoint):
     ({"kernels": {"softmax": "triton"}}, ValueError, "unknown kernel families"),
     ({"dtype": torch.int8}, ValueError, "not supported"),
     ({"dtype": "float8"}, ValueError, "not supported"),
+    ({"cuda_graphs": True}, ValueError, "needs device=.cuda."),
 ])  # fmt: skip
 def test_bad_load_arguments(checkpoint, kwargs, error, message):
     with pytest.raises(error, match=message):

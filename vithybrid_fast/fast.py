@@ -9,6 +9,8 @@ probabilities), `head_mask`, attention dropout in training, an activation the ke
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -74,6 +76,16 @@ class FastSelfAttention(nn.Module):
         self.attention_head_size = reference.attention_head_size
         self.all_head_size = reference.all_head_size
         self._qkv = _DerivedWeightCache()
+        from kernels.attention import SUPPORTED_HEAD_DIMS
+
+        # a head size the kernel was not built for still gets the fused QKV GEMM, with SDPA after it
+        self.use_flash_kernel = self.attention_head_size in SUPPORTED_HEAD_DIMS
+        if not self.use_flash_kernel:
+            warnings.warn(
+                f"flash_attention supports head sizes {SUPPORTED_HEAD_DIMS}, not {self.attention_head_size}: "
+                "this model's attention runs torch SDPA after the fused QKV projection",
+                stacklevel=2,
+            )
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,7 +107,10 @@ class FastSelfAttention(nn.Module):
         batch, tokens, _ = qkv.shape
         qkv = qkv.view(batch, tokens, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
-        context = kernels.flash_attention(q, k, v)
+        if self.use_flash_kernel:
+            context = kernels.flash_attention(q, k, v)
+        else:
+            context = nn.functional.scaled_dot_product_attention(q, k, v)
         return context.transpose(1, 2).reshape(batch, tokens, self.all_head_size)
 
     def reference_forward(

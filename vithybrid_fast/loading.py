@@ -186,17 +186,28 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
-) -> ViTHybridPreTrainedModel:
+    cuda_graphs: bool = False,
+) -> torch.nn.Module:
     """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
 
     kernels: "eager" | "sdpa" | "triton" | "auto" (triton on a CUDA GPU, else sdpa) or a dict per
     module family, e.g. {"attention": "triton", "mlp": "torch"}; see `vithybrid_fast.patch`.
+    cuda_graphs: wrap the model so each input shape is captured once as a CUDA graph and replayed
+    (static input buffers per batch size; calls it cannot serve fall through to the model).
     """
     from .patching import apply_kernels, validate_kernels
 
-    validate_kernels(kernels, device=resolve_device(device))  # fail before reading 400 MB
+    resolved_device = resolve_device(device)
+    validate_kernels(kernels, device=resolved_device)  # fail before reading 400 MB
+    if cuda_graphs and resolved_device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs device='cuda', got {resolved_device}")
     model = load_model(
         name_or_path, dtype, device,
         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
     )  # fmt: skip
-    return apply_kernels(model, kernels)
+    model = apply_kernels(model, kernels)
+    if cuda_graphs:
+        from .cuda_graphs import enable_cuda_graphs
+
+        return enable_cuda_graphs(model)
+    return model

@@ -1,0 +1,231 @@
+"""patch()/unpatch(): every swap proven on our tiny model and on a transformers model instance.
+
+Kernels run under TRITON_INTERPRET=1 on the CPU (tests/conftest.py) and natively on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vithybrid_fast as vf
+from tests.hf_reference import TINY_CASES, build_hf_model, randomize_, tiny_config
+from tests.tolerance import assert_close_to_reference
+from vithybrid_fast import fast
+from vithybrid_fast.patching import patched_modules, resolve_kernels
+
+FP32_TOL = 1e-4
+# head size 32 (the flash kernel takes 32/64/128); otherwise the odd sizes of tiny_config
+PATCH_CONFIG = tiny_config(hidden_size=64, num_attention_heads=2, intermediate_size=80)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG))
+    randomize_(model)
+    return model.eval()
+
+
+def pixels_for(model, batch=2, seed=0, device="cpu"):
+    height, width = model.config.image_size_hw if hasattr(model.config, "image_size_hw") else (72, 72)
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def module_tree(model):
+    return [(name, id(module), type(module)) for name, module in model.named_modules()]
+
+
+def run(model, pixels, **kwargs):
+    with torch.no_grad():
+        return model(pixels, output_hidden_states=True, **kwargs)
+
+
+def assert_same_outputs(a, b, tol, what):
+    diff = (a.logits - b.logits).abs().max().item()
+    assert diff <= tol, f"{what}: logits differ by {diff:.3e}"
+    for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states)):
+        diff = (x - y).abs().max().item()
+        assert diff <= tol, f"{what}: hidden state {i} differs by {diff:.3e}"
+
+
+def test_triton_patch_swaps_every_family_and_keeps_state_dict(tiny_model, device):
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, device=device)
+    before_state = {k: (v.data_ptr(), v.shape) for k, v in model.state_dict().items()}
+    reference = run(model, pixels)
+
+    vf.patch(model, "triton")
+    kinds = {kind for _, kind in patched_modules(model)}
+    assert kinds == {"FastSelfAttention", "FastViTLayer", "FastWeightStandardizedConv2d",
+                     "FastGroupNormActivation", "FastBottleneckLayer"}  # fmt: skip
+    assert {k: (v.data_ptr(), v.shape) for k, v in model.state_dict().items()} == before_state
+    assert isinstance(model.vit.encoder.layer[0], fast.FastViTLayer)
+    assert isinstance(model.vit.encoder.layer[0].attention.attention, fast.FastSelfAttention)
+    assert_same_outputs(run(model, pixels), reference, FP32_TOL, "patched vs reference")
+
+
+def test_patch_twice_then_unpatch_restores_exact_modules(tiny_model, device):
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, device=device)
+    tree = module_tree(model)
+    reference = run(model, pixels)
+    vf.patch(model, "triton")
+    once = module_tree(model)
+    once_out = run(model, pixels)
+    vf.patch(model, "triton")
+    assert [(n, t) for n, _, t in module_tree(model)] == [(n, t) for n, _, t in once]
+    assert torch.equal(run(model, pixels).logits, once_out.logits)
+    vf.unpatch(model)
+    assert module_tree(model) == tree
+    assert torch.equal(run(model, pixels).logits, reference.logits)
+    assert patched_modules(model) == []
+
+
+@pytest.mark.parametrize(
+    ("kernels", "expected"),
+    [
+        ({"attention": "triton"}, {"FastSelfAttention"}),
+        ({"mlp": "triton"}, {"FastViTLayer"}),
+        ({"backbone": "triton"}, {"FastWeightStandardizedConv2d", "FastGroupNormActivation", "FastBottleneckLayer"}),
+    ],
+)
+def test_single_family(tiny_model, device, kernels, expected):
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, device=device)
+    reference = run(model, pixels)
+    vf.patch(model, kernels)
+    assert {kind for _, kind in patched_modules(model)} == expected
+    assert_same_outputs(run(model, pixels), reference, FP32_TOL, str(kernels))
+
+
+def test_output_attentions_and_head_mask_on_patched_model(tiny_model, device):
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, batch=1, device=device)
+    head_mask = torch.tensor([[1.0, 0.0], [0.5, 1.0]], device=device)
+    model.set_attn_implementation("eager")
+    reference = run(model, pixels, output_attentions=True, head_mask=head_mask)
+    vf.patch(model, "triton")
+    patched = run(model, pixels, output_attentions=True, head_mask=head_mask)
+    assert len(patched.attentions) == 2
+    for a, b in zip(patched.attentions, reference.attentions):
+        assert a.shape == (1, 2, 26, 26) and (a - b).abs().max().item() <= FP32_TOL
+    assert_same_outputs(patched, reference, FP32_TOL, "head_mask")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_patched_model_low_precision_follows_tolerance_idiom(tiny_model, device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 convolutions are not implemented for the CPU in every torch build")
+    pixels = pixels_for(tiny_model, device=device)
+    exact = run(copy.deepcopy(tiny_model).to(device).double(), pixels.double()).logits
+    plain = copy.deepcopy(tiny_model).to(device=device, dtype=dtype)
+    plain_out = run(plain, pixels.to(dtype)).logits
+    patched = vf.patch(copy.deepcopy(tiny_model).to(device=device, dtype=dtype), "triton")
+    patched_out = run(patched, pixels.to(dtype)).logits
+    assert_close_to_reference(patched_out, plain_out, exact, dtype, what="patched logits")
+
+
+def test_patched_model_trains_like_the_reference(tiny_model, device):
+    model = copy.deepcopy(tiny_model).to(device).train()
+    pixels, labels = pixels_for(model, device=device), torch.tensor([1, 4], device=device)
+    model(pixels, labels=labels).loss.backward()
+    reference_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    vf.patch(model, "triton")
+    model(pixels, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"no gradient reached {name}"
+        scale = reference_grads[name].abs().max().item() + 1e-6
+        diff = (param.grad - reference_grads[name]).abs().max().item()
+        assert diff <= 1e-3 * scale + 1e-5, f"{name}: gradient differs by {diff:.3e} (scale {scale:.3e})"
+
+
+def test_standardized_weight_cache_follows_in_place_changes(tiny_model, device):
+    model = vf.patch(copy.deepcopy(tiny_model).to(device), {"backbone": "triton"})
+    conv = model.vit.embeddings.patch_embeddings.backbone.bit.embedder.convolution
+    assert isinstance(conv, fast.FastWeightStandardizedConv2d)
+    pixels = pixels_for(model, device=device)
+    first = run(model, pixels).logits
+    with torch.no_grad():  # inference: no weight gradient needed, so the cache serves
+        cached = conv.standardized_weight()
+        assert conv.standardized_weight() is cached  # steady state: no recomputation
+        conv.weight.mul_(-1.0).add_(0.3)  # in place: same storage, new version
+        assert conv.standardized_weight() is not cached
+    assert conv.standardized_weight().grad_fn is not None  # with autograd: recomputed under the graph
+    reference = vf.unpatch(copy.deepcopy(model))
+    assert_same_outputs(run(model, pixels), run(reference, pixels), FP32_TOL, "after in-place change")
+    assert not torch.allclose(run(model, pixels).logits, first)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_patch_transformers_model_instance(attn, device):
+    hf_model = build_hf_model(PATCH_CONFIG, attn).to(device)
+    pixels = pixels_for(hf_model, device=device)
+    tree = module_tree(hf_model)
+    state = {k: v.data_ptr() for k, v in hf_model.state_dict().items()}
+    with torch.no_grad():
+        reference = hf_model(pixels, output_hidden_states=True)
+    vf.patch(hf_model, "triton")
+    kinds = {kind for _, kind in patched_modules(hf_model)}
+    assert {"FastSelfAttention", "FastViTLayer", "FastBottleneckLayer"} <= kinds
+    assert {k: v.data_ptr() for k, v in hf_model.state_dict().items()} == state
+    with torch.no_grad():
+        patched = hf_model(pixels, output_hidden_states=True)
+        probs = hf_model(pixels, output_attentions=True).attentions
+    assert_same_outputs(patched, reference, FP32_TOL, f"transformers {attn}")
+    assert probs[0].shape == (2, 2, 26, 26)
+    assert torch.allclose(probs[0].sum(-1), torch.ones(2, 2, 26, device=device), atol=1e-5)
+    vf.unpatch(hf_model)
+    assert module_tree(hf_model) == tree
+
+
+def test_load_with_triton_kernels(tmp_path):
+    build_hf_model(PATCH_CONFIG).save_pretrained(tmp_path)
+    model = vf.load(tmp_path, kernels={"attention": "triton", "mlp": "triton"})
+    assert {kind for _, kind in patched_modules(model)} == {"FastSelfAttention", "FastViTLayer"}
+
+
+def test_auto_picks_sdpa_without_a_gpu():
+    assert resolve_kernels("auto", torch.device("cpu"))["attention"] == "sdpa"
+    assert resolve_kernels("triton") == {"attention": "triton", "mlp": "triton", "backbone": "triton"}
+
+
+def test_triton_without_gpu_or_interpreter_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code = (
+        "import torch, vithybrid_fast as vf\n"
+        "from tests.hf_reference import tiny_config\n"
+        "m = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config()))\n"
+        "try:\n    vf.patch(m, 'triton')\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+        "print('AUTO', vf.patch(m, 'auto').config.attn_implementation)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert "ERR kernels='triton' cannot run" in out.stdout, out.stdout + out.stderr
+    assert "kernels='sdpa'" in out.stdout and "AUTO sdpa" in out.stdout
+
+
+def test_float64_model_cannot_take_triton(tiny_model):
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        vf.patch(copy.deepcopy(tiny_model).double(), "triton")
+
+
+def test_unsupported_head_size_keeps_fused_qkv_with_sdpa(device):
+    hf_model = build_hf_model(TINY_CASES["bottleneck-same"], "eager").to(device)  # head size 16
+    pixels = pixels_for(hf_model, device=device)
+    with torch.no_grad():
+        reference = hf_model(pixels).logits
+    with pytest.warns(UserWarning, match="not 16"):
+        vf.patch(hf_model, {"attention": "triton"})
+    attention = hf_model.vit.encoder.layer[0].attention.attention
+    assert isinstance(attention, fast.FastSelfAttention) and not attention.use_flash_kernel
+    with torch.no_grad():
+        assert (hf_model(pixels).logits - reference).abs().max().item() <= FP32_TOL
