@@ -1,0 +1,163 @@
+"""CUDAGraphRunner: a clear error without CUDA; on a GPU, replay equals the eager forward and every call
+the graph cannot serve reaches the wrapped model unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vithybrid_fast import ViTHybridConfig, ViTHybridForImageClassification, patch
+from vithybrid_fast.cuda_graphs import CUDAGraphRunner, enable_cuda_graphs
+
+# A narrow BiT (1 block per stage, 128-channel output) keeps these tests at a few seconds.
+TINY_BACKBONE = {
+    "depths": [1, 1, 1], "hidden_sizes": [32, 64, 128, 256], "embedding_size": 16, "num_groups": 8,
+    "layer_type": "bottleneck", "global_padding": "SAME", "embedding_dynamic_padding": True,
+    "out_features": ["stage3"],
+}  # fmt: skip
+
+
+def tiny_model(device: str, kernels: str = "sdpa") -> ViTHybridForImageClassification:
+    config = ViTHybridConfig(
+        backbone_config=TINY_BACKBONE, image_size=64, hidden_size=48, num_hidden_layers=2,
+        num_attention_heads=3, intermediate_size=80, backbone_featmap_shape=[1, 128, 4, 4], num_labels=10,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = ViTHybridForImageClassification(config).to(device).eval()
+    return patch(model, kernels)
+
+
+def pixels(batch: int, device: str, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 64, 64, generator=generator).to(device)
+
+
+def test_construct_without_cuda_raises(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = tiny_model("cpu")
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA GPU"):
+        enable_cuda_graphs(model)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA GPU"):
+        CUDAGraphRunner(model)
+
+
+def _kernel_choices() -> list:
+    from kernels._runtime import interpreter_enabled, triton_can_run
+
+    triton_ok = torch.cuda.is_available() and triton_can_run(torch.device("cuda")) and not interpreter_enabled()
+    reason = "Triton kernels cannot run on a GPU here"
+    return ["eager", "sdpa", pytest.param("triton", marks=pytest.mark.skipif(not triton_ok, reason=reason))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", _kernel_choices())
+@pytest.mark.parametrize("batch", [1, 3])  # 3: a second graph, and not a power of two
+def test_replay_equals_eager(kernels, batch):
+    model = tiny_model("cuda", kernels)
+    runner = enable_cuda_graphs(model)
+    with torch.inference_mode():
+        for seed in (1, 2):  # seed 2: the replay reads the new input, not the captured one
+            x = pixels(batch, "cuda", seed)
+            expected = model(x).logits
+            got = runner(x).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert runner.num_graphs == 1
+
+
+@pytest.mark.gpu
+def test_two_batch_sizes_keep_separate_graphs_and_outputs_are_clones():
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    with torch.no_grad():
+        first = runner(pixels(1, "cuda", 1)).logits
+        first_copy = first.clone()
+        second = runner(pixels(2, "cuda", 2)).logits
+        runner(pixels(1, "cuda", 3))  # replays the batch-1 graph again
+        assert runner.num_graphs == 2
+        torch.testing.assert_close(first, first_copy, rtol=0, atol=0)  # a clone, not the static buffer
+        torch.testing.assert_close(second, model(pixels(2, "cuda", 2)).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_no_clone_returns_the_static_buffer():
+    runner = enable_cuda_graphs(tiny_model("cuda"), clone_outputs=False)
+    with torch.no_grad():
+        a = runner(pixels(2, "cuda", 1)).logits
+        b = runner(pixels(2, "cuda", 2)).logits
+    assert a.data_ptr() == b.data_ptr()
+
+
+@pytest.mark.gpu
+def test_output_type_matches_the_model():
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    with torch.no_grad():
+        x = pixels(1, "cuda")
+        assert type(runner(x)) is type(model(x))
+    assert runner.config is model.config  # attributes fall through to the wrapped model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"output_hidden_states": True}, "hidden_states"),
+        ({"output_attentions": True}, "attentions"),
+        ({"labels": torch.tensor([1, 2])}, "loss"),
+    ],
+)
+def test_unservable_options_fall_through(kwargs, field):
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    x = pixels(2, "cuda")
+    kwargs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        out = runner(x, **kwargs)
+        expected = model(x, **kwargs)
+    assert getattr(out, field) is not None
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    assert runner.num_graphs == 0
+
+
+@pytest.mark.gpu
+def test_training_mode_falls_through_with_gradients():
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    runner.train()
+    out = runner(pixels(2, "cuda"))
+    assert out.logits.requires_grad  # the eager model ran under autograd
+    assert runner.num_graphs == 0
+
+
+@pytest.mark.gpu
+def test_cpu_inputs_fall_through():
+    model = tiny_model("cpu")
+    runner = enable_cuda_graphs(model)  # CUDA exists, the model just lives on the CPU
+    with torch.no_grad():
+        x = pixels(1, "cpu")
+        torch.testing.assert_close(runner(x).logits, model(x).logits, rtol=0, atol=0)
+    assert runner.num_graphs == 0
+
+
+@pytest.mark.gpu
+def test_weight_update_triggers_recapture():
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    x = pixels(2, "cuda")
+    with torch.no_grad():
+        runner(x)
+        model.classifier.bias.add_(1.0)  # in place: same address, new version
+        torch.testing.assert_close(runner(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_moving_the_runner_drops_its_graphs():
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    x = pixels(2, "cuda")
+    with torch.no_grad():
+        runner(x)
+        runner.to(torch.float16)  # new weight storage: the captured graph would read freed memory
+        assert runner.num_graphs == 0
+        torch.testing.assert_close(runner(x).logits, model(x).logits, rtol=1e-3, atol=1e-3)
+    assert runner.num_graphs == 1
