@@ -100,3 +100,15 @@ def test_backbone_grid_for_each_padding_mode():
         backbone_config={"layer_type": "preactivation", "global_padding": None, "embedding_dynamic_padding": False},
     ))  # fmt: skip
     assert static.backbone_grid(64, 64) == (4, 4)
+
+
+def test_hub_id_offline_and_uncached_falls_back_to_the_identical_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = vf.ViTHybridConfig.from_pretrained("google/vit-hybrid-base-bit-384", cache_dir=tmp_path)
+    assert config == vf.ViTHybridConfig.base_384()
+    processor = vf.load_processor("google/vit-hybrid-base-bit-384", cache_dir=tmp_path)
+    assert processor.to_dict() == vf.ViTHybridImageProcessor.for_base_384().to_dict()
+    with pytest.raises(vf.CheckpointNotFoundError):  # weights have no preset: loading still fails clearly
+        vf.load("google/vit-hybrid-base-bit-384", cache_dir=tmp_path)
+    with pytest.raises(vf.CheckpointNotFoundError):  # other repos get no fallback
+        vf.ViTHybridConfig.from_pretrained("someone/else", cache_dir=tmp_path)

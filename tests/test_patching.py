@@ -229,3 +229,20 @@ def test_unsupported_head_size_keeps_fused_qkv_with_sdpa(device):
     assert isinstance(attention, fast.FastSelfAttention) and not attention.use_flash_kernel
     with torch.no_grad():
         assert (hf_model(pixels).logits - reference).abs().max().item() <= FP32_TOL
+
+
+def test_channels_last_backbone_end_to_end(tiny_model, device):
+    """The whole backbone in channels_last: kernels keep the layout, results stay the reference's."""
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, device=device)
+    reference = run(model, pixels)
+    model = vf.patch(model.to(memory_format=torch.channels_last), {"backbone": "triton"})
+    conv = model.vit.embeddings.patch_embeddings.backbone.bit.embedder.convolution
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    stage = model.vit.embeddings.patch_embeddings.backbone.bit.encoder.stages[0]
+    hook = stage.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    out = run(model, pixels.contiguous(memory_format=torch.channels_last))
+    hook.remove()
+    assert seen == [True]
+    assert_same_outputs(out, reference, FP32_TOL, "channels_last backbone")

@@ -364,12 +364,20 @@ class ViTHybridConfig(_ConfigBase):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> ViTHybridConfig:
         """Read config.json from a local directory or file, or from the hub (see `hub.resolve_file`)."""
-        from .hub import resolve_file
+        from .hub import CheckpointNotFoundError, resolve_file
 
         path = Path(name_or_path)
         if path.is_file():
             return cls.from_json_file(path)
-        return cls.from_json_file(resolve_file(name_or_path, "config.json", required=True, **hub_kwargs))
+        try:
+            return cls.from_json_file(resolve_file(name_or_path, "config.json", required=True, **hub_kwargs))
+        except CheckpointNotFoundError:
+            preset = PRESETS.get(str(name_or_path))
+            if preset is None or hub_kwargs.get("revision") not in (None, "main"):
+                raise
+            # the hub's config.json is known and identical to the preset: the architecture builds offline
+            logger.warning("config.json of %s not reachable or cached: using the built-in preset", name_or_path)
+            return preset()
 
     @classmethod
     def base_384(cls, **overrides: Any) -> ViTHybridConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import numbers
 import os
@@ -31,7 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .hub import resolve_file
+from .hub import CheckpointNotFoundError, resolve_file
+
+logger = logging.getLogger(__name__)
+BASE_384_REPO_ID = "google/vit-hybrid-base-bit-384"
 
 CONFIG_NAME = "preprocessor_config.json"
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -334,15 +338,22 @@ class ViTHybridImageProcessor:
         """Read preprocessor_config.json from a directory, a JSON file or a hub repo (or its cache)."""
         path = Path(path_or_repo_id)
         if not path.is_file():
-            path = resolve_file(
-                path_or_repo_id,
-                CONFIG_NAME,
-                required=True,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
+            try:
+                path = resolve_file(
+                    path_or_repo_id,
+                    CONFIG_NAME,
+                    required=True,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            except CheckpointNotFoundError:
+                if str(path_or_repo_id) != BASE_384_REPO_ID or revision not in (None, "main"):
+                    raise
+                # the hub file is known and identical to the built-in preset: work offline with it
+                logger.warning("%s not reachable or cached: using the built-in preprocessor preset", CONFIG_NAME)
+                return cls.for_base_384(**overrides)
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
         if not isinstance(config, dict):
