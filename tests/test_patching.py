@@ -164,6 +164,20 @@ def test_standardized_weight_cache_follows_in_place_changes(tiny_model, device):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_transformers_layer_fused_around_its_own_attention(attn, device):
+    """mlp on Triton, attention left to transformers' own module (a 1-tuple from its eager path)."""
+    hf_model = build_hf_model(PATCH_CONFIG, attn).to(device)
+    pixels = pixels_for(hf_model, device=device)
+    with torch.no_grad():
+        reference = hf_model(pixels, output_hidden_states=True)
+    vf.patch(hf_model, {"mlp": "triton", "attention": attn})
+    assert {kind for _, kind in patched_modules(hf_model)} == {"FastViTLayer"}
+    with torch.no_grad():
+        assert_same_outputs(hf_model(pixels, output_hidden_states=True), reference, FP32_TOL, f"mlp-only {attn}")
+        assert len(hf_model(pixels, output_attentions=True).attentions) == 2
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_patch_transformers_model_instance(attn, device):
     hf_model = build_hf_model(PATCH_CONFIG, attn).to(device)
     pixels = pixels_for(hf_model, device=device)

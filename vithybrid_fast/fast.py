@@ -170,8 +170,9 @@ class FastViTLayer(nn.Module):
             if self.training and self.attention.output.dropout.p > 0:
                 return self.attention.output.dropout(nn.functional.linear(context, dense.weight, dense.bias)) + x, None
             return fused_linear(context, dense.weight, dense.bias, residual=x), None
-        attention_output, probs = self.attention(self.layernorm_before(x), head_mask, output_attentions)[:2]
-        return attention_output + x, probs
+        # transformers' eager attention returns a 1-tuple unless asked for probabilities; ours a pair
+        outputs = self.attention(self.layernorm_before(x), head_mask, output_attentions)
+        return outputs[0] + x, (outputs[1] if len(outputs) > 1 else None)
 
     def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
         dropout_active = self.training and self.output.dropout.p > 0

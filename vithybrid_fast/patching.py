@@ -111,14 +111,16 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 def _set_reference_attention(model: nn.Module, implementation: str) -> None:
-    """eager/sdpa on the reference attention modules (ours; transformers' through their config)."""
+    """eager/sdpa on our reference attention modules. transformers' models keep the attention class
+    they were built with (their eager and SDPA paths are different classes, chosen at construction)."""
+    from .config import ViTHybridConfig
     from .modeling import ViTHybridSelfAttention
 
     for module in model.modules():
         if isinstance(module, ViTHybridSelfAttention):
             module.attn_implementation = implementation
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "attn_implementation"):
+    if isinstance(config, ViTHybridConfig):
         config.attn_implementation = implementation
 
 
