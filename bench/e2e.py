@@ -9,6 +9,7 @@ Providers (the peers DESIGN.md names, plus ours):
     ours-triton                       the reference patched with every Triton kernel
     ours-triton-cudagraphs            ours-triton replayed by vithybrid_fast.cuda_graphs.CUDAGraphRunner
     ours-triton-compile               torch.compile of the patched model
+    ours-triton-channels-last         ours-triton with the backbone in channels_last end to end
 
 Per (dtype, provider, batch): the first call is timed on its own (compile, autotune, graph capture),
 then device-event timing of many calls gives the median and p10/p90 (bench/common.time_fn), and the
@@ -36,7 +37,7 @@ from vithybrid_fast import ViTHybridConfig, ViTHybridForImageClassification, pat
 
 PROVIDERS = (
     "ref-eager", "ref-sdpa", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
-    "ours-triton", "ours-triton-cudagraphs", "ours-triton-compile",
+    "ours-triton", "ours-triton-cudagraphs", "ours-triton-compile", "ours-triton-channels-last",
 )  # fmt: skip
 CPU_PROVIDERS = ("ref-eager", "ref-sdpa", "hf-eager", "hf-sdpa")
 GPU_BATCHES = (1, 2, 4, 8, 32, 64, 128)
@@ -48,6 +49,7 @@ NOTES = {
     "compile-max-autotune": "torch.compile(ref-sdpa, mode='max-autotune', dynamic=False): Inductor CUDA graphs on",
     "ours-triton-cudagraphs": "first call = 3 warm-up runs + graph capture; logits cloned out of the graph",
     "ours-triton-compile": "torch.compile(patched model, dynamic=False)",
+    "ours-triton-channels-last": "weights and input pixels in torch.channels_last; kernels keep the layout",
 }
 
 # Adaptive repetition counts on a GPU: enough runs for a stable median without spending minutes on
@@ -215,7 +217,20 @@ def build_provider(
         return enable_cuda_graphs(patched)
     if provider == "ours-triton-compile":
         return _compile(patched, None)
+    if provider == "ours-triton-channels-last":
+        return ChannelsLastInput(patched.to(memory_format=torch.channels_last))
     raise ValueError(f"unknown provider {provider!r}")
+
+
+class ChannelsLastInput(nn.Module):
+    """Feeds the wrapped model channels_last pixels, so every backbone activation stays NHWC."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any):
+        return self.model(pixel_values.contiguous(memory_format=torch.channels_last), **kwargs)
 
 
 # -- measurement ----------------------------------------------------------------------------------
