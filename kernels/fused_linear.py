@@ -26,12 +26,17 @@ Epilogue (float32, one store in x.dtype): + bias, exact erf GELU, + residual.
 
 Numerics: float16/bfloat16 use tensor cores with float32 accumulation; float32 uses
 `input_precision="ieee"` (never silent TF32). Any M, N, K: edges are masked. Autograd: forward runs the
-kernels; backward re-runs `reference` (float32 math) under torch.autograd (see `KernelWithReferenceGrad`).
+kernels; backward re-runs `reference` (float32 math) under torch.autograd (see `reference_grads`).
+
+Entry points `layer_norm_stats` and `fused_linear` are backed by the torch custom ops
+`vithybrid::layer_norm_stats` and `vithybrid::fused_linear`, so torch.compile traces a model calling
+them without a graph break; their backward (the float32 recompute) is traced as plain torch ops.
+No double backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -341,37 +346,86 @@ def launch_fused_linear(
     return out.reshape(*x.shape[:-1], n)
 
 
-class KernelWithReferenceGrad(torch.autograd.Function):
-    """Forward: a Triton launcher. Backward: re-run its plain-torch reference under autograd.
+def reference_grads(
+    ref: Callable, inputs: Sequence[torch.Tensor | None], needs: Sequence[bool], grads: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor | None, ...]:
+    """Recompute backward: the vector-Jacobian product of `ref(*inputs)` with `grads`, per input.
 
-    Only the inputs are saved (no activations); the reference recomputes in float32, so gradients are
-    at least as accurate as eager half-precision ones. Costs one extra torch forward per backward.
+    Returns one entry per input: its gradient where `needs` is set, else None. Only the inputs are
+    saved (no activations); `ref` recomputes in float32, so gradients are at least as accurate as eager
+    half-precision ones, at the cost of one extra torch forward per backward. Called from the autograd
+    rules of the custom ops below (not from inside an op: a custom op's kernel runs with autograd
+    dispatch switched off), so under torch.compile AOTAutograd traces this recompute into the backward
+    graph as plain aten ops.
     """
-
-    @staticmethod
-    def forward(ctx, kernel: Callable, ref: Callable, *inputs: torch.Tensor | None):
-        ctx.ref = ref
-        ctx.save_for_backward(*inputs)
-        return kernel(*inputs)
-
-    @staticmethod
-    def backward(ctx, *grad_outputs: torch.Tensor):
-        inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
-            outs = ctx.ref(*leaves)
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            wrt = [t for t in leaves if t is not None and t.requires_grad]
-            pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
-            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-        it = iter(grads)
-        return (None, None, *(next(it) if t is not None and t.requires_grad else None for t in leaves))
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+        outs = ref(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+    packed = iter(found)
+    return tuple(next(packed) if t is not None and t.requires_grad else None for t in leaves)
 
 
-def needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd must see this call (otherwise skip the Function: less overhead, inference_mode)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+# Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per forward call, so no
+# graph break; the backward is `reference_grads` in each op's autograd rule.
+@torch.library.custom_op("vithybrid::layer_norm_stats", mutates_args=())
+def _layer_norm_stats_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_layer_norm_stats(x, eps)
+
+
+@_layer_norm_stats_op.register_fake
+def _(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return mean, torch.empty_like(mean)
+
+
+def _layer_norm_stats_setup(ctx, inputs, output) -> None:
+    x, eps = inputs
+    ctx.save_for_backward(x)
+    ctx.eps = eps
+
+
+def _layer_norm_stats_backward(ctx, grad_mean, grad_rstd):
+    (x,) = ctx.saved_tensors
+    (dx,) = reference_grads(lambda t: reference_layer_norm_stats(t, ctx.eps), (x,), (True,), (grad_mean, grad_rstd))
+    return dx, None
+
+
+_layer_norm_stats_op.register_autograd(_layer_norm_stats_backward, setup_context=_layer_norm_stats_setup)
+
+
+@torch.library.custom_op("vithybrid::fused_linear", mutates_args=())
+def _fused_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
+    rstd: torch.Tensor | None, ln_w: torch.Tensor | None, ln_b: torch.Tensor | None,
+    residual: torch.Tensor | None, activation: str | None,
+) -> torch.Tensor:  # fmt: skip
+    return launch_fused_linear(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)
+
+
+@_fused_linear_op.register_fake
+def _(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # contiguous, as the launcher allocates
+
+
+def _fused_linear_setup(ctx, inputs, output) -> None:
+    *tensors, activation = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.activation = activation
+
+
+def _fused_linear_backward(ctx, grad):
+    def ref(x, weight, bias, mean, rstd, ln_w, ln_b, residual):
+        prologue = (mean, rstd, ln_w, ln_b) if mean is not None else None
+        return reference(x, weight, bias, ln=prologue, activation=ctx.activation, residual=residual)
+
+    return (*reference_grads(ref, ctx.saved_tensors, ctx.needs_input_grad, (grad,)), None)
+
+
+_fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
 
 
 def layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,11 +433,7 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     check_launchable("layer_norm_stats", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"layer_norm_stats: x needs a non-empty last dimension, got shape {tuple(x.shape)}")
-    if needs_grad(x):
-        return KernelWithReferenceGrad.apply(
-            lambda t: launch_layer_norm_stats(t, eps), lambda t: reference_layer_norm_stats(t, eps), x
-        )
-    return launch_layer_norm_stats(x, eps)
+    return _layer_norm_stats_op(x, float(eps))
 
 
 def check_linear_inputs(
@@ -452,12 +502,4 @@ def fused_linear(
         activation=activation,
         residual=residual,
     )
-    inputs = (x, weight, bias, mean, rstd, ln_w, ln_b, residual)
-    if needs_grad(*inputs):
-
-        def ref(x, weight, bias, mean, rstd, ln_w, ln_b, residual):
-            prologue = (mean, rstd, ln_w, ln_b) if mean is not None else None
-            return reference(x, weight, bias, ln=prologue, activation=activation, residual=residual)
-
-        return KernelWithReferenceGrad.apply(lambda *t: launch_fused_linear(*t, activation), ref, *inputs)
-    return launch_fused_linear(*inputs, activation)
+    return _fused_linear_op(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)

@@ -25,6 +25,10 @@ from the saved output); torch finishes the (N, G) coefficients A = mean(gz·w), 
 Limits: < 2³¹ elements per image. Reduction tiles/chunking are heuristics (warps autotuned); apply tiles
 are autotuned on the GPU. Loop trip counts are constexpr (the Triton 3.6 interpreter cannot loop to a
 runtime bound), so each distinct chunking compiles once.
+
+Entry point: `group_norm_act(...)`, backed by the torch custom ops `vithybrid::group_norm_act` and
+`vithybrid::group_norm_act_backward`, so torch.compile traces a model calling it without a graph break.
+No double backward.
 """
 
 from __future__ import annotations
@@ -407,12 +411,15 @@ def _check(x, num_groups, weight, bias, act, residual) -> None:
         raise ValueError(f"{name}: at most 2^31 elements per image are supported")
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself if NCHW-contiguous or channels-last dense, else a contiguous copy (the layout y takes)."""
+    return x if _layout(x) is not None else x.contiguous()
+
+
 def launch_forward(x, num_groups, weight, bias, eps, act, residual):
-    """Run the three forward passes: (y, x_used, weight, bias, mean, rstd); x_used is x in a dense layout."""
-    _check(x, num_groups, weight, bias, act, residual)
-    channels_last = _layout(x)
-    if channels_last is None:
-        x, channels_last = x.contiguous(), False
+    """Launch only (no checks): the three forward passes, (y, mean, rstd); y has the layout of `_dense(x)`."""
+    x = _dense(x)
+    channels_last = bool(_layout(x))
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     weight = torch.ones(c, device=x.device, dtype=x.dtype) if weight is None else weight
@@ -421,7 +428,7 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
     if x.numel() == 0:
-        return y, x, weight, bias, mean, rstd
+        return y, mean, rstd
     res_channels_last = False
     if residual is not None:
         res_channels_last = _layout(residual)
@@ -450,18 +457,23 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
         HAS_RES=residual is not None, RELU=act == "relu",
         CHANNELS_LAST=channels_last, RES_CHANNELS_LAST=res_channels_last,
     )  # fmt: skip
-    return y, x, weight, bias, mean, rstd
+    return y, mean, rstd
 
 
 def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
-    """(dx, d residual or None, dw, db) in float32 sums; dx and d residual in x's layout and dtype."""
+    """(dx, d residual or None, dw, db), dw and db float32 sums; dx and d residual in `_dense(x)`'s layout.
+
+    `x` and `weight` (None: ones) are the forward's inputs, `y` its output (read only when `relu`).
+    """
+    x = _dense(x)
     channels_last = bool(_layout(x))
     gy = _to_layout(gy, channels_last)
     y = gy if y is None else y  # act=None: the mask pointer is never read
     n, c, num_groups = x.shape[0], x.shape[1], mean.shape[1]
+    weight = torch.ones(c, device=x.device, dtype=x.dtype) if weight is None else weight
     if x.numel() == 0:
         zeros = weight.new_zeros(c, dtype=torch.float32)
-        return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros
+        return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros.clone()
     s, cg = x.numel() // (n * c), c // mean.shape[1]
     block_c, block_s, iters, chunks = _reduce_plan(n, c, s, channels_last, x.device)
     part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
@@ -490,24 +502,63 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
     return gx, gz, dxh.sum(0), ds.sum(0)
 
 
-class _GroupNormAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, num_groups, eps, act):
-        y, x_used, w_used, _, mean, rstd = launch_forward(x, num_groups, weight, bias, eps, act, residual)
-        ctx.relu = act == "relu"
-        ctx.w_dtype = None if weight is None else weight.dtype
-        ctx.b_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x_used, w_used, mean, rstd, y if ctx.relu else None)
-        return y
+# Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per call, no graph break.
+# The fake (meta) implementations allocate exactly as the launchers do (`torch.empty_like(_dense(x))`),
+# so a channels-last x gives a channels-last output under the compiler too.
+@torch.library.custom_op("vithybrid::group_norm_act", mutates_args=())
+def _group_norm_act_op(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    act: str | None, residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return launch_forward(x, num_groups, weight, bias, eps, act, residual)
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, w, mean, rstd, y = ctx.saved_tensors
-        need_res = ctx.needs_input_grad[3]
-        gx, gres, dw, db = launch_backward(gy, y, x, w, mean, rstd, ctx.relu, need_res)
-        dw = dw.to(ctx.w_dtype) if ctx.w_dtype is not None and ctx.needs_input_grad[1] else None
-        db = db.to(ctx.b_dtype) if ctx.b_dtype is not None and ctx.needs_input_grad[2] else None
-        return gx, dw, db, gres, None, None, None
+
+@_group_norm_act_op.register_fake
+def _(x, num_groups, weight, bias, eps, act, residual):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(_dense(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vithybrid::group_norm_act_backward", mutates_args=())
+def _group_norm_act_backward_op(
+    gy: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+    rstd: torch.Tensor, relu: bool, need_gz: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, d residual, dw, db); d residual is an empty placeholder unless `need_gz and relu` (else it is gy)."""
+    gx, gz, dw, db = launch_backward(gy, y, x, weight, mean, rstd, relu, need_gz and relu)
+    return gx, (x.new_empty(0) if gz is None else gz), dw, db
+
+
+@_group_norm_act_backward_op.register_fake
+def _(gy, y, x, weight, mean, rstd, relu, need_gz):
+    dense = _dense(x)
+    sums = x.new_empty(x.shape[1], dtype=torch.float32)
+    gz = torch.empty_like(dense) if need_gz and relu else x.new_empty(0)
+    return torch.empty_like(dense), gz, sums, torch.empty_like(sums)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, _, weight, bias, _, act, _ = inputs
+    y, mean, rstd = output
+    ctx.relu = act == "relu"
+    ctx.w_dtype = None if weight is None else weight.dtype
+    ctx.b_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, mean, rstd, y if ctx.relu else None)
+
+
+def _backward_rule(ctx, gy, grad_mean, grad_rstd):
+    # mean and rstd are internal by-products (never handed to users): their gradients are ignored.
+    x, weight, mean, rstd, y = ctx.saved_tensors
+    need_res = ctx.needs_input_grad[6]
+    gx, gres, dw, db = _group_norm_act_backward_op(gy, y, x, weight, mean, rstd, ctx.relu, need_res)
+    if need_res and not ctx.relu:
+        gres = gy  # no activation: d residual = dL/dy
+    dw = dw.to(ctx.w_dtype) if ctx.w_dtype is not None and ctx.needs_input_grad[2] else None
+    db = db.to(ctx.b_dtype) if ctx.b_dtype is not None and ctx.needs_input_grad[3] else None
+    return gx, None, dw, db, None, None, gres if need_res else None
+
+
+_group_norm_act_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def group_norm_act(
@@ -521,9 +572,8 @@ def group_norm_act(
 ) -> torch.Tensor:
     """act(GroupNorm(x) [+ residual]) on (N, C, *spatial), NCHW or channels-last; output keeps x's layout.
 
-    Differentiable w.r.t. x, weight, bias and residual (Triton backward).
+    Differentiable w.r.t. x, weight, bias and residual (Triton backward). Backed by the torch custom op
+    `vithybrid::group_norm_act`, so torch.compile traces it without a graph break.
     """
-    tensors = (x, weight, bias, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _GroupNormAct.apply(x, weight, bias, residual, num_groups, eps, act)
-    return launch_forward(x, num_groups, weight, bias, eps, act, residual)[0]
+    _check(x, num_groups, weight, bias, act, residual)
+    return _group_norm_act_op(x, int(num_groups), weight, bias, float(eps), act, residual)[0]

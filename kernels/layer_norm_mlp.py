@@ -17,19 +17,17 @@ use TF32. The (M, H) intermediate is rounded once to x.dtype, as plain torch rou
 Autograd: forward runs the kernels and saves only the inputs; backward re-runs `reference` (float32
 math) under torch.autograd — a recompute backward, not a hand-written Triton one. It saves the (M, H)
 activation memory eager keeps, at the cost of one torch forward per backward.
+
+Entry point: `layer_norm_mlp(...)`, backed by the torch custom op `vithybrid::layer_norm_mlp`, so
+torch.compile traces a model calling it without a graph break (the recompute backward is traced as
+plain torch ops). No double backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.fused_linear import (
-    KernelWithReferenceGrad,
-    check_linear_inputs,
-    launch_fused_linear,
-    launch_layer_norm_stats,
-    needs_grad,
-)
+from kernels.fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
 
 
 def reference(
@@ -74,6 +72,37 @@ def _forward(
     return launch_fused_linear(hidden, fc2_w, fc2_b, None, None, None, None, x if residual else None, None)
 
 
+# Custom op (as in kernels/attention.py): torch.compile sees one opaque node per forward call, so no
+# graph break; the backward is `reference_grads` (kernels/fused_linear.py) in the autograd rule.
+@torch.library.custom_op("vithybrid::layer_norm_mlp", mutates_args=())
+def _layer_norm_mlp_op(
+    x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor | None,
+    fc2_w: torch.Tensor, fc2_b: torch.Tensor | None, eps: float, residual: bool,
+) -> torch.Tensor:  # fmt: skip
+    return _forward(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, residual)
+
+
+@_layer_norm_mlp_op.register_fake
+def _(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, residual):
+    return x.new_empty((*x.shape[:-1], fc2_w.shape[0]))  # contiguous, as the fc2 launch allocates
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    *tensors, eps, residual = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.eps, ctx.residual = eps, residual
+
+
+def _backward_rule(ctx, grad):
+    def ref(*t: torch.Tensor | None) -> torch.Tensor:
+        return reference(*t, ctx.eps, ctx.residual)
+
+    return (*reference_grads(ref, ctx.saved_tensors, ctx.needs_input_grad, (grad,)), None, None)
+
+
+_layer_norm_mlp_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
 def layer_norm_mlp(
     x: torch.Tensor,
     ln_w: torch.Tensor,
@@ -101,14 +130,4 @@ def layer_norm_mlp(
     if fc2_b is not None and tuple(fc2_b.shape) != (fc2_w.shape[0],):
         raise ValueError(f"{name}: fc2_b must be ({fc2_w.shape[0]},), got {tuple(fc2_b.shape)}")
 
-    inputs = (x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b)
-    if needs_grad(*inputs):
-
-        def kernel(*t: torch.Tensor | None) -> torch.Tensor:
-            return _forward(*t, eps, residual)
-
-        def ref(*t: torch.Tensor | None) -> torch.Tensor:
-            return reference(*t, eps, residual)
-
-        return KernelWithReferenceGrad.apply(kernel, ref, *inputs)
-    return _forward(*inputs, eps, residual)
+    return _layer_norm_mlp_op(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, float(eps), bool(residual))

@@ -20,6 +20,10 @@ E[w²] − E[w]², which cancels when |mean| ≫ std.
 Backward (Triton): with ŵ = (w − mean)·rstd and g = dL/dout, per channel
     dL/dw = rstd · (g − mean(g) − ŵ · mean(g · ŵ))
 using the float32 mean/rstd saved by the forward pass (O floats each).
+
+Entry point: `weight_standardize(w, eps)`, backed by the torch custom ops `vithybrid::weight_standardize`
+and `vithybrid::weight_standardize_backward`, so torch.compile traces a model calling it without a graph
+break. No double backward.
 """
 
 from __future__ import annotations
@@ -180,9 +184,8 @@ def _check(w: torch.Tensor) -> None:
         )
 
 
-def launch_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the forward kernel: (out, rows, mean, rstd) with `rows` the layout-normalized input."""
-    _check(w)
+def launch_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch only (no checks): (out, mean, rstd); out in the layout of `_rows(w)`."""
     rows = _rows(w)
     out_ch, k = rows.shape[0], rows.numel() // rows.shape[0]
     out = torch.empty_like(rows)  # preserve_format keeps channels_last
@@ -190,11 +193,12 @@ def launch_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     rstd = torch.empty_like(mean)
     block, single = _block(k)
     _fwd_tuned[(out_ch,)](rows, out, mean, rstd, eps, K=k, BLOCK=block, SINGLE_PASS=single)
-    return out, rows, mean, rstd
+    return out, mean, rstd
 
 
-def launch_backward(grad_out: torch.Tensor, rows: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """dL/dw for the standardized weight, in the layout of `rows`."""
+def launch_backward(grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """dL/dw for the standardized weight, in the layout of `_rows(w)`."""
+    rows = _rows(w)
     if rows.is_contiguous():
         grad_out = grad_out.contiguous()
     else:  # rows is channels_last: the gradient must walk each channel in the same order
@@ -206,25 +210,52 @@ def launch_backward(grad_out: torch.Tensor, rows: torch.Tensor, mean: torch.Tens
     return dw
 
 
-class _WeightStandardize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, eps: float) -> torch.Tensor:
-        out, rows, mean, rstd = launch_forward(w, eps)
-        ctx.save_for_backward(rows, mean, rstd)
-        return out
+# Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per call, no graph break.
+# The fake (meta) implementations return the same layout as the launchers: `_rows` only inspects strides.
+@torch.library.custom_op("vithybrid::weight_standardize", mutates_args=())
+def _weight_standardize_op(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_forward(w, eps)
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        rows, mean, rstd = ctx.saved_tensors
-        return launch_backward(grad_out, rows, mean, rstd), None
+
+@_weight_standardize_op.register_fake
+def _(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats = w.new_empty(w.shape[0], dtype=torch.float32)
+    return torch.empty_like(_rows(w)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("vithybrid::weight_standardize_backward", mutates_args=())
+def _weight_standardize_backward_op(
+    grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> torch.Tensor:
+    return launch_backward(grad_out, w, mean, rstd)
+
+
+@_weight_standardize_backward_op.register_fake
+def _(grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(_rows(w))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    w, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(w, mean, rstd)  # w itself, not a copy: a strided w is re-copied in the backward
+
+
+def _backward_rule(ctx, grad_out, grad_mean, grad_rstd):
+    # mean and rstd are internal by-products (never handed to users): their gradients are ignored.
+    w, mean, rstd = ctx.saved_tensors
+    return _weight_standardize_backward_op(grad_out, w, mean, rstd), None
+
+
+_weight_standardize_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Per-output-channel (w − mean) / sqrt(biased var + eps) of a conv weight (O, I, kh, kw), in w.dtype.
 
     Differentiable (Triton backward). Contiguous and channels_last weights are read in place and the
-    result keeps their memory format; other layouts are copied to contiguous first.
+    result keeps their memory format; other layouts are copied to contiguous first. Backed by the torch
+    custom op `vithybrid::weight_standardize`, so torch.compile traces it without a graph break.
     """
-    if torch.is_grad_enabled() and w.requires_grad:
-        return _WeightStandardize.apply(w, eps)
-    return launch_forward(w, eps)[0]
+    _check(w)
+    return _weight_standardize_op(w, float(eps))[0]
