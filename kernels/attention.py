@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled
+from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = math.log2(math.e)
@@ -549,5 +549,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """
     _check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not needs_registered_op(q, k, v):
+        return _forward(q, k, v, scale)[0]
     out, _ = _flash_attention_op(q, k, v, scale)
     return out

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled
+from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 LayerNormPrologue = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean, rstd, ln_w, ln_b
 ACTIVATIONS = (None, "gelu")
@@ -433,6 +433,8 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     check_launchable("layer_norm_stats", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"layer_norm_stats: x needs a non-empty last dimension, got shape {tuple(x.shape)}")
+    if not needs_registered_op(x):
+        return launch_layer_norm_stats(x, float(eps))
     return _layer_norm_stats_op(x, float(eps))
 
 
@@ -502,4 +504,6 @@ def fused_linear(
         activation=activation,
         residual=residual,
     )
+    if not needs_registered_op(x, weight, bias, mean, rstd, ln_w, ln_b, residual):
+        return launch_fused_linear(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)
     return _fused_linear_op(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)

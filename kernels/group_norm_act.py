@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled
+from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 ACTIVATIONS = ("relu", None)
 
@@ -576,4 +576,6 @@ def group_norm_act(
     `vithybrid::group_norm_act`, so torch.compile traces it without a graph break.
     """
     _check(x, num_groups, weight, bias, act, residual)
+    if not needs_registered_op(x, weight, bias, residual):
+        return launch_forward(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
     return _group_norm_act_op(x, int(num_groups), weight, bias, float(eps), act, residual)[0]

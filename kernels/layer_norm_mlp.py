@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._runtime import needs_registered_op
 from kernels.fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
 
 
@@ -130,4 +131,6 @@ def layer_norm_mlp(
     if fc2_b is not None and tuple(fc2_b.shape) != (fc2_w.shape[0],):
         raise ValueError(f"{name}: fc2_b must be ({fc2_w.shape[0]},), got {tuple(fc2_b.shape)}")
 
+    if not needs_registered_op(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b):
+        return _forward(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, float(eps), bool(residual))
     return _layer_norm_mlp_op(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, float(eps), bool(residual))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled
+from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 MAX_BLOCK = 4096  # largest row held in registers: 16 float32 per thread at 8 warps
 
@@ -258,4 +258,6 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     custom op `vithybrid::weight_standardize`, so torch.compile traces it without a graph break.
     """
     _check(w)
+    if not needs_registered_op(w):
+        return launch_forward(w, float(eps))[0]
     return _weight_standardize_op(w, float(eps))[0]

@@ -250,3 +250,24 @@ assert w.grad is not None and x.grad is not None and h.grad is not None
     # os.environ carries TRITON_INTERPRET=1 from tests/conftest.py where there is no GPU.
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_inference_calls_skip_the_dispatcher_but_equal_the_registered_ops(device):
+    """No-grad calls launch directly (kernels._runtime.needs_registered_op); results are the op's."""
+    import kernels
+    from kernels._runtime import needs_registered_op
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 37, 32, generator=g).to(device) for _ in range(3))
+    x = torch.randn(2, 8, 5, 5, generator=g).to(device)
+    w, b = torch.randn(8, generator=g).to(device), torch.randn(8, generator=g).to(device)
+    conv_w = torch.randn(6, 8, 3, 3, generator=g).to(device)
+    with torch.no_grad():
+        assert not needs_registered_op(q, k, v)
+        assert torch.equal(kernels.flash_attention(q, k, v), torch.ops.vithybrid.flash_attention(q, k, v, 32**-0.5)[0])
+        assert torch.equal(
+            kernels.group_norm_act(x, 4, w, b, 1e-5, "relu", None),
+            torch.ops.vithybrid.group_norm_act(x, 4, w, b, 1e-5, "relu", None)[0],
+        )
+        assert torch.equal(kernels.weight_standardize(conv_w), torch.ops.vithybrid.weight_standardize(conv_w, 1e-8)[0])
+    assert needs_registered_op(q.requires_grad_())
