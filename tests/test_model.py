@@ -135,3 +135,26 @@ def test_mask_token_path():
     assert not torch.allclose(masked, plain)
     with pytest.raises(ValueError, match="use_mask_token"):
         vf.ViTHybridModel(vf.ViTHybridConfig.from_dict(tiny_config()))(pixels, bool_masked_pos=mask)
+
+
+def test_reference_caches_standardized_weights_and_follows_changes():
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).eval()
+    conv = model.vit.embeddings.patch_embeddings.backbone.bit.embedder.convolution
+    pixels = torch.randn(1, 3, 72, 72)
+    with torch.inference_mode():
+        first = model(pixels).logits
+        cached = conv.standardized_weight()
+        assert conv.standardized_weight() is cached
+    with torch.no_grad():
+        conv.weight.add_(torch.randn_like(conv.weight))  # in place (standardization ignores affine edits)
+        assert conv.standardized_weight() is not cached
+        changed = model(pixels).logits
+    assert not torch.allclose(first, changed)
+    # frozen weights + an input that needs a gradient (saliency maps): the cached weight, made under
+    # inference_mode, must still be usable by autograd
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pixels.requires_grad_(True)
+    model(pixels).logits.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0

@@ -18,6 +18,7 @@ from torch import nn
 
 from .activations import get_activation
 from .config import BitConfig, make_div
+from .weight_cache import DerivedWeightCache
 
 
 def same_padding_total(size: int, kernel: int, stride: int, dilation: int) -> int:
@@ -79,9 +80,11 @@ class WeightStandardizedConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, static, dilation, groups, bias)
         self.pad = DynamicPad2d(kernel_size, stride, dilation) if dynamic else None
         self.eps = eps
+        self._standardized = DerivedWeightCache()
 
     def standardized_weight(self) -> torch.Tensor:
-        return standardize_weight_reference(self.weight, self.eps)
+        # inference reuses the standardized weight until the weight changes (DESIGN: computed once)
+        return self._standardized.get(lambda: standardize_weight_reference(self.weight, self.eps), self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:

@@ -16,6 +16,8 @@ from torch import nn
 
 import kernels
 
+from .weight_cache import DerivedWeightCache
+
 
 def _is_exact_gelu(module: nn.Module) -> bool:
     """nn.GELU() or transformers' GELUActivation — both erf GELU; tanh variants are not."""
@@ -26,36 +28,6 @@ def _is_exact_gelu(module: nn.Module) -> bool:
 
 def _is_relu(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU)
-
-
-def _needs_weight_grad(*params: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-
-
-class _DerivedWeightCache:
-    """Caches a tensor derived from parameters; recomputed when any parameter's storage, in-place
-    version counter, dtype or device changes (so `load_state_dict`, `.to()` and optimizer steps
-    all invalidate it)."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: torch.Tensor | tuple | None = None
-
-    @staticmethod
-    def key_of(*params: torch.Tensor | None) -> tuple:
-        return tuple(
-            None if p is None else (p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params
-        )
-
-    def get(self, compute, *params: torch.Tensor | None):
-        if _needs_weight_grad(*params) or torch.compiler.is_compiling():
-            return compute()  # autograd (or the compiler) must see the computation
-        key = self.key_of(*params)
-        if key != self.key:
-            with torch.no_grad():
-                self.value = compute()
-            self.key = key
-        return self.value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +47,7 @@ class FastSelfAttention(nn.Module):
         self.num_attention_heads = reference.num_attention_heads
         self.attention_head_size = reference.attention_head_size
         self.all_head_size = reference.all_head_size
-        self._qkv = _DerivedWeightCache()
+        self._qkv = DerivedWeightCache()
         from kernels.attention import SUPPORTED_HEAD_DIMS
 
         # a head size the kernel was not built for still gets the fused QKV GEMM, with SDPA after it
@@ -206,7 +178,7 @@ class FastWeightStandardizedConv2d(nn.Module):
         self.stride, self.padding, self.dilation = reference.stride, reference.padding, reference.dilation
         self.groups, self.eps = reference.groups, reference.eps
         self.out_channels = reference.out_channels
-        self._standardized = _DerivedWeightCache()
+        self._standardized = DerivedWeightCache()
 
     def standardized_weight(self) -> torch.Tensor:
         return self._standardized.get(lambda: kernels.weight_standardize(self.weight, self.eps), self.weight)

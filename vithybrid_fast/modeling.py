@@ -142,7 +142,8 @@ class ViTHybridSelfAttention(nn.Module):
             p = self.dropout.p if self.training else 0.0
             context = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) / (self.attention_head_size**0.5)
+            # the scale goes on q (N·d values) rather than on the scores (N·N): one pass less
+            scores = torch.matmul(q * self.attention_head_size**-0.5, k.transpose(-1, -2))
             probs = self.dropout(nn.functional.softmax(scores, dim=-1))
             if head_mask is not None:
                 probs = probs * head_mask
