@@ -195,15 +195,18 @@ def kernel_table(kernel_recs: list[Record], records: list[Record]) -> list[str]:
 def cpu_table(cpu: list[Record]) -> list[str]:
     out = [f"## CPU: ours vs transformers ({_values(cpu, 'gpu')}, {_values(cpu, 'cpu_threads')} threads, "
            "base config, float32, interleaved reps)", ""]  # fmt: skip
-    out += ["| provider | batch | ms median | p10–p90 | ms min | images/s | ours/HF ms (median; min) |"]
-    out.append("|---|---|---|---|---|---|---|")
+    out += ["| provider | batch | ms median | p10–p90 | ms min | images/s | ours/HF ms (median; min) "
+            "| ours/HF paired per round (median; rounds ours faster) |"]  # fmt: skip
+    out.append("|---|---|---|---|---|---|---|---|")
     for r in cpu:
-        ratio = ""
+        ratio = paired = ""
         if r.get("ms_ratio_ours_over_hf"):
             ratio = f"{r['ms_ratio_ours_over_hf']:.3f}; {_fmt(r.get('ms_min_ratio_ours_over_hf'), 3)} vs {r['hf_peer']}"
+        if r.get("paired_ratio_median_ours_over_hf"):
+            paired = f"{r['paired_ratio_median_ours_over_hf']:.3f}; {r['rounds_ours_faster']}/{r['reps']}"
         out.append(
             f"| {r['provider']} | {r['batch']} | {r['ms_median']:.0f} | {r['ms_p10']:.0f}–{r['ms_p90']:.0f} "
-            f"| {_fmt(r.get('ms_min'), 0)} | {r['images_per_s']:.3f} | {ratio} |"
+            f"| {_fmt(r.get('ms_min'), 0)} | {r['images_per_s']:.3f} | {ratio} | {paired} |"
         )
     return out
 
