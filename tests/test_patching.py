@@ -260,3 +260,19 @@ def test_channels_last_backbone_end_to_end(tiny_model, device):
     hook.remove()
     assert seen == [True]
     assert_same_outputs(out, reference, FP32_TOL, "channels_last backbone")
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_every_architecture_variant_patched(case, device):
+    """Pre-activation blocks, static padding, dilation, tanh GELU, stage2 features: all swap cleanly."""
+    config = copy.deepcopy(TINY_CASES[case])
+    config.update(hidden_size=64, num_attention_heads=2)  # head size 32 for the flash kernel
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(config)).eval()
+    randomize_(model)
+    model = model.to(device)
+    pixels = pixels_for(model, device=device)
+    reference = run(model, pixels)
+    vf.patch(model, "triton")
+    assert patched_modules(model)
+    assert_same_outputs(run(model, pixels), reference, FP32_TOL, case)
