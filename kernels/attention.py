@@ -10,8 +10,10 @@ backward can rebuild P = exp2(S·log2e − lse) block by block:
 (FlashAttention-2: a pre-pass computes δ, one kernel owns a key block and loops over query blocks for
 dK/dV, another owns a query block and loops over key blocks for dQ; no atomics).
 
-Shapes: q, k, v are (B, H, N, D), all the same shape; the output is a contiguous (B, H, N, D) tensor of
-q.dtype. Any N ≥ 1 (577, 197, 50, 1 …): key columns past N are set to −inf before the row max, query
+Shapes: q, k, v are (B, H, N, D), all the same shape; the output is a (B, H, N, D) tensor of q.dtype
+laid out token-major — a transposed view of a contiguous (B, N, H, D) buffer — so the caller's
+`out.transpose(1, 2).reshape(B, N, H·D)` back to hidden states is free (no copy kernel).
+Any N ≥ 1 (577, 197, 50, 1 …): key columns past N are set to −inf before the row max, query
 rows past N are never stored. D ∈ {32, 64, 128}.
 Strides: every one of the four strides of q, k, v, dO is passed to the kernels, so views such as
 `qkv.view(B, N, 3, H, D)[:, :, 0].transpose(1, 2)` of a packed QKV projection are read in place. Only
@@ -459,7 +461,9 @@ def _device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    o = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    # token-major output: the kernel writes through o's strides, and the model reads it back as
+    # (B, N, H·D) hidden states without a transpose copy
+    o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     with _device_of(q):
         _attn_fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
@@ -509,7 +513,8 @@ def _flash_attention_op(
 
 @_flash_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("vithybrid::flash_attention_backward", mutates_args=())
@@ -545,7 +550,8 @@ _flash_attention_op.register_autograd(_backward_rule, setup_context=_setup_conte
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for (B, H, N, D) inputs (any N, D in 32/64/128); differentiable.
 
-    Returns a contiguous (B, H, N, D) tensor in q.dtype. `scale` defaults to D**-0.5.
+    Returns a (B, H, N, D) tensor in q.dtype whose memory is token-major ((B, N, H, D) contiguous), so
+    `.transpose(1, 2).reshape(B, N, H * D)` is a view. `scale` defaults to D**-0.5.
     """
     _check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -45,7 +45,8 @@ def _make_qkv(shape, dtype, device, seed=0):
 def _check_forward_and_grads(q, k, v, scale, dtype, seed=1, factor=2.0):
     """Forward and dq/dk/dv of the kernel vs plain torch (same dtype) vs float64, for leaf q, k, v."""
     out = flash_attention(q, k, v, scale)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == q.shape and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()  # token-major: the model's reshape to (B, N, H·D) is free
     torch_out = _eager(q, k, v, scale)
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_out = reference(*ref_inputs, scale)
@@ -276,3 +277,10 @@ def test_vit_base_batch_on_gpu(dtype, device):
     # The benchmark shape at batch 8: exercises the autotuned GPU configs end to end.
     q, k, v = _make_qkv((8, 12, 577, 64), dtype, device, seed=5)
     _check_forward_and_grads(q, k, v, None, dtype)
+
+
+def test_opcheck_token_major_output(device):
+    """The fake implementation must match the real output's token-major strides (opcheck compares them)."""
+    q, k, v = (torch.randn(1, 2, 37, 32, device=device, requires_grad=True) for _ in range(3))
+    result = torch.library.opcheck(torch.ops.vithybrid.flash_attention.default, (q, k, v, 32**-0.5))
+    assert set(result.values()) == {"SUCCESS"}, result
