@@ -9,7 +9,14 @@ float32/float16/bfloat16, all math in float32, output in x.dtype. Layouts: NCHW-
 channels-last (any spatial rank) x and residual are read in place, each in its own layout; the output
 has x's layout. Other strides are copied first.
 
-Forward (2 reads of x, 1 of residual, 1 write):
+Forward, single pass (1 read of x, 1 of residual, 1 write), when one (n, g) group fits on chip (its
+padded (C/G, S) tile ≤ SINGLE_PASS_MAX_TILE elements) and the N·G programs fill the GPU (≥ 2 per SM):
+`_gn_fwd_single_pass` loads the whole group into float32 registers, takes mean then Σ(x − mean)² on
+them (exact two-pass), and writes act((x − mean)·rstd·w + b [+ residual]). At large batch this lifts
+the bandwidth ceiling from 2/3 (3/4 with a residual) of HBM to ~1; at small N·G the split path below
+is kept (its second read of x hits L2 anyway). Both paths save the same (N, G) float32 mean and rstd.
+
+Forward, split (2 reads of x, 1 of residual, 1 write):
 1. `_gn_stats`: (channel × S-chunk) tiles of one image; per (n, c, chunk) the chunk mean and centred
    sum of squares M2. Each BLOCK_S block's M2 is an exact two-pass Σ(x − block mean)² on registers and
    blocks merge with Chan's parallel formula, so the variance never comes from E[x²] − E[x]² (which
@@ -18,9 +25,8 @@ Forward (2 reads of x, 1 of residual, 1 write):
    Σ cnt·(mean_i − mean)²) into float32 mean and rstd.
 3. `_gn_apply`: (x − mean)·rstd·w + b [+ residual] [relu] on (channel × spatial) tiles; per-channel
    factors load once per tile. x − mean is formed before scaling (no folded shift) for |mean| ≫ std.
-Backward (Triton): `_gn_bwd_reduce` sums Σ gz and Σ gz·x̂ per (n, c, chunk), gz = gy·[y > 0] (ReLU mask
-from the saved output); torch finishes the (N, G) coefficients A = mean(gz·w), B = mean(gz·w·x̂);
-`_gn_bwd_apply` writes dx = rstd·(w·gz − A − x̂·B) and d residual = gz; dw, db come from the sums.
+Backward (Triton; kernels/_group_norm_act_backward.py): a per-channel Σ gz, Σ gz·x̂ reduction, then
+dx = rstd·(w·gz − mean(gz·w) − x̂·mean(gz·w·x̂)) and d residual = gz, gz = gy·[y > 0].
 
 Limits: < 2³¹ elements per image. Reduction tiles/chunking are heuristics (warps autotuned); apply tiles
 are autotuned on the GPU. Loop trip counts are constexpr (the Triton 3.6 interpreter cannot loop to a
@@ -197,93 +203,52 @@ def _gn_apply(
 
 
 @triton.jit
-def _gn_bwd_reduce(
-    gy_ptr,  # (N, C, S) upstream gradient, x's layout
-    y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
-    x_ptr,  # (N, C, S) forward input
-    mean_ptr,  # (N, G) float32
-    rstd_ptr,  # (N, G) float32
-    part_ds_ptr,  # (N, C, P) float32 out: Σ gz
-    part_dxh_ptr,  # (N, C, P) float32 out: Σ gz·x̂
-    C,
-    S,
-    G,
-    CG,
-    P,
-    RELU: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr,
-    ITERS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    chunk, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    image = n.to(tl.int64) * C * S
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cs < C
-    grp = n * G + cs // CG
-    mean = tl.load(mean_ptr + grp, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + grp, mask=c_mask, other=0.0)
-    acc_ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    acc_dxh = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    for it in range(ITERS):
-        ss = (chunk * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (ss < S)[None, :]
-        offs = image + _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
-        gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
-            gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc_ds += gz
-        acc_dxh += gz * ((x - mean[:, None]) * rstd[:, None])
-    dst = (n * C + cs) * P + chunk
-    tl.store(part_ds_ptr + dst, tl.sum(acc_ds, axis=1), mask=c_mask)
-    tl.store(part_dxh_ptr + dst, tl.sum(acc_dxh, axis=1), mask=c_mask)
-
-
-@triton.jit
-def _gn_bwd_apply(
-    gy_ptr,  # (N, C, S) upstream gradient, x's layout
-    y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
-    x_ptr,  # (N, C, S) forward input
-    mean_ptr,  # (N, G) float32
-    rstd_ptr,  # (N, G) float32
-    coef_a_ptr,  # (N, G) float32: mean over the group of gz·w
-    coef_b_ptr,  # (N, G) float32: mean over the group of gz·w·x̂
+def _gn_fwd_single_pass(
+    x_ptr,  # (N, C, S) input
+    res_ptr,  # (N, C, S) residual (own layout) or unused
+    y_ptr,  # (N, C, S) output, x's layout and dtype
     w_ptr,  # (C,) GroupNorm weight
-    gx_ptr,  # (N, C, S) out: dL/dx, x's layout
-    gz_ptr,  # (N, C, S) out: dL/d(residual) = gy·[y > 0], or unused
-    N,  # only an autotune key
+    b_ptr,  # (C,) GroupNorm bias
+    mean_ptr,  # (N, G) float32 out
+    rstd_ptr,  # (N, G) float32 out
     C,
     S,
     G,
     CG,
+    eps,
+    HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
-    WRITE_GZ: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    RES_CHANNELS_LAST: tl.constexpr,
+    BLOCK_CG: tl.constexpr,  # next_power_of_2(CG)
+    BLOCK_S: tl.constexpr,  # next_power_of_2(S)
 ):
-    pid_s, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = tl.program_id(0)  # n·G + g: the whole group is this program's one tile
+    n, g = row // G, row % G
     image = n.to(tl.int64) * C * S
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_mask = cs < C
+    c_local = tl.arange(0, BLOCK_CG)
+    cs = g * CG + c_local
+    ss = tl.arange(0, BLOCK_S)
+    c_mask = c_local < CG
     mask = c_mask[:, None] & (ss < S)[None, :]
-    grp = n * G + cs // CG
-    mean = tl.load(mean_ptr + grp, mask=c_mask, other=0.0)[:, None]
-    rstd = tl.load(rstd_ptr + grp, mask=c_mask, other=0.0)[:, None]
-    coef_a = tl.load(coef_a_ptr + grp, mask=c_mask, other=0.0)[:, None]
-    coef_b = tl.load(coef_b_ptr + grp, mask=c_mask, other=0.0)[:, None]
-    w = tl.load(w_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[:, None]
-    offs = image + _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
-    gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs = _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
+    x = tl.load(x_ptr + image + offs, mask=mask, other=0.0).to(tl.float32)
+    total = CG * S * 1.0  # float32 count (CG and S may be specialized to constexpr 1)
+    mean = tl.sum(x) / total
+    # Masked lanes must not enter Σ(x − mean)²: they hold 0, not mean.
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / total + eps)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    scale = rstd * tl.load(w_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)
+    shift = tl.load(b_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)
+    y = centred * scale[:, None] + shift[:, None]
+    if HAS_RES:
+        res_offs = _tile_offsets(cs, ss, C, S, RES_CHANNELS_LAST)
+        y += tl.load(res_ptr + image + res_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
-    x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-    gx = rstd * (w * gz - coef_a - x_hat * coef_b)
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    if WRITE_GZ:
-        tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+        y = tl.where(y < 0.0, 0.0, y)  # not maximum(): keeps NaN like torch.relu
+    tl.store(y_ptr + image + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _quick_bench(kernel_call, quantiles):
@@ -342,7 +307,6 @@ _apply_kw = {"key": _APPLY_KEY, "do_bench": _quick_bench}
 if not interpreter_enabled():
     _apply_kw["prune_configs_by"] = {"early_config_prune": _prune_apply}
 _gn_apply_tuned = triton.autotune(configs=_apply_configs(), **_apply_kw)(_gn_apply)
-_gn_bwd_apply_tuned = triton.autotune(configs=_apply_configs(), **_apply_kw)(_gn_bwd_apply)
 # The reductions' tiles come from _reduce_plan (the partials' layout depends on them): tune warps only.
 _reduce_kw = {
     "configs": [triton.Config({}, num_warps=w) for w in ((4,) if interpreter_enabled() else (4, 8))],
@@ -350,7 +314,6 @@ _reduce_kw = {
     "do_bench": _quick_bench,
 }
 _gn_stats_tuned = triton.autotune(**_reduce_kw)(_gn_stats)
-_gn_bwd_reduce_tuned = triton.autotune(**_reduce_kw)(_gn_bwd_reduce)
 
 
 @functools.lru_cache(maxsize=16)
@@ -375,6 +338,31 @@ def _reduce_plan(n: int, c: int, s: int, channels_last: bool, device: torch.devi
     chunks = min(max(triton.cdiv(target, n * triton.cdiv(c, block_c)), 1), s_blocks)
     iters = triton.cdiv(s_blocks, chunks)
     return block_c, block_s, iters, triton.cdiv(s_blocks, iters)
+
+
+# Single-pass forward: largest padded group tile (C/G × S, each a power of two) held in registers, and
+# the least N·G programs per SM that keep HBM busy (fewer: the split path's second read of x is in L2).
+SINGLE_PASS_MAX_TILE = 16384
+SINGLE_PASS_MIN_PROGRAMS_PER_SM = 2
+# Tests set this to "single" or "split" to force a forward path; None chooses by `_use_single_pass`.
+_FORCE_PATH: str | None = None
+
+
+def _single_pass_tile(cg: int, s: int) -> tuple[int, int]:
+    return triton.next_power_of_2(cg), triton.next_power_of_2(s)
+
+
+def _use_single_pass(n: int, num_groups: int, cg: int, s: int, device: torch.device) -> bool:
+    """Whether the forward takes the single-pass kernel (one program per (n, g), x read once)."""
+    if _FORCE_PATH is not None:
+        if _FORCE_PATH not in ("single", "split"):
+            raise ValueError(f"group_norm_act: _FORCE_PATH must be 'single', 'split' or None, got {_FORCE_PATH!r}")
+        return _FORCE_PATH == "single"
+    block_cg, block_s = _single_pass_tile(cg, s)
+    if block_cg * block_s > SINGLE_PASS_MAX_TILE:
+        return False
+    sm_count = 1 if interpreter_enabled() else _sm_count(device)
+    return n * num_groups >= SINGLE_PASS_MIN_PROGRAMS_PER_SM * sm_count
 
 
 def _layout(t: torch.Tensor) -> bool | None:
@@ -417,7 +405,7 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def launch_forward(x, num_groups, weight, bias, eps, act, residual):
-    """Launch only (no checks): the three forward passes, (y, mean, rstd); y has the layout of `_dense(x)`."""
+    """Launch only (no checks): single pass or the three split passes, (y, mean, rstd); y in `_dense(x)`'s layout."""
     x = _dense(x)
     channels_last = bool(_layout(x))
     n, c = x.shape[0], x.shape[1]
@@ -434,6 +422,17 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
         res_channels_last = _layout(residual)
         if res_channels_last is None:
             residual, res_channels_last = _to_layout(residual, channels_last), channels_last
+    cg = c // num_groups
+    if _use_single_pass(n, num_groups, cg, s, x.device):
+        block_cg, block_s = _single_pass_tile(cg, s)
+        tile = block_cg * block_s
+        _gn_fwd_single_pass[(n * num_groups,)](
+            x, x if residual is None else residual, y, weight, bias, mean, rstd, c, s, num_groups, cg, eps,
+            HAS_RES=residual is not None, RELU=act == "relu",
+            CHANNELS_LAST=channels_last, RES_CHANNELS_LAST=res_channels_last,
+            BLOCK_CG=block_cg, BLOCK_S=block_s, num_warps=16 if tile >= 8192 else (8 if tile >= 2048 else 4),
+        )  # fmt: skip
+        return y, mean, rstd
     block_c, block_s, iters, chunks = _reduce_plan(n, c, s, channels_last, x.device)
     part_mean = torch.empty(n * c * chunks, device=x.device, dtype=torch.float32)
     part_m2 = torch.empty_like(part_mean)
@@ -442,7 +441,6 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
         x, part_mean, part_m2, c, s, chunks,
         CHANNELS_LAST=channels_last, ITERS=iters, BLOCK_C=block_c, BLOCK_S=block_s,
     )  # fmt: skip
-    cg = c // num_groups
     block_e = min(triton.next_power_of_2(cg * chunks), 2048)
     _gn_finalize[(n * num_groups,)](
         part_mean, part_m2, mean, rstd, s, chunks, iters * block_s, eps,
@@ -458,48 +456,6 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
         CHANNELS_LAST=channels_last, RES_CHANNELS_LAST=res_channels_last,
     )  # fmt: skip
     return y, mean, rstd
-
-
-def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
-    """(dx, d residual or None, dw, db), dw and db float32 sums; dx and d residual in `_dense(x)`'s layout.
-
-    `x` and `weight` (None: ones) are the forward's inputs, `y` its output (read only when `relu`).
-    """
-    x = _dense(x)
-    channels_last = bool(_layout(x))
-    gy = _to_layout(gy, channels_last)
-    y = gy if y is None else y  # act=None: the mask pointer is never read
-    n, c, num_groups = x.shape[0], x.shape[1], mean.shape[1]
-    weight = torch.ones(c, device=x.device, dtype=x.dtype) if weight is None else weight
-    if x.numel() == 0:
-        zeros = weight.new_zeros(c, dtype=torch.float32)
-        return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros.clone()
-    s, cg = x.numel() // (n * c), c // mean.shape[1]
-    block_c, block_s, iters, chunks = _reduce_plan(n, c, s, channels_last, x.device)
-    part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
-    part_dxh = torch.empty_like(part_ds)
-    _gn_bwd_reduce_tuned[(chunks, n, triton.cdiv(c, block_c))](
-        gy, y, x, mean, rstd, part_ds, part_dxh, c, s, num_groups, cg, chunks,
-        RELU=relu, CHANNELS_LAST=channels_last, ITERS=iters, BLOCK_C=block_c, BLOCK_S=block_s,
-    )  # fmt: skip
-    # (N, C)-sized bookkeeping in torch: negligible next to the two passes over (N, C, S).
-    ds, dxh = part_ds.sum(-1), part_dxh.sum(-1)
-    w32 = weight.float()
-    coef_a = (ds * w32).view(n, num_groups, cg).sum(-1) / (cg * s)
-    coef_b = (dxh * w32).view(n, num_groups, cg).sum(-1) / (cg * s)
-    gx = torch.empty_like(x)
-    gz = torch.empty_like(x) if need_gz and relu else None
-
-    def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(s, meta["BLOCK_S"]), n, triton.cdiv(c, meta["BLOCK_C"]))
-
-    _gn_bwd_apply_tuned[grid](
-        gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gx if gz is None else gz, n, c, s, num_groups, cg,
-        RELU=relu, WRITE_GZ=gz is not None, CHANNELS_LAST=channels_last,
-    )  # fmt: skip
-    if need_gz and not relu:
-        gz = gy
-    return gx, gz, dxh.sum(0), ds.sum(0)
 
 
 # Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per call, no graph break.
@@ -525,6 +481,9 @@ def _group_norm_act_backward_op(
     rstd: torch.Tensor, relu: bool, need_gz: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx, d residual, dw, db); d residual is an empty placeholder unless `need_gz and relu` (else it is gy)."""
+    # Imported here: the backward module builds on this module's helpers (tiles, layouts, plans).
+    from kernels._group_norm_act_backward import launch_backward
+
     gx, gz, dw, db = launch_backward(gy, y, x, weight, mean, rstd, relu, need_gz and relu)
     return gx, (x.new_empty(0) if gz is None else gz), dw, db
 

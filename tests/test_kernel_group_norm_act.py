@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.group_norm_act import group_norm_act, reference
 from tests.tolerance import assert_close_to_reference
+
+# The module itself: `kernels.group_norm_act` the attribute is the function, re-exported by the package.
+gn_module = sys.modules["kernels.group_norm_act"]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -20,6 +25,13 @@ CASES = [
     ((1, 4, 10, 16), 2),  # S=160: the last stats chunk ends in empty blocks (zero-count merges)
     ((2, 6, 9), 3),  # 3-D (N, C, L) input
 ]
+
+
+@pytest.fixture(params=["single", "split"])
+def path(request, monkeypatch) -> str:
+    """Forces the forward path: single pass (x read once) or split stats → finalize → apply."""
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", request.param)
+    return request.param
 
 
 def torch_peer(x, num_groups, weight, bias, eps=1e-5, act="relu", residual=None):
@@ -51,7 +63,7 @@ def check_forward(x, num_groups, weight, bias, act, residual):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "num_groups"), CASES)
-def test_forward_residual_relu(shape, num_groups, dtype, device):
+def test_forward_residual_relu(shape, num_groups, dtype, device, path):
     # The bottleneck tail relu(GN(x) + shortcut), every shape and dtype.
     x, w, b, res = make_inputs(shape, dtype, device)
     check_forward(x, num_groups, w, b, "relu", res)
@@ -59,7 +71,7 @@ def test_forward_residual_relu(shape, num_groups, dtype, device):
 
 @pytest.mark.parametrize("act", ["relu", None])
 @pytest.mark.parametrize("residual", [False, True])
-def test_forward_act_and_residual_options(act, residual, device):
+def test_forward_act_and_residual_options(act, residual, device, path):
     # norm1/norm2 (relu, no residual), downsample/norm3 alone (no act), and the fused tail.
     x, w, b, res = make_inputs((2, 12, 5, 7), torch.float16, device, residual=residual)
     check_forward(x, 4, w, b, act, res)
@@ -67,7 +79,7 @@ def test_forward_act_and_residual_options(act, residual, device):
 
 @pytest.mark.parametrize("x_channels_last", [False, True])
 @pytest.mark.parametrize("res_channels_last", [False, True])
-def test_channels_last_layouts(x_channels_last, res_channels_last, device):
+def test_channels_last_layouts(x_channels_last, res_channels_last, device, path):
     x, w, b, res = make_inputs((2, 12, 5, 7), torch.bfloat16, device)
     if x_channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -80,19 +92,19 @@ def test_channels_last_layouts(x_channels_last, res_channels_last, device):
         assert out.is_contiguous()
 
 
-def test_non_dense_inputs_are_copied(device):
+def test_non_dense_inputs_are_copied(device, path):
     x, w, b, res = make_inputs((2, 8, 6, 10), torch.float32, device)
     x, res = x[:, :, ::2], res[:, :, 1::2]  # strided views: neither NCHW nor channels-last dense
     out = check_forward(x, 4, w, b, "relu", res)
     assert out.is_contiguous()
 
 
-def test_no_affine(device):
+def test_no_affine(device, path):
     x, _, _, res = make_inputs((2, 12, 5, 7), torch.float32, device)
     check_forward(x, 4, None, None, None, res)
 
 
-def test_large_mean_statistics(device):
+def test_large_mean_statistics(device, path):
     # |mean| / std = 1000 per group: E[x²] − E[x]² in float32 would give a var error of ~6%.
     torch.manual_seed(0)
     x = torch.randn(1, 8, 24, 24, device=device) + 1000.0
@@ -102,13 +114,43 @@ def test_large_mean_statistics(device):
     assert (out.double() - ref).abs().max().item() < 1e-3
 
 
-def test_eps_is_used(device):
+def test_eps_is_used(device, path):
     x, w, b, _ = make_inputs((2, 12, 5, 7), torch.float32, device)
     x = x * 1e-2
     out = group_norm_act(x, 4, w, b, eps=1e-2)
     assert_close_to_reference(
         out, torch_peer(x, 4, w, b, eps=1e-2), reference(x.double(), 4, w.double(), b.double(), eps=1e-2), torch.float32
     )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_paths_save_the_same_statistics(channels_last, residual, device, monkeypatch):
+    # The backward is shared: both forward paths must hand it the same (N, G) float32 mean and rstd.
+    x, w, b, res = make_inputs((2, 20, 5, 7), torch.float16, device, residual=residual)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    outs = {}
+    for forced in ("single", "split"):
+        monkeypatch.setattr(gn_module, "_FORCE_PATH", forced)
+        outs[forced] = torch.ops.vithybrid.group_norm_act(x, 4, w, b, 1e-5, "relu", res)
+    for name, a, c in zip(("y", "mean", "rstd"), outs["single"], outs["split"]):
+        assert a.shape == c.shape and a.dtype == c.dtype and a.stride() == c.stride(), name
+    torch.testing.assert_close(outs["single"][1], outs["split"][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["single"][2], outs["split"][2], rtol=1e-5, atol=1e-5)
+
+
+def test_path_selection(monkeypatch):
+    # Under the interpreter the SM count is 1: fits and N·G ≥ 2 → single; a group over the tile → split.
+    assert gn_module._use_single_pass(2, 32, 8, 576, torch.device("cpu"))  # stage-3 mid: 8 × 1024
+    assert gn_module._use_single_pass(1, 32, 4, 2304, torch.device("cpu"))  # stage-2 mid: 4 × 4096
+    assert not gn_module._use_single_pass(2, 32, 32, 576, torch.device("cpu"))  # stage 3: 32 × 1024 > tile
+    assert not gn_module._use_single_pass(1, 1, 2, 9, torch.device("cpu"))  # one program: split
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", "split")
+    assert not gn_module._use_single_pass(2, 32, 8, 576, torch.device("cpu"))
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", "bogus")
+    with pytest.raises(ValueError, match="_FORCE_PATH"):
+        gn_module._use_single_pass(2, 32, 8, 576, torch.device("cpu"))
 
 
 def run_grads(fn, inputs, grad_out, **kwargs):
@@ -128,7 +170,7 @@ def run_grads(fn, inputs, grad_out, **kwargs):
         ((3, 8, 1, 1), 4, torch.float32, None, False, False),  # 1x1 spatial, plain GroupNorm
     ],
 )
-def test_backward(shape, num_groups, dtype, act, residual, channels_last, device):
+def test_backward(shape, num_groups, dtype, act, residual, channels_last, device, path):
     inputs = list(make_inputs(shape, dtype, device, residual=residual))
     if channels_last:
         inputs[0] = inputs[0].to(memory_format=torch.channels_last)
@@ -153,7 +195,7 @@ def test_backward_only_residual_requires_grad(device):
     torch.testing.assert_close(res.grad, (out > 0).float())
 
 
-def test_no_grad_matches_grad_path(device):
+def test_no_grad_matches_grad_path(device, path):
     x, w, b, res = make_inputs((2, 12, 5, 7), torch.float32, device)
     w.requires_grad_()
     with torch.no_grad():

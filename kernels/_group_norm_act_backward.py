@@ -1,0 +1,161 @@
+"""Backward of `kernels.group_norm_act`: dx, d residual, dweight, dbias from the saved mean and rstd.
+
+With gz = gy·[y > 0] (ReLU mask from the saved output, or gy without an activation) and
+x̂ = (x − mean)·rstd: `_gn_bwd_reduce` sums Σ gz and Σ gz·x̂ per (n, c, chunk) (chunking from the
+forward's `_reduce_plan`); torch finishes the (N, G) coefficients A = mean(gz·w), B = mean(gz·w·x̂);
+`_gn_bwd_apply` writes dx = rstd·(w·gz − A − x̂·B) and d residual = gz; dw = Σ gz·x̂, db = Σ gz.
+Both forward paths (single pass and split) save the same (N, G) float32 mean and rstd, so this serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.group_norm_act import (
+    _apply_configs,
+    _apply_kw,
+    _dense,
+    _layout,
+    _reduce_kw,
+    _reduce_plan,
+    _tile_offsets,
+    _to_layout,
+)
+
+
+@triton.jit
+def _gn_bwd_reduce(
+    gy_ptr,  # (N, C, S) upstream gradient, x's layout
+    y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
+    x_ptr,  # (N, C, S) forward input
+    mean_ptr,  # (N, G) float32
+    rstd_ptr,  # (N, G) float32
+    part_ds_ptr,  # (N, C, P) float32 out: Σ gz
+    part_dxh_ptr,  # (N, C, P) float32 out: Σ gz·x̂
+    C,
+    S,
+    G,
+    CG,
+    P,
+    RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    chunk, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    image = n.to(tl.int64) * C * S
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = cs < C
+    grp = n * G + cs // CG
+    mean = tl.load(mean_ptr + grp, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=c_mask, other=0.0)
+    acc_ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc_dxh = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    for it in range(ITERS):
+        ss = (chunk * ITERS + it) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = c_mask[:, None] & (ss < S)[None, :]
+        offs = image + _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
+        gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_ds += gz
+        acc_dxh += gz * ((x - mean[:, None]) * rstd[:, None])
+    dst = (n * C + cs) * P + chunk
+    tl.store(part_ds_ptr + dst, tl.sum(acc_ds, axis=1), mask=c_mask)
+    tl.store(part_dxh_ptr + dst, tl.sum(acc_dxh, axis=1), mask=c_mask)
+
+
+@triton.jit
+def _gn_bwd_apply(
+    gy_ptr,  # (N, C, S) upstream gradient, x's layout
+    y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
+    x_ptr,  # (N, C, S) forward input
+    mean_ptr,  # (N, G) float32
+    rstd_ptr,  # (N, G) float32
+    coef_a_ptr,  # (N, G) float32: mean over the group of gz·w
+    coef_b_ptr,  # (N, G) float32: mean over the group of gz·w·x̂
+    w_ptr,  # (C,) GroupNorm weight
+    gx_ptr,  # (N, C, S) out: dL/dx, x's layout
+    gz_ptr,  # (N, C, S) out: dL/d(residual) = gy·[y > 0], or unused
+    N,  # only an autotune key
+    C,
+    S,
+    G,
+    CG,
+    RELU: tl.constexpr,
+    WRITE_GZ: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid_s, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    image = n.to(tl.int64) * C * S
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ss = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    c_mask = cs < C
+    mask = c_mask[:, None] & (ss < S)[None, :]
+    grp = n * G + cs // CG
+    mean = tl.load(mean_ptr + grp, mask=c_mask, other=0.0)[:, None]
+    rstd = tl.load(rstd_ptr + grp, mask=c_mask, other=0.0)[:, None]
+    coef_a = tl.load(coef_a_ptr + grp, mask=c_mask, other=0.0)[:, None]
+    coef_b = tl.load(coef_b_ptr + grp, mask=c_mask, other=0.0)[:, None]
+    w = tl.load(w_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+    offs = image + _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
+    gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
+    x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    gx = rstd * (w * gz - coef_a - x_hat * coef_b)
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GZ:
+        tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+
+
+_gn_bwd_apply_tuned = triton.autotune(configs=_apply_configs(), **_apply_kw)(_gn_bwd_apply)
+_gn_bwd_reduce_tuned = triton.autotune(**_reduce_kw)(_gn_bwd_reduce)
+
+
+def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
+    """(dx, d residual or None, dw, db), dw and db float32 sums; dx and d residual in `_dense(x)`'s layout.
+
+    `x` and `weight` (None: ones) are the forward's inputs, `y` its output (read only when `relu`).
+    """
+    x = _dense(x)
+    channels_last = bool(_layout(x))
+    gy = _to_layout(gy, channels_last)
+    y = gy if y is None else y  # act=None: the mask pointer is never read
+    n, c, num_groups = x.shape[0], x.shape[1], mean.shape[1]
+    weight = torch.ones(c, device=x.device, dtype=x.dtype) if weight is None else weight
+    if x.numel() == 0:
+        zeros = weight.new_zeros(c, dtype=torch.float32)
+        return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros.clone()
+    s, cg = x.numel() // (n * c), c // mean.shape[1]
+    block_c, block_s, iters, chunks = _reduce_plan(n, c, s, channels_last, x.device)
+    part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
+    part_dxh = torch.empty_like(part_ds)
+    _gn_bwd_reduce_tuned[(chunks, n, triton.cdiv(c, block_c))](
+        gy, y, x, mean, rstd, part_ds, part_dxh, c, s, num_groups, cg, chunks,
+        RELU=relu, CHANNELS_LAST=channels_last, ITERS=iters, BLOCK_C=block_c, BLOCK_S=block_s,
+    )  # fmt: skip
+    # (N, C)-sized bookkeeping in torch: negligible next to the two passes over (N, C, S).
+    ds, dxh = part_ds.sum(-1), part_dxh.sum(-1)
+    w32 = weight.float()
+    coef_a = (ds * w32).view(n, num_groups, cg).sum(-1) / (cg * s)
+    coef_b = (dxh * w32).view(n, num_groups, cg).sum(-1) / (cg * s)
+    gx = torch.empty_like(x)
+    gz = torch.empty_like(x) if need_gz and relu else None
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (triton.cdiv(s, meta["BLOCK_S"]), n, triton.cdiv(c, meta["BLOCK_C"]))
+
+    _gn_bwd_apply_tuned[grid](
+        gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gx if gz is None else gz, n, c, s, num_groups, cg,
+        RELU=relu, WRITE_GZ=gz is not None, CHANNELS_LAST=channels_last,
+    )  # fmt: skip
+    if need_gz and not relu:
+        gz = gy
+    return gx, gz, dxh.sum(0), ds.sum(0)
