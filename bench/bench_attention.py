@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, time_fn
+from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
 
 HEADS, SEQ_LEN, HEAD_DIM = 12, 577, 64
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
@@ -146,14 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     args = parser.parse_args(argv)
     records = run(args.device, tuple(args.batches), tuple(args.dtypes))
-    if records:
-        print(f"{records[0]['gpu']} | torch {records[0]['torch']} | triton {records[0]['triton']} | "
-              f"commit {records[0]['commit']} | shape (B, {HEADS}, {SEQ_LEN}, {HEAD_DIM})")  # fmt: skip
-        print(format_table(records))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=2) + "\n")
-        print(f"wrote {len(records)} records to {args.out}")
+    header = records and (
+        f"{records[0]['gpu']} | torch {records[0]['torch']} | triton {records[0]['triton']} | "
+        f"commit {records[0]['commit']} | shape (B, {HEADS}, {SEQ_LEN}, {HEAD_DIM})"
+    )
+    print_and_save(records, header, format_table(records) if records else "", args.out)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ the same GPU). Small cases live in L2 and run past HBM bandwidth; batch 1 is lau
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, first_call_ms, measured_hbm_gbps, time_fn
+from bench.common import environment, first_call_ms, measured_hbm_gbps, print_and_save, time_fn
 
 # (out, in, kh, kw) of every distinct conv weight -> how many convs of the backbone have it (52 in all).
 CONV_WEIGHTS = {
@@ -191,12 +190,8 @@ def main() -> None:
     if not records:
         return
     env = {k: records[0][k] for k in ("gpu", "torch", "triton", "commit", "date")}
-    print(f"{env} | measured HBM copy bandwidth {records[0]['hbm_gbps']:.0f} GB/s")
-    print(format_table(records))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=1))
-        print(f"wrote {len(records)} records to {args.out}")
+    header = f"{env} | measured HBM copy bandwidth {records[0]['hbm_gbps']:.0f} GB/s"
+    print_and_save(records, header, format_table(records), args.out)
 
 
 if __name__ == "__main__":

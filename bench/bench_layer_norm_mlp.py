@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, time_fn
+from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
 
 TOKENS = 577
 D, HIDDEN = 768, 3072
@@ -128,13 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     records = run(args.device, tuple(args.batches), tuple(args.dtypes))
     if not records:
         return
-    print(f"{records[0]['gpu']}  torch {records[0]['torch']}  triton {records[0]['triton']}  "
-          f"commit {records[0]['commit']}")  # fmt: skip
-    print(format_table(records))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=2))
-        print(f"wrote {len(records)} records to {args.out}")
+    first = records[0]
+    header = f"{first['gpu']}  torch {first['torch']}  triton {first['triton']}  commit {first['commit']}"
+    print_and_save(records, header, format_table(records), args.out)
 
 
 if __name__ == "__main__":

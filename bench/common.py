@@ -8,6 +8,7 @@ hardware and software it was measured with, so no number travels without its con
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import statistics
 import subprocess
@@ -117,3 +118,14 @@ def measured_hbm_gbps(device: torch.device | str) -> float:
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, warmup=5, reps=20)
     return 2 * numel * 4 / (t["ms_median"] * 1e-3) / 1e9
+
+
+def print_and_save(records: list[dict], header: str, table: str, out: Path | None) -> None:
+    """The tail every microbenchmark's `__main__` shares: environment line, table, optional JSON."""
+    if records:
+        print(header)
+        print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(records, indent=2) + "\n")
+        print(f"wrote {len(records)} records to {out}")

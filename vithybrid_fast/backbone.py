@@ -247,14 +247,11 @@ class BitEncoder(nn.Module):
         super().__init__()
         self.stages = nn.ModuleList()
         rates = np.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
-        in_channels, current_stride, dilation, start = config.embedding_size, 4, 1, 0
-        for stage_idx, (depth, hidden) in enumerate(zip(config.depths, config.hidden_sizes)):
-            out_channels, stride = make_div(hidden * config.width_factor), 1 if stage_idx == 0 else 2
-            if current_stride >= config.output_stride:
-                dilation, stride = dilation * stride, 1
+        in_channels, start = config.embedding_size, 0
+        for depth, (out_channels, stride, dilation) in zip(config.depths, config.stage_plan()):
             stage_rates = rates[start : start + depth]
             self.stages.append(BitStage(config, in_channels, out_channels, stride, dilation, depth, stage_rates))
-            in_channels, current_stride, start = out_channels, current_stride * stride, start + depth
+            in_channels, start = out_channels, start + depth
 
 
 class BitModel(nn.Module):

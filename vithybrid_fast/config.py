@@ -154,22 +154,23 @@ class BitConfig(_ConfigBase):
         out["stage_names"] = self.stage_names
         return dict(sorted(out.items()))
 
-    def stage_channels(self) -> list[int]:
-        """Output channels of stem, stage1, ... (transformers' make_div of hidden_sizes × width_factor)."""
-        return [self.embedding_size] + [
-            make_div(size * self.width_factor) for size in self.hidden_sizes[: len(self.depths)]
-        ]
+    def stage_plan(self) -> list[tuple[int, int, int]]:
+        """(out_channels, stride, dilation) of stage1, stage2, … — the one place the stage layout is derived.
 
-    def stage_strides(self) -> list[int]:
-        """Cumulative output stride of stem, stage1, ... (dilation takes over past output_stride)."""
-        strides, current = [4], 4
-        for stage_idx in range(len(self.depths)):
+        Channels are transformers' make_div of hidden_sizes × width_factor; once the running output
+        stride reaches output_stride, later stages dilate instead of striding."""
+        plan, current, dilation = [], 4, 1
+        for stage_idx, hidden in enumerate(self.hidden_sizes[: len(self.depths)]):
             stride = 1 if stage_idx == 0 else 2
             if current >= self.output_stride:
-                stride = 1
+                dilation, stride = dilation * stride, 1
+            plan.append((make_div(hidden * self.width_factor), stride, dilation))
             current *= stride
-            strides.append(current)
-        return strides
+        return plan
+
+    def stage_channels(self) -> list[int]:
+        """Output channels of stem, stage1, …"""
+        return [self.embedding_size] + [channels for channels, _, _ in self.stage_plan()]
 
 
 def make_div(value: float, divisor: int = 8) -> int:
@@ -401,12 +402,7 @@ def grid_after_backbone(bb: BitConfig, size: int) -> int:
     if bb.global_padding != "SAME":
         x += 2  # the stem's ConstantPad2d(1)
     x = -(-x // 2) if bb.embedding_dynamic_padding else (x - 3) // 2 + 1
-    current = 4
-    for stage_idx in range(bb.out_indices[-1]):
-        stride = 1 if stage_idx == 0 else 2
-        if current >= bb.output_stride:
-            stride = 1
-        current *= stride
+    for _, stride, _ in bb.stage_plan()[: bb.out_indices[-1]]:
         if stride > 1:
             # the stride-2 1×1 downsample conv decides the shortcut's size; the 3×3 conv matches it
             x = conv_out(x, 1, stride)

@@ -111,6 +111,21 @@ class ViTHybridEmbeddings(nn.Module):
         return self.dropout(tokens + table)
 
 
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module, head_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit-softmax attention on (B, H, N, d): (context (B, H, N, d), probabilities (B, H, N, N)).
+
+    The reference math, shared by the eager path and by fast modules serving output_attentions /
+    head_mask calls. The scale goes on q (N·d values) rather than on the scores (N·N): one pass less.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    probs = dropout(nn.functional.softmax(scores, dim=-1))
+    if head_mask is not None:
+        probs = probs * head_mask
+    return torch.matmul(probs, v), probs
+
+
 class ViTHybridSelfAttention(nn.Module):
     """Multi-head self-attention; `attn_implementation` picks explicit softmax ("eager") or SDPA."""
 
@@ -142,12 +157,7 @@ class ViTHybridSelfAttention(nn.Module):
             p = self.dropout.p if self.training else 0.0
             context = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
-            # the scale goes on q (N·d values) rather than on the scores (N·N): one pass less
-            scores = torch.matmul(q * self.attention_head_size**-0.5, k.transpose(-1, -2))
-            probs = self.dropout(nn.functional.softmax(scores, dim=-1))
-            if head_mask is not None:
-                probs = probs * head_mask
-            context = torch.matmul(probs, v)
+            context, probs = eager_attention(q, k, v, self.dropout, head_mask)
         context = context.transpose(1, 2).reshape(hidden_states.shape[0], -1, self.all_head_size)  # (B, N, H·d)
         return context, (probs if output_attentions else None)
 
