@@ -31,7 +31,7 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(VENV)/.installed
-	$(PY) -m bench
+	$(PY) -m vithybrid_fast.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,1 +1,1 @@
-"""Benchmarks for vithybrid_fast: `python -m bench` runs the suite (see bench/__main__.py)."""
+"""Benchmarks for vithybrid_fast: `python -m vithybrid_fast.bench` runs the suite (see bench/__main__.py)."""

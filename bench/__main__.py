@@ -1,9 +1,9 @@
-"""`python -m bench`: the one benchmark entry point.
+"""`python -m vithybrid_fast.bench`: the one benchmark entry point.
 
-    python -m bench                                   # everything the device allows
-    python -m bench --device cuda --batches 1,8,64 --dtypes bfloat16 --providers ref-sdpa,ours-triton
-    python -m bench --device cpu                      # tiny config, CPU providers only (CI smoke, ~10 s)
-    python -m bench --device cpu --cpu-compare        # + base-config CPU comparison and load memory
+    python -m vithybrid_fast.bench                                   # everything the device allows
+    python -m vithybrid_fast.bench --device cuda --batches 1,8,64 --dtypes bfloat16 --providers ref-sdpa,ours-triton
+    python -m vithybrid_fast.bench --device cpu                      # tiny config, CPU providers only (CI smoke, ~10 s)
+    python -m vithybrid_fast.bench --device cpu --cpu-compare        # + base-config CPU comparison and load memory
 
 Runs the end-to-end benchmark (bench/e2e.py), on a GPU the kernel microbenchmarks (bench/bench_*.py)
 and the measured matmul/HBM peaks they are judged against, optionally the CPU comparison
@@ -20,7 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-KERNEL_BENCHMARKS = ("bench.bench_attention", "bench.bench_backbone_kernels", "bench.bench_layer_norm_mlp")
+KERNEL_BENCHMARKS = (
+    "vithybrid_fast.bench.bench_attention",
+    "vithybrid_fast.bench.bench_backbone_kernels",
+    "vithybrid_fast.bench.bench_layer_norm_mlp",
+)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -29,7 +33,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="ViT Hybrid benchmarks")
+    parser = argparse.ArgumentParser(prog="python -m vithybrid_fast.bench", description="ViT Hybrid benchmarks")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--batches", help="comma-separated, e.g. 1,8,64 (default: 1,2,4,8,32,64,128; CPU 1,2)")
     parser.add_argument("--dtypes", help="comma-separated from float32,float16,bfloat16 (default: all; CPU float32)")
@@ -61,7 +65,7 @@ def fresh_compile_caches(root: str) -> None:
 
 def kernel_records(device: str, batches: list[int] | None, dtypes: list[str] | None) -> list[dict[str, Any]]:
     """Every kernel microbenchmark's records; an import or run failure becomes an error record."""
-    from bench.common import environment
+    from .common import environment
 
     records: list[dict[str, Any]] = []
     kwargs: dict[str, Any] = {"device": device}
@@ -76,7 +80,7 @@ def kernel_records(device: str, batches: list[int] | None, dtypes: list[str] | N
             print(f"{module_name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
             module_records = [{"error": f"{type(err).__name__}: {err}", **environment(device)}]
         for rec in module_records:
-            rec.setdefault("kernel", module_name.removeprefix("bench.bench_"))
+            rec.setdefault("kernel", module_name.removeprefix("vithybrid_fast.bench.bench_"))
             rec.update(kind="kernel", module=module_name)
             for key in ("provider", "batch", "dtype", "ms_median", "images_per_s"):
                 rec.setdefault(key, None)
@@ -88,7 +92,7 @@ def peak_records(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
     """Measured (not datasheet) matmul throughput per dtype and HBM copy bandwidth: the roofs."""
     import torch
 
-    from bench.common import environment, measured_hbm_gbps, measured_peak_matmul_tflops
+    from .common import environment, measured_hbm_gbps, measured_peak_matmul_tflops
 
     env = environment(device)
     base = {"kind": "peak", "provider": None, "batch": None, "ms_median": None, "images_per_s": None, **env}
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench import e2e, report
+    from . import e2e, report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("kernel microbenchmarks skipped: they need a CUDA GPU")
     if args.cpu_compare:
-        from bench import bench_cpu
+        from . import bench_cpu
 
         print("CPU comparison (base config; minutes on a small CPU)")
         records += bench_cpu.run_cpu(reps=args.cpu_reps)

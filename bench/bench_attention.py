@@ -6,7 +6,7 @@ the same inputs; each record also carries the max abs difference of its output a
 dispatch, so a fast but wrong provider cannot hide. An SDPA backend that cannot run (not built, no
 kernel for this GPU/dtype) is recorded with the reason instead of a time.
 
-    python -m bench.bench_attention --out bench/results/attention_h100.json
+    python -m vithybrid_fast.bench.bench_attention --out bench/results/attention_h100.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
+from .common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
 
 HEADS, SEQ_LEN, HEAD_DIM = 12, 577, 64
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
@@ -33,8 +33,7 @@ def _eager_same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 def _providers() -> list[tuple[str, Callable, Callable[[], contextlib.AbstractContextManager], str | None]]:
     """(name, fn(q, k, v), context to time it in, reason it cannot run or None)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from kernels.attention import flash_attention, reference
+    from vithybrid_fast.kernels.attention import flash_attention, reference
 
     providers = [
         ("ours_triton", flash_attention, contextlib.nullcontext, None),

@@ -9,7 +9,7 @@ Both are memory-bound, so each record reports GB/s of the minimum traffic (weigh
 GroupNorm: read x [+ res] + write out) and its percent of `measured_hbm_gbps` (a device-to-device copy on
 the same GPU). Small cases live in L2 and run past HBM bandwidth; batch 1 is launch-latency-bound.
 
-    python -m bench.bench_backbone_kernels --out bench/results/backbone_kernels.json
+    python -m vithybrid_fast.bench.bench_backbone_kernels --out bench/results/backbone_kernels.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, first_call_ms, measured_hbm_gbps, print_and_save, time_fn
+from .common import environment, first_call_ms, measured_hbm_gbps, print_and_save, time_fn
 
 # (out, in, kh, kw) of every distinct conv weight -> how many convs of the backbone have it (52 in all).
 CONV_WEIGHTS = {
@@ -81,7 +81,7 @@ def _measure(fn: Callable[[], object], device: str, nbytes: int, hbm_gbps: float
 
 
 def bench_weight_standardize(device: str, dtype: torch.dtype, hbm_gbps: float) -> list[dict]:
-    from kernels.weight_standardize import weight_standardize
+    from vithybrid_fast.kernels.weight_standardize import weight_standardize
 
     providers = {"triton": weight_standardize, "torch": hf_weight_standardize}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -107,7 +107,7 @@ def bench_weight_standardize(device: str, dtype: torch.dtype, hbm_gbps: float) -
 
 
 def _group_norm_case(batch, chw, act, has_res, layout, dtype, device, hbm_gbps) -> list[dict]:
-    from kernels.group_norm_act import group_norm_act
+    from vithybrid_fast.kernels.group_norm_act import group_norm_act
 
     c, h, w = chw
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

@@ -1,6 +1,6 @@
 """CPU comparison: our eager/SDPA paths vs transformers 4.47.1's, on the base config, plus load memory.
 
-    python -m bench.bench_cpu [--batches 1,8] [--reps 5] [--no-load-memory]
+    python -m vithybrid_fast.bench.bench_cpu [--batches 1,8] [--reps 5] [--no-load-memory]
 
 Speed: the four models share one set of random float32 weights (the same tensors, assigned), so they
 compute the same function. Repetitions are interleaved — every rep runs each provider once, in an
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from bench.common import REPO_ROOT, _percentile, environment
-from bench.e2e import base_config, build_hf, build_reference, make_pixels, transformers_status
+from .common import REPO_ROOT, _percentile, environment
+from .e2e import base_config, build_hf, build_reference, make_pixels, transformers_status
 
 # (ours, the transformers peer it is compared with)
 PAIRS = (("ours-sdpa", "hf-sdpa"), ("ours-eager", "hf-eager"))

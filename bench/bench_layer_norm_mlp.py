@@ -6,7 +6,7 @@ Providers, measured in the same run on the same GPU and inputs:
   torch.compile  the same module, torch.compile(mode="default")
 
 M = 577·batch tokens (384² images, 16² patches + CLS). FLOPs = 2·M·768·3072·2 (the two GEMMs).
-Usage: python -m bench.bench_layer_norm_mlp --out bench/results/layer_norm_mlp.json
+Usage: python -m vithybrid_fast.bench.bench_layer_norm_mlp --out bench/results/layer_norm_mlp.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
+from .common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
 
 TOKENS = 577
 D, HIDDEN = 768, 3072
@@ -41,7 +41,7 @@ class EagerMLP(nn.Module):
 
 
 def _providers(mlp: EagerMLP) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    from kernels.layer_norm_mlp import layer_norm_mlp
+    from vithybrid_fast.kernels.layer_norm_mlp import layer_norm_mlp
 
     params = (mlp.norm.weight, mlp.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     compiled = torch.compile(mlp, mode="default")

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import environment, first_call_ms, time_fn
 from vithybrid_fast import ViTHybridConfig, ViTHybridForImageClassification, patch
+
+from .common import environment, first_call_ms, time_fn
 
 PROVIDERS = (
     "ref-eager", "ref-sdpa", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
@@ -172,7 +173,7 @@ def skip_reason(provider: str, device: torch.device) -> str | None:
     if provider.startswith("hf-"):
         return transformers_status()[1]
     if provider.startswith("ours-triton"):
-        from kernels._runtime import interpreter_enabled, triton_can_run
+        from vithybrid_fast.kernels._runtime import interpreter_enabled, triton_can_run
 
         if interpreter_enabled():
             return "TRITON_INTERPRET=1 is set: Triton kernels would run in the CPU interpreter"

@@ -44,8 +44,8 @@ python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2
 
 # 2. benchmarks: kernel microbenchmarks + end to end
 if [ "${1:-}" = "--quick" ]; then
-  python3 -m bench --device cuda --dtypes bfloat16 --batches 1,8,64 --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -n 60
+  python3 -m vithybrid_fast.bench --device cuda --dtypes bfloat16 --batches 1,8,64 --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -n 60
 else
-  python3 -m bench --device cuda --dtypes bfloat16,float16 --batches 1,8,64,128 --out "$OUT" 2>&1 \
+  python3 -m vithybrid_fast.bench --device cuda --dtypes bfloat16,float16 --batches 1,8,64,128 --out "$OUT" 2>&1 \
     | tee "$OUT/bench.txt" | tail -n 80
 fi

@@ -3,7 +3,7 @@
 The tiny model runs on the CPU everywhere (ref-eager, ref-sdpa); on a CUDA GPU the base model runs
 at batch 8 in bfloat16 (ref-sdpa and ours-triton). Each GPU round ends with a synchronize, so the
 wall time pytest-benchmark reads is the device time of the forward, not its launch time.
-The full suite with peers, dtypes and batches is `python -m bench`.
+The full suite with peers, dtypes and batches is `python -m vithybrid_fast.bench`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import e2e
+from . import e2e
 
 CUDA = torch.cuda.is_available()
 

@@ -1,6 +1,6 @@
 """Hand-written Triton kernels for ViT Hybrid, each beside its plain-torch `reference`.
 
-    from kernels import flash_attention, weight_standardize, group_norm_act, layer_norm_mlp
+    from vithybrid_fast.kernels import flash_attention, weight_standardize, group_norm_act, layer_norm_mlp
 
 Two of the kernel files share their name with their function (kernels/weight_standardize.py
 defines weight_standardize). Python binds a package attribute to the submodule when it is

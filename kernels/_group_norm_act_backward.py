@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.group_norm_act import (
+from .group_norm_act import (
     _apply_configs,
     _apply_kw,
     _dense,

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = math.log2(math.e)

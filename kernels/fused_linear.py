@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 LayerNormPrologue = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean, rstd, ln_w, ln_b
 ACTIVATIONS = (None, "gelu")

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 ACTIVATIONS = ("relu", None)
 
@@ -482,7 +482,7 @@ def _group_norm_act_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx, d residual, dw, db); d residual is an empty placeholder unless `need_gz and relu` (else it is gy)."""
     # Imported here: the backward module builds on this module's helpers (tiles, layouts, plans).
-    from kernels._group_norm_act_backward import launch_backward
+    from ._group_norm_act_backward import launch_backward
 
     gx, gz, dw, db = launch_backward(gy, y, x, weight, mean, rstd, relu, need_gz and relu)
     return gx, (x.new_empty(0) if gz is None else gz), dw, db

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._runtime import needs_registered_op
-from kernels.fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
+from ._runtime import needs_registered_op
+from .fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
 
 
 def reference(

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 
 MAX_BLOCK = 4096  # largest row held in registers: 16 float32 per thread at 8 warps
 

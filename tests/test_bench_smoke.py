@@ -1,4 +1,4 @@
-"""`python -m bench --device cpu` end to end (tiny config), and report.write_results on synthetic records."""
+"""`python -m vithybrid_fast.bench --device cpu` end to end (tiny config), and report.write_results on records."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def _synthetic() -> list[dict]:
 
 
 def test_write_results_on_synthetic_records(tmp_path):
-    from bench.report import kernel_fraction, write_results
+    from vithybrid_fast.bench.report import kernel_fraction, write_results
 
     records = _synthetic()
     paths = write_results(records, tmp_path)
@@ -133,7 +133,7 @@ def test_write_results_on_synthetic_records(tmp_path):
 
 
 def test_write_results_without_kernels_has_no_roofline(tmp_path):
-    from bench.report import write_results
+    from vithybrid_fast.bench.report import write_results
 
     paths = write_results([r for r in _synthetic() if r["kind"] == "e2e"], tmp_path)
     assert "roofline" not in paths

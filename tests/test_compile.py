@@ -18,12 +18,12 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch._dynamo import lookup_backend
+from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
+from vithybrid_fast.kernels.group_norm_act import group_norm_act
+from vithybrid_fast.kernels.layer_norm_mlp import layer_norm_mlp
+from vithybrid_fast.kernels.weight_standardize import weight_standardize
 
 import vithybrid_fast as vf
-from kernels.fused_linear import fused_linear, layer_norm_stats
-from kernels.group_norm_act import group_norm_act
-from kernels.layer_norm_mlp import layer_norm_mlp
-from kernels.weight_standardize import weight_standardize
 from tests.hf_reference import randomize_, tiny_config
 
 OPS = torch.ops.vithybrid
@@ -232,7 +232,7 @@ def test_reloading_kernel_modules_re_registers_the_ops():
     script = """
 import importlib, torch
 names = ["weight_standardize", "group_norm_act", "fused_linear", "layer_norm_mlp"]
-mods = [importlib.import_module(f"kernels.{name}") for name in names]
+mods = [importlib.import_module(f"vithybrid_fast.kernels.{name}") for name in names]
 for _ in range(2):
     mods = [importlib.reload(m) for m in mods]
 ws, gn, fl, mlp = mods
@@ -254,8 +254,9 @@ assert w.grad is not None and x.grad is not None and h.grad is not None
 
 def test_inference_calls_skip_the_dispatcher_but_equal_the_registered_ops(device):
     """No-grad calls launch directly (kernels._runtime.needs_registered_op); results are the op's."""
-    import kernels
-    from kernels._runtime import needs_registered_op
+    from vithybrid_fast.kernels._runtime import needs_registered_op
+
+    from vithybrid_fast import kernels
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 37, 32, generator=g).to(device) for _ in range(3))

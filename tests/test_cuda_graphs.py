@@ -42,7 +42,7 @@ def test_construct_without_cuda_raises(monkeypatch):
 
 
 def _kernel_choices() -> list:
-    from kernels._runtime import interpreter_enabled, triton_can_run
+    from vithybrid_fast.kernels._runtime import interpreter_enabled, triton_can_run
 
     triton_ok = torch.cuda.is_available() and triton_can_run(torch.device("cuda")) and not interpreter_enabled()
     reason = "Triton kernels cannot run on a GPU here"

@@ -13,9 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tolerance import assert_close_to_reference
-
-from kernels import attention
-from kernels.attention import flash_attention, reference
+from vithybrid_fast.kernels import attention
+from vithybrid_fast.kernels.attention import flash_attention, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]

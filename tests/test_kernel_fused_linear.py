@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tolerance import assert_close_to_reference
-
-from kernels.fused_linear import fused_linear, layer_norm_stats, reference, reference_layer_norm_stats
+from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats, reference, reference_layer_norm_stats
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from vithybrid_fast.kernels.group_norm_act import group_norm_act, reference
 
-from kernels.group_norm_act import group_norm_act, reference
 from tests.tolerance import assert_close_to_reference
 
 # The module itself: `kernels.group_norm_act` the attribute is the function, re-exported by the package.
-gn_module = sys.modules["kernels.group_norm_act"]
+gn_module = sys.modules["vithybrid_fast.kernels.group_norm_act"]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from tolerance import assert_close_to_reference
 from torch import nn
+from vithybrid_fast.kernels.layer_norm_mlp import layer_norm_mlp, reference
 
-import kernels
-from kernels.layer_norm_mlp import layer_norm_mlp, reference
+from vithybrid_fast import kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from vithybrid_fast.kernels.weight_standardize import MAX_BLOCK, reference, weight_standardize
 
-from kernels.weight_standardize import MAX_BLOCK, reference, weight_standardize
 from tests.tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

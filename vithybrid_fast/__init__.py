@@ -6,6 +6,17 @@ processor = vf.load_processor("google/vit-hybrid-base-bit-384")
 logits = model(processor(images, return_tensors="pt")["pixel_values"]).logits
 """
 
+import os as _os
+
+# In a source checkout (PYTHONPATH=repo, no install) kernels/ and bench/ sit beside this package; an
+# installed copy has them inside it (pyproject's package-dir). Searching the repo root as part of this
+# package makes `vithybrid_fast.kernels` / `vithybrid_fast.bench` resolve the same way in both.
+_repo_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+    _os.path.join(_repo_root, "kernels", "_runtime.py")
+):
+    __path__.append(_repo_root)
+
 from .config import BitConfig, ViTHybridConfig
 from .hub import CheckpointNotFoundError
 from .loading import CheckpointError, load

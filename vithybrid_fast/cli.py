@@ -8,6 +8,7 @@ vithybrid-fast bench --device cpu
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,10 @@ from pathlib import Path
 import torch
 
 HUB_ID = "google/vit-hybrid-base-bit-384"
+
+# Commands that live in their own module: each defines `register(subparsers)`, which adds its parser and
+# `set_defaults(func=run)` where `run(args) -> int`. Heavy imports stay inside `run`.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -141,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from bench.__main__ import main as bench_main
+    from vithybrid_fast.bench.__main__ import main as bench_main
 
     return bench_main(argv) or 0
 
@@ -165,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None)
     demo.set_defaults(func=cmd_demo)
 
-    sub.add_parser("bench", help="the benchmark suite (same flags as python -m bench)", add_help=False)
+    sub.add_parser("bench", help="the benchmark suite (same flags as python -m vithybrid_fast.bench)", add_help=False)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

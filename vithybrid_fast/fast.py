@@ -14,9 +14,9 @@ import warnings
 import torch
 from torch import nn
 
-import kernels
-from kernels.attention import SUPPORTED_HEAD_DIMS
-from kernels.fused_linear import fused_linear, layer_norm_stats
+from vithybrid_fast import kernels
+from vithybrid_fast.kernels.attention import SUPPORTED_HEAD_DIMS
+from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
 
 from .modeling import eager_attention
 from .weight_cache import DerivedWeightCache

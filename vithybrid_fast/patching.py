@@ -32,7 +32,7 @@ _PATCH_RECORD = "_vithybrid_fast_patches"
 
 
 def triton_can_run(device: torch.device | None = None) -> bool:
-    from kernels._runtime import triton_can_run as can_run
+    from vithybrid_fast.kernels._runtime import triton_can_run as can_run
 
     return can_run(device)
 
