@@ -163,6 +163,7 @@ def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    model_class: type[ViTHybridPreTrainedModel] | None = None,
     **hub_kwargs: Any,
 ) -> ViTHybridPreTrainedModel:
     """Config + weights → model in eval mode, with reference (plain PyTorch) modules."""
@@ -172,8 +173,19 @@ def load_model(
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
     state = read_state_dict(files, dtype, device)
     model = build_for_keys(config, set(state))
+    if model_class is not None and not isinstance(model, model_class):
+        if model_class is ViTHybridForImageClassification:
+            raise CheckpointError(
+                f"{name_or_path} holds a ViTHybridModel without a classification head; load it with "
+                "ViTHybridModel.from_pretrained (or vf.load), or train a head with `vithybrid-fast finetune`"
+            )
+        if not issubclass(model_class, ViTHybridPreTrainedModel):
+            raise TypeError(f"model_class must be one of our ViTHybrid classes, got {model_class!r}")
     check_state_dict(model, state, str(name_or_path))
     model.load_state_dict(state, strict=True, assign=True)
+    if model_class is ViTHybridModel and isinstance(model, ViTHybridForImageClassification):
+        logger.info("%s: the classification head is dropped (ViTHybridModel asked for)", name_or_path)
+        model = model.vit
     return model.eval()
 
 
@@ -187,6 +199,7 @@ def load(
     local_files_only: bool = False,
     token: str | bool | None = None,
     cuda_graphs: bool = False,
+    model_class: type[ViTHybridPreTrainedModel] | None = None,
 ) -> torch.nn.Module:
     """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
 
@@ -194,6 +207,7 @@ def load(
     module family, e.g. {"attention": "triton", "mlp": "torch"}; see `vithybrid_fast.patch`.
     cuda_graphs: wrap the model so each input shape is captured once as a CUDA graph and replayed
     (static input buffers per batch size; calls it cannot serve fall through to the model).
+    model_class: the class asked for (`from_pretrained` passes its own); None takes what the checkpoint holds.
     """
     from .patching import apply_kernels, validate_kernels
 
@@ -202,7 +216,7 @@ def load(
     if cuda_graphs and resolved_device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs device='cuda', got {resolved_device}")
     model = load_model(
-        name_or_path, dtype, device,
+        name_or_path, dtype, device, model_class,
         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
     )  # fmt: skip
     model = apply_kernels(model, kernels)

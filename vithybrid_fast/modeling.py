@@ -9,6 +9,10 @@ Data flow (hub checkpoint, 384² input): pixels (B, 3, 384, 384) → BiT backbon
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -283,6 +287,27 @@ class ViTHybridPreTrainedModel(nn.Module):
             elif isinstance(module, ViTHybridEmbeddings):
                 nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
                 nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", safe_serialization: bool = True
+    ) -> Path:
+        """Write config.json + weights in the Hugging Face layout (see `vithybrid_fast.saving`)."""
+        from .saving import save_pretrained
+
+        return save_pretrained(
+            self, save_directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
+        )
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **load_kwargs: Any) -> nn.Module:
+        """`vithybrid_fast.load(name_or_path, **load_kwargs)`, as this class.
+
+        `ViTHybridModel.from_pretrained` of a classification checkpoint gives its encoder (the head is
+        dropped, as transformers does); a headless checkpoint cannot give a classifier.
+        """
+        from .loading import load
+
+        return load(name_or_path, model_class=cls, **load_kwargs)
 
     def set_attn_implementation(self, implementation: str) -> None:
         if implementation not in ("eager", "sdpa"):

@@ -1,0 +1,141 @@
+"""save_pretrained / from_pretrained in the Hugging Face layout, round-tripped through transformers 4.47.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_reference import build_hf_model, randomize_, tiny_config
+
+import vithybrid_fast as vf
+from vithybrid_fast.saving import parse_size
+
+transformers = pytest.importorskip("transformers")
+
+
+def ours_tiny(seed: int = 0) -> vf.ViTHybridForImageClassification:
+    torch.manual_seed(seed)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).eval()
+    randomize_(model)
+    return model
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    "max_shard_size, safe, files",
+    [
+        ("5GB", True, {"model.safetensors"}),  # one file: the tiny model fits
+        (60_000, True, {"model.safetensors.index.json"}),  # several shards + index
+        ("5GB", False, {"pytorch_model.bin"}),
+        ("60KB", False, {"pytorch_model.bin.index.json"}),
+    ],
+)
+def test_ours_saved_loads_in_transformers_and_ours(tmp_path, pixels, max_shard_size, safe, files):
+    model = ours_tiny()
+    model.save_pretrained(tmp_path, max_shard_size=max_shard_size, safe_serialization=safe)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert files <= names and "config.json" in names
+    if any(name.endswith(".index.json") for name in files):
+        index = json.loads((tmp_path / next(iter(files))).read_text())
+        assert set(index["weight_map"]) == set(model.state_dict())
+        assert len(set(index["weight_map"].values())) > 1
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["ViTHybridForImageClassification"]
+    assert config["torch_dtype"] == "float32"
+    assert config["id2label"] == {str(i): f"class_{i}" for i in range(7)}
+
+    with torch.no_grad():
+        expected = model(pixels).logits
+        theirs = transformers.ViTHybridForImageClassification.from_pretrained(tmp_path).eval()(pixels).logits
+        reloaded = vf.ViTHybridForImageClassification.from_pretrained(tmp_path, kernels="eager")(pixels).logits
+        loaded = vf.load(tmp_path, kernels="sdpa")(pixels).logits
+    assert torch.allclose(theirs, expected, atol=1e-5), (theirs - expected).abs().max()
+    assert torch.allclose(reloaded, expected, atol=1e-5)
+    assert torch.allclose(loaded, expected, atol=1e-5)
+    assert transformers.ViTHybridForImageClassification.from_pretrained(tmp_path).config.id2label[3] == "class_3"
+
+
+def test_transformers_saved_loads_through_from_pretrained(tmp_path, pixels):
+    hf = build_hf_model(tiny_config(), attn_implementation="eager")
+    hf.save_pretrained(tmp_path, max_shard_size="50KB")  # sharded, as large hub models are
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        expected = hf(pixels).logits
+        ours = vf.ViTHybridForImageClassification.from_pretrained(tmp_path, kernels="eager", dtype="float32")
+        assert torch.allclose(ours(pixels).logits, expected, atol=1e-5)
+        encoder = vf.ViTHybridModel.from_pretrained(tmp_path, kernels="eager")
+        assert type(encoder) is vf.ViTHybridModel
+        assert torch.allclose(encoder(pixels).last_hidden_state, hf.vit(pixels).last_hidden_state, atol=1e-5)
+
+
+def test_headless_checkpoint_is_not_a_classifier(tmp_path):
+    ours_tiny().vit.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["ViTHybridModel"]
+    assert type(vf.load(tmp_path, kernels="eager")) is vf.ViTHybridModel
+    with pytest.raises(vf.CheckpointError, match="without a classification head"):
+        vf.ViTHybridForImageClassification.from_pretrained(tmp_path)
+
+
+def test_resave_replaces_earlier_shards(tmp_path, pixels):
+    """A single-file save over a sharded one must not leave the old index behind (it would win on load)."""
+    ours_tiny(seed=0).save_pretrained(tmp_path, max_shard_size=60_000)
+    model = ours_tiny(seed=1)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        assert torch.allclose(vf.load(tmp_path, kernels="eager")(pixels).logits, model(pixels).logits, atol=1e-5)
+
+
+def test_half_precision_save_records_its_dtype(tmp_path):
+    model = ours_tiny().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert vf.load(tmp_path, kernels="eager", dtype="auto").dtype == torch.bfloat16
+
+
+def test_patched_model_saves_the_same_state(tmp_path, pixels):
+    model = ours_tiny()
+    vf.patch(model, "triton")
+    model.save_pretrained(tmp_path)
+    vf.unpatch(model)
+    with torch.no_grad():
+        assert torch.allclose(vf.load(tmp_path, kernels="eager")(pixels).logits, model(pixels).logits, atol=1e-5)
+
+
+def test_bad_save_requests_raise(tmp_path):
+    model = ours_tiny()
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.save_pretrained(tmp_path, max_shard_size="lots")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        model.save_pretrained(tmp_path / "file")
+    model.config.id2label = {0: "only one"}
+    model.config.label2id = {"only one": 0}
+    with pytest.raises(ValueError, match="classifier has 7 outputs"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "size, expected", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("1.5KB", 1500), (123, 123), (" 2 gb ", 2 * 10**9)]
+)
+def test_parse_size(size, expected):
+    assert parse_size(size) == expected
+
+
+def test_processor_round_trips_through_transformers(tmp_path):
+    processor = vf.ViTHybridImageProcessor.for_base_384()
+    processor.save_pretrained(tmp_path)
+    theirs = transformers.ViTHybridImageProcessor.from_pretrained(tmp_path)
+    theirs.save_pretrained(tmp_path / "back")
+    again = vf.load_processor(tmp_path / "back")
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8).permute(1, 2, 0).numpy()
+    ours_pixels = again([image], return_tensors="pt")["pixel_values"]
+    their_pixels = theirs([image], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(ours_pixels, their_pixels, atol=1e-6)
