@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,12 +23,11 @@ HUB_ID = "google/vit-hybrid-base-bit-384"
 COMMAND_MODULES: tuple[str, ...] = ()
 
 
-def _dtype(name: str) -> torch.dtype:
-    from .loading import DTYPES
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-    return DTYPES[name]
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
 
 
 def _processor_for(model_name: str, image_size: tuple[int, int], **hub_kwargs):
@@ -47,17 +47,17 @@ def _processor_for(model_name: str, image_size: tuple[int, int], **hub_kwargs):
         )
 
 
-def _open_images(paths: list[str]):
-    from PIL import Image, UnidentifiedImageError
+def _open_images(paths: list[Path]) -> list:
+    from PIL import UnidentifiedImageError
+
+    from .images import open_image
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
+            images.append(open_image(path))
         except (OSError, UnidentifiedImageError) as err:
-            raise SystemExit(f"error: cannot read image {path}: {err}") from None
+            raise RuntimeError(f"cannot read image {path}: {err}") from None
     return images
 
 
@@ -71,18 +71,25 @@ def top_k(logits: torch.Tensor, id2label: dict[int, str], k: int) -> list[list[t
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from . import load
+    from .images import expand_image_paths
+    from .loading import load
+    from .modeling import ViTHybridForImageClassification
 
-    model = load(args.model, kernels=args.kernels, dtype=args.dtype, device=args.device)
+    paths = expand_image_paths(args.images)  # before the model: a typo should not cost a 400 MB load
+    model = load(
+        args.model, kernels=args.kernels, dtype=args.dtype, device=args.device,
+        model_class=ViTHybridForImageClassification,
+    )  # fmt: skip
     processor = _processor_for(args.model, model.config.image_size_hw)
-    images = _open_images(args.images)
-    pixels = processor(images, return_tensors="pt")["pixel_values"].to(model.device)
-    with torch.inference_mode():
-        logits = model(pixels).logits
-    for path, ranked in zip(args.images, top_k(logits, model.config.id2label, args.top_k)):
-        print(path)
-        for label, prob in ranked:
-            print(f"  {prob:7.4f}  {label}")
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        pixels = processor(_open_images(chunk), return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits
+        for path, ranked in zip(chunk, top_k(logits, model.config.id2label, args.top_k)):
+            print(path)
+            for label, prob in ranked:
+                print(f"  {prob:7.4f}  {label}")
     return 0
 
 
@@ -111,10 +118,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .processing import ViTHybridImageProcessor, sample_image_path
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, pretrained = _demo_model(device, args.dtype)
+    model, pretrained = _demo_model(device, _dtype(args.dtype))
     image_path = Path(args.image) if args.image else sample_image_path()
     processor = ViTHybridImageProcessor.for_base_384()
-    pixels = processor(_open_images([str(image_path)]), return_tensors="pt")["pixel_values"].to(device)
+    pixels = processor(_open_images([image_path]), return_tensors="pt")["pixel_values"].to(device, model.dtype)
     print(f"image: {image_path}  device: {device}  dtype: {args.dtype}  torch {torch.__version__}")
 
     paths = ["eager", "sdpa"] + (["triton"] if triton_can_run(device) else [])
@@ -155,18 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vithybrid-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    classify = sub.add_parser("classify", help="print the top-k labels of images")
-    classify.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
+    classify = sub.add_parser(
+        "classify",
+        help="print the top-k labels of images",
+        description="Print the top-k labels of images. Images are turned upright by their EXIF orientation "
+        "(as transformers' load_image does); 16-bit and float images get a warning.",
+    )
+    classify.add_argument(
+        "images", nargs="+", help="image files, directories (searched recursively for images) or quoted globs"
+    )
     classify.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory")
     classify.add_argument("--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"])
-    classify.add_argument("--dtype", default=torch.float32, type=_dtype, help="float32 | float16 | bfloat16")
+    classify.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default cpu)")
-    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--top-k", type=_positive_int, default=5)
+    classify.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward")
     classify.set_defaults(func=cmd_classify)
 
     demo = sub.add_parser("demo", help="offline demo on a bundled photo: every attention path, timed")
     demo.add_argument("--image", default=None, help="another image instead of the bundled one")
-    demo.add_argument("--dtype", default=torch.float32, type=_dtype)
+    demo.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     demo.add_argument("--device", default=None)
     demo.set_defaults(func=cmd_demo)
 
@@ -176,18 +191,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    if getattr(args, "top_k", 1) < 1:
-        raise SystemExit("error: --top-k must be at least 1")
+    args = build_parser().parse_args(argv)  # usage errors exit 2 here
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 success, 1 the command failed (message on stderr), 2 usage error (argparse)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise a second BrokenPipeError at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -64,20 +64,40 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> list[Path]:
+class WeightFiles(list):
+    """The weight files to read; `weight_map` (key → shard file name) when they come from a shard index."""
+
+    weight_map: dict[str, str] | None = None
+
+
+def _read_shard_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not a valid shard index: {err!r}") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: weight_map must be a non-empty object of key → shard file")
+    for key, shard in weight_map.items():
+        # a shard is a file beside the index: "../other/model.safetensors" or "/etc/x" would read
+        # weights from outside the checkpoint
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise CheckpointError(f"{path}: shard {shard!r} of {key} is not a file name inside the checkpoint")
+    return weight_map
+
+
+def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> WeightFiles:
     """The weight files to read, safetensors first; a sharded checkpoint gives all of its shards."""
     for filename in WEIGHT_FILES:
         path = resolve_file(name_or_path, filename, **hub_kwargs)
         if path is None:
             continue
         if not filename.endswith(".index.json"):
-            return [path]
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path} is not a valid shard index: {err!r}") from None
+            return WeightFiles([path])
+        weight_map = _read_shard_index(path)
         shards = sorted(set(weight_map.values()))
-        return [resolve_file(name_or_path, shard, required=True, **hub_kwargs) for shard in shards]  # type: ignore[misc]
+        files = WeightFiles(resolve_file(name_or_path, shard, required=True, **hub_kwargs) for shard in shards)
+        files.weight_map = weight_map
+        return files
     raise CheckpointNotFoundError(f"{name_or_path!s} has none of {', '.join(WEIGHT_FILES)}")
 
 
@@ -105,17 +125,25 @@ def _read_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def read_state_dict(files: list[Path], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    weight_map = getattr(files, "weight_map", None)
+    found_in: dict[str, str] = {}
     for path in files:
         reader = _read_safetensors if path.name.endswith(".safetensors") else _read_bin
-        for key, tensor in reader(path):
-            key = _legacy_key(key)
+        for raw_key, tensor in reader(path):
+            key = _legacy_key(raw_key)
             if key in state:
-                raise CheckpointError(f"{key} appears twice in the checkpoint shards")
-            # floating tensors take the model dtype; the conversion happens per tensor, so peak
-            # memory stays at one checkpoint copy plus the largest tensor
-            if tensor.is_floating_point():
-                tensor = tensor.to(device=device, dtype=dtype)
-            state[key] = tensor.to(device)
+                raise CheckpointError(f"{key} appears twice in the checkpoint shards ({found_in[key]} and {path.name})")
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{path}: {raw_key} is a {tensor.dtype} tensor; this model's weights are float")
+            found_in[key] = path.name
+            # the conversion happens per tensor, so peak memory stays at one checkpoint copy plus the largest tensor
+            state[key] = tensor.to(device=device, dtype=dtype)
+    if weight_map is not None:
+        absent = sorted(k for k, shard in weight_map.items() if found_in.get(_legacy_key(k)) != shard)
+        if absent:
+            shown = ", ".join(f"{k} (in {weight_map[k]}?)" for k in absent[:8])
+            more = f" … (+{len(absent) - 8} more)" if len(absent) > 8 else ""
+            raise CheckpointError(f"the shard index lists keys its shards do not hold: {shown}{more}")
     return state
 
 

@@ -65,6 +65,8 @@ class ViTHybridEmbeddings(nn.Module):
             raise TypeError(
                 f"pixel_values must be a floating-point tensor (normalized pixels), got {pixel_values.dtype}"
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values holds no images (batch size 0); pass at least one image")
         channels, height, width = pixel_values.shape[1:]
         if channels != self.config.num_channels:
             raise ValueError(f"pixel_values has {channels} channels; the model expects {self.config.num_channels}")
