@@ -48,6 +48,11 @@ def check_launchable(name: str, *tensors: torch.Tensor) -> None:
             raise TypeError(f"{name}: dtype {t.dtype} is not supported; use float32, float16 or bfloat16")
     if first.device.type == "cuda":
         return
+    if first.device.type == "meta":
+        raise RuntimeError(
+            f"{name}: meta tensors cannot run kernels (they hold no data); load real weights first, "
+            "e.g. vf.load(...) or model.to_empty(device=...) followed by load_state_dict"
+        )
     if first.device.type == "cpu" and interpreter_enabled():
         return
     raise RuntimeError(
