@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,bench]"
+	# Hugging Face's `kernels` (0.11.7 works with huggingface_hub 0.x), kept aside: tests/test_wheel.py
+	# checks it imports beside our installed wheel (a top-level name both packages once claimed)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/hf-kernels "kernels==0.11.7"
 	touch $@
 
 demo: $(VENV)/.installed

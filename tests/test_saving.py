@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from hf_reference import build_hf_model, randomize_, tiny_config
 
 import vithybrid_fast as vf
+from tests.hf_reference import build_hf_model, randomize_, tiny_config
 from vithybrid_fast.saving import parse_size
 
 transformers = pytest.importorskip("transformers")
