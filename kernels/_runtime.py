@@ -33,9 +33,9 @@ def triton_can_run(device: torch.device | str | None = None) -> bool:
         return False
     if interpreter_enabled():
         return True
-    if device is None:
-        return torch.cuda.is_available()
-    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    from ..gpu_support import native_triton_unsupported_reason  # also refuses GPUs below sm_80 (T4, V100)
+
+    return native_triton_unsupported_reason(device) is None
 
 
 def check_launchable(name: str, *tensors: torch.Tensor) -> None:

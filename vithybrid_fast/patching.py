@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .gpu_support import auto_choice, triton_error_message
+
 FAMILIES = ("attention", "mlp", "backbone")
 FAMILY_CHOICES = {
     "attention": ("triton", "sdpa", "eager", "torch"),
@@ -43,7 +45,7 @@ def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None =
         if kernels not in PRESETS:
             raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(PRESETS)} or a dict per family")
         if kernels == "auto":
-            kernels = "triton" if triton_can_run(device) and (device is None or device.type == "cuda") else "sdpa"
+            kernels = auto_choice(device, triton_can_run(device))  # on a GPU below sm_80 it warns why: sdpa
         if kernels == "triton":
             return dict.fromkeys(FAMILIES, "triton")
         return {"attention": kernels, "mlp": "torch", "backbone": "torch"}
@@ -64,12 +66,7 @@ def validate_kernels(kernels: str | dict[str, str], device: torch.device | None 
     """Resolve `kernels` and fail clearly if it asks for Triton where Triton cannot run."""
     choice = resolve_kernels(kernels, device)
     if "triton" in choice.values() and not triton_can_run(device):
-        where = f"on {device}" if device is not None else "here"
-        raise RuntimeError(
-            f"kernels='triton' cannot run {where}: it needs a CUDA GPU with triton installed (or "
-            "TRITON_INTERPRET=1 set before triton is imported, for CPU testing). Use kernels='sdpa' or "
-            "'eager' (plain PyTorch), or 'auto' to pick triton only where it can run."
-        )
+        raise RuntimeError(triton_error_message(device))
     return choice
 
 

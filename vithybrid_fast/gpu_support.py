@@ -1,0 +1,120 @@
+"""Which GPUs our Triton kernels serve, and one sentence saying why when they do not.
+
+The kernels are built, compile-checked (tests/test_gpu_targets.py) and parity-checked for Ampere
+(sm_80, A100) and Hopper (sm_90, H100/H200). Older GPUs such as the T4 (sm_75) and V100 (sm_70)
+lack what the kernels rely on: bfloat16 tensor-core dots and `cp.async` pipelining (sm_80+), and
+none of our configs has been compiled or checked for them. So there:
+
+- `kernels="auto"` takes torch SDPA, and says so in one sentence (a `KernelFallbackWarning`);
+- `kernels="triton"` raises a `RuntimeError` whose message is the same sentence.
+
+This module imports neither triton nor the kernels: patching.py and kernels/_runtime.py call it, and
+tests fake the device by monkeypatching `torch.cuda.is_available` / `torch.cuda.get_device_capability`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+CHECKED_ARCHS = ("sm_80", "sm_90")
+
+
+class KernelFallbackWarning(UserWarning):
+    """kernels="auto" chose a plain-PyTorch path on a CUDA GPU, and says why."""
+
+
+# The same two checks as kernels/_runtime.py, repeated here: importing vithybrid_fast.kernels imports
+# triton, which must not happen before a caller had the chance to set TRITON_INTERPRET.
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run under the CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cuda_capability(device: torch.device | str | None = None) -> tuple[int, int] | None:
+    """(major, minor) of `device` (None: the current CUDA device); None without a CUDA GPU."""
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    index = None if device is None else torch.device(device).index
+    major, minor = torch.cuda.get_device_capability(index)
+    return int(major), int(minor)
+
+
+def gpu_too_old_reason(device: torch.device | str | None = None) -> str | None:
+    """One sentence when `device` is a CUDA GPU older than sm_80, else None (also for CPUs)."""
+    capability = cuda_capability(device)
+    if capability is None or capability >= MIN_CAPABILITY:
+        return None
+    major, minor = capability
+    index = None if device is None else torch.device(device).index
+    try:
+        name = torch.cuda.get_device_name(index)
+    except Exception:
+        name = "this GPU"
+    return (
+        f"{name} has compute capability {major}.{minor} (sm_{major}{minor}), and our Triton kernels "
+        f"need sm_80 or newer (Ampere, Hopper: bfloat16 tensor cores, cp.async); they are compiled and "
+        f"checked for {' and '.join(CHECKED_ARCHS)} only"
+    )
+
+
+def native_triton_unsupported_reason(device: torch.device | str | None = None) -> str | None:
+    """Why the kernels cannot run natively (compiled for a GPU) on `device`, or None if they can.
+
+    Ignores the interpreter: this is what a user's process without `TRITON_INTERPRET` would see.
+    """
+    if device is not None and torch.device(device).type != "cuda":
+        return f"device {torch.device(device)} is not a CUDA GPU"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
+    if not triton_importable():
+        return "triton is not installed (pip install triton)"
+    return gpu_too_old_reason(device)
+
+
+def triton_unsupported_reason(device: torch.device | str | None = None) -> str | None:
+    """Why our Triton kernels cannot run on `device` in this process, or None if they can.
+
+    Under the interpreter (`TRITON_INTERPRET=1`) they run anywhere, slowly: that is for tests.
+    """
+    if interpreter_enabled() and triton_importable():
+        return None
+    return native_triton_unsupported_reason(device)
+
+
+def auto_choice(device: torch.device | str | None, triton_runs: bool) -> str:
+    """What `kernels="auto"` picks: "triton" where the kernels run on a CUDA device, else "sdpa".
+
+    On a CUDA GPU older than sm_80 it also warns, in one sentence, why it took SDPA.
+    """
+    on_cuda = device is None or torch.device(device).type == "cuda"
+    if triton_runs and on_cuda:
+        return "triton"
+    reason = gpu_too_old_reason(device) if on_cuda else None
+    if reason is not None:
+        warnings.warn(f'kernels="auto" uses torch SDPA: {reason}.', KernelFallbackWarning, stacklevel=3)
+    return "sdpa"
+
+
+def triton_error_message(device: torch.device | str | None = None) -> str:
+    """The clear error for kernels="triton" where the kernels cannot run."""
+    where = f"on {torch.device(device)}" if device is not None else "here"
+    reason = triton_unsupported_reason(device) or "it needs a CUDA GPU with triton installed"
+    return (
+        f"kernels='triton' cannot run {where}: {reason}. On a CPU, TRITON_INTERPRET=1 set before triton is "
+        "imported runs the kernels in the (slow) interpreter, for testing. Use kernels='sdpa' or 'eager' "
+        "(plain PyTorch), or 'auto' to pick triton only where it can run."
+    )
