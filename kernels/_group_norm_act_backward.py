@@ -1,10 +1,10 @@
 """Backward of `kernels.group_norm_act`: dx, d residual, dweight, dbias from the saved mean and rstd.
 
 With gz = gy·[y > 0] (ReLU mask from the saved output, or gy without an activation) and
-x̂ = (x − mean)·rstd: `_gn_bwd_reduce` sums Σ gz and Σ gz·x̂ per (n, c, chunk) (chunking from the
-forward's `_reduce_plan`); torch finishes the (N, G) coefficients A = mean(gz·w), B = mean(gz·w·x̂);
+x̂ = (x − mean)·rstd: `_gn_bwd_reduce` sums Σ gz and Σ gz·x̂ per (n, c, chunk) (chunking from
+`reduce_plan`); torch finishes the (N, G) coefficients A = mean(gz·w), B = mean(gz·w·x̂);
 `_gn_bwd_apply` writes dx = rstd·(w·gz − A − x̂·B) and d residual = gz; dw = Σ gz·x̂, db = Σ gz.
-Both forward paths (single pass and split) save the same (N, G) float32 mean and rstd, so this serves both.
+Every forward path saves the same (N, G) float32 mean and rstd, so this serves them all.
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .group_norm_act import (
-    _apply_configs,
-    _apply_kw,
-    _dense,
-    _layout,
-    _reduce_kw,
-    _reduce_plan,
-    _tile_offsets,
-    _to_layout,
-)
+from ._group_norm_act_plan import reduce_plan
+from ._group_norm_act_tiles import _tile_offsets, autotuned_apply
+from ._runtime import interpreter_enabled
+from .group_norm_act import _dense, _layout, _sm_count_or_one, _to_layout
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "CG", "P", "ITERS"])
 def _gn_bwd_reduce(
     gy_ptr,  # (N, C, S) upstream gradient, x's layout
     y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
@@ -39,9 +33,9 @@ def _gn_bwd_reduce(
     G,
     CG,
     P,
+    ITERS,  # BLOCK_S blocks per chunk
     RELU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    ITERS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -69,7 +63,7 @@ def _gn_bwd_reduce(
     tl.store(part_dxh_ptr + dst, tl.sum(acc_dxh, axis=1), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "G", "CG"])
 def _gn_bwd_apply(
     gy_ptr,  # (N, C, S) upstream gradient, x's layout
     y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
@@ -115,8 +109,7 @@ def _gn_bwd_apply(
         tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
-_gn_bwd_apply_tuned = triton.autotune(configs=_apply_configs(), **_apply_kw)(_gn_bwd_apply)
-_gn_bwd_reduce_tuned = triton.autotune(**_reduce_kw)(_gn_bwd_reduce)
+_gn_bwd_apply_tuned = autotuned_apply(_gn_bwd_apply)
 
 
 def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
@@ -134,12 +127,14 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
         zeros = weight.new_zeros(c, dtype=torch.float32)
         return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros.clone()
     s, cg = x.numel() // (n * c), c // mean.shape[1]
-    block_c, block_s, iters, chunks = _reduce_plan(n, c, s, channels_last, x.device)
+    block_c, block_s, iters, chunks = reduce_plan(
+        n, c, s, channels_last, _sm_count_or_one(x.device), interpreter_enabled()
+    )
     part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
     part_dxh = torch.empty_like(part_ds)
-    _gn_bwd_reduce_tuned[(chunks, n, triton.cdiv(c, block_c))](
-        gy, y, x, mean, rstd, part_ds, part_dxh, c, s, num_groups, cg, chunks,
-        RELU=relu, CHANNELS_LAST=channels_last, ITERS=iters, BLOCK_C=block_c, BLOCK_S=block_s,
+    _gn_bwd_reduce[(chunks, n, triton.cdiv(c, block_c))](
+        gy, y, x, mean, rstd, part_ds, part_dxh, c, s, num_groups, cg, chunks, iters,
+        RELU=relu, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
     # (N, C)-sized bookkeeping in torch: negligible next to the two passes over (N, C, S).
     ds, dxh = part_ds.sum(-1), part_dxh.sum(-1)

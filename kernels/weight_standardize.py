@@ -12,10 +12,11 @@ Layout: each output channel must be one contiguous span of K elements. That hold
 and channels_last (OHWI) weights, which are read in place, and the output keeps that memory format
 (the statistics do not depend on element order). Any other strides are copied to contiguous first.
 
-Kernel: one program per output channel. If K fits one block (≤ 4096), the row is loaded once and the
-variance is the exact two-pass Σ(w − mean)² on registers. Otherwise three sweeps over the row (sum →
-mean; centred sum of squares → var; write), which re-read at most 36 KB per row from L2: exact, never
-E[w²] − E[w]², which cancels when |mean| ≫ std.
+Kernel: one program per output channel, three sweeps over its row in fixed BLOCK chunks (sum → mean;
+centred sum of squares → var; write), the later sweeps re-reading ≤ 9 KB per row (K = 2304, bf16)
+from L1/L2: exact, never E[w²] − E[w]², which cancels when |mean| ≫ std. K is a runtime argument and
+there is one config (`plan`), so a dtype compiles at most twice (K divisible by 16 or not) for any
+model; in inference the result is cached per weight, so the kernel runs once per conv per process.
 
 Backward (Triton): with ŵ = (w − mean)·rstd and g = dL/dout, per channel
     dL/dw = rstd · (g − mean(g) − ŵ · mean(g · ŵ))
@@ -28,13 +29,13 @@ break. No double backward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
-
-MAX_BLOCK = 4096  # largest row held in registers: 16 float32 per thread at 8 warps
 
 
 def reference(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -53,38 +54,30 @@ def _weight_standardize_fwd(
     mean_ptr,  # (O,) float32 out, saved for backward
     rstd_ptr,  # (O,) float32 out, saved for backward
     eps,  # 1e-8 for BiT
-    K: tl.constexpr,  # fan-in; constexpr so loops have static trip counts (and the interpreter can run them)
-    BLOCK: tl.constexpr,  # row chunk; == next_pow2(K) when SINGLE_PASS
-    SINGLE_PASS: tl.constexpr,  # whole row in registers
+    K,  # fan-in; specialized only by divisibility (aligned rows vectorize), so loops run to it at runtime
+    BLOCK: tl.constexpr,  # row chunk per loop step
 ):
     row = tl.program_id(0).to(tl.int64)
     w_ptr += row * K
     out_ptr += row * K
     cols = tl.arange(0, BLOCK)
-    if SINGLE_PASS:
-        mask = cols < K
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(w, axis=0) / K
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        mask = start + cols < K
+        acc += tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / K
+    # Second sweep: exact Σ(w − mean)², never E[w²] − E[w]² (which cancels when |mean| ≫ std).
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        mask = start + cols < K
+        w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
         centred = tl.where(mask, w - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
-        tl.store(out_ptr + cols, (centred * rstd).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            acc += tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / K
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            centred = tl.where(mask, w - mean, 0.0)
-            acc += centred * centred
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + start + cols, ((w - mean) * rstd).to(out_ptr.dtype.element_ty), mask=mask)
+        acc += centred * centred
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+    for start in range(0, K, BLOCK):
+        mask = start + cols < K
+        w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + start + cols, ((w - mean) * rstd).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -96,9 +89,8 @@ def _weight_standardize_bwd(
     mean_ptr,  # (O,) float32 from the forward
     rstd_ptr,  # (O,) float32 from the forward
     dw_ptr,  # (O, K) out: gradient w.r.t. w, w.dtype
-    K: tl.constexpr,
+    K,
     BLOCK: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g_ptr += row * K
@@ -107,60 +99,51 @@ def _weight_standardize_bwd(
     mean = tl.load(mean_ptr + row)
     rstd = tl.load(rstd_ptr + row)
     cols = tl.arange(0, BLOCK)
-    if SINGLE_PASS:
-        mask = cols < K
-        g = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        w_hat = tl.where(mask, (w - mean) * rstd, 0.0)
-        mean_g = tl.sum(g, axis=0) / K
-        mean_gw = tl.sum(g * w_hat, axis=0) / K
-        dw = rstd * (g - mean_g - w_hat * mean_gw)
-        tl.store(dw_ptr + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
-    else:
-        acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_gw = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            acc_g += g
-            acc_gw += g * tl.where(mask, (w - mean) * rstd, 0.0)
-        mean_g = tl.sum(acc_g, axis=0) / K
-        mean_gw = tl.sum(acc_gw, axis=0) / K
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            dw = rstd * (g - mean_g - (w - mean) * rstd * mean_gw)
-            tl.store(dw_ptr + start + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_gw = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        mask = start + cols < K
+        g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        acc_g += g
+        acc_gw += g * tl.where(mask, (w - mean) * rstd, 0.0)
+    mean_g = tl.sum(acc_g, axis=0) / K
+    mean_gw = tl.sum(acc_gw, axis=0) / K
+    for start in range(0, K, BLOCK):
+        mask = start + cols < K
+        g = tl.load(g_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = rstd * (g - mean_g - (w - mean) * rstd * mean_gw)
+        tl.store(dw_ptr + start + cols, dw.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-def _quick_bench(kernel_call, quantiles):
-    # Memory-bound kernels of microseconds: 20 ms per candidate is plenty (default 125 ms).
-    import triton.testing
+@dataclass(frozen=True)
+class Plan:
+    """One launch of either kernel: one program per output channel, a fixed row chunk, fixed warps."""
 
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-
-def _configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({}, num_warps=4)]
-    # One row per program: only the warp count is worth tuning (K = 64 wants 1-2 warps, 2304 wants 8).
-    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+    grid: tuple[int]
+    block: int
+    num_warps: int
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # More than 32 float32 row elements per thread would spill (e.g. a 4096 row on one warp).
-    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
-    fit = [cfg for cfg in configs if block <= 32 * 32 * cfg.num_warps]
-    return fit or configs[-1:]
+# One config, no autotuning: in inference the standardized weights are computed once per process and
+# cached, so a compile costs far more than any tuning could save. 1024 float32 on 4 warps is 8 per
+# thread (no spills); K = 2304 takes 3 steps per sweep, re-read from L1/L2.
+GPU_BLOCK, GPU_WARPS = 1024, 4
+# The interpreter's block is small so the tests' fan-ins (1 … 4,680) cover single, partial and many steps.
+INTERPRETER_BLOCK = 64
+# Tests' hook: run the GPU's block under the interpreter.
+_FORCE_GPU_BLOCK = False
 
 
-_tune_kw = {"configs": _configs(), "key": ["K"], "do_bench": _quick_bench}
-if not interpreter_enabled():
-    _tune_kw["prune_configs_by"] = {"early_config_prune": _prune}
-_fwd_tuned = triton.autotune(**_tune_kw)(_weight_standardize_fwd)
-_bwd_tuned = triton.autotune(**_tune_kw)(_weight_standardize_bwd)
+def plan(out_channels: int, fan_in: int, interpreter: bool = False) -> Plan:
+    """The launch for a weight of `out_channels` rows of `fan_in` elements (same for forward and backward)."""
+    block = INTERPRETER_BLOCK if interpreter else GPU_BLOCK
+    return Plan((out_channels,), block, GPU_WARPS)
+
+
+def _active_plan(out_channels: int, fan_in: int) -> Plan:
+    return plan(out_channels, fan_in, interpreter_enabled() and not _FORCE_GPU_BLOCK)
 
 
 def _rows(w: torch.Tensor) -> torch.Tensor:
@@ -168,11 +151,6 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
     if w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)):
         return w
     return w.contiguous()
-
-
-def _block(k: int) -> tuple[int, bool]:
-    block = triton.next_power_of_2(k)
-    return (block, True) if block <= MAX_BLOCK else (MAX_BLOCK, False)
 
 
 def _check(w: torch.Tensor) -> None:
@@ -191,8 +169,8 @@ def launch_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
     out = torch.empty_like(rows)  # preserve_format keeps channels_last
     mean = torch.empty(out_ch, device=w.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block, single = _block(k)
-    _fwd_tuned[(out_ch,)](rows, out, mean, rstd, eps, K=k, BLOCK=block, SINGLE_PASS=single)
+    p = _active_plan(out_ch, k)
+    _weight_standardize_fwd[p.grid](rows, out, mean, rstd, eps, k, BLOCK=p.block, num_warps=p.num_warps)
     return out, mean, rstd
 
 
@@ -205,8 +183,8 @@ def launch_backward(grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     out_ch, k = rows.shape[0], rows.numel() // rows.shape[0]
     dw = torch.empty_like(rows)
-    block, single = _block(k)
-    _bwd_tuned[(out_ch,)](grad_out, rows, mean, rstd, dw, K=k, BLOCK=block, SINGLE_PASS=single)
+    p = _active_plan(out_ch, k)
+    _weight_standardize_bwd[p.grid](grad_out, rows, mean, rstd, dw, k, BLOCK=p.block, num_warps=p.num_warps)
     return dw
 
 
@@ -261,3 +239,25 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     if not needs_registered_op(w):
         return launch_forward(w, float(eps))[0]
     return _weight_standardize_op(w, float(eps))[0]
+
+
+def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
+    """One forward (inference: once per conv, then cached) and one backward launch per distinct conv weight.
+
+    The plan depends on neither batch nor GPU; K's divisibility by 16 is what Triton specializes.
+    """
+    from ._backbone_calls import conv_weight_shapes
+    from ._offline import Launch, TensorArg
+
+    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
+    launches = []
+    for shape in sorted(set(conv_weight_shapes())):
+        out_ch, k = shape[0], int(torch.Size(shape[1:]).numel())
+        p = plan(out_ch, k)
+        config = triton.Config({}, num_warps=p.num_warps)
+        fwd = dict(w_ptr=t, out_ptr=t, mean_ptr=f32, rstd_ptr=f32, eps=1e-8, K=k, BLOCK=p.block)
+        bwd = dict(g_ptr=t, w_ptr=t, mean_ptr=f32, rstd_ptr=f32, dw_ptr=t, K=k, BLOCK=p.block)
+        launches.append(Launch(f"weight_standardize {tuple(shape)}", _weight_standardize_fwd, fwd, [config]))
+        launches.append(Launch(f"weight_standardize backward {tuple(shape)}", _weight_standardize_bwd, bwd, [config],
+                               "backward"))  # fmt: skip
+    return launches

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from vithybrid_fast.kernels import _group_norm_act_plan as plan_module
 from vithybrid_fast.kernels.group_norm_act import group_norm_act, reference
 
 from tests.tolerance import assert_close_to_reference
@@ -27,9 +28,10 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["single", "split"])
+@pytest.fixture(params=["single", "loop", "split"])
 def path(request, monkeypatch) -> str:
-    """Forces the forward path: single pass (x read once) or split stats → finalize → apply."""
+    """Forces the forward path: single pass (x read once), one program per group sweeping it twice, or
+    split statistics → apply (channels-last: per-channel statistics → finalize → apply)."""
     monkeypatch.setattr(gn_module, "_FORCE_PATH", request.param)
     return request.param
 
@@ -131,26 +133,31 @@ def test_paths_save_the_same_statistics(channels_last, residual, device, monkeyp
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     outs = {}
-    for forced in ("single", "split"):
+    for forced in ("single", "loop", "split"):
         monkeypatch.setattr(gn_module, "_FORCE_PATH", forced)
         outs[forced] = torch.ops.vithybrid.group_norm_act(x, 4, w, b, 1e-5, "relu", res)
-    for name, a, c in zip(("y", "mean", "rstd"), outs["single"], outs["split"]):
-        assert a.shape == c.shape and a.dtype == c.dtype and a.stride() == c.stride(), name
-    torch.testing.assert_close(outs["single"][1], outs["split"][1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs["single"][2], outs["split"][2], rtol=1e-5, atol=1e-5)
+    for forced in ("loop", "split"):
+        for name, a, c in zip(("y", "mean", "rstd"), outs["single"], outs[forced]):
+            assert a.shape == c.shape and a.dtype == c.dtype and a.stride() == c.stride(), (forced, name)
+        torch.testing.assert_close(outs["single"][1], outs[forced][1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs["single"][2], outs[forced][2], rtol=1e-5, atol=1e-5)
 
 
-def test_path_selection(monkeypatch):
-    # Under the interpreter the SM count is 1: fits and N·G ≥ 2 → single; a group over the tile → split.
-    assert gn_module._use_single_pass(2, 32, 8, 576, torch.device("cpu"))  # stage-3 mid: 8 × 1024
-    assert gn_module._use_single_pass(1, 32, 4, 2304, torch.device("cpu"))  # stage-2 mid: 4 × 4096
-    assert not gn_module._use_single_pass(2, 32, 32, 576, torch.device("cpu"))  # stage 3: 32 × 1024 > tile
-    assert not gn_module._use_single_pass(1, 1, 2, 9, torch.device("cpu"))  # one program: split
-    monkeypatch.setattr(gn_module, "_FORCE_PATH", "split")
-    assert not gn_module._use_single_pass(2, 32, 8, 576, torch.device("cpu"))
-    monkeypatch.setattr(gn_module, "_FORCE_PATH", "bogus")
+def test_path_selection():
+    # Under the interpreter the SM count is 1: fits and N·G ≥ 2 → single; a group over the tile → loop
+    # (NCHW) or per-channel split (channels-last); one program → split.
+    def choose(n, g, cg, s, channels_last=False, force=None):
+        return plan_module.choose_path(n, g, cg, s, channels_last, 1, force)
+
+    assert choose(2, 32, 8, 576) == "single"  # stage-3 mid: 8 × 1024
+    assert choose(1, 32, 4, 2304) == "single"  # stage-2 mid: 4 × 4096
+    assert choose(2, 32, 32, 576) == "loop"  # stage 3: 32 × 1024 > tile
+    assert choose(2, 32, 32, 576, channels_last=True) == "split_channels"
+    assert choose(1, 1, 2, 9) == "split"  # one program
+    assert choose(2, 32, 8, 576, force="split") == "split"
+    assert choose(2, 32, 8, 576, channels_last=True, force="loop") == "split_channels"
     with pytest.raises(ValueError, match="_FORCE_PATH"):
-        gn_module._use_single_pass(2, 32, 8, 576, torch.device("cpu"))
+        choose(2, 32, 8, 576, force="bogus")
 
 
 def run_grads(fn, inputs, grad_out, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from vithybrid_fast.kernels.weight_standardize import MAX_BLOCK, reference, weight_standardize
+from vithybrid_fast.kernels.weight_standardize import GPU_BLOCK, INTERPRETER_BLOCK, reference, weight_standardize
 
 from tests.tolerance import assert_close_to_reference
 
@@ -17,7 +17,7 @@ SHAPES = [
     (16, 8, 1, 1),  # 1x1 conv
     (4, 1, 1, 1),  # fan-in 1: variance 0, output exactly 0
     (64, 3, 7, 7),  # the real stem conv
-    (3, 520, 3, 3),  # fan-in 4680 > MAX_BLOCK: the looped three-sweep path with a masked tail
+    (3, 520, 3, 3),  # fan-in 4680: several blocks (interpreter and GPU) with a masked tail
 ]
 
 
@@ -30,7 +30,9 @@ def hf_batch_norm_trick(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def test_looped_shape_exceeds_block():
-    assert MAX_BLOCK < 520 * 9  # keeps SHAPES[-1] on the looped path if MAX_BLOCK changes
+    # Keeps SHAPES[-1] several blocks long (with a tail) if a block size changes.
+    for block in (GPU_BLOCK, INTERPRETER_BLOCK):
+        assert 2 * block < 520 * 9 and (520 * 9) % block != 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

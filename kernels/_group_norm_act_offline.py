@@ -1,0 +1,84 @@
+"""`offline_launches` of group_norm_act: every launch the base checkpoint's backbone makes (NCHW).
+
+Paths, grids and loop counts come from the same plan the launcher uses (kernels/_group_norm_act_plan.py),
+for the SM count of each GPU in kernels/_offline.py; the flat NCHW kernels and the backward reduction
+have one config, the backward's autotuned apply its pruned config set. Duplicates are dropped here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._backbone_calls import GroupNormCall, group_norm_calls
+from ._group_norm_act_plan import Launch as PlannedLaunch
+from ._group_norm_act_plan import forward_plan, reduce_plan
+
+EPS = 1e-5  # BiT's GroupNorm eps (a float: never specialized, so the value does not matter)
+
+
+def _forward_args(step: PlannedLaunch, call: GroupNormCall, t, f32) -> dict:
+    c, s, g = call.channels, call.s, call.num_groups
+    cg = c // g
+    flags = {"HAS_RES": call.residual, "RELU": call.relu}
+    io = dict(x_ptr=t, res_ptr=t, y_ptr=t, w_ptr=t, b_ptr=t, mean_ptr=f32, rstd_ptr=f32)
+    if step.kernel == "_gn_fwd_single_pass":
+        args = dict(**io, C=c, S=s, G=g, CG=cg, eps=EPS, **flags, CHANNELS_LAST=False, RES_CHANNELS_LAST=False)
+    elif step.kernel == "_gn_fwd_group_loop":
+        args = dict(**io, S=s, G=g, CG=cg, L=cg * s, eps=EPS, ITERS=step.sizes["ITERS"], **flags)
+    elif step.kernel == "_gn_group_stats":
+        args = dict(x_ptr=t, part_mean_ptr=f32, part_m2_ptr=f32, L=cg * s, **step.sizes)
+    else:  # _gn_apply_grouped
+        args = dict(**io, part_mean_ptr=f32, part_m2_ptr=f32, S=s, G=g, CG=cg, L=cg * s, eps=EPS, **step.sizes)
+        args.update(flags)
+    return {**args, **step.constexprs}
+
+
+def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
+    """group_norm_act's launches at `batches` for `arch` (80 or 90; None: both), forward and backward."""
+    from ._group_norm_act_backward import _gn_bwd_apply_tuned, _gn_bwd_reduce
+    from ._group_norm_act_tiles import _gn_fwd_single_pass, gpu_apply_configs, prune_apply
+    from ._offline import ARCHS, GPUS, Launch, TensorArg
+    from .group_norm_act import _gn_apply_grouped, _gn_fwd_group_loop, _gn_group_stats
+
+    kernels = {
+        "_gn_fwd_single_pass": _gn_fwd_single_pass,
+        "_gn_fwd_group_loop": _gn_fwd_group_loop,
+        "_gn_group_stats": _gn_group_stats,
+        "_gn_apply_grouped": _gn_apply_grouped,
+    }
+    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
+    sm_counts = sorted({GPUS[a][0] for a in ([arch] if arch is not None else ARCHS.values())})
+    launches, seen = [], set()
+
+    def add(name: str, kernel, args: dict, configs: list, phase: str) -> None:
+        key = (name, repr(sorted(args.items())), repr(configs))
+        if key not in seen:
+            seen.add(key)
+            launches.append(Launch(name, kernel, args, configs, phase))
+
+    for call in group_norm_calls():
+        c, s, g = call.channels, call.s, call.num_groups
+        for batch in batches:
+            for sm_count in sm_counts:
+                for step in forward_plan(batch, c, s, g, False, sm_count).launches:
+                    config = triton.Config({}, num_warps=step.num_warps)
+                    args = _forward_args(step, call, t, f32)
+                    add(f"group_norm_act {step.kernel}", kernels[step.kernel], args, [config], "forward")
+                # Training: the backward's per-channel reduction (one config) and autotuned apply.
+                block_c, block_s, iters, chunks = reduce_plan(batch, c, s, False, sm_count)
+                reduce_args = dict(
+                    gy_ptr=t, y_ptr=t, x_ptr=t, mean_ptr=f32, rstd_ptr=f32, part_ds_ptr=f32, part_dxh_ptr=f32,
+                    C=c, S=s, G=g, CG=c // g, P=chunks, ITERS=iters, RELU=call.relu, CHANNELS_LAST=False,
+                    BLOCK_C=block_c, BLOCK_S=block_s,
+                )  # fmt: skip
+                add("group_norm_act backward reduce", _gn_bwd_reduce, reduce_args, [triton.Config({}, num_warps=4)],
+                    "backward")  # fmt: skip
+            apply_args = dict(
+                gy_ptr=t, y_ptr=t, x_ptr=t, mean_ptr=f32, rstd_ptr=f32, coef_a_ptr=f32, coef_b_ptr=f32, w_ptr=t,
+                gx_ptr=t, gz_ptr=t, N=batch, C=c, S=s, G=g, CG=c // g, RELU=call.relu, WRITE_GZ=call.residual,
+                CHANNELS_LAST=False,
+            )  # fmt: skip
+            configs = prune_apply(gpu_apply_configs(), apply_args)
+            add("group_norm_act backward apply", _gn_bwd_apply_tuned, apply_args, configs, "backward")
+    return launches

@@ -1,0 +1,175 @@
+"""Launch plans of `group_norm_act`: which kernels one call launches, with which grid, tiles and loop counts.
+
+Pure functions of the shape, the layout and the GPU's SM count (no device is touched), so tests and the
+offline compile check can ask what an A100 (108 SMs) or an H100 (132 SMs) would launch at any batch.
+
+Forward paths, for x (N, C, S) with G groups of CG = C/G channels, one group spanning L = CG·S elements:
+- "single" (1 launch): the whole padded (CG, S) group tile fits in registers (≤ SINGLE_PASS_MAX_TILE) and
+  the N·G programs fill the GPU (≥ MIN_PROGRAMS_PER_SM per SM): x read once.
+- "loop" (1 launch, NCHW): one program per (n, g) sweeps its group twice (statistics, then the output).
+  In NCHW a group is one contiguous span, so the sweeps are flat 1-D blocks of any CG and S. Taken when
+  the N·G programs fill the GPU but the group does not fit in registers.
+- "split" (2 launches, NCHW): too few (n, g) programs to fill the GPU (small batch), so each group's
+  span is cut into P chunks: `_gn_group_stats` writes (mean, M2) per (n, g, chunk), and
+  `_gn_apply_grouped` merges a group's P partials (Chan) in each program before writing its block.
+- "split_channels" (3 launches, channels-last): a channels-last group is not contiguous, and tiles
+  narrower than 128 channels read it uncoalesced; per-channel statistics (`_gn_stats`), a per-group
+  merge (`_gn_finalize`), and an autotuned (channel × spatial) apply (`_gn_apply`).
+The backward always uses the per-channel reduction plan (`reduce_plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import triton
+
+# Single-pass forward: largest padded group tile (C/G × S, each a power of two) held in registers, and
+# the least N·G programs per SM that keep HBM busy with one program per group (fewer: split the groups).
+SINGLE_PASS_MAX_TILE = 16384
+MIN_PROGRAMS_PER_SM = 2
+PATHS = ("single", "loop", "split", "split_channels")
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Flat block sizes (elements) of the NCHW kernels; the GPU set and a tiny set for the interpreter."""
+
+    stats: int  # `_gn_group_stats`: elements per loop step
+    apply: int  # `_gn_apply_grouped`: elements per program
+    loop: int  # `_gn_fwd_group_loop`: elements per loop step
+    max_chunks: int  # most partials per group, the apply's BLOCK_P (a power of two)
+    reduce_tile: int  # elements per (channel × spatial) tile of the per-channel reductions
+
+
+GPU_BLOCKS = Blocks(stats=2048, apply=2048, loop=4096, max_chunks=64, reduce_tile=2048)
+# Small enough that the tests' tiny shapes cover multi-block loops, partial tails and several chunks.
+INTERPRETER_BLOCKS = Blocks(stats=64, apply=128, loop=64, max_chunks=4, reduce_tile=128)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: grid (None: the autotuner's tile decides), plan-chosen constexprs and sizes."""
+
+    kernel: str
+    grid: tuple[int, ...] | None
+    constexprs: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # runtime loop counts and strides
+    num_warps: int | None = 4  # None: autotuned
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    path: str
+    launches: tuple[Launch, ...]
+
+
+def span(s: int) -> int:
+    """NCHW tile width along S: the widest power of two in 64..512 padding S within 10% of the least."""
+    if s < 64:
+        return triton.next_power_of_2(s)
+    padded = {b: triton.cdiv(s, b) * b for b in (64, 128, 256, 512)}
+    return max(b for b, p in padded.items() if p <= 1.1 * min(padded.values()))
+
+
+def single_pass_tile(cg: int, s: int) -> tuple[int, int]:
+    return triton.next_power_of_2(cg), triton.next_power_of_2(s)
+
+
+def single_pass_warps(block_cg: int, block_s: int) -> int:
+    tile = block_cg * block_s
+    return 16 if tile >= 8192 else (8 if tile >= 2048 else 4)
+
+
+def choose_path(
+    n: int, num_groups: int, cg: int, s: int, channels_last: bool, sm_count: int, force: str | None = None
+) -> str:
+    """Which forward path a call takes (see the module docstring); `force` is the tests' override."""
+    if force is not None:
+        if force not in ("single", "loop", "split"):
+            raise ValueError(f"group_norm_act: _FORCE_PATH must be 'single', 'loop', 'split' or None, got {force!r}")
+        return force if force == "single" or not channels_last else "split_channels"
+    block_cg, block_s = single_pass_tile(cg, s)
+    fills_gpu = n * num_groups >= MIN_PROGRAMS_PER_SM * sm_count
+    if fills_gpu and block_cg * block_s <= SINGLE_PASS_MAX_TILE:
+        return "single"
+    if channels_last:
+        return "split_channels"
+    return "loop" if fills_gpu else "split"
+
+
+def split_chunks(n: int, num_groups: int, length: int, sm_count: int, blocks: Blocks) -> tuple[int, int]:
+    """(ITERS, P) of `_gn_group_stats`: P chunks of ITERS blocks per group, ~4 programs per SM in all."""
+    group_blocks = triton.cdiv(length, blocks.stats)
+    chunks = min(max(triton.cdiv(4 * sm_count, n * num_groups), 1), group_blocks, blocks.max_chunks)
+    iters = triton.cdiv(group_blocks, chunks)
+    return iters, triton.cdiv(group_blocks, iters)
+
+
+def reduce_plan(n: int, c: int, s: int, channels_last: bool, sm_count: int, interpreter: bool = False):
+    """(BLOCK_C, BLOCK_S, ITERS, P) of the per-channel reductions: ~2K-element tiles, ≥ 4 programs per SM."""
+    if interpreter:
+        # Tiny tiles and few chunks: the tests then exercise masking and the Chan merge loop.
+        block_c, block_s, target = min(triton.next_power_of_2(c), 8), min(triton.next_power_of_2(s), 16), 4
+    else:
+        tile = GPU_BLOCKS.reduce_tile
+        if channels_last:
+            block_c = min(triton.next_power_of_2(c), 128)
+            block_s = min(max(tile // block_c, 1), triton.next_power_of_2(s))
+        else:
+            block_s = span(s)
+            block_c = min(max(tile // block_s, 1), triton.next_power_of_2(c))
+        target = 4 * sm_count
+    s_blocks = triton.cdiv(s, block_s)
+    chunks = min(max(triton.cdiv(target, n * triton.cdiv(c, block_c)), 1), s_blocks)
+    iters = triton.cdiv(s_blocks, chunks)
+    return block_c, block_s, iters, triton.cdiv(s_blocks, iters)
+
+
+def forward_plan(
+    n: int,
+    c: int,
+    s: int,
+    num_groups: int,
+    channels_last: bool,
+    sm_count: int,
+    interpreter: bool = False,
+    force: str | None = None,
+    blocks: Blocks | None = None,
+) -> ForwardPlan:
+    """Every launch of one forward call (flags such as HAS_RES and RELU are the caller's, not the plan's)."""
+    blocks = blocks or (INTERPRETER_BLOCKS if interpreter else GPU_BLOCKS)
+    cg = c // num_groups
+    rows, length = n * num_groups, cg * s
+    path = choose_path(n, num_groups, cg, s, channels_last, sm_count, force)
+    if path == "single":
+        block_cg, block_s = single_pass_tile(cg, s)
+        launch = Launch(
+            "_gn_fwd_single_pass", (rows,), {"BLOCK_CG": block_cg, "BLOCK_S": block_s},
+            num_warps=single_pass_warps(block_cg, block_s),
+        )  # fmt: skip
+        return ForwardPlan(path, (launch,))
+    if path == "loop":
+        iters = triton.cdiv(length, blocks.loop)
+        return ForwardPlan(path, (Launch("_gn_fwd_group_loop", (rows,), {"BLOCK": blocks.loop}, {"ITERS": iters}, 8),))
+    if path == "split":
+        iters, chunks = split_chunks(n, num_groups, length, sm_count, blocks)
+        sizes = {"ITERS": iters, "P": chunks}
+        stats = Launch("_gn_group_stats", (rows * chunks,), {"BLOCK": blocks.stats}, sizes)
+        tiles = triton.cdiv(length, blocks.apply)
+        apply = Launch(
+            "_gn_apply_grouped", (rows * tiles,), {"BLOCK": blocks.apply, "BLOCK_P": blocks.max_chunks},
+            {"P": chunks, "CHUNK": iters * blocks.stats, "TILES": tiles},
+        )  # fmt: skip
+        return ForwardPlan(path, (stats, apply))
+    block_c, block_s, iters, chunks = reduce_plan(n, c, s, channels_last, sm_count, interpreter)
+    stats = Launch(
+        "_gn_stats", (chunks, n, triton.cdiv(c, block_c)), {"BLOCK_C": block_c, "BLOCK_S": block_s},
+        {"ITERS": iters, "P": chunks},
+    )  # fmt: skip
+    block_e = min(triton.next_power_of_2(cg * chunks), 2048)
+    finalize = Launch(
+        "_gn_finalize", (rows,), {"BLOCK_E": block_e},
+        {"E_ITERS": triton.cdiv(cg * chunks, block_e), "CHUNK_S": iters * block_s},
+    )  # fmt: skip
+    return ForwardPlan(path, (stats, finalize, Launch("_gn_apply", None, num_warps=None)))
