@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._tuning import jit, tuned
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = math.log2(math.e)
@@ -56,7 +57,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 
 @triton.jit
-def _load_tile(base, rows, offs_d, stride_n, stride_d, N: tl.constexpr, MASK: tl.constexpr):
+def _load_tile(base, rows, offs_d, stride_n, stride_d, N, MASK: tl.constexpr):
     """A (len(rows), D) tile of one (batch, head) slice; rows ≥ N read as 0 when MASK is set."""
     ptrs = base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
     if MASK:
@@ -67,7 +68,7 @@ def _load_tile(base, rows, offs_d, stride_n, stride_d, N: tl.constexpr, MASK: tl
 
 
 @triton.jit
-def _load_rows(ptr, rows, N: tl.constexpr, MASK: tl.constexpr):
+def _load_rows(ptr, rows, N, MASK: tl.constexpr):
     if MASK:
         vals = tl.load(ptr + rows, mask=rows < N, other=0.0)
     else:
@@ -88,7 +89,7 @@ def _fwd_key_block(
     acc, m_i, l_i, q,  # running output, row max, row sum (float32) and the query tile
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     start_n, offs_n, offs_d, qk_scale,
-    N: tl.constexpr,
+    N,
     MASK: tl.constexpr,  # only the last, partial key block pays for masking
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -108,7 +109,7 @@ def _fwd_key_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["N"], do_not_specialize=["N_BUCKET", "B_BUCKET"])
 def _attn_fwd(
     Q, K, V, O,  # (B, H, N, D) tensors, any strides
     LSE,  # (B, H, N) float32, contiguous: base-2 log-sum-exp of the scaled logits, for the backward
@@ -118,10 +119,11 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_on, stride_od,
     H,  # heads
     qk_scale,  # scale * log2(e)
-    # constexpr: the loop trip counts and the one partial tail block are known at compile time, and
-    # the Triton 3.6 interpreter cannot loop to a runtime bound under NumPy >= 2.4. One compile per N.
-    N: tl.constexpr,
-    N_BUCKET: tl.constexpr,  # autotune key only: every N in a power-of-two bucket shares one tuning
+    # A runtime size on the GPU (one compile serves every sequence length); constexpr under the
+    # interpreter only, where Triton 3.6 cannot loop to a runtime bound under NumPy >= 2.4.
+    N,
+    N_BUCKET,  # autotune key only: every N in a power-of-two bucket shares one tuning
+    B_BUCKET,  # autotune key only: power-of-two bucket of the batch (a batch-1 winner is not batch 64's)
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32)
     DOT_UPCAST: tl.constexpr,
@@ -145,7 +147,7 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full: tl.constexpr = (N // BLOCK_N) * BLOCK_N
+    n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_key_block(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -165,14 +167,14 @@ def _attn_fwd(
     tl.store(LSE + (off_b * H + off_h) * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["N"])
 def _attn_bwd_delta(
     O, DO,  # (B, H, N, D), any strides
     DELTA,  # (B, H, N) float32 out: rowsum(dO * O), the softmax-backward correction term
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     H,
-    N: tl.constexpr,
+    N,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -193,7 +195,7 @@ def _dkdv_query_block(
     dk, dv, k, v,  # float32 accumulators and this program's key/value tiles
     q_base, do_base, lse_ptr, delta_ptr, stride_qn, stride_qd, stride_don, stride_dod,
     start_m, offs_m, offs_d, qk_scale,
-    N: tl.constexpr,
+    N,
     MASK: tl.constexpr,  # only the last, partial query block pays for masking
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -214,7 +216,7 @@ def _dkdv_query_block(
     return dk, dv
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["N"], do_not_specialize=["N_BUCKET", "B_BUCKET"])
 def _attn_bwd_dkdv(
     Q, K, V, DO,  # (B, H, N, D), any strides
     DK, DV,  # (B, H, N, D) out, contiguous (same strides as each other)
@@ -227,8 +229,9 @@ def _attn_bwd_dkdv(
     H,
     qk_scale,  # scale * log2(e), as in the forward
     sm_scale,  # scale: dS is the gradient w.r.t. the scaled logits
-    N: tl.constexpr,
-    N_BUCKET: tl.constexpr,  # autotune key only
+    N,
+    N_BUCKET,  # autotune key only
+    B_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -251,7 +254,7 @@ def _attn_bwd_dkdv(
     v = _load_tile(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, N, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    m_full: tl.constexpr = (N // BLOCK_M) * BLOCK_M
+    m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_query_block(
             dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qn, stride_qd, stride_don, stride_dod,
@@ -274,7 +277,7 @@ def _dq_key_block(
     dq, q, do, lse, delta,  # float32 accumulator and this program's query-side tiles / row stats
     k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     start_n, offs_n, offs_d, qk_scale,
-    N: tl.constexpr,
+    N,
     MASK: tl.constexpr,  # only the last, partial key block pays for masking
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -291,7 +294,7 @@ def _dq_key_block(
     return dq
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["N"], do_not_specialize=["N_BUCKET", "B_BUCKET"])
 def _attn_bwd_dq(
     Q, K, V, DO,  # (B, H, N, D), any strides
     DQ,  # (B, H, N, D) out, contiguous
@@ -304,8 +307,9 @@ def _attn_bwd_dq(
     H,
     qk_scale,  # scale * log2(e), as in the forward
     sm_scale,
-    N: tl.constexpr,
-    N_BUCKET: tl.constexpr,  # autotune key only
+    N,
+    N_BUCKET,  # autotune key only
+    B_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
@@ -327,7 +331,7 @@ def _attn_bwd_dq(
     lse = _load_rows(LSE + (off_b * H + off_h) * N, offs_m, N, True)
     delta = _load_rows(DELTA + (off_b * H + off_h) * N, offs_m, N, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full: tl.constexpr = (N // BLOCK_N) * BLOCK_N
+    n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_key_block(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -348,68 +352,95 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). For ViT-Base (D=64, N=577/197) on sm_80/sm_90 the forward
-# winners are 128×64 or 64×64 tiles with 4-8 warps and 2-4 stages; the 32/16 tiles serve tiny N (the
-# class-token-only N=1 case) where a big tile would be mostly padding. Backward tiles are smaller: each
-# dK/dV program keeps two fp32 (BLOCK_N, D) accumulators plus K and V live in registers.
-_FWD_CONFIGS = [
-    _config(*c)
-    for c in [
-        (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2),
-        (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 2),
-        (32, 32, 4, 2), (16, 16, 4, 1),
-    ]
-]  # fmt: skip
-_BWD_DKDV_CONFIGS = [
-    _config(*c)
-    for c in [
-        (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 3),
-        (32, 32, 4, 2), (16, 16, 4, 1),
-    ]
-]  # fmt: skip
-_BWD_DQ_CONFIGS = [
-    _config(*c)
-    for c in [
-        (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 16, 4, 3),
-        (32, 32, 4, 2), (16, 16, 4, 1),
-    ]
-]  # fmt: skip
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and precision. Few on purpose: each one the
+# prune keeps is one more compile at a cold start. 16-bit forward for ViT-Base (D=64, N=577/197) on
+# sm_80/sm_90: 128×64 tiles once B·H·cdiv(N, 128) programs fill the GPU, 64×64 / 32×64 at batch 1.
+# Backward tiles are smaller: each dK/dV program keeps two fp32 (BLOCK_N, D) accumulators plus K and V
+# in registers. float32 runs IEEE dots on the FMA units: small tiles, so nothing spills.
+_TILES = {
+    "fwd": {
+        "half": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 16, 4, 1)],
+        "fp32": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
+    },
+    "dkdv": {
+        "half": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (16, 16, 4, 1)],
+        "fp32": [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
+    },
+    "dq": {
+        "half": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (16, 16, 4, 1)],
+        "fp32": [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 1)],
+    },
+}
+# The tile each program owns (its grid axis): queries for fwd/dq, keys for dK/dV.
+_OWNED = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+_CONFIGS = {kind: [_config(*t) for t in dict.fromkeys(f["half"] + f["fp32"])] for kind, f in _TILES.items()}
 # The interpreter runs every program in Python: one mid-sized tile keeps tests fast and still makes
 # N=130/197/577 cross several key blocks (online-softmax rescaling) and end in a partial block.
-_INTERPRETER_CONFIGS = [_config(32, 32, 4, 1)]
-# A rough shared-memory estimate (resident tile + pipelined K/V stages) against A100's 164 KiB; a config
-# that still does not fit is skipped by the autotuner when its launch fails.
-_SMEM_BUDGET_BYTES = 160 * 1024
+_INTERPRETER_CONFIG = _config(32, 32, 4, 1)
+# Per-block shared memory of A100, the smaller of the two targets (the compile checks hold every kept
+# tile to each GPU's real limit).
+_SMEM_BUDGET_BYTES = 166_912
 
 
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles wider than the N bucket (all padding) or too big for shared memory; keep at least one."""
-    args = {**named_args, **kwargs}
-    n_bucket, head_dim = args["N_BUCKET"], args["HEAD_DIM"]
-    elem_bytes = args["Q"].element_size()
-    kept = []
+def select_configs(
+    kind: str, configs: list[triton.Config], n: int, head_dim: int, batch_heads: int, elem_bytes: int,
+    sm_count: int,
+) -> list[triton.Config]:  # fmt: skip
+    """The tiles worth benchmarking for kernel `kind` at sequence length n and B·H = batch_heads.
+
+    Only the dtype's family (16-bit or float32); tiles no wider than N's power-of-two bucket (else all
+    padding); then the two largest whose B·H·cdiv(N, owned tile) programs fill every SM once, or when
+    none does (batch 1) the two giving the most programs. Pure, for unit tests.
+    """
+    family = set(_TILES[kind]["fp32" if elem_bytes >= 4 else "half"])
+    bucket = _n_bucket(n)
+    fits = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = elem_bytes * head_dim * (bm + 2 * bn * max(c.num_stages, 1))
-        # IEEE fp32 dots run on FMA units: big tiles only add registers and 10-30 s compiles each.
-        small_enough = elem_bytes < 4 or bm * bn <= 64 * 64
-        if bm <= n_bucket and bn <= n_bucket and smem <= _SMEM_BUDGET_BYTES and small_enough:
-            kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        if (bm, bn, c.num_warps, c.num_stages) not in family or bm > bucket or bn > bucket:
+            continue
+        if bm * bn <= 16 * 16 and bucket > 32:  # the tiny tile is for tiny N only
+            continue
+        if elem_bytes * head_dim * (bm + 2 * bn * max(c.num_stages, 1)) > _SMEM_BUDGET_BYTES:
+            continue
+        programs = batch_heads * triton.cdiv(n, c.kwargs[_OWNED[kind]])
+        fits.append((programs, bm * bn, c))
+    if not fits:
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    full = sorted((f for f in fits if f[0] >= sm_count), key=lambda f: (-f[1], f[0]))
+    partial = sorted((f for f in fits if f[0] < sm_count), key=lambda f: (-f[0], -f[1]))
+    return [f[2] for f in (full + partial)[:2]]
 
 
-def _autotuned(kernel, configs: list[triton.Config]):
-    if interpreter_enabled():
-        configs = _INTERPRETER_CONFIGS
+def _sm_count(t: torch.Tensor) -> int:
+    try:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        return triton.runtime.driver.active.utils.get_device_properties(index)["multiprocessor_count"]
+    except Exception:
+        return 108
+
+
+def _pruner(kind: str):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        batch_heads = args["H"] * args["B_BUCKET"]
+        return select_configs(kind, configs, args["N"], args["HEAD_DIM"], batch_heads, q.element_size(), _sm_count(q))
+
+    return prune
+
+
+def _autotuned(kind: str, kernel) -> object:
     # Triton appends every tensor argument's dtype to the key, so fp16/bf16/fp32 are tuned apart.
-    return triton.autotune(
-        configs=configs, key=["N_BUCKET", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_configs}
-    )(kernel)
+    return tuned(
+        f"attention_{kind}", kernel, _CONFIGS[kind], key=["N_BUCKET", "HEAD_DIM", "B_BUCKET"],
+        prune=_pruner(kind), interpreter_config=_INTERPRETER_CONFIG,
+    )  # fmt: skip
 
 
-_attn_fwd_tuned = _autotuned(_attn_fwd, _FWD_CONFIGS)
-_attn_bwd_dkdv_tuned = _autotuned(_attn_bwd_dkdv, _BWD_DKDV_CONFIGS)
-_attn_bwd_dq_tuned = _autotuned(_attn_bwd_dq, _BWD_DQ_CONFIGS)
+_attn_fwd_tuned = _autotuned("fwd", _attn_fwd)
+_attn_bwd_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv)
+_attn_bwd_dq_tuned = _autotuned("dq", _attn_bwd_dq)
 _DELTA_BLOCK_M = 64
 
 
@@ -417,11 +448,12 @@ def _n_bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _dot_options(n: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Compile-time arguments shared by the forward and backward kernels."""
+def _dot_options(batch: int, n: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Arguments shared by the forward and backward kernels (all but N compile-time)."""
     return dict(
         N=n,
         N_BUCKET=_n_bucket(n),
+        B_BUCKET=triton.next_power_of_2(batch),
         HEAD_DIM=head_dim,
         # fp32 must not silently run as TF32 (10-bit mantissa); fp16/bf16 ignore the setting.
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -468,7 +500,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
     with _device_of(q):
         _attn_fwd_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), H, B)](
             q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, scale * LOG2E,
-            **_dot_options(N, D, q.dtype),
+            **_dot_options(B, N, D, q.dtype),
         )  # fmt: skip
     return o, lse
 
@@ -483,7 +515,7 @@ def _backward(
     dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    common = _dot_options(N, D, q.dtype)
+    common = _dot_options(B, N, D, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     with _device_of(q):
         _attn_bwd_delta[(triton.cdiv(N, _DELTA_BLOCK_M), H, B)](
@@ -496,6 +528,56 @@ def _backward(
             q, k, v, do, dq, lse, delta, *strides, *dq.stride(), H, scale * LOG2E, scale, **common
         )
     return dq, dk, dv
+
+
+# -- what the model launches, for offline compile checks and `vithybrid-fast warmup` (kernels/_offline.py) --
+
+
+def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
+    """The attention launches of the base checkpoint (N=577, 12 heads of 64), forward and backward.
+
+    q, k, v are the packed-QKV views `FastSelfAttention.attend_packed` passes; o and dO are token-major;
+    dQ/dK/dV contiguous — the strides Triton specializes on are the launcher's.
+    """
+    from ._offline import ARCHS, GPUS, HEADS, HIDDEN, TOKENS, Launch, TensorArg
+
+    n, heads, d = TOKENS, HEADS, HIDDEN // HEADS
+    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
+    elem = torch.empty((), dtype=dtype).element_size()
+    packed = (n * 3 * HIDDEN, d, 3 * HIDDEN, 1)  # (B, N, 3, H, D) viewed as (B, H, N, D)
+    token_major = (n * HIDDEN, d, HIDDEN, 1)
+    dense = (heads * n * d, n * d, d, 1)
+
+    def strides(prefix: str, values: tuple[int, ...]) -> dict[str, int]:
+        return {f"stride_{prefix}{axis}": v for axis, v in zip("bhnd", values)}
+
+    launches = []
+    for batch in batches:
+        opts = _dot_options(batch, n, d, dtype)
+        opts["DOT_UPCAST"] = False
+
+        def configs(kind: str, batch: int = batch) -> list[triton.Config]:
+            kept: dict[str, triton.Config] = {}
+            for a in [arch] if arch is not None else list(ARCHS.values()):
+                sm_count = GPUS[a][0]
+                for c in select_configs(kind, _CONFIGS[kind], n, d, batch * heads, elem, sm_count):
+                    kept[repr(c)] = c
+            return list(kept.values())
+
+        qkv = {**strides("q", packed), **strides("k", packed), **strides("v", packed)}
+        fwd = dict(Q=t, K=t, V=t, O=t, LSE=f32, **qkv, **strides("o", token_major), H=heads,
+                   qk_scale=d**-0.5 * LOG2E, **opts)  # fmt: skip
+        launches.append(Launch("attention forward", _attn_fwd_tuned, fwd, configs("fwd")))
+        delta = dict(O=t, DO=t, DELTA=f32, **strides("o", token_major), **strides("do", token_major), H=heads, N=n,
+                     HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M)  # fmt: skip
+        launches.append(Launch("attention backward delta", _attn_bwd_delta, delta, [triton.Config({})], "backward"))
+        bwd = dict(Q=t, K=t, V=t, DO=t, LSE=f32, DELTA=f32, **qkv, **strides("do", token_major),
+                   **strides("g", dense), H=heads, qk_scale=d**-0.5 * LOG2E, sm_scale=d**-0.5, **opts)  # fmt: skip
+        launches.append(Launch("attention backward dk/dv", _attn_bwd_dkdv_tuned, dict(DK=t, DV=t, **bwd),
+                               configs("dkdv"), "backward"))  # fmt: skip
+        launches.append(Launch("attention backward dq", _attn_bwd_dq_tuned, dict(DQ=t, **bwd), configs("dq"),
+                               "backward"))  # fmt: skip
+    return launches
 
 
 # Custom ops: torch.compile sees one opaque node per call (no graph break) and never traces the launch.

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._tuning import jit, tuned
 
 LayerNormPrologue = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean, rstd, ln_w, ln_b
 ACTIVATIONS = (None, "gelu")
@@ -88,13 +89,13 @@ def reference(
     return y.to(x.dtype)
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["K"], do_not_specialize=["M"])
 def _layer_norm_stats_kernel(
     x_ptr,  # (M, K) input rows, any float dtype
     mean_ptr,  # (M,) float32 out
     rstd_ptr,  # (M,) float32 out
-    M,  # rows
-    K: tl.constexpr,  # row length (constexpr: see the K note in _fused_linear_kernel)
+    M,  # rows (not specialized: 577·B is a multiple of 16 for some batches only)
+    K,  # row length (see the K note in _fused_linear_kernel)
     stride_xm,  # x row stride (elements)
     stride_xk,  # x column stride (elements)
     eps,  # LayerNorm eps (1e-12 for the hub checkpoint)
@@ -127,7 +128,7 @@ def _layer_norm_stats_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["K"], do_not_specialize=["M", "M_BUCKET"])
 def _fused_linear_kernel(
     x_ptr,  # (M, K) activations
     w_ptr,  # (N, K) weight, nn.Linear layout; read as (K, N) through strides
@@ -138,11 +139,12 @@ def _fused_linear_kernel(
     ln_b_ptr,  # (K,) LayerNorm β, or unused
     res_ptr,  # (M, N) residual, or unused
     out_ptr,  # (M, N) output, x.dtype
-    M,
+    M,  # not specialized: one compile serves every batch
     N,
-    # constexpr: one compile per layer width (768/3072 here), the trip count is known to the pipeliner,
-    # and the Triton 3.6 interpreter cannot loop to a runtime bound under NumPy >= 2.4.
-    K: tl.constexpr,
+    # A runtime bound on the GPU: fc2 (K=3072) shares its compile with the output projection (K=768).
+    # constexpr under the interpreter only: the Triton 3.6 interpreter cannot loop to a runtime bound
+    # under NumPy >= 2.4.
+    K,
     M_BUCKET,  # next power of two of M: only an autotune key, so each batch size does not retune
     stride_xm,
     stride_xk,
@@ -158,6 +160,7 @@ def _fused_linear_kernel(
     HAS_RESIDUAL: tl.constexpr,
     IEEE_FP32: tl.constexpr,  # float32 operands: forbid TF32
     DOT_IN_FP32: tl.constexpr,  # interpreter + bfloat16 only: it would multiply raw uint16 bit patterns
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 (a heuristic): the hot loop carries no K mask
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -195,7 +198,7 @@ def _fused_linear_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if K % BLOCK_K == 0:  # resolved at compile time: the hot loop carries no K mask
+        if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
@@ -235,56 +238,83 @@ def _fused_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Large tiles feed mma.sync (sm_80) and wgmma
-# (sm_90) for the ViT shapes (M = 577·B, N/K ∈ {768, 2304, 3072}); the smaller ones cover small batches,
-# where 128×256 tiles would leave most of the 108/132 SMs idle.
-_GPU_TILES = [
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
-    (128, 128, 32, 4, 4),
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Few tiles on purpose: every distinct epilogue
+# (qkv, out-proj/fc2, fc1) compiles each tile the prune keeps, and a cold start pays for all of them.
+# 16-bit: 128×128 for the large batches (M = 577·B ≥ 4616 fills the 108/132 SMs), 128×64 / 64×128 /
+# 64×64 for batch 1-2 where bigger tiles would leave most SMs idle.
+_HALF_TILES = [
+    (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
-    (64, 64, 32, 4, 5),
+]
+# float32 (IEEE dots on the FMA units, no tensor cores): small tiles, so nothing spills to local memory.
+_FP32_TILES = [
+    (64, 64, 32, 4, 2),
+    (32, 64, 32, 4, 2),
 ]
 
 
-def _configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        # One small tile: the interpreter runs programs one by one, and tuning would only cost time.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in _GPU_TILES
-    ]
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+    )
+
+
+GPU_CONFIGS = [_config(*t) for t in _HALF_TILES + _FP32_TILES]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)
+SM80_SHARED = 166_912  # A100's per-block maximum: the floor when the device cannot be asked
+
+
+def select_configs(
+    configs: Sequence[triton.Config], m: int, n: int, elem_bytes: int, sm_count: int, smem: int = SM80_SHARED
+) -> list[triton.Config]:
+    """The tiles worth benchmarking for an (m × n) output on a GPU with `sm_count` SMs.
+
+    float32 gets only the float32 tiles, 16-bit only the tensor-core ones. Of the tiles whose pipelined
+    A/B stages fit `smem`, keep the two largest that still give every SM a tile (one full wave),
+    topped up (batch 1, narrow N) with those giving the most tiles. Pure, for unit tests.
+    """
+    shapes = set(_FP32_TILES if elem_bytes >= 4 else _HALF_TILES)
+    fits = []
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        if (bm, bn, bk, cfg.num_warps, cfg.num_stages) not in shapes:
+            continue
+        if (bm + bn) * bk * elem_bytes * max(cfg.num_stages, 1) > smem:
+            continue
+        fits.append((triton.cdiv(m, bm) * triton.cdiv(n, bn), bm * bn, cfg))
+    if not fits:
+        return list(configs[-1:])
+    full = sorted((f for f in fits if f[0] >= sm_count), key=lambda f: (-f[1], f[0]))
+    partial = sorted((f for f in fits if f[0] < sm_count), key=lambda f: (-f[0], -f[1]))
+    return [f[2] for f in (full + partial)[:2]]
+
+
+def _device_limits(t: torch.Tensor) -> tuple[int, int]:
+    """(SM count, per-block shared memory) of t's GPU."""
+    try:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        return props["multiprocessor_count"], props["max_shared_mem"]
+    except Exception:
+        return 108, SM80_SHARED
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles that overflow shared memory for this dtype or dwarf the problem."""
     x = named_args["x_ptr"]
-    try:
-        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        smem = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
-    except Exception:
-        smem = 163 * 1024  # sm_80's per-block maximum: a safe floor for sm_80/sm_90
-    m_cap = max(64, triton.next_power_of_2(named_args["M"]))
-    n_cap = max(64, triton.next_power_of_2(named_args["N"]))
-    kept = []
-    for cfg in configs:
-        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        stage_bytes = (bm + bn) * bk * x.element_size()
-        if stage_bytes * max(cfg.num_stages, 1) <= smem and bm <= m_cap and bn <= n_cap:
-            kept.append(cfg)
-    return kept or configs[-1:]
+    sm_count, smem = _device_limits(x)
+    return select_configs(configs, named_args["M"], named_args["N"], x.element_size(), sm_count, smem)
 
 
-_fused_linear_tuned = triton.autotune(
-    configs=_configs(),
+_fused_linear_tuned = tuned(
+    "fused_linear",
+    triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_linear_kernel),
+    configs=GPU_CONFIGS,
     key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_LN", "ACTIVATION", "HAS_RESIDUAL"],  # + tensor dtypes
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_fused_linear_kernel)
+    prune=_prune_configs,
+    interpreter_config=_INTERPRETER_CONFIG,
+)
 
 
 def launch_layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,9 +325,7 @@ def launch_layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, 
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
     if m > 0:
-        # A whole ViT row (768) in one chunk; ~4K elements per program keeps registers modest.
-        block_k = min(triton.next_power_of_2(k), 4096)
-        block_m = max(1, min(64, 4096 // block_k))
+        block_m, block_k = _stats_block(k)
         grid = (triton.cdiv(m, block_m),)
         _layer_norm_stats_kernel[grid](
             x2, mean, rstd, m, k, x2.stride(0), x2.stride(1), eps, BLOCK_M=block_m, BLOCK_K=block_k
@@ -344,6 +372,68 @@ def launch_fused_linear(
         DOT_IN_FP32=interpreter_enabled() and x.dtype == torch.bfloat16,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
+
+
+# -- what the model launches, for offline compile checks and `vithybrid-fast warmup` (kernels/_offline.py) --
+
+
+def _stats_block(k: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of the stats kernel: a whole ViT row (768) in one chunk, ~4K elements/program."""
+    block_k = min(triton.next_power_of_2(k), 4096)
+    return max(1, min(64, 4096 // block_k)), block_k
+
+
+def stats_launch(dtype: torch.dtype, m: int, k: int, phase: str = "forward"):
+    from ._offline import Launch, TensorArg
+
+    block_m, block_k = _stats_block(k)
+    args = dict(x_ptr=TensorArg(dtype), mean_ptr=TensorArg(torch.float32), rstd_ptr=TensorArg(torch.float32),
+                M=m, K=k, stride_xm=k, stride_xk=1, eps=1e-12, BLOCK_M=block_m, BLOCK_K=block_k)  # fmt: skip
+    return Launch(f"layer_norm_stats K={k}", _layer_norm_stats_kernel, args, [triton.Config({})], phase)
+
+
+def gemm_launch(
+    name: str, dtype: torch.dtype, m: int, n: int, k: int, *, bias: bool = True, ln: bool = False,
+    activation: str | None = None, residual: bool = False, arch: int | None = None, phase: str = "forward",
+):  # fmt: skip
+    """One `launch_fused_linear` call on contiguous (m, k) x and (n, k) weight, as the launcher passes it."""
+    from ._offline import ARCHS, GPUS, Launch, TensorArg
+
+    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
+    args = dict(
+        x_ptr=t, w_ptr=t, bias_ptr=t, mean_ptr=f32 if ln else t, rstd_ptr=f32 if ln else t, ln_w_ptr=t, ln_b_ptr=t,
+        res_ptr=t, out_ptr=t, M=m, N=n, K=k, M_BUCKET=triton.next_power_of_2(m),
+        stride_xm=k, stride_xk=1, stride_wn=k, stride_wk=1, stride_rm=n, stride_rn=1, stride_om=n, stride_on=1,
+        HAS_BIAS=bias, HAS_LN=ln, ACTIVATION=activation or "", HAS_RESIDUAL=residual,
+        IEEE_FP32=dtype == torch.float32, DOT_IN_FP32=False,
+    )  # fmt: skip
+    elem = torch.empty((), dtype=dtype).element_size()
+    chosen: dict[str, triton.Config] = {}
+    for a in [arch] if arch is not None else list(ARCHS.values()):
+        sm_count, smem = GPUS[a]
+        for cfg in select_configs(_fused_linear_tuned.configs, m, n, elem, sm_count, smem):
+            chosen[repr(cfg)] = cfg
+    return Launch(name, _fused_linear_tuned, args, list(chosen.values()), phase)
+
+
+def vit_layer_gemms(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
+    """The four GEMMs (+ stats) of every ViT encoder layer of the base checkpoint, per batch."""
+    from ._offline import HIDDEN, TOKENS
+
+    launches = []
+    for batch in batches:
+        m = TOKENS * batch
+        launches += [
+            stats_launch(dtype, m, HIDDEN),
+            gemm_launch("fused_linear qkv", dtype, m, 3 * HIDDEN, HIDDEN, ln=True, arch=arch),
+            gemm_launch("fused_linear out-proj", dtype, m, HIDDEN, HIDDEN, residual=True, arch=arch),
+        ]
+    return launches
+
+
+def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
+    """fused_linear's launches in the model (the MLP's are listed by kernels/layer_norm_mlp.py)."""
+    return vit_layer_gemms(dtype, batches, arch)
 
 
 def reference_grads(

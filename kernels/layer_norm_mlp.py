@@ -25,10 +25,19 @@ plain torch ops). No double backward.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ._runtime import needs_registered_op
-from .fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
+from .fused_linear import (
+    check_linear_inputs,
+    gemm_launch,
+    launch_fused_linear,
+    launch_layer_norm_stats,
+    reference_grads,
+    stats_launch,
+)
 
 
 def reference(
@@ -71,6 +80,21 @@ def _forward(
     mean, rstd = launch_layer_norm_stats(x, eps)
     hidden = launch_fused_linear(x, fc1_w, fc1_b, mean, rstd, ln_w, ln_b, None, "gelu")
     return launch_fused_linear(hidden, fc2_w, fc2_b, None, None, None, None, x if residual else None, None)
+
+
+def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
+    """The MLP block's three launches at the base checkpoint's shapes (for kernels/_offline.py)."""
+    from ._offline import HIDDEN, MLP, TOKENS
+
+    launches = []
+    for batch in batches:
+        m = TOKENS * batch
+        launches += [
+            stats_launch(dtype, m, HIDDEN),
+            gemm_launch("layer_norm_mlp fc1", dtype, m, MLP, HIDDEN, ln=True, activation="gelu", arch=arch),
+            gemm_launch("layer_norm_mlp fc2", dtype, m, HIDDEN, MLP, residual=True, arch=arch),
+        ]
+    return launches
 
 
 # Custom op (as in kernels/attention.py): torch.compile sees one opaque node per forward call, so no

@@ -257,17 +257,36 @@ def test_reference_matches_sdpa():
 
 
 @pytest.mark.parametrize("n", [1, 50, 197, 577, 4096])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS[:2])
-@pytest.mark.parametrize("configs", ["_FWD_CONFIGS", "_BWD_DKDV_CONFIGS", "_BWD_DQ_CONFIGS"])
-def test_gpu_config_pruning(n, dtype, configs):
-    # Pure Python: the GPU autotune space, pruned per N bucket, is never empty and never all padding.
-    all_configs = getattr(attention, configs)
-    named_args = {"Q": torch.empty(0, dtype=dtype)}
+@pytest.mark.parametrize("elem_bytes", [4, 2], ids=["fp32", "16bit"])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("sm_count", [108, 132], ids=["A100", "H100"])
+def test_gpu_config_pruning(n, elem_bytes, kind, sm_count):
+    # Pure Python: the GPU autotune space, pruned per N bucket, is never empty, never all padding,
+    # holds at most two candidates, and only the dtype's own family (fp32 never gets the big tiles).
+    all_configs = attention._CONFIGS[kind]
+    family = set(attention._TILES[kind]["fp32" if elem_bytes == 4 else "half"])
     for head_dim in attention.SUPPORTED_HEAD_DIMS:
-        kept = attention._prune_configs(all_configs, named_args, N_BUCKET=attention._n_bucket(n), HEAD_DIM=head_dim)
-        assert kept and set(map(id, kept)) <= set(map(id, all_configs))
-        assert all(c.kwargs["BLOCK_M"] <= max(16, attention._n_bucket(n)) for c in kept)
-    assert len(attention._prune_configs(all_configs, named_args, N_BUCKET=1024, HEAD_DIM=64)) >= 4
+        for batch in (1, 2, 8, 64, 128):
+            kept = attention.select_configs(kind, all_configs, n, head_dim, batch * 12, elem_bytes, sm_count)
+            assert 1 <= len(kept) <= 2 and set(map(id, kept)) <= set(map(id, all_configs))
+            assert all(c.kwargs["BLOCK_M"] <= max(16, attention._n_bucket(n)) for c in kept)
+            assert all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family for c in kept)
+
+
+@pytest.mark.parametrize(("batch", "sm_count", "expected"), [
+    (1, 132, {(64, 64), (32, 64)}),  # 12·cdiv(577, 128) = 60 programs < 132 SMs: the smaller query tiles
+    (8, 132, {(128, 64)}),  # 480 programs fill an H100: the 128-row tiles (4 and 8 warps)
+    (64, 108, {(128, 64)}),
+])  # fmt: skip
+def test_forward_prune_follows_the_batch(batch, sm_count, expected):
+    # The batch bucket is part of the autotune key, so batch 1 and batch 64 get different candidates.
+    kept = attention.select_configs("fwd", attention._CONFIGS["fwd"], 577, 64, batch * 12, 2, sm_count)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == expected
+
+
+def test_autotune_key_includes_the_batch_bucket():
+    for kernel in (attention._attn_fwd_tuned, attention._attn_bwd_dkdv_tuned, attention._attn_bwd_dq_tuned):
+        assert "B_BUCKET" in kernel.key and "N_BUCKET" in kernel.key
 
 
 @pytest.mark.gpu
