@@ -14,12 +14,13 @@ import triton
 import triton.language as tl
 
 from ._group_norm_act_plan import reduce_plan
-from ._group_norm_act_tiles import _tile_offsets, autotuned_apply
+from ._group_norm_act_tiles import _tile_offsets, tuned_apply
 from ._runtime import interpreter_enabled
+from ._tuning import jit
 from .group_norm_act import _dense, _layout, _sm_count_or_one, _to_layout
 
 
-@triton.jit(do_not_specialize=["G", "CG", "P", "ITERS"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["G", "CG", "P"])
 def _gn_bwd_reduce(
     gy_ptr,  # (N, C, S) upstream gradient, x's layout
     y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
@@ -63,7 +64,7 @@ def _gn_bwd_reduce(
     tl.store(part_dxh_ptr + dst, tl.sum(acc_dxh, axis=1), mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["N", "G", "CG"])
+@jit(do_not_specialize=["N", "G", "CG"])
 def _gn_bwd_apply(
     gy_ptr,  # (N, C, S) upstream gradient, x's layout
     y_ptr,  # (N, C, S) forward output (ReLU mask) or unused
@@ -109,7 +110,7 @@ def _gn_bwd_apply(
         tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
-_gn_bwd_apply_tuned = autotuned_apply(_gn_bwd_apply)
+_gn_bwd_apply_tuned = tuned_apply("group_norm_act_bwd_apply", _gn_bwd_apply)
 
 
 def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._group_norm_act_plan import span
-from ._runtime import interpreter_enabled
+from ._tuning import jit, tuned
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _tile_offsets(cs, ss, C, S, CHANNELS_LAST: tl.constexpr):
     return offs
 
 
-@triton.jit(do_not_specialize=["P", "ITERS"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P"])
 def _gn_stats(
     x_ptr,  # (N, C, S) input in either layout
     part_mean_ptr,  # (N, C, P) float32 out: chunk means
@@ -61,7 +61,10 @@ def _gn_stats(
         seen = tl.minimum(tl.maximum(S - chunk_start, 0), it * BLOCK_S).to(tl.float32)
         blk_mean = tl.sum(x, axis=1) / tl.maximum(n_blk, 1.0)
         centred = tl.where(mask, x - blk_mean[:, None], 0.0)
-        blk_m2 = tl.sum(centred * centred, axis=1)
+        # Corrected two-pass: Σ(x − mean) fixes the rounding of Σx / n (exact 0 for a constant block).
+        corr = tl.sum(centred, axis=1)
+        blk_m2 = tl.maximum(tl.sum(centred * centred, axis=1) - corr * corr / tl.maximum(n_blk, 1.0), 0.0)
+        blk_mean += corr / tl.maximum(n_blk, 1.0)
         frac = n_blk / tl.maximum(seen + n_blk, 1.0)
         delta = blk_mean - mean
         mean += delta * frac
@@ -71,7 +74,7 @@ def _gn_stats(
     tl.store(part_m2_ptr + dst, m2, mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["S", "P", "CHUNK_S", "CG", "E_ITERS"])
+@jit(constexpr_under_interpreter=["E_ITERS"], do_not_specialize=["S", "P", "CHUNK_S", "CG"])
 def _gn_finalize(
     part_mean_ptr,  # (N, C, P) float32 from _gn_stats
     part_m2_ptr,  # (N, C, P) float32 from _gn_stats
@@ -108,7 +111,7 @@ def _gn_finalize(
     tl.store(rstd_ptr + row, 1.0 / tl.sqrt(tl.sum(acc, axis=0) / total + eps))
 
 
-@triton.jit(do_not_specialize=["N", "G", "CG"])
+@jit(do_not_specialize=["N", "G", "CG"])
 def _gn_apply(
     x_ptr,  # (N, C, S) input
     res_ptr,  # (N, C, S) residual (own layout) or unused
@@ -185,7 +188,11 @@ def _gn_fwd_single_pass(
     mean = tl.sum(x) / total
     # Masked lanes must not enter Σ(x − mean)²: they hold 0, not mean.
     centred = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred) / total + eps)
+    # Corrected two-pass: Σ(x − mean) fixes the rounding of Σx / n (exact 0 for a constant group).
+    corr = tl.sum(centred)
+    rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(centred * centred) - corr * corr / total, 0.0) / total + eps)
+    mean += corr / total
+    centred = tl.where(mask, x - mean, 0.0)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     scale = rstd * tl.load(w_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)
@@ -224,11 +231,8 @@ def gpu_apply_configs() -> list[triton.Config]:
     ]
 
 
-def apply_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        # One small tile so tests cover several programs and masked edges on both axes.
-        return [triton.Config({"BLOCK_C": 16, "BLOCK_S": 32}, num_warps=4)]
-    return gpu_apply_configs()
+# Under the interpreter: one small tile, so tests cover several programs and masked edges on both axes.
+INTERPRETER_APPLY_CONFIG = triton.Config({"BLOCK_C": 16, "BLOCK_S": 32}, num_warps=4)
 
 
 def prune_apply(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -250,12 +254,9 @@ def prune_apply(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
 APPLY_KEY = ["N", "C", "S", "CHANNELS_LAST"]
 
 
-def autotuned_apply(kernel):
-    """`kernel` autotuned over `apply_configs()` (pruned on the GPU; one config under the interpreter)."""
-    kw = {"key": APPLY_KEY, "do_bench": _quick_bench}
-    if not interpreter_enabled():
-        kw["prune_configs_by"] = {"early_config_prune": prune_apply}
-    return triton.autotune(configs=apply_configs(), **kw)(kernel)
+def tuned_apply(name: str, kernel):
+    """`kernel` tuned over `gpu_apply_configs()` per GPU (kernels/_tuning.py: table, disk cache, prune)."""
+    return tuned(name, kernel, gpu_apply_configs(), APPLY_KEY, prune_apply, INTERPRETER_APPLY_CONFIG, _quick_bench)
 
 
-gn_apply_tuned = autotuned_apply(_gn_apply)
+gn_apply_tuned = tuned_apply("group_norm_act_apply", _gn_apply)

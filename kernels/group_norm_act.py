@@ -29,7 +29,7 @@ dx = rstd·(w·gz − mean(gz·w) − x̂·mean(gz·w·x̂)) and d residual = gz
 Compiles: loop counts and sizes that do not change addressing are runtime arguments and not
 specialized, and the NCHW paths are not autotuned (fixed flat blocks), so a bf16 model run compiles
 each NCHW kernel once per (HAS_RES, RELU) pair at any batch; the single-pass tile is per group shape.
-Runtime loop bounds need the Triton ≥ 3.9 interpreter on a CPU (3.6's cannot loop to one).
+Loop counts are constexpr only under the interpreter (3.6's cannot loop to a runtime bound).
 
 Limits: ≤ 2³¹ − 2¹⁶ elements per image. Entry point: `group_norm_act(...)`, backed by the torch custom
 ops `vithybrid::group_norm_act` and `vithybrid::group_norm_act_backward`, so torch.compile traces a
@@ -47,6 +47,7 @@ import triton.language as tl
 from ._group_norm_act_plan import GPU_BLOCKS, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._tuning import jit
 
 ACTIVATIONS = ("relu", None)
 MAX_IMAGE_ELEMENTS = 2**31 - 2**16  # int32 offsets inside one image, with a block of headroom
@@ -85,7 +86,10 @@ def _block_stats(x_ptr, start, L, BLOCK: tl.constexpr):
     count = tl.minimum(tl.maximum(L - start, 0), BLOCK).to(tl.float32)
     mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
     centred = tl.where(mask, x - mean, 0.0)
-    return count, mean, tl.sum(centred * centred, axis=0)
+    # Corrected two-pass: Σ(x − mean) fixes the rounding of Σx / n (exact 0 for a constant block).
+    corr = tl.sum(centred, axis=0)
+    m2 = tl.maximum(tl.sum(centred * centred, axis=0) - corr * corr / tl.maximum(count, 1.0), 0.0)
+    return count, mean + corr / tl.maximum(count, 1.0), m2
 
 
 @triton.jit
@@ -132,7 +136,7 @@ def _apply_block(
 
 # Sizes that never change addressing are not specialized (one compile serves every shape and batch);
 # L stays specialized: L % 16 == 0 lets the compiler vectorize the group's loads.
-@triton.jit(do_not_specialize=["S", "G", "CG", "eps", "ITERS"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["S", "G", "CG"])
 def _gn_fwd_group_loop(
     x_ptr,  # (N, C, S) NCHW input: group n·G + g is the contiguous span [(n·G + g)·L, … + L)
     res_ptr,  # (N, C, S) NCHW residual or unused
@@ -165,7 +169,7 @@ def _gn_fwd_group_loop(
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["ITERS", "P"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P"])
 def _gn_group_stats(
     x_ptr,  # (N, C, S) NCHW input
     part_mean_ptr,  # (N·G, P) float32 out: chunk means
@@ -182,7 +186,7 @@ def _gn_group_stats(
     tl.store(part_m2_ptr + pid, m2)
 
 
-@triton.jit(do_not_specialize=["S", "G", "CG", "eps", "P", "CHUNK", "TILES"])
+@jit(do_not_specialize=["S", "G", "CG", "P", "CHUNK", "TILES"])
 def _gn_apply_grouped(
     x_ptr,  # (N, C, S) NCHW input
     res_ptr,  # (N, C, S) NCHW residual or unused

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._tuning import jit
 
 
 def reference(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -47,7 +48,7 @@ def reference(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape).to(w.dtype)
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["K"])
 def _weight_standardize_fwd(
     w_ptr,  # (O, K) weight rows, each a contiguous span
     out_ptr,  # (O, K) standardized weight, w.dtype
@@ -66,14 +67,20 @@ def _weight_standardize_fwd(
         mask = start + cols < K
         acc += tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(acc, axis=0) / K
-    # Second sweep: exact Σ(w − mean)², never E[w²] − E[w]² (which cancels when |mean| ≫ std).
+    # Second sweep: exact Σ(w − mean)², never E[w²] − E[w]² (which cancels when |mean| ≫ std), and
+    # Σ(w − mean), which corrects the rounding of Σw / K (corrected two-pass; a constant row gives 0).
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_c = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
         mask = start + cols < K
         w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
         centred = tl.where(mask, w - mean, 0.0)
         acc += centred * centred
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+        acc_c += centred
+    corr = tl.sum(acc_c, axis=0)
+    var = tl.maximum(tl.sum(acc, axis=0) - corr * corr / K, 0.0) / K
+    rstd = 1.0 / tl.sqrt(var + eps)
+    mean += corr / K
     for start in range(0, K, BLOCK):
         mask = start + cols < K
         w = tl.load(w_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
@@ -82,7 +89,7 @@ def _weight_standardize_fwd(
     tl.store(rstd_ptr + row, rstd)
 
 
-@triton.jit
+@jit(constexpr_under_interpreter=["K"])
 def _weight_standardize_bwd(
     g_ptr,  # (O, K) upstream gradient, same layout as w
     w_ptr,  # (O, K) the forward's input

@@ -8,6 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vithybrid_fast.kernels import _group_norm_act_plan as plan_module
+from vithybrid_fast.kernels._backbone_calls import group_norm_calls
+from vithybrid_fast.kernels._group_norm_act_tiles import gpu_apply_configs, prune_apply
+from vithybrid_fast.kernels._tuning import force_config
 from vithybrid_fast.kernels.group_norm_act import group_norm_act, reference
 
 from tests.tolerance import assert_close_to_reference
@@ -229,3 +232,118 @@ def test_bad_inputs(kwargs, error, match, device):
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     with pytest.raises(error, match=match):
         group_norm_act(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every block and tile a GPU can take, forced one at a time under the interpreter (issue 14 item 1)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("shape", "num_groups"),
+    [
+        ((1, 4, 32, 32), 1),  # L = 4096: one full loop block, two full stats/apply blocks
+        ((2, 4, 32, 32), 2),  # L = 2048: one partial loop block, one full stats/apply block
+        ((1, 2, 65, 64), 1),  # L = 8320: 3 loop blocks, 5 stats/apply blocks, partial tails, 3 chunks
+        ((1, 3, 5, 7), 3),  # L = 35: one partial block everywhere
+    ],
+)
+@pytest.mark.parametrize("forced", ["loop", "split"])
+def test_flat_paths_with_gpu_blocks(shape, num_groups, forced, device, monkeypatch):
+    monkeypatch.setattr(gn_module, "_FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", forced)
+    x, w, b, res = make_inputs(shape, torch.bfloat16, device)
+    check_forward(x, num_groups, w, b, "relu", res)
+
+
+def model_apply_configs(channels_last: bool) -> list:
+    """The union of the (channel × spatial) tiles the GPU prune keeps at the base model's GroupNorm shapes."""
+    kept = {}
+    for call in group_norm_calls():
+        args = {"C": call.channels, "S": call.s, "CHANNELS_LAST": channels_last}
+        for cfg in prune_apply(gpu_apply_configs(), args):
+            kept[(cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_S"], cfg.num_warps)] = cfg
+    return [kept[k] for k in sorted(kept)]
+
+
+def config_id(cfg) -> str:
+    return f"{cfg.kwargs['BLOCK_C']}x{cfg.kwargs['BLOCK_S']}w{cfg.num_warps}"
+
+
+def tail_shapes(cfg) -> list[tuple[int, int]]:
+    """(C, S): two blocks per axis with a partial tail, then one partial block per axis (C stays even)."""
+    bc, bs = cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_S"]
+    return [(bc + 2, 2 * bs - 3), (max(bc // 2, 2), bs - 1)]
+
+
+@pytest.mark.parametrize("cfg", model_apply_configs(channels_last=True), ids=config_id)
+def test_channels_last_apply_each_gpu_config(cfg, device):
+    with force_config("group_norm_act_apply", cfg):
+        for c, s in tail_shapes(cfg):
+            x, w, b, res = make_inputs((1, c, s), torch.float16, device)
+            # (1, C, S) channels-last copies: memory (1, S, C)
+            x, res = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (x, res))
+            out = check_forward(x, 2, w, b, "relu", res)
+            assert not out.is_contiguous()  # stayed channels-last: the per-channel split and its apply ran
+
+
+@pytest.mark.parametrize("cfg", model_apply_configs(channels_last=False), ids=config_id)
+def test_backward_apply_each_gpu_config(cfg, device):
+    with force_config("group_norm_act_bwd_apply", cfg):
+        for c, s in tail_shapes(cfg):
+            inputs = list(make_inputs((1, c, s), torch.float32, device))
+            grad_out = torch.randn(1, c, s, generator=torch.Generator().manual_seed(2)).to(device)
+            ours = run_grads(group_norm_act, inputs, grad_out, num_groups=2, act="relu")
+            peer = run_grads(torch_peer, inputs, grad_out, num_groups=2, act="relu")
+            ref = run_grads(reference, [t.double() for t in inputs], grad_out.double(), num_groups=2, act="relu")
+            for name, o, p, r in zip(("dx", "dweight", "dbias", "dresidual"), ours, peer, ref):
+                assert_close_to_reference(o, p, r, torch.float32, what=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-variance groups, where eps decides the result, checked group by group (issue 14 item 4)
+# ---------------------------------------------------------------------------------------------
+def low_variance_inputs(dtype, device, channels_last=False):
+    """(2, 8, 6, 6), 4 groups of 2 channels per image: variance ~1, ~1e-6, exactly 0, ~1e-6 around 0.5."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 6, 6, generator=g)
+    x[:, 2:4] *= 1e-3  # variance 1e-6 < eps = 1e-5: eps sets the scale
+    x[:, 4:6] = 0.3  # exactly constant: x − mean = 0, output = bias
+    x[:, 6:8] = 0.5 + 1e-3 * x[:, 6:8]  # the same around a mean ≫ std
+    x = x.to(device, dtype)
+    w = (torch.rand(8, generator=g) + 0.5).to(device, dtype)
+    b = (torch.randn(8, generator=g) * 0.2).to(device, dtype)
+    res = (torch.randn(2, 8, 6, 6, generator=g) * 0.1).to(device, dtype)
+    if channels_last:
+        x, res = x.to(memory_format=torch.channels_last), res.to(memory_format=torch.channels_last)
+    return x, w, b, res
+
+
+def assert_close_per_group(out, peer, ref, num_groups, dtype):
+    n, c = out.shape[:2]
+    for i in range(n):
+        for grp in range(num_groups):
+            sl = (i, slice(grp * c // num_groups, (grp + 1) * c // num_groups))
+            assert_close_to_reference(out[sl], peer[sl], ref[sl], dtype, what=f"image {i} group {grp}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_variance_groups_eps(dtype, channels_last, device, path):
+    x, w, b, res = low_variance_inputs(dtype, device, channels_last)
+    out = group_norm_act(x, 4, w, b, eps=1e-5, residual=res)
+    peer = torch_peer(x, 4, w, b, eps=1e-5, residual=res)
+    ref = reference(x.double(), 4, w.double(), b.double(), eps=1e-5, residual=res.double())
+    assert_close_per_group(out, peer, ref, 4, dtype)
+    # The check has teeth: the same kernel with eps tenfold fails it on each low-variance group.
+    wrong = group_norm_act(x, 4, w, b, eps=1e-4, residual=res)
+    for channels in (slice(2, 4), slice(6, 8)):
+        with pytest.raises(AssertionError):
+            assert_close_to_reference(wrong[:, channels], peer[:, channels], ref[:, channels], dtype)
+
+
+def test_constant_groups_give_the_bias_exactly(device, path):
+    # The corrected two-pass mean (Σx / n + Σ(x − Σx / n) / n) of a constant is the constant, so
+    # x − mean = 0 and y = b exactly, though rstd = 1/sqrt(eps) ≈ 316 would magnify any residue.
+    x = torch.full((2, 8, 9, 11), 0.3, device=device)  # not a dyadic number: Σx / n rounds
+    w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    out = group_norm_act(x, 4, w, b, act=None)
+    torch.testing.assert_close(out, b[None, :, None, None].expand_as(out), rtol=0, atol=0)

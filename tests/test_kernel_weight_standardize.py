@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from vithybrid_fast.kernels.weight_standardize import GPU_BLOCK, INTERPRETER_BLOCK, reference, weight_standardize
 
 from tests.tolerance import assert_close_to_reference
+
+# The module (the package binds `kernels.weight_standardize` to the function).
+ws_module = importlib.import_module("vithybrid_fast.kernels.weight_standardize")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -131,3 +136,47 @@ def test_no_grad_matches_grad_path(device):
 def test_bad_inputs(w, error, match, device):
     with pytest.raises(error, match=match):
         weight_standardize(w.to(device))
+
+
+# The GPU's one block (1024), forced under the interpreter (issue 14 item 1): fan-in 1, one partial
+# block (147), one full block (1024), two full blocks (2048), three with a partial tail (2304).
+@pytest.mark.parametrize("shape", [(4, 1, 1, 1), (6, 3, 7, 7), (5, 1024, 1, 1), (3, 512, 2, 2), (4, 256, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_block_forward_and_backward(shape, dtype, device, monkeypatch):
+    monkeypatch.setattr(ws_module, "_FORCE_GPU_BLOCK", True)
+    assert ws_module._active_plan(shape[0], 1).block == GPU_BLOCK
+    torch.manual_seed(0)
+    w = (torch.randn(shape, device=device) * 0.05 + 0.01).to(dtype)
+    assert_close_to_reference(weight_standardize(w), hf_batch_norm_trick(w), reference(w.double()), dtype)
+    grad_out = torch.randn(shape, device=device)
+    ours = grads(weight_standardize, w, grad_out)
+    ref = grads(reference, w.double(), grad_out.double())
+    assert_close_to_reference(ours, grads(hf_batch_norm_trick, w, grad_out), ref, dtype, what="dw")
+
+
+def low_variance_rows(dtype, device, fan_in: int) -> torch.Tensor:
+    """4 rows: std 0.05; std 1e-4 (variance 1e-8 = BiT's eps); exactly constant; std 1e-4 around 0.01."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(4, fan_in, generator=g)
+    w[0] *= 0.05
+    w[1] *= 1e-4
+    w[2] = 0.02
+    w[3] = 0.01 + 1e-4 * w[3]
+    return w.reshape(4, fan_in // 9, 3, 3).to(device, dtype)
+
+
+# issue 14 item 4: on the looped (large fan-in) path, eps decides rows 1 and 3; checked row by row.
+@pytest.mark.parametrize("gpu_block", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_low_variance_rows_eps(dtype, gpu_block, device, monkeypatch):
+    monkeypatch.setattr(ws_module, "_FORCE_GPU_BLOCK", gpu_block)
+    w = low_variance_rows(dtype, device, 2304)  # the largest fan-in of the model: 3 GPU blocks, 36 here
+    out, peer, ref = weight_standardize(w, eps=1e-8), hf_batch_norm_trick(w, eps=1e-8), reference(w.double(), 1e-8)
+    for row in range(4):
+        assert_close_to_reference(out[row], peer[row], ref[row], dtype, what=f"row {row}")
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # a constant row standardizes to exactly 0
+    # The check has teeth: eps tenfold fails it on each low-variance row.
+    wrong = weight_standardize(w, eps=1e-7)
+    for row in (1, 3):
+        with pytest.raises(AssertionError):
+            assert_close_to_reference(wrong[row], peer[row], ref[row], dtype)
