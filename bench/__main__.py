@@ -1,57 +1,89 @@
-"""`python -m vithybrid_fast.bench`: the one benchmark entry point.
+"""`python -m vithybrid_fast.bench` (or `vithybrid-fast bench`): the one benchmark entry point.
 
     python -m vithybrid_fast.bench                                   # everything the device allows
     python -m vithybrid_fast.bench --device cuda --batches 1,8,64 --dtypes bfloat16 --providers ref-sdpa,ours-triton
+    python -m vithybrid_fast.bench --device cuda --no-e2e --kernel-benches attention   # one kernel microbenchmark
     python -m vithybrid_fast.bench --device cpu                      # tiny config, CPU providers only (CI smoke, ~10 s)
     python -m vithybrid_fast.bench --device cpu --cpu-compare        # + base-config CPU comparison and load memory
+    python -m vithybrid_fast.bench --from-jsonl run1.jsonl run2.jsonl  # the report of records already measured
 
 Runs the end-to-end benchmark (bench/e2e.py), on a GPU the kernel microbenchmarks (bench/bench_*.py)
 and the measured matmul/HBM peaks they are judged against, optionally the CPU comparison
 (bench/bench_cpu.py), then writes JSON + Markdown + plots (bench/report.py) and prints the table.
+
+Results go to --output-dir (default ./bench-results, under the current directory). Every record is
+appended to `<gpu>-<date>-<time>.jsonl` there the moment it is measured, so a run killed midway (a
+device call's time limit, out of memory) keeps all it measured; on SIGINT/SIGTERM the report is written
+from the records so far. `--from-jsonl` rebuilds the report from such files (also several runs merged).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
+import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-KERNEL_BENCHMARKS = (
-    "vithybrid_fast.bench.bench_attention",
-    "vithybrid_fast.bench.bench_backbone_kernels",
-    "vithybrid_fast.bench.bench_layer_norm_mlp",
-)
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+KERNEL_BENCHMARKS = {
+    "attention": "vithybrid_fast.bench.bench_attention",
+    "backbone": "vithybrid_fast.bench.bench_backbone_kernels",
+    "layer_norm_mlp": "vithybrid_fast.bench.bench_layer_norm_mlp",
+}
+DEFAULT_OUTPUT_DIR = Path("bench-results")
 
 
 def _csv(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vithybrid_fast.bench", description="ViT Hybrid benchmarks")
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m vithybrid_fast.bench",
+        description="ViT Hybrid benchmarks: end to end against every peer, and the kernel microbenchmarks",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--batches", help="comma-separated, e.g. 1,8,64 (default: 1,2,4,8,32,64,128; CPU 1,2)")
     parser.add_argument("--dtypes", help="comma-separated from float32,float16,bfloat16 (default: all; CPU float32)")
     parser.add_argument("--providers", help="comma-separated e2e providers (default: all; see bench/e2e.py)")
     parser.add_argument("--config", choices=("base", "tiny"), help="default: base on a GPU, tiny on a CPU")
+    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="end-to-end benchmark")
     parser.add_argument(
         "--kernels", action=argparse.BooleanOptionalAction, default=None, help="kernel microbenchmarks (GPU default)"
+    )
+    parser.add_argument(
+        "--kernel-benches", help=f"comma-separated subset of {','.join(KERNEL_BENCHMARKS)} (default: all)"
     )
     parser.add_argument("--cpu-compare", action="store_true", help="base-config CPU comparison + load memory")
     parser.add_argument("--cpu-reps", type=int, default=5, help="interleaved reps per provider for --cpu-compare")
     parser.add_argument("--reps", type=int, help="timed reps per measurement (default: adaptive on a GPU, 3 on CPU)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: bench/results)")
+    parser.add_argument(
+        "--output-dir",
+        "--out",
+        dest="output_dir",
+        type=Path,
+        default=DEFAULT_OUTPUT_DIR,
+        help=f"results folder (default: ./{DEFAULT_OUTPUT_DIR}, under the current directory)",
+    )
+    parser.add_argument(
+        "--from-jsonl", nargs="+", type=Path, metavar="FILE", help="measure nothing: report these records"
+    )
     parser.add_argument(
         "--warm-caches",
         action="store_true",
         help="keep Inductor/Triton on-disk caches (default: fresh ones, so first-call times are cold starts)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.kernel_benches:
+        unknown = sorted(set(_csv(args.kernel_benches) or []) - set(KERNEL_BENCHMARKS))
+        if unknown:
+            parser.error(f"--kernel-benches: unknown {unknown}; choose from {', '.join(KERNEL_BENCHMARKS)}")
+    return args
 
 
 def fresh_compile_caches(root: str) -> None:
@@ -63,8 +95,14 @@ def fresh_compile_caches(root: str) -> None:
         os.environ[name] = path
 
 
-def kernel_records(device: str, batches: list[int] | None, dtypes: list[str] | None) -> list[dict[str, Any]]:
-    """Every kernel microbenchmark's records; an import or run failure becomes an error record."""
+def kernel_records(
+    device: str,
+    batches: list[int] | None,
+    dtypes: list[str] | None,
+    names: list[str] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The kernel microbenchmarks' records, each handed to `on_record` as measured; a failure is a record."""
     from .common import environment
 
     records: list[dict[str, Any]] = []
@@ -73,22 +111,28 @@ def kernel_records(device: str, batches: list[int] | None, dtypes: list[str] | N
         kwargs["batches"] = tuple(batches)
     if dtypes:
         kwargs["dtypes"] = tuple(dtypes)
-    for module_name in KERNEL_BENCHMARKS:
-        try:
-            module_records = importlib.import_module(module_name).run(**kwargs)
-        except Exception as err:
-            print(f"{module_name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
-            module_records = [{"error": f"{type(err).__name__}: {err}", **environment(device)}]
-        for rec in module_records:
+    for name in names or KERNEL_BENCHMARKS:
+        module_name = KERNEL_BENCHMARKS[name]
+
+        def tag(rec: dict[str, Any], module_name: str = module_name) -> dict[str, Any]:
             rec.setdefault("kernel", module_name.removeprefix("vithybrid_fast.bench.bench_"))
             rec.update(kind="kernel", module=module_name)
             for key in ("provider", "batch", "dtype", "ms_median", "images_per_s"):
                 rec.setdefault(key, None)
             records.append(rec)
+            if on_record is not None:
+                on_record(rec)
+            return rec
+
+        try:
+            importlib.import_module(module_name).run(**kwargs, on_record=tag)
+        except Exception as err:
+            print(f"{module_name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+            tag({"error": f"{type(err).__name__}: {err}", **environment(device)})
     return records
 
 
-def peak_records(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
+def peak_records(device: str, dtypes: list[str], on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Measured (not datasheet) matmul throughput per dtype and HBM copy bandwidth: the roofs."""
     import torch
 
@@ -96,16 +140,69 @@ def peak_records(device: str, dtypes: list[str]) -> list[dict[str, Any]]:
 
     env = environment(device)
     base = {"kind": "peak", "provider": None, "batch": None, "ms_median": None, "images_per_s": None, **env}
+    measurements = [("matmul_tflops", d, lambda d=d: measured_peak_matmul_tflops(device, getattr(torch, d)))
+                    for d in dtypes] + [("hbm_gbps", None, lambda: measured_hbm_gbps(device))]  # fmt: skip
     records = []
-    for dtype in dtypes:
-        value = measured_peak_matmul_tflops(device, getattr(torch, dtype))
-        records.append({**base, "metric": "matmul_tflops", "dtype": dtype, "value": value})
-    records.append({**base, "metric": "hbm_gbps", "dtype": None, "value": measured_hbm_gbps(device)})
+    for metric, dtype, measure in measurements:
+        records.append({**base, "metric": metric, "dtype": dtype, "value": measure()})
+        if on_record is not None:
+            on_record(records[-1])
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+class _Interrupted(BaseException):
+    """SIGTERM, turned into an exception so the report of the records so far still gets written.
+
+    A BaseException, like KeyboardInterrupt: the benchmarks turn an `Exception` into an error record
+    and carry on, which must not happen to a request to stop."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def _write_report(records: list[dict[str, Any]], output_dir: Path) -> None:
+    from . import report
+
+    if not records:
+        print(f"no records to report in {output_dir}")
+        return
+    paths = report.write_results(records, output_dir)
+    print()
+    print(paths["markdown"].read_text())
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+
+
+def _measure(args: argparse.Namespace, device: str, keep: Callable[[dict], None]) -> None:
+    from . import e2e
+
+    batches = [int(b) for b in _csv(args.batches) or []] or None
+    dtypes = _csv(args.dtypes)
+    if args.e2e:
+        e2e.run(device, batches, dtypes, _csv(args.providers), args.config, args.reps, on_record=keep)
+    run_kernels = device == "cuda" if args.kernels is None else args.kernels
+    if run_kernels:
+        if device == "cuda":
+            peak_records(device, dtypes or list(e2e.DTYPES), on_record=keep)
+            kernel_records(device, batches, dtypes, _csv(args.kernel_benches), on_record=keep)
+        else:
+            print("kernel microbenchmarks skipped: they need a CUDA GPU")
+    if args.cpu_compare:
+        from . import bench_cpu
+
+        print("CPU comparison (base config; minutes on a small CPU)")
+        bench_cpu.run_cpu(reps=args.cpu_reps, on_record=keep)
+        keep(bench_cpu.measure_load_memory())
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    if args.from_jsonl:
+        from .common import read_records
+
+        _write_report(read_records(args.from_jsonl), args.output_dir)
+        return 0
     cache_root = None
     if not args.warm_caches:
         cache_root = tempfile.TemporaryDirectory(prefix="vithybrid-bench-caches-")
@@ -113,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import e2e, report
+    from .common import RecordLog, device_name
+    from .report import slug
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -122,32 +220,30 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("warning: TRITON_INTERPRET is set, so Triton kernels would run in the CPU interpreter; "
               "ours-triton* providers are skipped — unset it for real GPU numbers", file=sys.stderr)  # fmt: skip
-    batches = [int(b) for b in _csv(args.batches) or []] or None
-    dtypes = _csv(args.dtypes)
-    records = e2e.run(device, batches, dtypes, _csv(args.providers), args.config, args.reps)
+    started = datetime.datetime.now()
+    jsonl = args.output_dir / f"{slug(device_name(device))}-{started:%Y-%m-%d-%H%M%S}.jsonl"
+    print(f"records: {jsonl} (one JSON line each, appended as measured)")
+    records: list[dict[str, Any]] = []
+    status = 0
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    with RecordLog(jsonl) as log:
 
-    run_kernels = device == "cuda" if args.kernels is None else args.kernels
-    if run_kernels:
-        if device == "cuda":
-            records += peak_records(device, dtypes or list(e2e.DTYPES))
-            records += kernel_records(device, batches, dtypes)
-        else:
-            print("kernel microbenchmarks skipped: they need a CUDA GPU")
-    if args.cpu_compare:
-        from . import bench_cpu
+        def keep(record: dict[str, Any]) -> None:
+            records.append(record)
+            log.write(record)
 
-        print("CPU comparison (base config; minutes on a small CPU)")
-        records += bench_cpu.run_cpu(reps=args.cpu_reps)
-        records.append(bench_cpu.measure_load_memory())
-
-    paths = report.write_results(records, args.out)
-    print()
-    print(paths["markdown"].read_text())
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
+        try:
+            _measure(args, device, keep)
+        except (KeyboardInterrupt, _Interrupted) as err:
+            print(f"interrupted ({type(err).__name__} {err}): reporting the {len(records)} records measured so far",
+                  file=sys.stderr)  # fmt: skip
+            status = 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    _write_report(records, args.output_dir)
     if cache_root is not None:
         cache_root.cleanup()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

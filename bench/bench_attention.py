@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
+from .common import RecordLog, environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
 
 HEADS, SEQ_LEN, HEAD_DIM = 12, 577, 64
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
@@ -72,16 +72,27 @@ def _measure(fn: Callable, context: Callable, inputs: tuple, device: str) -> tup
 
 
 def run(
-    device: str = "cuda", batches: tuple[int, ...] = (1, 8, 64), dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    device: str = "cuda",
+    batches: tuple[int, ...] = (1, 8, 64),
+    dtypes: tuple[str, ...] = ("float16", "bfloat16"),
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Time every provider at (B, 12, 577, 64) for each batch and dtype; [] without a CUDA device."""
+    """Time every provider at (B, 12, 577, 64) for each batch and dtype; [] without a CUDA device.
+
+    `on_record` receives each record as soon as it is measured."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         print(f"bench_attention: skipped, needs a CUDA GPU (device={device!r}, cuda available: "
               f"{torch.cuda.is_available()})")  # fmt: skip
         return []
     env = environment(device)
     providers = _providers()
-    records = []
+    records: list[dict] = []
+
+    def keep(record: dict) -> None:
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         peak = measured_peak_matmul_tflops(device, dtype)
@@ -100,7 +111,7 @@ def run(
                         reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
                 if reason is not None:
                     record.update(skipped=reason, ms_median=None, ms_p10=None, ms_p90=None, tflops=None)
-                    records.append(record)
+                    keep(record)
                     continue
                 record.update(
                     ms_median=timing["ms_median"],
@@ -113,7 +124,7 @@ def run(
                     max_abs_diff_vs_sdpa=(out.float() - baseline).abs().max().item(),
                 )
                 record["pct_of_peak"] = 100.0 * record["tflops"] / peak
-                records.append(record)
+                keep(record)
             del q, k, v, baseline
             torch.cuda.empty_cache()
     return records
@@ -143,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     args = parser.parse_args(argv)
-    records = run(args.device, tuple(args.batches), tuple(args.dtypes))
+    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
+        records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
     header = records and (
         f"{records[0]['gpu']} | torch {records[0]['torch']} | triton {records[0]['triton']} | "
         f"commit {records[0]['commit']} | shape (B, {HEADS}, {SEQ_LEN}, {HEAD_DIM})"

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import environment, first_call_ms, measured_hbm_gbps, print_and_save, time_fn
+from .common import RecordLog, environment, first_call_ms, measured_hbm_gbps, print_and_save, time_fn
 
 # (out, in, kh, kw) of every distinct conv weight -> how many convs of the backbone have it (52 in all).
 CONV_WEIGHTS = {
@@ -80,30 +80,29 @@ def _measure(fn: Callable[[], object], device: str, nbytes: int, hbm_gbps: float
     return {**t, "first_call_ms": first, "bytes": nbytes, "gbps": gbps, "pct_of_hbm": 100 * gbps / hbm_gbps}
 
 
-def bench_weight_standardize(device: str, dtype: torch.dtype, hbm_gbps: float) -> list[dict]:
+def bench_weight_standardize(device: str, dtype: torch.dtype, hbm_gbps: float, keep: Callable[[dict], None]) -> None:
+    """Hands `keep` one record per provider and weight shape, as each is measured."""
     from vithybrid_fast.kernels.weight_standardize import weight_standardize
 
     providers = {"triton": weight_standardize, "torch": hf_weight_standardize}
     gen = torch.Generator(device=device).manual_seed(0)
     weights = {s: torch.randn(s, device=device, generator=gen).to(dtype) * 0.05 for s in CONV_WEIGHTS}
-    records = []
     with torch.no_grad():
         for shape, w in weights.items():
             recs = {p: _measure(lambda fn=fn, w=w: fn(w), device, 2 * w.numel() * w.element_size(), hbm_gbps)
                     for p, fn in providers.items()}  # fmt: skip
             diff = (weight_standardize(w).float() - hf_weight_standardize(w).float()).abs().max().item()
             for provider, rec in recs.items():
-                records.append({"provider": provider, "kernel": "weight_standardize", "shape": list(shape),
-                                "batch": None, "layout": None, "max_abs_diff_vs_torch": diff, **rec})  # fmt: skip
+                keep({"provider": provider, "kernel": "weight_standardize", "shape": list(shape),
+                      "batch": None, "layout": None, "max_abs_diff_vs_torch": diff, **rec})  # fmt: skip
         # Every conv of one forward pass (training recomputes them each step), as one sequence of launches.
         every_conv = [w for shape, w in weights.items() for _ in range(CONV_WEIGHTS[shape])]
         nbytes = sum(2 * w.numel() * w.element_size() for w in every_conv)
         for provider, fn in providers.items():
             rec = _measure(lambda fn=fn: [fn(w) for w in every_conv], device, nbytes, hbm_gbps)
             shape = f"all {len(every_conv)} backbone convs"
-            records.append({"provider": provider, "kernel": "weight_standardize", "shape": shape,
-                            "batch": None, "layout": None, **rec})  # fmt: skip
-    return records
+            keep({"provider": provider, "kernel": "weight_standardize", "shape": shape,
+                  "batch": None, "layout": None, **rec})  # fmt: skip
 
 
 def _group_norm_case(batch, chw, act, has_res, layout, dtype, device, hbm_gbps) -> list[dict]:
@@ -132,15 +131,19 @@ def _group_norm_case(batch, chw, act, has_res, layout, dtype, device, hbm_gbps) 
 
 
 def bench_group_norm_act(
-    device: str, dtype: torch.dtype, batches: tuple[int, ...], layouts: tuple[str, ...], hbm_gbps: float
-) -> list[dict]:
-    return [
-        rec
-        for batch in batches
-        for chw, act, has_res in GROUP_NORM_CASES
-        for layout in layouts
-        for rec in _group_norm_case(batch, chw, act, has_res, layout, dtype, device, hbm_gbps)
-    ]
+    device: str,
+    dtype: torch.dtype,
+    batches: tuple[int, ...],
+    layouts: tuple[str, ...],
+    hbm_gbps: float,
+    keep: Callable[[dict], None],
+) -> None:
+    """Hands `keep` the records of each (batch, case, layout) as soon as that case is measured."""
+    for batch in batches:
+        for chw, act, has_res in GROUP_NORM_CASES:
+            for layout in layouts:
+                for rec in _group_norm_case(batch, chw, act, has_res, layout, dtype, device, hbm_gbps):
+                    keep(rec)
 
 
 def run(
@@ -148,20 +151,29 @@ def run(
     batches: tuple[int, ...] = (1, 8, 64),
     dtypes: tuple[str, ...] = ("float16", "bfloat16"),
     layouts: tuple[str, ...] = ("nchw", "channels_last"),
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """All records (one per provider × case × dtype); [] with a printed reason where there is no CUDA GPU."""
+    """All records (one per provider × case × dtype); [] with a printed reason where there is no CUDA GPU.
+
+    `on_record` receives each record as soon as it is measured."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         print(f"bench_backbone_kernels: skipped, needs a CUDA GPU (device={device!r}, "
               f"cuda available: {torch.cuda.is_available()})")  # fmt: skip
         return []
     hbm_gbps = measured_hbm_gbps(device)
     env = environment(device)
-    records = []
+    records: list[dict] = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        recs = bench_weight_standardize(device, dtype, hbm_gbps)
-        recs += bench_group_norm_act(device, dtype, batches, layouts, hbm_gbps)
-        records += [{**r, "dtype": dtype_name, "hbm_gbps": hbm_gbps, **env} for r in recs]
+
+        def keep(record: dict, dtype_name: str = dtype_name) -> None:
+            full = {**record, "dtype": dtype_name, "hbm_gbps": hbm_gbps, **env}
+            records.append(full)
+            if on_record is not None:
+                on_record(full)
+
+        bench_weight_standardize(device, dtype, hbm_gbps, keep)
+        bench_group_norm_act(device, dtype, batches, layouts, hbm_gbps, keep)
     return records
 
 
@@ -186,7 +198,8 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
     parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
     args = parser.parse_args()
-    records = run(args.device, tuple(args.batches), tuple(args.dtypes), tuple(args.layouts))
+    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
+        records = run(args.device, tuple(args.batches), tuple(args.dtypes), tuple(args.layouts), on_record=log.write)
     if not records:
         return
     env = {k: records[0][k] for k in ("gpu", "torch", "triton", "commit", "date")}

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,15 @@ def _random_base_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def run_cpu(
-    batches: tuple[int, ...] = (1, 8), reps: int = 5, warmup: int = 1, log: Any = print
+    batches: tuple[int, ...] = (1, 8),
+    reps: int = 5,
+    warmup: int = 1,
+    log: Any = print,
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Interleaved CPU timing of ours vs transformers (see module docstring); one record per provider/batch."""
+    """Interleaved CPU timing of ours vs transformers (see module docstring); one record per provider/batch.
+
+    `on_record` receives a batch's records as soon as that batch is measured."""
     env = environment("cpu")
     env.update(transformers=transformers_status()[0], device="cpu", config="base", cpu_threads=torch.get_num_threads())
     models = _models(_random_base_state())
@@ -114,6 +121,9 @@ def run_cpu(
                 rec["paired_ratio_median_ours_over_hf"] = statistics.median(paired)
                 rec["rounds_ours_faster"] = sum(r < 1.0 for r in paired)
                 rec["max_abs_diff_vs_hf"] = (logits[ours] - logits[theirs]).abs().max().item()
+        for rec in by_name.values():
+            if on_record is not None:
+                on_record(rec)
     return records
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
+from .common import RecordLog, environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
 
 TOKENS = 577
 D, HIDDEN = 768, 3072
@@ -56,8 +56,11 @@ def run(
     device: str = "cuda",
     batches: tuple[int, ...] = (1, 8, 64),
     dtypes: tuple[str, ...] = ("float16", "bfloat16"),
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Time every provider at each (dtype, batch); one record per measurement ([] without CUDA)."""
+    """Time every provider at each (dtype, batch); one record per measurement ([] without CUDA).
+
+    `on_record` receives each record as soon as it is measured."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         print(f"bench_layer_norm_mlp: needs a CUDA GPU (device={device!r}, cuda available: "
               f"{torch.cuda.is_available()}); the Triton interpreter is far too slow to time.")  # fmt: skip
@@ -101,6 +104,8 @@ def run(
                             **env,
                         }
                     )
+                    if on_record is not None:
+                        on_record(records[-1])
     return records
 
 
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
     args = parser.parse_args(argv)
-    records = run(args.device, tuple(args.batches), tuple(args.dtypes))
+    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
+        records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
     if not records:
         return
     first = records[0]

@@ -120,6 +120,54 @@ def measured_hbm_gbps(device: torch.device | str) -> float:
     return 2 * numel * 4 / (t["ms_median"] * 1e-3) / 1e9
 
 
+class RecordLog:
+    """Records as JSON lines, each appended and flushed the moment it is measured.
+
+    A benchmark killed at any point (a device call's time limit, an OOM-killer, Ctrl-C) leaves every
+    finished record on disk; `read_records` reads them back, and `python -m vithybrid_fast.bench
+    --from-jsonl FILE` turns them into the usual report. `RecordLog(None)` keeps nothing (no file asked for).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close / __exit__)
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()  # in the OS's hands now: a killed process cannot lose it
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RecordLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_records(paths: list[Path]) -> list[dict]:
+    """Every record in these JSON-lines files; a last line cut off by a kill mid-write is skipped."""
+    records = []
+    for path in paths:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number != len(lines):
+                    raise ValueError(f"{path}:{number}: not a JSON record") from None
+    return records
+
+
 def print_and_save(records: list[dict], header: str, table: str, out: Path | None) -> None:
     """The tail every microbenchmark's `__main__` shares: environment line, table, optional JSON."""
     if records:

@@ -333,10 +333,11 @@ def _error_text(err: BaseException) -> str:
 
 
 class _Recorder:
-    """Builds records that all carry the run's environment (gpu, versions, commit, config, …)."""
+    """Builds records that all carry the run's environment (gpu, versions, commit, config, …), and hands
+    each, complete, to `on_record` at once (the bench appends it to a JSON-lines file)."""
 
-    def __init__(self, env: dict[str, Any], flops: float | None) -> None:
-        self.env, self.flops = env, flops
+    def __init__(self, env: dict[str, Any], flops: float | None, on_record: Callable[[dict], None] | None) -> None:
+        self.env, self.flops, self.on_record = env, flops, on_record
         self.records: list[dict[str, Any]] = []
 
     def add(self, provider: str, dtype: str, batch: int, **fields: Any) -> dict[str, Any]:
@@ -347,6 +348,8 @@ class _Recorder:
             rec["notes"] = NOTES[provider]
         rec.update(fields)
         self.records.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
         return rec
 
 
@@ -392,13 +395,14 @@ def _run_provider(
             continue
         del pixels
         logits, ref, ms = result.pop("logits"), reference.get(batch), result["ms_median"]
-        rec = out.add(provider, dtype_name, batch, images_per_s=batch * 1e3 / ms, **result, **extra)
-        rec["logits_finite"] = bool(torch.isfinite(logits).all())
+        fields: dict[str, Any] = {"images_per_s": batch * 1e3 / ms, **result, **extra}
+        fields["logits_finite"] = bool(torch.isfinite(logits).all())
         if ref is not None:
-            rec["max_abs_diff_vs_ref_eager_fp32"] = (logits - ref).abs().max().item()
-            rec["ref_logits_max_abs"] = ref.abs().max().item()
+            fields["max_abs_diff_vs_ref_eager_fp32"] = (logits - ref).abs().max().item()
+            fields["ref_logits_max_abs"] = ref.abs().max().item()
         if out.flops is not None:
-            rec["achieved_tflops"] = out.flops * batch / (ms * 1e-3) / 1e12
+            fields["achieved_tflops"] = out.flops * batch / (ms * 1e-3) / 1e12
+        rec = out.add(provider, dtype_name, batch, **fields)
         first = result["first_call_ms"]
         log(f"{tag} b={batch:<4d} {ms:9.3f} ms {rec['images_per_s']:9.1f} img/s  first call {first:.0f} ms")
         if provider == "ours-triton-cudagraphs":
@@ -414,8 +418,11 @@ def run(
     config_name: str | None = None,
     reps: int | None = None,
     log: Callable[[str], None] = print,
+    on_record: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Benchmark every (dtype, provider, batch); returns one record per combination (see module doc)."""
+    """Benchmark every (dtype, provider, batch); returns one record per combination (see module doc).
+
+    `on_record` receives each record as soon as it is complete, so a run killed midway keeps its work."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if on_gpu and not torch.cuda.is_available():
@@ -434,7 +441,7 @@ def run(
     env.update(image_size=config.image_size_hw[0], cpu_threads=torch.get_num_threads())
     if on_gpu:
         env.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
-    out = _Recorder(env, count_flops(config))
+    out = _Recorder(env, count_flops(config), on_record)
 
     log(f"e2e: {env['gpu']}, config={config_name}, batches={batches}, dtypes={dtype_names}")
     state = random_state_dict(config, device)

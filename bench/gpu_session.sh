@@ -1,19 +1,38 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in as few device calls as possible (CONTRIBUTING.md).
+# The GPU work, as steps that each end in under 8 minutes: one step per device call (10-minute limit,
+# 15 minutes of device time per session), each writing to $OUT as it goes, so a call cut off keeps
+# what it did. See CONTRIBUTING.md ("Benchmarking on a GPU").
 #
 # Here (with package registries) first:   bash bench/gpu_session.sh --fetch-wheels
 #   → .whl/ (git-ignored, ~15 MB): transformers 4.47.1 and the two pins it needs that the GPU image
 #     lacks (huggingface_hub < 1, tokenizers < 0.22), built for the image's Python 3.12.
-# Then one device call with `carry: [".whl"]`, from the repo root:
-#   bash bench/gpu_session.sh [--quick]
-#   → GPU parity tests (kernels native), kernel microbenchmarks and the end-to-end suite, results
-#     under $OUT (the device tool's output folder) or bench/results. --quick: bf16, batch 1/8/64 only,
-#     to stay inside one 10-minute call; the full sweep needs several calls (--dtypes/--batches).
+# Then one device call per step, from the repo root, with `carry: [".whl"]`:
+#   bash bench/gpu_session.sh list                  the steps, in the order worth spending minutes on
+#   bash bench/gpu_session.sh step doctor           versions, GPU; each kernel + the model vs float64; drift
+#   bash bench/gpu_session.sh step tests-kernels [NAME]   kernel parity tests (NAME: attention, … one file)
+#   bash bench/gpu_session.sh step tests-model      the other tests on the GPU (patching, HF parity, graphs, …)
+#   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp   microbenchmarks
+#   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
+#   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
+# Knobs: STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
+# what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
+# PYTHON (default python3), DEVICE (default cuda), WHEELS (default .whl).
+#
+# What comes back (at most 8 files): $OUT/env.txt, $OUT/<step>.log (tee'd as it runs), and per bench
+# step the records as JSON lines (one per measurement, appended as measured) + .json/.md/.png report.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+OUT=${OUT:-bench-results/gpu-session}
+BUDGET=${STEP_BUDGET_S:-400}
+BATCHES=${BATCHES:-1,8,64}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
+WHEELS=${WHEELS:-.whl}
+STEPS="doctor tests-kernels tests-model kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+E2E_PROVIDERS="ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-triton-channels-last"
+COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
 
-if [ "${1:-}" = "--fetch-wheels" ]; then
+fetch_wheels() {
   mkdir -p .whl
   for spec in "transformers==4.47.1" "huggingface_hub==0.36.2" "tokenizers==0.21.4"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -21,31 +40,106 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
       -d .whl "$spec" || exit 1
   done
   du -sh .whl
-  exit 0
-fi
+}
 
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  echo "no .whl/: the transformers peer and the transformers parity tests will be skipped" >&2
-  export PYTHONPATH=$PWD
-fi
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} | tee "$OUT/gpu.txt"
+setup() {
+  export PYTHONUNBUFFERED=1
+  mkdir -p "$OUT"
+  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    echo "no $WHEELS/*.whl: the transformers peer and the transformers parity tests will be skipped" >&2
+    export PYTHONPATH=$PWD  # the source tree, uninstalled: vithybrid_fast finds kernels/ and bench/ beside it
+  fi
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    git rev-parse --short HEAD 2>/dev/null || true
+  } >"$OUT/env.txt" 2>&1
+  cat "$OUT/env.txt"
+}
 
-# 1. parity on the GPU: the whole suite, kernels native (tests/conftest.py sets the interpreter only without CUDA)
-python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.txt" | tail -n 25
+# within_budget LOG CMD...: run CMD, tee'd to LOG as it goes; SIGINT at the budget (pytest and the bench
+# then write what they have), SIGKILL 30 s later if it still runs.
+within_budget() {
+  local log=$1
+  shift
+  echo "+ $* (budget ${BUDGET} s)" | tee -a "$log"
+  timeout -s INT -k 30 "$BUDGET" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 130 ] || [ "$rc" = 137 ]; then
+    echo "stopped at the ${BUDGET} s budget (exit $rc): results so far are in $OUT" | tee -a "$log"
+  fi
+  return "$rc"
+}
 
-# 2. benchmarks: kernel microbenchmarks + end to end
-if [ "${1:-}" = "--quick" ]; then
-  python3 -m vithybrid_fast.bench --device cuda --dtypes bfloat16 --batches 1,8,64 --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -n 60
-else
-  python3 -m vithybrid_fast.bench --device cuda --dtypes bfloat16,float16 --batches 1,8,64,128 --out "$OUT" 2>&1 \
-    | tee "$OUT/bench.txt" | tail -n 80
-fi
+bench_step() {  # bench_step NAME BENCH-ARGS...: the bench into $OUT; a report even if it was killed
+  local name=$1
+  shift
+  within_budget "$OUT/$name.log" "$PYTHON" -m vithybrid_fast.bench --device "$DEVICE" --batches "$BATCHES" \
+    --output-dir "$OUT" "$@"
+  local rc=$? newest
+  newest=$(ls -t "$OUT"/*.jsonl 2>/dev/null | head -n 1)
+  if [ "$rc" != 0 ] && [ "$rc" != 130 ] && [ -n "$newest" ]; then  # killed before its own report
+    "$PYTHON" -m vithybrid_fast.bench --from-jsonl "$newest" --output-dir "$OUT" >>"$OUT/$name.log" 2>&1
+  fi
+  return "$rc"
+}
+
+pytest_step() {  # pytest_step NAME FILES...: verbose, so the log says test by test what passed so far
+  local name=$1
+  shift
+  within_budget "$OUT/$name.log" "$PYTHON" -m pytest "$@" -v -p no:cacheprovider --tb=short -rfEs \
+    --junitxml="$OUT/$name.xml"
+}
+
+model_test_files() {  # every test file but the kernel ones and those that only make sense on a CPU
+  ls tests/test_*.py | grep -v -E 'tests/test_(kernel_|gpu_targets|wheel|bench_smoke|bench_pytest)'
+}
+
+run_step() {
+  local step=$1 arg=${2:-} dtype=${2:-bfloat16}
+  case "$step" in
+    doctor)  # bfloat16 (the users' dtype) checked and attributed first, then the other two
+      BUDGET=$((BUDGET * 3 / 5)) within_budget "$OUT/doctor.log" \
+        "$PYTHON" -m vithybrid_fast doctor --check --drift --dtypes bfloat16 --drift-dtype bfloat16
+      BUDGET=$((BUDGET * 2 / 5)) within_budget "$OUT/doctor.log" \
+        "$PYTHON" -m vithybrid_fast doctor --check --dtypes float16,float32
+      ;;
+    tests-kernels) pytest_step "tests-kernels${arg:+-$arg}" tests/test_kernel_${arg:-*}.py ;;
+    tests-model) pytest_step tests-model $(model_test_files) ;;
+    kernels-attention) bench_step kernels-attention --no-e2e --kernels --kernel-benches attention ;;
+    kernels-backbone) bench_step kernels-backbone --no-e2e --kernels --kernel-benches backbone ;;
+    kernels-mlp) bench_step kernels-mlp --no-e2e --kernels --kernel-benches layer_norm_mlp ;;
+    e2e) bench_step "e2e-$dtype" --no-kernels --dtypes "$dtype" --providers "$E2E_PROVIDERS" ;;
+    e2e-compile) bench_step "e2e-compile-$dtype" --no-kernels --dtypes "$dtype" --providers "$COMPILE_PROVIDERS" ;;
+    *) echo "unknown step '$step'; steps: $STEPS" >&2; return 2 ;;
+  esac
+}
+
+case "${1:-}" in
+  --fetch-wheels) fetch_wheels ;;
+  list)
+    echo "steps (one per device call, each under 8 minutes): $STEPS"
+    echo "e2e and e2e-compile take a dtype: float32 | float16 | bfloat16 (default);"
+    echo "tests-kernels takes a kernel test file's name: $(ls tests/test_kernel_*.py | sed 's/.*test_kernel_//; s/\.py//' | tr '\n' ' ')"
+    ;;
+  step)
+    case " $STEPS " in
+      *" ${2:-?} "*) ;;
+      *) echo "usage: bash bench/gpu_session.sh step NAME [ARG]; steps: $STEPS" >&2; exit 2 ;;
+    esac
+    setup
+    run_step "$2" "${3:-}"
+    rc=$?
+    echo "step ${*:2}: exit $rc; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: bash bench/gpu_session.sh --fetch-wheels | list | step NAME [ARG]" >&2
+    echo "steps: $STEPS" >&2
+    exit 2
+    ;;
+esac

@@ -1,12 +1,15 @@
-"""`python -m vithybrid_fast.bench --device cpu` end to end (tiny config), and report.write_results on records."""
+"""`python -m vithybrid_fast.bench --device cpu` end to end (tiny config): where results go, that every record
+is on disk as soon as it is measured (a killed run keeps them), and report.write_results on records."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,18 +25,28 @@ GPU_PROVIDERS = (
 )
 
 
+def _env() -> dict[str, str]:
+    # the source tree on the path, as on the GPU machine (no install); one thread: the tiny model gains
+    # nothing from two, and OpenMP threads spinning against other processes on a busy CI machine can
+    # stretch a 10 s run into minutes
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("bench")
-    # one thread: the tiny model gains nothing from two, and OpenMP threads spinning against other
-    # processes on a busy CI machine can stretch a 10 s run into minutes
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """A CPU run from a fresh working directory with no --output-dir: results land in ./bench-results."""
+    cwd = tmp_path_factory.mktemp("bench-cwd")
+    committed = sorted(p.name for p in (REPO_ROOT / "bench" / "results").iterdir())
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--device", "cpu", "--out", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [sys.executable, "-m", "vithybrid_fast.bench", "--device", "cpu"],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    # nothing written beside the package's own files (installed, that would be site-packages)
+    assert sorted(p.name for p in (REPO_ROOT / "bench" / "results").iterdir()) == committed
+    assert sorted(p.name for p in cwd.iterdir()) == ["bench-results"]
+    return cwd / "bench-results", proc.stdout
 
 
 def _records(out: Path) -> list[dict]:
@@ -138,3 +151,125 @@ def test_write_results_without_kernels_has_no_roofline(tmp_path):
     paths = write_results([r for r in _synthetic() if r["kind"] == "e2e"], tmp_path)
     assert "roofline" not in paths
     assert paths["throughput"].exists()
+
+
+# -- results survive a killed run ---------------------------------------------------------------------
+def test_cpu_run_appends_every_record_to_jsonl(cpu_run):
+    from vithybrid_fast.bench.common import read_records
+
+    out, stdout = cpu_run
+    (jsonl,) = out.glob("*.jsonl")
+    assert f"records: {Path('bench-results') / jsonl.name}" in stdout
+    assert read_records([jsonl]) == _records(out)  # the line-per-record log holds what the report holds
+
+
+def _start_slow_run(out: Path) -> subprocess.Popen:
+    """A CPU run long enough (many batches, 40 reps each) to be stopped after its first record."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vithybrid_fast.bench", "--device", "cpu", "--batches", "1,2,3,4,5,6,7,8",
+         "--reps", "40", "--output-dir", str(out)],
+        cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_first_record(proc: subprocess.Popen, out: Path, timeout_s: float = 180) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = list(out.glob("*.jsonl"))
+        if files and files[0].read_text().count("\n") >= 1:
+            return files[0]
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no record on disk in time")
+
+
+def test_killed_run_keeps_its_records(tmp_path):
+    from vithybrid_fast.bench.common import read_records
+
+    proc = _start_slow_run(tmp_path)
+    jsonl = _wait_for_first_record(proc, tmp_path)
+    proc.kill()  # SIGKILL: no handler runs, as when a device call hits its time limit
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    records = read_records([jsonl])
+    assert 1 <= len(records) < 8 * 4  # stopped early: not every (provider, batch) was measured
+    first = records[0]
+    assert not [k for k in REQUIRED if k not in first], first
+    assert first["kind"] == "e2e" and first["provider"] == "ref-eager" and first["batch"] == 1
+    assert first["ms_median"] > 0 and first["max_abs_diff_vs_ref_eager_fp32"] < 1e-4
+    assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.json"))  # the report never came
+
+
+def test_terminated_run_reports_what_it_measured(tmp_path):
+    proc = _start_slow_run(tmp_path)
+    _wait_for_first_record(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and "records measured so far" in stderr
+    records = _records(tmp_path)
+    assert records and records[0]["provider"] == "ref-eager"
+    (markdown,) = tmp_path.glob("*.md")
+    assert "| ref-eager |" in markdown.read_text()
+
+
+def test_from_jsonl_rebuilds_the_report(tmp_path, capsys):
+    from vithybrid_fast.bench.__main__ import main
+
+    records = _synthetic()
+    part1, part2 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    part1.write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    # a run killed mid-write leaves a cut-off last line: skipped, not an error
+    part2.write_text("".join(json.dumps(r) + "\n" for r in records[3:]) + '{"kind": "e2e", "prov')
+    assert main(["--from-jsonl", str(part1), str(part2), "--output-dir", str(tmp_path / "report")]) == 0
+    assert _records(tmp_path / "report") == records
+    assert "| ours-triton | 750.0 | 750.0 | error |" in capsys.readouterr().out
+    part1.write_text('{"broken\n{}\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl:1: not a JSON record"):
+        main(["--from-jsonl", str(part1), "--output-dir", str(tmp_path / "report")])
+
+
+def test_output_dir_defaults_under_the_current_directory():
+    from vithybrid_fast.bench.__main__ import parse_args
+
+    assert parse_args([]).output_dir == Path("bench-results")  # relative: resolved against the cwd
+    assert parse_args(["--output-dir", "x"]).output_dir == Path("x")
+    assert parse_args(["--out", "y"]).output_dir == Path("y")  # the old spelling still works
+
+
+def test_help_names_the_command_it_was_called_as(capsys):
+    from vithybrid_fast.bench.__main__ import main as bench_main
+
+    from vithybrid_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: vithybrid-fast bench ") and "--output-dir" in out
+    with pytest.raises(SystemExit):
+        bench_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m vithybrid_fast.bench ")
+
+
+# -- bench/gpu_session.sh ---------------------------------------------------------------------------
+def test_gpu_session_step_dry_run_on_a_cpu(tmp_path):
+    """The steps' mechanics on a CPU: one step writes its log, records and report to $OUT, and names them."""
+    out = tmp_path / "out"
+    env = {**_env(), "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable, "BATCHES": "1",
+           "WHEELS": str(tmp_path / "no-wheels"), "STEP_BUDGET_S": "240"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_session.sh", "step", "e2e", "float32"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert proc.stdout.splitlines()[-1] == f"step e2e float32: exit 0; files in {out}: {' '.join(names)} "
+    assert {"env.txt", "e2e-float32.log"} <= set(names) and len(names) <= 8  # the device tool returns ≤ 8 files
+    (jsonl,) = out.glob("*.jsonl")
+    assert _records(out) == [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert "| ref-eager |" in (out / "e2e-float32.log").read_text()
+    unknown = subprocess.run(["bash", "bench/gpu_session.sh", "step", "nope"], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert unknown.returncode == 2 and "steps: doctor tests-kernels" in unknown.stderr

@@ -1,4 +1,5 @@
-"""pytest-benchmark entry: `pytest bench --benchmark-only` (pyproject's testpaths is tests/, so name bench).
+"""pytest-benchmark timings of the end-to-end model; part of the suite (`make test`), and alone:
+`pytest tests/test_bench_pytest.py --benchmark-only` (add `--benchmark-disable` to only check they run).
 
 The tiny model runs on the CPU everywhere (ref-eager, ref-sdpa); on a CUDA GPU the base model runs
 at batch 8 in bfloat16 (ref-sdpa and ours-triton). Each GPU round ends with a synchronize, so the
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from . import e2e
+from vithybrid_fast.bench import e2e
 
 CUDA = torch.cuda.is_available()
 
@@ -30,7 +30,7 @@ def test_tiny_cpu(benchmark, tiny_state, provider, batch):
     benchmark.extra_info.update(provider=provider, batch=batch, dtype="float32", device="cpu", config="tiny")
     with torch.inference_mode():
         logits = benchmark(lambda: model(pixels).logits)
-    assert logits.shape == (batch, config.num_labels)
+    assert logits.shape == (batch, config.num_labels) and torch.isfinite(logits).all()
 
 
 @pytest.fixture(scope="module")
