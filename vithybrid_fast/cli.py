@@ -20,7 +20,7 @@ HUB_ID = "google/vit-hybrid-base-bit-384"
 
 # Commands that live in their own module: each defines `register(subparsers)`, which adds its parser and
 # `set_defaults(func=run)` where `run(args) -> int`. Heavy imports stay inside `run`.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("vithybrid_fast.doctor",)
 
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -126,7 +126,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     paths = ["eager", "sdpa"] + (["triton"] if triton_can_run(device) else [])
     if "triton" not in paths:
-        print("triton: skipped (needs a CUDA GPU, or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+        from .gpu_support import triton_unsupported_reason
+
+        print(f"triton: skipped ({triton_unsupported_reason(device)}; TRITON_INTERPRET=1 runs it on the CPU, slowly)")
     results = {}
     for kernels in paths:
         patch(model, kernels)
@@ -155,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(argv: list[str]) -> int:
     from vithybrid_fast.bench.__main__ import main as bench_main
 
-    return bench_main(argv) or 0
+    return bench_main(argv, prog="vithybrid-fast bench") or 0
 
 
 def build_parser() -> argparse.ArgumentParser:

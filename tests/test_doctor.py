@@ -1,0 +1,151 @@
+"""`vithybrid-fast doctor` and the rule for GPUs below sm_80 (vithybrid_fast/gpu_support.py).
+
+Old GPUs are faked by monkeypatching torch.cuda (is_available, get_device_capability, get_device_name,
+get_device_properties) with TRITON_INTERPRET unset, so the rule is exercised as a T4 / A100 host sees it.
+The --check / --drift runs use the tiny config under the Triton interpreter (float32: seconds).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+
+import pytest
+import torch
+from tolerance import ATOL as TEST_ATOL
+
+from vithybrid_fast import diagnostics, gpu_support
+from vithybrid_fast.cli import main
+from vithybrid_fast.patching import resolve_kernels, validate_kernels
+
+CUDA = torch.device("cuda")
+
+
+def fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    """Make this process look like a host with one `name` GPU and no Triton interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    props = types.SimpleNamespace(name=name, major=capability[0], minor=capability[1],
+                                  total_memory=16 * 2**30, multi_processor_count=40)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+
+# -- GPUs below sm_80 -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,capability", [("Tesla T4", (7, 5)), ("Tesla V100-SXM2-16GB", (7, 0))])
+def test_auto_takes_sdpa_below_sm80_and_says_why(monkeypatch, name, capability):
+    fake_gpu(monkeypatch, name, capability)
+    with pytest.warns(gpu_support.KernelFallbackWarning) as caught:
+        choice = resolve_kernels("auto", CUDA)
+    assert choice == {"attention": "sdpa", "mlp": "torch", "backbone": "torch"}
+    (warning,) = caught
+    text = str(warning.message)
+    sm = f"sm_{capability[0]}{capability[1]}"
+    assert text.startswith('kernels="auto" uses torch SDPA:') and name in text and sm in text and "sm_80" in text
+    assert text.count(". ") == 0 and text.endswith(".")  # one sentence
+
+
+def test_triton_below_sm80_raises_a_clear_error(monkeypatch):
+    from vithybrid_fast.kernels._runtime import triton_can_run
+
+    fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    assert not triton_can_run(CUDA) and not triton_can_run(None)
+    with pytest.raises(RuntimeError, match=r"kernels='triton' cannot run on cuda: Tesla T4 .* 7\.5 \(sm_75\)"):
+        validate_kernels("triton", CUDA)
+    with pytest.raises(RuntimeError, match="sm_80 or newer"):
+        validate_kernels({"attention": "triton"}, CUDA)
+
+
+@pytest.mark.parametrize("name,capability", [("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100 80GB HBM3", (9, 0))])
+def test_ampere_and_hopper_get_triton(monkeypatch, name, capability):
+    from vithybrid_fast.kernels._runtime import triton_can_run
+
+    fake_gpu(monkeypatch, name, capability)
+    assert triton_can_run(CUDA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        assert resolve_kernels("auto", CUDA) == dict.fromkeys(("attention", "mlp", "backbone"), "triton")
+        assert validate_kernels("triton", CUDA)["attention"] == "triton"
+    assert gpu_support.gpu_too_old_reason(CUDA) is None
+
+
+def test_cpu_without_interpreter_falls_back_silently(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_kernels("auto", torch.device("cpu"))["attention"] == "sdpa"
+    with pytest.raises(RuntimeError, match="cannot run on cpu: device cpu is not a CUDA GPU"):
+        validate_kernels("triton", torch.device("cpu"))
+    assert gpu_support.gpu_too_old_reason(torch.device("cpu")) is None
+
+
+# -- the doctor's report ----------------------------------------------------------------------------
+def test_doctor_reports_versions_and_interpreted_kernels(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    heads = [line.split()[0] for line in out]
+    for field in ("python", "torch", "triton", "driver", "gpu", "device"):
+        assert field in heads, out
+    torch_line = out[heads.index("torch")]
+    assert torch.__version__ in torch_line and "CUDA runtime" in torch_line and "cuDNN" in torch_line
+    if not torch.cuda.is_available():  # conftest turned the interpreter on
+        for kernel in ("flash_attention", "weight_standardize", "group_norm_act", "layer_norm_mlp", "fused_linear"):
+            assert any(line.split()[:2] == [kernel, "yes,"] and "interpreted" in line for line in out), out
+    assert out[-1].startswith("verdict: Triton kernels can run on ")
+
+
+def test_doctor_on_a_fake_t4_names_the_reason(monkeypatch, capsys):
+    fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    assert main(["doctor", "--check"]) == 0  # nothing it could check: not a failure
+    out = capsys.readouterr().out
+    assert "gpu 0    Tesla T4, compute capability 7.5 (sm_75), 16.0 GiB, 40 SMs" in out
+    assert "flash_attention      no: Tesla T4 has compute capability 7.5 (sm_75)" in out
+    assert 'kernels="auto" here: sdpa (Tesla T4 has compute capability 7.5' in out
+    last = out.splitlines()[-1]
+    assert last.startswith("verdict: Triton kernels cannot run here (Tesla T4") and "uses torch SDPA" in last
+
+
+def test_check_row_arithmetic():
+    ref = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    row = diagnostics.compare("k", "c", ref.float() + 2**-17, ref.float() + 2**-19, ref)  # exact in float32
+    assert row.ratio == 4.0 and row.dtype == "float32"
+    assert math.isclose(row.bound, 2 * 2**-19 + 1e-5 * 2.0) and row.ok  # 2 × torch err + atol·max|ref|
+    bad = diagnostics.compare("k", "c", ref.float() + 1e-3, ref.float(), ref)
+    assert bad.ratio == math.inf and not bad.ok
+    assert diagnostics.ATOL == TEST_ATOL  # one tolerance idiom for tests and doctor
+
+
+def test_check_and_drift_pass_on_the_interpreter(capsys):
+    assert main(["doctor", "--check", "--drift", "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    checked = {r[0] for r in rows if r and r[-1] == "yes"}
+    assert {"flash_attention", "weight_standardize", "group_norm_act", "layer_norm_mlp", "fused_linear"} <= checked
+    model_rows = [r for r in rows if r[:2] == ["model", "forward"]]
+    assert len(model_rows) == 1 and model_rows[0][-1] == "yes"
+    families = {r[0]: r for r in rows if len(r) > 2 and r[1:3] == ["(all", "layers)"]}
+    assert set(families) == {"attention", "mlp", "backbone"}
+    shares = [float(r[4].rstrip("%")) for r in families.values()]
+    assert math.isclose(sum(shares), 100.0, abs_tol=0.5)
+    assert out.splitlines()[-1].startswith("verdict: OK: all ") and "checks within the tolerance" in out
+
+
+def test_a_wrong_kernel_fails_the_check_and_tops_the_drift(monkeypatch, capsys):
+    import vithybrid_fast.kernels as kernels
+
+    real = kernels.layer_norm_mlp
+
+    def off_by_one_percent(*args, **kwargs):
+        return real(*args, **kwargs) * 1.01
+
+    off_by_one_percent.reference = real.reference
+    monkeypatch.setattr(kernels, "layer_norm_mlp", off_by_one_percent)
+    assert main(["doctor", "--check", "--drift", "--dtypes", "float32"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    mlp_row = next(line.split() for line in lines if line.startswith("layer_norm_mlp"))
+    assert mlp_row[-1] == "NO" and float(mlp_row[-2]) > 1  # error over the bound
+    assert any(line.startswith("largest single-layer drift: mlp encoder.layer.") for line in lines), lines
+    assert lines[-1].startswith("verdict: FAIL: ") and "layer_norm_mlp float32" in lines[-1]
