@@ -1,0 +1,179 @@
+"""Labelled image sources and the batched preprocessing path (vithybrid_fast/data.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vithybrid_fast as vf
+from tests.image_folders import CLASSES, synthetic_image, write_image_folder
+from vithybrid_fast.data import (
+    ImagePipeline,
+    LabelledImages,
+    UnreadableImageError,
+    collate,
+    image_folder_samples,
+    list_file_samples,
+    open_dataset,
+    split_errors,
+)
+from vithybrid_fast.images import open_image
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("folder"), per_class=3, seed=0)
+
+
+@pytest.fixture
+def pipeline():
+    return ImagePipeline(vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size=72))
+
+
+def test_image_folder_is_recursive_sorted_images_only_classes_in_sorted_order(tmp_path):
+    for name in ("b_cls", "a_cls", "c_empty"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "b_cls" / "2.png")
+    (tmp_path / "b_cls" / "deep" / "er").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b_cls" / "deep" / "er" / "1.JPG")  # upper-case extension
+    Image.new("RGB", (8, 8)).save(tmp_path / "a_cls" / "x.webp")
+    (tmp_path / "a_cls" / "notes.txt").write_text("not an image")
+    (tmp_path / "stray.png").write_bytes(b"")  # a file at the top is no class
+    samples, classes = image_folder_samples(tmp_path)
+    assert classes == ["a_cls", "b_cls", "c_empty"]  # an empty folder still holds a class index
+    assert [(s.source.removeprefix(str(tmp_path) + "/"), s.label) for s in samples] == [
+        ("a_cls/x.webp", 0),
+        ("b_cls/2.png", 1),
+        ("b_cls/deep/er/1.JPG", 1),
+    ]
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        image_folder_samples(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no class subfolders"):
+        image_folder_samples(tmp_path)
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(FileNotFoundError, match="hold no image files"):
+        image_folder_samples(tmp_path)
+
+
+def test_csv_and_jsonl_lists(folder, tmp_path):
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    rel = [p.relative_to(folder) for p in files]
+    labels = [p.parts[0] for p in rel]
+    csv_path = folder / "list.csv"
+    csv_path.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in zip(rel, labels)))
+    jsonl_path = tmp_path / "list.jsonl"  # elsewhere: absolute paths
+    jsonl_path.write_text("".join(json.dumps({"path": str(p), "label": lab}) + "\n" for p, lab in zip(files, labels)))
+    from_csv, csv_classes = list_file_samples(csv_path)
+    from_jsonl, jsonl_classes = list_file_samples(jsonl_path)
+    assert csv_classes == jsonl_classes == list(CLASSES)
+    assert [s.label for s in from_csv] == [CLASSES.index(lab) for lab in labels]
+    assert [s.source for s in from_csv] == [str(p) for p in files] == [s.source for s in from_jsonl]
+    # given classes fix the index order; a label outside them is an error naming it
+    samples, _ = list_file_samples(csv_path, classes=list(reversed(CLASSES)))
+    assert [s.label for s in samples] == [2 - CLASSES.index(lab) for lab in labels]
+    with pytest.raises(ValueError, match=r"labels not among the classes .*\['red_horizontal'\]"):
+        list_file_samples(csv_path, classes=["blue_vertical", "green_checker"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a.png,cat,extra\n")
+    with pytest.raises(ValueError, match=r"bad.csv:1: expected 2 columns"):
+        list_file_samples(bad)
+
+
+def _odd_images(tmp_path):
+    rng = np.random.default_rng(3)
+    images = [synthetic_image(name, rng) for name in CLASSES]
+    images.append(Image.fromarray(rng.integers(0, 256, (50, 130), dtype=np.uint8), "L"))  # grayscale, small
+    images.append(Image.fromarray(rng.integers(0, 256, (97, 61, 4), dtype=np.uint8), "RGBA"))
+    images.append(images[0].convert("P"))  # palette
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        image.save(paths[-1])
+    exif_path = tmp_path / "rotated.jpg"  # stored sideways with an EXIF "rotate 90°" tag
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    images[1].save(exif_path, exif=exif)
+    return [*paths, exif_path]
+
+
+@pytest.mark.parametrize(
+    "processor_kwargs",
+    [
+        {"size": {"shortest_edge": 72}, "crop_size": 72},  # the hub preset at 72 px
+        {"size": {"shortest_edge": 80}, "crop_size": {"height": 72, "width": 64}, "resample": 2},
+        {"size": {"shortest_edge": 40}, "crop_size": 72},  # crop larger than the image: zero padding
+        {"size": {"height": 72, "width": 72}, "do_center_crop": False, "do_rescale": False},
+    ],
+)
+def test_batched_pipeline_is_bit_identical_to_the_processor(tmp_path, processor_kwargs):
+    processor = vf.ViTHybridImageProcessor.for_base_384(**processor_kwargs)
+    pipeline = ImagePipeline(processor)
+    paths = _odd_images(tmp_path)
+    expected = processor([open_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+    uint8 = torch.stack([pipeline.to_uint8(open_image(p)) for p in paths])
+    assert uint8.dtype == torch.uint8
+    ours = pipeline.normalize(uint8)
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    assert torch.equal(ours, expected), (ours - expected).abs().max()
+
+
+def test_pipeline_needs_a_fixed_size():
+    processor = vf.ViTHybridImageProcessor(do_center_crop=False, size={"shortest_edge": 72})
+    with pytest.raises(ValueError, match="fixed image size"):
+        ImagePipeline(processor)
+
+
+def test_unreadable_files_in_worker_processes_fail_or_skip_by_path(folder, tmp_path, pipeline):
+    samples, classes = image_folder_samples(folder)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    samples.insert(2, type(samples[0])(str(broken), 0))
+    dataset = LabelledImages(samples, classes, pipeline)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate)
+    batches = list(loader)
+    assert batches[0]["errors"] and str(broken) in batches[0]["errors"][0]
+    assert batches[0]["indices"].tolist() == [0, 1, 3]  # the broken file is not in the batch
+    assert batches[0]["labels"].tolist() == [s.label for s in samples[:4] if s.source != str(broken)]
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {broken}"):
+        split_errors(batches[0], "fail")
+    reported = []
+    assert split_errors(batches[0], "skip", reported.append) == batches[0]["errors"]
+    assert reported == [f"skipped unreadable image {batches[0]['errors'][0]}"]
+    assert sum(len(b["labels"]) for b in batches) == len(samples) - 1
+
+
+def test_open_dataset_dispatches_and_checks_classes(folder, pipeline):
+    data = open_dataset(folder, pipeline)
+    assert data.classes == list(CLASSES) and len(data) == 9
+    item = data[0]
+    assert item["pixels"].shape == (3, 72, 72) and item["label"] == 0
+    with pytest.raises(ValueError, match="differ from the expected"):
+        open_dataset(folder, pipeline, classes=["x", "y", "z"])
+
+
+def test_hugging_face_dataset_with_class_labels(pipeline):
+    datasets = pytest.importorskip("datasets")  # the optional [datasets] extra
+    rng = np.random.default_rng(0)
+    names = ["red_horizontal", "blue_vertical", "green_checker"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    ds = datasets.Dataset.from_dict(
+        {"image": [synthetic_image(n, rng) for n in names], "label": [0, 1, 2]}, features=features
+    )
+    from vithybrid_fast.data import HFLabelledImages
+
+    data = HFLabelledImages(ds, pipeline, "toy:train", "image", "label")
+    assert data.classes == names  # ClassLabel order, not sorted
+    assert [s.label for s in data.samples] == [0, 1, 2]
+    assert data.samples[1].source == "toy:train[1]"
+    expected = pipeline.processor(list(ds["image"]), return_tensors="pt")["pixel_values"]
+    batch = collate([data[i] for i in range(3)])
+    assert torch.equal(pipeline.normalize(batch["pixels"]), expected)
+    with pytest.raises(ValueError, match="no column 'img'"):
+        HFLabelledImages(ds, pipeline, "toy", "img", "label")

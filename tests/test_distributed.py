@@ -1,0 +1,87 @@
+"""Both commands under `torchrun --nproc-per-node 2` (gloo, CPU) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.image_folders import write_dataset, write_start_checkpoint
+from vithybrid_fast.cli import main
+from vithybrid_fast.distributed import DistContext, ShardSampler
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_dataset(root / "data", train_per_class=8, val_per_class=5)
+    write_start_checkpoint(root / "start")
+    return root
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m vithybrid_fast ARGS` (a free port of its own)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "vithybrid_fast", *args]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_shard_sampler_covers_every_index_once_without_padding():
+    shards = [list(ShardSampler(11, DistContext(rank, 3, rank, torch.device("cpu")))) for rank in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(11))
+    assert [len(s) for s in shards] == [4, 4, 3]
+
+
+def test_two_ranks_global_batch_8_give_the_weights_of_one_process_batch_8(root):
+    common = ["finetune", str(root / "data"), "--model", str(root / "start"), "--epochs", "1",
+              "--batch-size", "8", "--lr", "1e-3", "--kernels", "sdpa", "--num-workers", "0"]  # fmt: skip
+    done = torchrun(*common, "--output-dir", str(root / "ddp"))
+    assert "2 rank(s) on cpu" in done.stdout and done.stdout.count("val top-1: ") == 1  # rank 0 prints, once
+    assert main([*common, "--output-dir", str(root / "single")]) == 0
+    ddp, single = (load_file(root / name / "last" / "model.safetensors") for name in ("ddp", "single"))
+    start = load_file(root / "start" / "model.safetensors")
+    moved = 0
+    for key, tensor in single.items():
+        if key.endswith("attention.attention.key.bias"):
+            # its exact gradient is 0 (softmax ignores a constant per query), so Adam steps it by ±lr on
+            # rounding noise, which differs with the summation order: at most 2·lr per step apart
+            assert (ddp[key] - tensor).abs().max() <= 2 * 1e-3 * 3 + 1e-6, key
+            continue
+        assert torch.allclose(ddp[key], tensor, rtol=1e-4, atol=2e-5), (key, (ddp[key] - tensor).abs().max())
+        moved += start[key].shape != tensor.shape or not torch.allclose(tensor, start[key], atol=1e-4)
+    assert moved > len(single) // 2  # three steps changed most tensors: the comparison is not vacuous
+    log = [json.loads(line) for line in (root / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "step"] == [1, 2, 3]  # written once, by rank 0
+    assert [r["val_images"] for r in log if r["type"] == "epoch"] == [15]
+
+
+def test_eval_over_two_ranks_gives_exactly_the_single_process_counts(root, capsys):
+    checkpoint = root / "ddp" / "last" if (root / "ddp" / "last").is_dir() else root / "start"
+    args = ["eval", str(root / "data" / "val"), "--model", str(checkpoint), "--kernels", "sdpa", "--batch-size", "4",
+            "--num-workers", "0", "--label-map", str(root / "map.json")]  # fmt: skip
+    labels = json.loads((checkpoint / "config.json").read_text())["id2label"]
+    classes = sorted(p.name for p in (root / "data" / "val").iterdir())
+    (root / "map.json").write_text(json.dumps({c: int(i) for i, c in zip(sorted(labels, key=int), classes)}))
+    done = torchrun(*args, "--output", str(root / "ddp.jsonl"))
+    assert main([*args, "--output", str(root / "single.jsonl")]) == 0
+    single_out = capsys.readouterr().out.splitlines()
+    ddp_out = done.stdout.splitlines()
+    assert ddp_out[-1] == single_out[-1] and ddp_out[-1].endswith("images: 15")
+    table = [line for line in single_out if line.split()[0] in classes]
+    assert len(table) == 3 and table == [line for line in ddp_out if line.split()[0] in classes]
+    ddp_preds, single_preds = (
+        [json.loads(line) for line in (root / name).read_text().splitlines()] for name in ("ddp.jsonl", "single.jsonl")
+    )
+    assert [(p["path"], p["label"]) for p in ddp_preds] == [(p["path"], p["label"]) for p in single_preds]
+    assert [p["top_k"][0] for p in ddp_preds] == [p["top_k"][0] for p in single_preds]

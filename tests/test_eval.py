@@ -1,0 +1,120 @@
+"""`vithybrid-fast eval`: label matching, counts against a direct computation, output files, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vithybrid_fast as vf
+from tests.hf_reference import randomize_
+from tests.image_folders import CLASSES, TRAIN_CONFIG, write_image_folder
+from vithybrid_fast.cli import main
+from vithybrid_fast.data import image_folder_samples
+from vithybrid_fast.evaluate import match_labels
+
+# the model's labels: the folder classes among others, in another order
+MODEL_LABELS = ["dog", "red_horizontal", "cat", "blue_vertical", "green_checker", "fish"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = write_image_folder(root / "data", per_class=5, seed=4)
+    torch.manual_seed(3)
+    config = dict(TRAIN_CONFIG, id2label={str(i): name for i, name in enumerate(MODEL_LABELS)})
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(config)).eval()
+    randomize_(model)
+    model.save_pretrained(root / "ckpt")
+    processor = vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size=72)
+    processor.save_pretrained(root / "ckpt")
+    return root, data, model, processor
+
+
+def expected_counts(data, model, processor):
+    """Per-class [images, top-1 hits, top-5 hits] from the processor and the model, image by image."""
+    from vithybrid_fast.images import open_image
+
+    rows = {name: [0, 0, 0] for name in CLASSES}
+    for name in CLASSES:
+        target = MODEL_LABELS.index(name)
+        for path in sorted(p for p in (data / name).rglob("*") if p.is_file()):
+            pixels = processor(open_image(path), return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                ranked = model(pixels).logits[0].topk(5).indices.tolist()
+            rows[name][0] += 1
+            rows[name][1] += ranked[0] == target
+            rows[name][2] += target in ranked
+    return rows
+
+
+def test_match_labels_exact_map_and_errors():
+    id2label = dict(enumerate(MODEL_LABELS))
+    assert match_labels(list(CLASSES), id2label) == [3, 4, 1]
+    assert match_labels(["hund", "cat"], id2label, {"hund": "dog"}) == [0, 2]
+    assert match_labels(["x"], id2label, {"x": 5}) == [5]  # an index works too
+    with pytest.raises(
+        ValueError, match=r"2 class\(es\) match no label of the model: 'Cat', 'hund' \(mapped to 'wolf'\)"
+    ):
+        match_labels(["Cat", "hund"], id2label, {"hund": "wolf"})
+
+
+def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
+    root, data, model, processor = setup
+    preds = tmp_path / "preds.jsonl"
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--batch-size", "4"]
+    assert main([*argv, "--num-workers", "1", "--output", str(preds)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = expected_counts(data, model, processor)
+    total = sum(r[0] for r in rows.values())
+    top1, top5 = (sum(r[i] for r in rows.values()) / total for i in (1, 2))
+    assert lines[-1] == f"top-1: {top1:.4f}  top-5: {top5:.4f}  images: {total}"
+    assert 0 < top1 < 1  # random weights: some right, some wrong, so the counting is tested
+    table = {line.split()[0]: line.split()[1:] for line in lines if line.split()[0] in CLASSES}
+    for name, (n, t1, t5) in rows.items():
+        assert table[name] == [str(n), f"{t1 / n:.4f}", f"{t5 / n:.4f}"]
+    assert any(line.startswith("images/s: ") for line in lines)
+
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(records) == total
+    assert [r["path"] for r in records] == [s.source for s in image_folder_samples(data)[0]]  # dataset order
+    first = records[0]
+    assert first["label"] == "blue_vertical" and len(first["top_k"]) == 5 == len(first["probs"])
+    assert set(first["top_k"]) <= set(MODEL_LABELS) and first["probs"] == sorted(first["probs"], reverse=True)
+    hits = sum(r["top_k"][0] == r["label"] for r in records)
+    assert hits == round(top1 * total)
+
+
+def test_eval_label_map_and_unmatched_class(setup, tmp_path, capsys):
+    root, data, _, _ = setup
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for name in CLASSES:
+        (renamed / name.upper()).symlink_to(data / name, target_is_directory=True)
+    argv = ["eval", str(renamed), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "3 class(es) match no label of the model: 'BLUE_VERTICAL', 'GREEN_CHECKER', 'RED_HORIZONTAL'" in err
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({name.upper(): name for name in CLASSES}))
+    assert main([*argv, "--label-map", str(label_map)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("images: 15")
+
+
+def test_eval_unreadable_file_fails_or_is_skipped(setup, tmp_path, capsys):
+    root, data, _, _ = setup
+    folder = tmp_path / "data"
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True)
+        for path in sorted((data / name).glob("*.*"))[:2]:
+            (folder / name / path.name).symlink_to(path)
+    broken = folder / "green_checker" / "zz-broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    argv = ["eval", str(folder), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0"]
+    assert main(argv) == 1
+    assert f"cannot read image {broken}" in capsys.readouterr().err
+    assert main([*argv, "--on-error", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert f"skipped unreadable image {broken}" in err
+    assert "skipped unreadable: 1" in out and out.splitlines()[-1].endswith("images: 6")

@@ -1,0 +1,179 @@
+"""`vithybrid-fast finetune` on a synthetic 3-class image folder (tiny config, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vithybrid_fast as vf
+from tests.image_folders import CLASSES, write_dataset, write_start_checkpoint
+from vithybrid_fast.cli import main
+from vithybrid_fast.data import ImagePipeline, collate, open_dataset
+from vithybrid_fast.patching import patched_modules
+from vithybrid_fast.train import FinetuneConfig, classifier_for_classes, finetune, warmup_cosine
+
+transformers = pytest.importorskip("transformers")
+
+
+def config(root, out, **overrides) -> FinetuneConfig:
+    settings = dict(
+        data=str(root / "data"), model=str(root / "start"), output_dir=out, epochs=3, batch_size=8, lr=1e-3,
+        num_workers=0, kernels="sdpa", seed=0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    write_dataset(root / "data", train_per_class=8, val_per_class=4)
+    write_start_checkpoint(root / "start")
+    summary = finetune(config(root, root / "out"))
+    return root, summary
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_finetuning_reaches_90_percent_and_logs_every_step(trained):
+    root, summary = trained
+    epochs = [r for r in read_log(root / "out" / "train_log.jsonl") if r["type"] == "epoch"]
+    steps = [r for r in read_log(root / "out" / "train_log.jsonl") if r["type"] == "step"]
+    assert summary["best"]["top1"] >= 0.9 and epochs[-1]["val_top1"] >= 0.9, epochs
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and all(r["val_images"] == 12 for r in epochs)
+    assert [r["step"] for r in steps] == list(range(1, 10))  # 24 images / batch 8 = 3 steps per epoch
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    lrs = [r["lr"] for r in steps]
+    assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)  # 1 warm-up step, then cosine
+    assert all(r["images_per_s"] > 0 and r["grad_norm"] > 0 for r in steps)
+    for name in ("best", "last"):
+        saved = json.loads((root / "out" / name / "config.json").read_text())
+        assert saved["id2label"] == {str(i): c for i, c in enumerate(CLASSES)}
+        processor = json.loads((root / "out" / name / "preprocessor_config.json").read_text())
+        assert processor == json.loads((root / "start" / "preprocessor_config.json").read_text())
+
+
+def val_pixels(root):
+    processor = vf.load_processor(root / "start")
+    data = open_dataset(root / "data" / "val", ImagePipeline(processor))
+    batch = collate([data[i] for i in range(len(data))])
+    return data.pipeline.normalize(batch["pixels"]), batch["labels"]
+
+
+def test_best_checkpoint_loads_in_transformers_with_the_same_logits(trained):
+    root, _ = trained
+    pixels, labels = val_pixels(root)
+    with torch.no_grad():
+        ours = vf.load(root / "out" / "best", kernels="eager")(pixels).logits
+        theirs = transformers.ViTHybridForImageClassification.from_pretrained(root / "out" / "best").eval()
+        hf_logits = theirs(pixels).logits
+    assert torch.allclose(ours, hf_logits, atol=1e-5), (ours - hf_logits).abs().max()
+    assert theirs.config.id2label == dict(enumerate(CLASSES))
+    assert (hf_logits.argmax(-1) == labels).float().mean() >= 0.9
+
+
+def test_eval_on_the_best_checkpoint_reports_its_validation_accuracy(trained, capsys):
+    root, summary = trained
+    best_epoch = [r for r in read_log(root / "out" / "train_log.jsonl") if r["epoch"] == summary["best"]["epoch"]]
+    argv = ["eval", str(root / "data" / "val"), "--model", str(root / "out" / "best"), "--kernels", "sdpa"]
+    assert main([*argv, "--num-workers", "0"]) == 0
+    expected = best_epoch[-1]
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"top-1: {expected['val_top1']:.4f}  top-5: {expected['val_top5']:.4f}  images: 12"
+
+
+def test_resumed_run_ends_with_the_same_weights(trained):
+    root, _ = trained
+    out = root / "interrupted"
+    first = finetune(config(root, out, max_epochs_this_run=1))
+    assert first["last_epoch"] == 1 and not (out / "last" / "training_state.pt").is_dir()
+    finetune(config(root, out, resume=True))
+    uninterrupted = load_file(root / "out" / "last" / "model.safetensors")
+    resumed = load_file(out / "last" / "model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key]), key
+    assert [r["loss"] for r in read_log(out / "train_log.jsonl") if r["type"] == "step"] == [
+        r["loss"] for r in read_log(root / "out" / "train_log.jsonl") if r["type"] == "step"
+    ]
+
+
+def test_freeze_backbone_and_gradient_accumulation(trained):
+    root, _ = trained
+    runs = {}
+    for accum in (1, 2):
+        out = root / f"frozen-{accum}"
+        finetune(config(root, out, epochs=1, freeze_backbone=True, grad_accum=accum))
+        runs[accum] = load_file(out / "last" / "model.safetensors")
+    start = load_file(root / "start" / "model.safetensors")
+    for key, tensor in runs[1].items():
+        if key.startswith("vit."):
+            assert torch.equal(tensor, start[key]), key  # frozen: untouched
+    assert not torch.equal(runs[1]["classifier.weight"], runs[2]["classifier.weight"] * 0)
+    for key in runs[1]:  # two micro-batches of 4 = one batch of 8
+        assert torch.allclose(runs[1][key], runs[2][key], atol=1e-6), key
+
+
+def test_bad_settings_are_errors_with_reasons(trained, capsys):
+    root, _ = trained
+    argv = ["finetune", str(root / "data"), "--model", str(root / "start"), "--kernels", "sdpa", "--num-workers", "0"]
+    assert main([*argv, "--output-dir", str(root / "x"), "--batch-size", "6", "--grad-accum", "4"]) == 1
+    assert "--batch-size 6 must be a multiple of ranks × --grad-accum (1 × 4)" in capsys.readouterr().err
+    assert main([*argv, "--output-dir", str(root / "x"), "--resume"]) == 1
+    assert "no finished epoch to continue from" in capsys.readouterr().err
+    assert (
+        main(
+            [*argv, "--output-dir", str(root / "out"), "--resume", "--lr", "0.5", "--batch-size", "8", "--epochs", "3"]
+        )
+        == 1
+    )
+    assert "other settings than the interrupted run: lr: 0.001 → 0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # float16 would need loss scaling: not offered
+        main([*argv, "--output-dir", str(root / "x"), "--dtype", "float16"])
+    assert usage.value.code == 2
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(total_steps=10, warmup_steps=2, min_ratio=0.1)
+    assert [factor(s) for s in (0, 1)] == [0.5, 1.0]
+    assert factor(2) == pytest.approx(1.0) and factor(10) == pytest.approx(0.1)
+    assert factor(6) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_one_training_step_with_triton_kernels_matches_the_reference(trained):
+    """Loss and every gradient of one step, Triton kernels (interpreter) vs the plain-PyTorch reference.
+
+    (Not the AdamW update: Adam's first step is ±lr wherever a gradient is nonzero, so rounding noise in
+    a gradient that is zero in exact arithmetic becomes a full-size step — equal gradients are the test.)"""
+    root, _ = trained
+    pixels, labels = val_pixels(root)
+    pixels, labels = pixels[[0, 5]], labels[[0, 5]]  # 2 images, 2 classes: the interpreter is slow
+    reference = classifier_for_classes(str(root / "start"), list(CLASSES), seed=0).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = vf.patch(copy.deepcopy(reference), "triton")
+    assert not [w for w in caught if "SDPA" in str(w.message)]  # head size 32: the Triton attention runs
+    swapped = {cls for _, cls in patched_modules(fast)}
+    assert swapped == {"FastSelfAttention", "FastViTLayer", "FastWeightStandardizedConv2d",
+                       "FastGroupNormActivation", "FastBottleneckLayer"}  # fmt: skip
+    results = {}
+    for name, model in (("reference", reference), ("triton", fast)):
+        loss = model(pixels, labels=labels).loss
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 50
+    largest = max(g.abs().max().item() for g in ref_grads.values())
+    for key, ref in ref_grads.items():
+        # the key bias gets no gradient in exact arithmetic (softmax ignores a constant per query): its
+        # float "gradient" is rounding noise, so every tensor also gets an atol scaled to the largest gradient
+        bound = 1e-3 * ref.abs().max().item() + 1e-5 * largest
+        assert (grads[key] - ref).abs().max().item() <= bound, key

@@ -1,0 +1,263 @@
+"""Labelled images in: image folders, CSV / JSON-lines lists, Hugging Face datasets.
+
+Sources (`open_dataset(spec, processor)`):
+  * a directory of class subfolders, as torchvision's ImageFolder reads it: class index = position of
+    the subfolder in sorted order; image files (by extension Pillow knows) found recursively, sorted;
+  * a `.csv` file of `path,label` rows (a first row `path,label` is a header) or a `.jsonl` file of
+    `{"path": ..., "label": ...}` objects; relative paths are relative to the list file; classes are
+    the sorted distinct labels unless `classes` is given;
+  * `hf:NAME[:SPLIT]`: a Hugging Face `datasets` dataset (the optional `[datasets]` extra) with an image
+    and a label column; `NAME` is a hub name or a `save_to_disk` directory.
+
+Preprocessing (`ImagePipeline`) splits the processor in two, for speed, with bit-identical results:
+  * per image, in DataLoader workers: decode → RGB → resize (PIL, on uint8) → center crop, using the
+    processor's own functions, giving a (3, H, W) uint8 tensor — a quarter of the bytes of float32 to
+    collate, pin and copy to the GPU;
+  * per batch, on the model's device: rescale (float64 product cast to float32) and normalize (float32),
+    the same IEEE operations in the same order as `ViTHybridImageProcessor`, so the pixels are equal
+    bit for bit (tests/test_data.py checks it on the CPU).
+  Files are opened with `images.open_image`, which applies the EXIF orientation as `classify` does (the
+  processor itself receives decoded images).
+
+An unreadable file never becomes a silently wrong label: its item carries the error, and the consumer
+(`split_errors`) raises `UnreadableImageError` naming the path, or with `on_error="skip"` reports it and
+leaves it out of every count.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import is_image_file, open_image
+from .processing import ViTHybridImageProcessor, _center_crop, _resize, _to_hwc
+
+ON_ERROR = ("fail", "skip")
+LIST_SUFFIXES = (".csv", ".jsonl")
+HF_PREFIX = "hf:"
+
+
+class UnreadableImageError(RuntimeError):
+    """An image file could not be decoded or preprocessed (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    source: str  # a file path, or "NAME[row]" for a datasets row
+    label: int
+
+
+def image_folder_samples(root: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+    """(samples, classes) of a directory of class subfolders; see the module docstring."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory (expected one subfolder per class)")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"{root}: no class subfolders (expected e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)")
+    samples = []
+    for index, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
+        samples.extend(Sample(str(p), index) for p in files)
+    if not samples:
+        raise FileNotFoundError(f"{root}: the class subfolders hold no image files")
+    return samples, classes
+
+
+def _list_rows(path: Path) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.suffix == ".csv":
+            for line_no, row in enumerate(csv.reader(f), 1):
+                if not row or (line_no == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
+                    continue
+                if len(row) != 2:
+                    raise ValueError(f"{path}:{line_no}: expected 2 columns path,label, got {len(row)}")
+                rows.append((row[0].strip(), row[1].strip()))
+        else:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    rows.append((str(item["path"]), str(item["label"])))
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{path}:{line_no}: expected {{'path': ..., 'label': ...}}: {err!r}") from None
+    if not rows:
+        raise ValueError(f"{path}: the list holds no rows")
+    return rows
+
+
+def list_file_samples(path: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
+    """(samples, classes) of a `path,label` CSV or JSON-lines list; see the module docstring."""
+    path = Path(path)
+    if path.suffix not in LIST_SUFFIXES:
+        raise ValueError(f"{path}: a list must be a .csv or .jsonl file")
+    rows = _list_rows(path)
+    classes = sorted({label for _, label in rows}) if classes is None else list(classes)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({label for _, label in rows} - set(index))
+    if unknown:
+        raise ValueError(f"{path}: labels not among the classes {classes}: {unknown}")
+    return [Sample(str(path.parent / p), index[label]) for p, label in rows], classes
+
+
+class ImagePipeline:
+    """The processor split into a per-image uint8 part (workers) and a batched float part (device)."""
+
+    def __init__(self, processor: ViTHybridImageProcessor) -> None:
+        self.processor = processor
+        fixed_size = processor.do_center_crop or (processor.do_resize and "height" in processor.size)
+        if not fixed_size:
+            raise ValueError("batched preprocessing needs a fixed image size: do_center_crop or size={height, width}")
+        channels = 3 if processor.do_convert_rgb else None
+        self.mean = self._per_channel(processor.image_mean, channels)
+        self.std = self._per_channel(processor.image_std, channels)
+
+    @staticmethod
+    def _per_channel(value: float | list[float], channels: int | None) -> torch.Tensor:
+        values = value if isinstance(value, list) else [value] * (channels or 1)
+        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)  # float32, as the processor's arrays
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """Decoded image → (3, H, W) uint8: RGB, resized and cropped exactly as the processor does."""
+        p = self.processor
+        array = _to_hwc(image, p.do_convert_rgb, None)
+        if array.dtype != np.uint8:
+            raise ValueError(f"a {image.mode} image decodes to {array.dtype}; the batched path takes 8-bit images")
+        if p.do_resize:
+            array = _resize(array, p.size, p.resample)
+        if p.do_center_crop:
+            array = _center_crop(array, p.crop_size["height"], p.crop_size["width"])
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 → float32 pixel_values, on whatever device `pixels` is on."""
+        p = self.processor
+        x = pixels
+        if p.do_rescale:
+            x = (x.to(torch.float64) * p.rescale_factor).to(torch.float32)  # float64 product, as the processor
+        if p.do_normalize:
+            x = x.to(torch.float32)
+            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x.to(torch.float32)
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Samples + classes; item i → {"index", "label", "pixels": uint8 (3, H, W)} or {"index", "label", "error"}."""
+
+    def __init__(self, samples: list[Sample], classes: list[str], pipeline: ImagePipeline, name: str = "") -> None:
+        self.samples, self.classes, self.pipeline, self.name = samples, classes, pipeline, name
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, index: int) -> Image.Image:
+        return open_image(self.samples[index].source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        item: dict[str, Any] = {"index": index, "label": sample.label}
+        try:
+            item["pixels"] = self.pipeline.to_uint8(self.load_image(index))
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError…
+            item["error"] = f"{sample.source}: {type(err).__name__}: {err}"
+        return item
+
+
+class HFLabelledImages(LabelledImages):
+    """Rows of a `datasets.Dataset` with an image column (PIL images) and a label column."""
+
+    def __init__(self, dataset: Any, pipeline: ImagePipeline, name: str, image_column: str, label_column: str):
+        for column in (image_column, label_column):
+            if column not in dataset.column_names:
+                raise ValueError(f"{name}: no column {column!r}; columns are {dataset.column_names}")
+        feature = dataset.features[label_column]
+        raw = dataset[label_column]
+        if hasattr(feature, "names"):  # a ClassLabel: its names in index order
+            classes, labels = list(feature.names), [int(v) for v in raw]
+        else:
+            classes = sorted({str(v) for v in raw})
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[str(v)] for v in raw]
+        samples = [Sample(f"{name}[{row}]", label) for row, label in enumerate(labels)]
+        super().__init__(samples, classes, pipeline, name)
+        self.dataset, self.image_column = dataset, image_column
+
+    def load_image(self, index: int) -> Image.Image:
+        image = self.dataset[index][self.image_column]
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"column {self.image_column!r} holds {type(image).__name__}, not a PIL image")
+        return image
+
+
+def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError(f"{spec} needs the `datasets` package: pip install 'vithybrid-fast[datasets]'") from None
+    name, _, spec_split = spec[len(HF_PREFIX) :].partition(":")
+    split = spec_split or split or "train"
+    if Path(name).is_dir():
+        loaded = datasets.load_from_disk(name)
+        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        dataset = datasets.load_dataset(name, split=split)
+    return dataset, f"{name}:{split}"
+
+
+def open_dataset(
+    spec: str | os.PathLike,
+    pipeline: ImagePipeline,
+    classes: Sequence[str] | None = None,
+    split: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+) -> LabelledImages:
+    """An image folder, a .csv/.jsonl list or `hf:NAME[:SPLIT]` as a LabelledImages dataset."""
+    text = str(spec)
+    if text.startswith(HF_PREFIX):
+        dataset, name = _load_hf(text, split)
+        data: LabelledImages = HFLabelledImages(dataset, pipeline, name, image_column, label_column)
+    elif Path(text).suffix in LIST_SUFFIXES and Path(text).is_file():
+        samples, found = list_file_samples(text, classes)
+        data = LabelledImages(samples, found, pipeline, text)
+    else:
+        samples, found = image_folder_samples(text)
+        data = LabelledImages(samples, found, pipeline, text)
+    if classes is not None and list(data.classes) != list(classes):
+        raise ValueError(f"{text}: classes {data.classes} differ from the expected {list(classes)}")
+    return data
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items → a batch: uint8 pixels of the readable ones, their labels and indices, and the errors."""
+    good = [item for item in items if "pixels" in item]
+    return {
+        "pixels": torch.stack([item["pixels"] for item in good]) if good else None,
+        "labels": torch.tensor([item["label"] for item in good], dtype=torch.long),
+        "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
+        "errors": [item["error"] for item in items if "error" in item],
+    }
+
+
+def split_errors(batch: dict[str, Any], on_error: str, report: Any = None) -> list[str]:
+    """Raise on the batch's unreadable files (`on_error="fail"`), or report them and return their messages."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    errors = batch["errors"]
+    if errors and on_error == "fail":
+        raise UnreadableImageError(f"cannot read image {errors[0]} (pass --on-error skip to leave such files out)")
+    for message in errors:
+        if report is not None:
+            report(f"skipped unreadable image {message}")
+    return errors

@@ -1,0 +1,288 @@
+"""`vithybrid-fast eval DATA --model M`: top-1 / top-5 accuracy of a classifier on labelled images.
+
+    vithybrid-fast eval ./val --model google/vit-hybrid-base-bit-384 --batch-size 64 --num-workers 8
+    torchrun --nproc-per-node 8 -m vithybrid_fast eval ./val --model ./finetuned/best --output preds.jsonl
+
+DATA: an image folder (one subfolder per class), a `path,label` .csv / .jsonl list, or `hf:NAME[:SPLIT]`.
+Each class name must equal one of the model's labels (`config.id2label`), or be mapped to one by
+`--label-map map.json` ({"folder name": "model label" or label index}); a class that matches nothing is
+an error naming it. Under torchrun every rank evaluates its own shard (no padding) and the counts are
+summed exactly; only rank 0 prints and writes. The last line is `top-1: 0.xxxx  top-5: 0.xxxx  images: N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TOP_K = 5
+
+
+def match_labels(
+    classes: Sequence[str], id2label: dict[int, str], label_map: dict[str, str | int] | None = None
+) -> list[int]:
+    """The model's label index for each dataset class (exact name, or through `label_map`)."""
+    by_name = {name: index for index, name in id2label.items()}
+    label_map = label_map or {}
+    targets, unmatched = [], []
+    for name in classes:
+        target = label_map.get(name, name)
+        if isinstance(target, int) and not isinstance(target, bool) and target in id2label:
+            targets.append(target)
+        elif isinstance(target, str) and target in by_name:
+            targets.append(by_name[target])
+        else:
+            unmatched.append(repr(name) if target == name else f"{name!r} (mapped to {target!r})")
+    if unmatched:
+        sample = ", ".join(repr(v) for v in list(id2label.values())[:3])
+        raise ValueError(
+            f"{len(unmatched)} class(es) match no label of the model: {', '.join(unmatched)}. "
+            f"Rename the folders to the model's labels (e.g. {sample}) or pass --label-map map.json "
+            '({"folder name": "model label" or label index})'
+        )
+    return targets
+
+
+@dataclass
+class EvalResult:
+    """Counts summed over every rank; per-class rows are indexed by dataset class."""
+
+    classes: list[str]
+    total: int = 0
+    top1: int = 0
+    top5: int = 0
+    loss_sum: float = 0.0
+    skipped: int = 0
+    seconds: float = 0.0
+    class_total: list[int] = field(default_factory=list)
+    class_top1: list[int] = field(default_factory=list)
+    class_top5: list[int] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # rank 0, when asked for
+
+    @property
+    def top1_accuracy(self) -> float:
+        return self.top1 / self.total if self.total else 0.0
+
+    @property
+    def top5_accuracy(self) -> float:
+        return self.top5 / self.total if self.total else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.total if self.total else float("nan")
+
+    def summary_line(self) -> str:
+        return f"top-1: {self.top1_accuracy:.4f}  top-5: {self.top5_accuracy:.4f}  images: {self.total}"
+
+    def table(self) -> str:
+        width = max([len("class"), *(len(c) for c in self.classes)])
+        lines = [f"{'class':<{width}}  {'images':>7}  {'top-1':>6}  {'top-5':>6}"]
+        for name, n, t1, t5 in zip(self.classes, self.class_total, self.class_top1, self.class_top5):
+            a1, a5 = (f"{t1 / n:.4f}", f"{t5 / n:.4f}") if n else ("-", "-")
+            lines.append(f"{name:<{width}}  {n:>7}  {a1:>6}  {a5:>6}")
+        return "\n".join(lines)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    ctx: Any,
+    targets: Sequence[int] | None = None,
+    on_error: str = "fail",
+    autocast_dtype: torch.dtype | None = None,
+    with_predictions: bool = False,
+    id2label: dict[int, str] | None = None,
+    progress: Callable[[Any], Any] | None = None,
+) -> EvalResult:
+    """Run `model` over `loader` (a ShardSampler shard per rank) and sum the counts over ranks.
+
+    targets: the model's label index per dataset class (None: the same indices). The returned counts
+    and loss are global; `predictions` (rank 0) holds one dict per image, in dataset order.
+    """
+    from .data import split_errors
+    from .distributed import all_reduce_sum, gather_objects
+
+    dataset = loader.dataset
+    classes = list(dataset.classes)
+    target_of = torch.tensor(list(range(len(classes))) if targets is None else list(targets), dtype=torch.long)
+    device = ctx.device
+    # [total, top1, top5] per dataset class, then skipped; int64 so the sum over ranks is exact
+    counts = torch.zeros(3 * len(classes) + 1, dtype=torch.int64)
+    loss_sum = torch.zeros(1, dtype=torch.float64)
+    predictions: list[dict[str, Any]] = []
+    was_training = model.training
+    model.eval()
+    report = None if not ctx.is_main else (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    start = time.perf_counter()
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32) else None
+    )
+    batches = progress(loader) if progress is not None else loader
+    with torch.inference_mode():
+        for batch in batches:
+            counts[-1] += len(split_errors(batch, on_error, report))
+            if batch["pixels"] is None:
+                continue
+            pixels = dataset.pipeline.normalize(batch["pixels"].to(device, non_blocking=True))
+            labels = batch["labels"]
+            with autocast or nullcontext():
+                logits = model(pixels.to(next(model.parameters()).dtype)).logits.float().cpu()
+            model_labels = target_of[labels]
+            loss_sum += torch.nn.functional.cross_entropy(logits, model_labels, reduction="sum").double()
+            ranked = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
+            hit1 = ranked[:, 0] == model_labels
+            hit5 = (ranked == model_labels[:, None]).any(dim=-1)
+            for column, hits in enumerate((torch.ones_like(hit1), hit1, hit5)):
+                counts[: 3 * len(classes)].view(len(classes), 3)[:, column] += torch.bincount(
+                    labels[hits], minlength=len(classes)
+                )
+            if with_predictions:
+                probs = logits.softmax(dim=-1).gather(1, ranked)
+                names = id2label or {}
+                for i, label, idx_row, prob_row in zip(batch["indices"], labels, ranked, probs):
+                    predictions.append(
+                        {
+                            "index": int(i),
+                            "path": dataset.samples[int(i)].source,
+                            "label": classes[int(label)],
+                            "top_k": [names.get(int(j), str(int(j))) for j in idx_row],
+                            "probs": [round(float(p), 6) for p in prob_row],
+                        }
+                    )
+    all_reduce_sum(counts, ctx)
+    all_reduce_sum(loss_sum, ctx)
+    if with_predictions:
+        gathered = gather_objects(predictions, ctx)
+        predictions = sorted((p for rank_preds in gathered for p in rank_preds), key=lambda p: p["index"])
+    model.train(was_training)
+    per_class = counts[: 3 * len(classes)].view(len(classes), 3).tolist()
+    return EvalResult(
+        classes=classes,
+        total=sum(row[0] for row in per_class),
+        top1=sum(row[1] for row in per_class),
+        top5=sum(row[2] for row in per_class),
+        loss_sum=float(loss_sum.item()),
+        skipped=int(counts[-1]),
+        seconds=time.perf_counter() - start,
+        class_total=[row[0] for row in per_class],
+        class_top1=[row[1] for row in per_class],
+        class_top5=[row[2] for row in per_class],
+        predictions=predictions if ctx.is_main else [],
+    )
+
+
+def make_loader(dataset: Any, batch_size: int, num_workers: int, ctx: Any, sampler: Any = None):
+    from .data import collate
+    from .distributed import ShardSampler
+
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler if sampler is not None else ShardSampler(len(dataset), ctx),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def progress_bar(ctx: Any, desc: str, **extra: Any) -> Callable[[Any], Any] | None:
+    """tqdm over an iterable on rank 0 when stderr is a terminal; None (no bar) otherwise."""
+    if not ctx.is_main or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return lambda iterable: tqdm(iterable, desc=desc, dynamic_ncols=True, **extra)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags `eval` and `finetune` share."""
+    from .cli import _positive_int
+
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per step, over all ranks")
+    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"])
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
+    parser.add_argument(
+        "--on-error",
+        default="fail",
+        choices=["fail", "skip"],
+        help="an unreadable image file: stop, or report it and skip it",
+    )
+
+
+def register(subparsers: Any) -> None:
+    from .cli import DTYPE_NAMES, HUB_ID
+
+    parser = subparsers.add_parser(
+        "eval", help="top-1/top-5 accuracy on labelled images", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("data", help="image folder (class subfolders), .csv/.jsonl list, or hf:NAME[:SPLIT]")
+    parser.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory")
+    add_common_arguments(parser)
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
+    parser.add_argument("--label-map", type=Path, help='JSON {"folder name": "model label" or index}')
+    parser.add_argument("--output", type=Path, help="write one JSON line per image (path, label, top-5, probs)")
+    parser.set_defaults(func=run)
+
+
+def _read_label_map(path: Path | None) -> dict[str, str | int] | None:
+    if path is None:
+        return None
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--label-map {path}: not valid JSON ({err})") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"--label-map {path}: expected a JSON object {{folder: label}}")
+    return mapping
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .cli import _processor_for
+    from .data import ImagePipeline, open_dataset
+    from .loading import load
+    from .modeling import ViTHybridForImageClassification
+
+    ctx = distributed.setup(args.device)
+    try:
+        label_map = _read_label_map(args.label_map)
+        model = load(
+            args.model, kernels=args.kernels, dtype=args.dtype, device=ctx.device,
+            model_class=ViTHybridForImageClassification,
+        )  # fmt: skip
+        pipeline = ImagePipeline(_processor_for(args.model, model.config.image_size_hw))
+        dataset = open_dataset(args.data, pipeline, split="validation")
+        targets = match_labels(dataset.classes, model.config.id2label, label_map)
+        per_rank = max(1, args.batch_size // ctx.world_size)
+        loader = make_loader(dataset, per_rank, args.num_workers, ctx)
+        result = evaluate(
+            model, loader, ctx, targets, on_error=args.on_error, with_predictions=args.output is not None,
+            id2label=model.config.id2label, progress=progress_bar(ctx, "eval", unit="batch"),
+        )  # fmt: skip
+        if ctx.is_main:
+            if args.output is not None:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                with open(args.output, "w", encoding="utf-8") as f:
+                    for pred in result.predictions:
+                        f.write(json.dumps({k: v for k, v in pred.items() if k != "index"}) + "\n")
+            print(result.table())
+            print(f"model: {args.model}  kernels: {args.kernels}  dtype: {args.dtype}  ranks: {ctx.world_size}")
+            rate = result.total / result.seconds if result.seconds else 0.0
+            print(f"images/s: {rate:.1f}  loss: {result.mean_loss:.4f}  skipped unreadable: {result.skipped}")
+            print(result.summary_line())
+        return 0
+    finally:
+        distributed.teardown()

@@ -1,0 +1,475 @@
+"""Fine-tuning: a ViT Hybrid checkpoint → a classifier of your image folder's classes.
+
+    vithybrid-fast finetune ./flowers --model google/vit-hybrid-base-bit-384 --output-dir ./flowers-vit \
+        --epochs 10 --batch-size 64 --lr 1e-4
+    torchrun --nproc-per-node 8 -m vithybrid_fast finetune ./flowers --model ... --output-dir ./flowers-vit
+
+DATA holds `train/` and `val/` (image folders, or train.csv / val.csv / .jsonl lists), or is `hf:NAME`
+(splits --train-split / --val-split). The classification head is re-created for the training classes
+(`id2label` = class names in sorted folder order); everything else comes from `--model` (any
+checkpoint `vf.load` reads; a headless ViTHybridModel checkpoint too).
+
+Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), linear warm-up then cosine
+decay per optimizer step, gradient clipping, bf16 autocast on GPUs that support it, gradient
+accumulation, `--freeze-backbone` (train the head only), our Triton kernels forward and backward on a
+GPU (`--kernels auto`; SDPA on a CPU). `--batch-size` is the *global* batch of one optimizer step: each
+of W ranks runs batch/(W·accum) images per micro-step, so W, accum and the batch are independent choices
+that give the same optimisation.
+
+Every epoch: validation (exact counts over ranks), `OUT/last` and, when validation top-1 improves,
+`OUT/best`, each a `save_pretrained` directory (config.json, model.safetensors and the processor's
+preprocessor_config.json: transformers 4.47.1 and `vf.load` read it). `OUT/last/training_state.pt`
+holds the optimizer, scheduler, step and RNG states: `--resume` continues from the last finished epoch
+and ends with the weights an uninterrupted run gets (on a CPU, same seed; tests/test_finetune.py).
+`OUT/train_log.jsonl` gets one JSON line per optimizer step and per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+TRAINING_STATE = "training_state.pt"
+LOG_NAME = "train_log.jsonl"
+# settings that must match for --resume to continue the same run
+RESUME_KEYS = ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "freeze_backbone")
+
+
+@dataclass
+class FinetuneConfig:
+    data: str
+    model: str
+    output_dir: Path
+    epochs: int = 10
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    freeze_backbone: bool = False
+    kernels: str = "auto"
+    dtype: str = "auto"
+    device: str | None = None
+    num_workers: int = 4
+    seed: int = 0
+    resume: bool = False
+    on_error: str = "fail"
+    train_split: str = "train"
+    val_split: str = "validation"
+    max_epochs_this_run: int | None = None  # stop early (e.g. a job time limit); continue with resume=True
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' → bfloat16 on a GPU that has it, else float32 (no autocast)."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {name!r}: choose auto, float32 or bfloat16 (float16 would need loss scaling)")
+    return getattr(torch, name)
+
+
+def classifier_for_classes(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> nn.Module:
+    """`model_name`'s weights with a new, seeded classification head for `classes` (float32, CPU)."""
+    from .config import ViTHybridConfig
+    from .loading import load_model
+    from .modeling import ViTHybridForImageClassification
+
+    base = load_model(model_name, dtype=torch.float32, device="cpu", **hub_kwargs)
+    encoder = base.vit if isinstance(base, ViTHybridForImageClassification) else base
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.") and "mask_token" not in k}
+    data = base.config.to_dict()
+    data.update(id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
+    data.pop("num_labels", None)
+    data["problem_type"] = "single_label_classification"
+    config = ViTHybridConfig.from_dict(data)
+    with torch.device("meta"):
+        model = ViTHybridForImageClassification(config)
+    model.vit.load_state_dict(state, strict=True, assign=True)
+    model.classifier = nn.Linear(config.hidden_size, len(classes))
+    torch.manual_seed(seed)
+    model.init_weights(model.classifier)
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and conv kernels; not biases, norm affines, the [CLS] token or the position table."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or name.endswith(("cls_token", "position_embeddings", "mask_token"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """lr multiplier per optimizer step: linear 1/w … 1 over `warmup_steps`, then cosine down to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(model: nn.Module, processor: Any, directory: Path, training_state: dict | None = None) -> None:
+    """save_pretrained + preprocessor_config.json (+ training state), swapped in whole: never half-written."""
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    if training_state is not None:
+        torch.save(training_state, partial / TRAINING_STATE)
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    partial.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def data_specs(data: str) -> tuple[str, str]:
+    """(train, val) dataset specs inside DATA: folders train/ val/ (or valid/, validation/), or list files."""
+    if data.startswith("hf:"):
+        return data, data
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory (expected {root}/train/ and {root}/val/)")
+    found = {}
+    for split, names in (("train", ("train",)), ("val", ("val", "valid", "validation"))):
+        candidates = [root / f"{n}{suffix}" for n in names for suffix in ("", ".csv", ".jsonl")]
+        match = next((c for c in candidates if c.exists()), None)
+        if match is None:
+            raise FileNotFoundError(f"{root}: no {split}/ folder (or {split}.csv / {split}.jsonl list) in it")
+        found[split] = str(match)
+    return found["train"], found["val"]
+
+
+class JsonlLog:
+    """Append-only JSON-lines log, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run a fine-tuning job (see the module docstring); returns a summary (rank 0's view)."""
+    from . import distributed
+
+    ctx = distributed.setup(cfg.device)
+    try:
+        return _finetune(cfg, ctx)
+    finally:
+        distributed.teardown()
+
+
+@dataclass
+class _Run:
+    """Everything one fine-tuning job holds while it runs."""
+
+    cfg: FinetuneConfig
+    ctx: Any
+    model: nn.Module  # the bare model (saved, validated)
+    trained: nn.Module  # what the forward runs through: the model, or DDP around it
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: torch.utils.data.distributed.DistributedSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    autocast_dtype: torch.dtype
+    log: JsonlLog
+    step: int = 0
+    best: dict[str, Any] | None = None
+
+
+def _checked_batch_split(cfg: FinetuneConfig, ctx: Any) -> int:
+    per_rank, leftover = divmod(cfg.batch_size, ctx.world_size * cfg.grad_accum)
+    if leftover or per_rank == 0:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a multiple of ranks × --grad-accum "
+            f"({ctx.world_size} × {cfg.grad_accum})"
+        )
+    return per_rank
+
+
+def _resume_state(cfg: FinetuneConfig) -> dict[str, Any] | None:
+    state_path = Path(cfg.output_dir) / "last" / TRAINING_STATE
+    if not cfg.resume:
+        return None
+    if not state_path.is_file():
+        raise FileNotFoundError(f"--resume: {state_path} does not exist (no finished epoch to continue from)")
+    state = torch.load(state_path, weights_only=True)
+    saved = state["config"]
+    changed = [f"{k}: {saved[k]} → {getattr(cfg, k)}" for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume with other settings than the interrupted run: {', '.join(changed)}")
+    return state
+
+
+def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
+    """Data, model, optimizer and schedule (restored with --resume); returns the run and its first epoch."""
+    from .cli import _processor_for
+    from .config import ViTHybridConfig
+    from .data import ImagePipeline, collate, open_dataset
+    from .evaluate import make_loader
+    from .loading import load_model
+    from .patching import patch, validate_kernels
+
+    kernels = "triton" if cfg.kernels == "auto" and ctx.device.type == "cuda" else cfg.kernels
+    kernels = "sdpa" if kernels == "auto" else kernels
+    validate_kernels(kernels, ctx.device)  # before any data or weights are read
+    per_rank = _checked_batch_split(cfg, ctx)
+    state = _resume_state(cfg)
+    seed_everything(cfg.seed)
+
+    processor = _processor_for(cfg.model, ViTHybridConfig.from_pretrained(cfg.model).image_size_hw)
+    pipeline = ImagePipeline(processor)
+    train_spec, val_spec = data_specs(cfg.data)
+    train_data = open_dataset(train_spec, pipeline, split=cfg.train_split)
+    val_data = open_dataset(val_spec, pipeline, classes=train_data.classes, split=cfg.val_split)
+
+    out = Path(cfg.output_dir)
+    if state is not None:
+        model = load_model(out / "last", dtype=torch.float32, device="cpu")
+        if [model.config.id2label[i] for i in range(model.config.num_labels)] != train_data.classes:
+            raise ValueError(f"--resume: {out / 'last'} was trained on other classes than {train_data.classes}")
+    else:
+        model = classifier_for_classes(cfg.model, train_data.classes, cfg.seed)
+    model.to(ctx.device).train()
+    if cfg.freeze_backbone:
+        model.vit.requires_grad_(False)
+    patch(model, kernels)
+    trained = model
+    if ctx.enabled:
+        trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    # every rank draws the same permutation (seed + epoch) and takes every world_size-th sample, so one
+    # global batch holds the same images whatever the number of ranks
+    sampler = torch.utils.data.distributed.DistributedSampler(
+        train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
+    )
+    train_loader = torch.utils.data.DataLoader(
+        train_data, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+        drop_last=True, pin_memory=ctx.device.type == "cuda",
+    )  # fmt: skip
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{train_spec}: {len(train_data)} images fill no batch of {cfg.batch_size}; lower it")
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    schedule = warmup_cosine(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio)
+    run = _Run(
+        cfg, ctx, model, trained, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        sampler, train_loader, make_loader(val_data, max(1, cfg.batch_size // ctx.world_size), cfg.num_workers, ctx),
+        steps_per_epoch, autocast_dtype(cfg.dtype, ctx.device), JsonlLog(out / LOG_NAME, ctx.is_main),
+        best={"top1": -1.0, "epoch": None},
+    )  # fmt: skip
+    first_epoch = 0
+    if state is not None:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.step, first_epoch, run.best = state["step"], state["epoch"], state["best"]
+        set_rng_state(state["rng"])  # last: building the model above drew from the generators
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(
+            f"finetune: {len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes, "
+            f"{ctx.world_size} rank(s) on {ctx.device}, kernels {kernels}, "
+            f"autocast {str(run.autocast_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch × "
+            f"{cfg.epochs} epochs" + (f", resuming after epoch {first_epoch}" if first_epoch else "")
+        )
+    return run, first_epoch
+
+
+def _train_epoch(run: _Run, epoch: int) -> float:
+    """One pass over the training shard; returns the mean loss of its optimizer steps (over all ranks)."""
+    from . import distributed
+    from .data import split_errors
+    from .evaluate import progress_bar
+
+    cfg, ctx = run.cfg, run.ctx
+    run.sampler.set_epoch(epoch)
+    bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch * cfg.grad_accum)
+    batches = bar(run.train_loader) if bar is not None else run.train_loader
+    mixed = run.autocast_dtype != torch.float32
+    autocast = torch.autocast(ctx.device.type, dtype=run.autocast_dtype) if mixed else nullcontext()
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if ctx.is_main else None
+    micro, steps, loss_sum, images = 0, 0, 0.0, 0
+    step_loss, started = torch.zeros(1, device=ctx.device), time.perf_counter()
+    for batch in batches:
+        if micro == 0 and steps == run.steps_per_epoch:
+            break  # micro-batches short of a whole accumulation at the end: dropped
+        split_errors(batch, cfg.on_error, warn)
+        if batch["pixels"] is None:
+            raise RuntimeError("every image of a micro-batch was unreadable; remove them from the data")
+        pixels = run.train_loader.dataset.pipeline.normalize(batch["pixels"].to(ctx.device, non_blocking=True))
+        labels = batch["labels"].to(ctx.device, non_blocking=True)
+        micro += 1
+        # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
+        with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
+            with autocast:
+                loss = run.trained(pixels, labels=labels).loss / cfg.grad_accum
+            loss.backward()
+        step_loss += loss.detach().float()
+        images += len(labels)
+        if micro < cfg.grad_accum:
+            continue
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step, steps, micro = run.step + 1, steps + 1, 0
+        mean_loss = float(distributed.all_reduce_sum(step_loss, ctx).item()) / ctx.world_size
+        seconds = time.perf_counter() - started
+        rate = images * ctx.world_size / seconds if seconds else 0.0
+        lr = run.scheduler.get_last_lr()[0]
+        loss_sum += mean_loss
+        run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr,
+                      grad_norm=float(grad_norm), images_per_s=rate)  # fmt: skip
+        if bar is not None:
+            batches.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        step_loss, images, started = torch.zeros(1, device=ctx.device), 0, time.perf_counter()
+    if bar is not None:
+        batches.close()
+    return loss_sum / max(1, steps)
+
+
+def _end_epoch(run: _Run, epoch: int, train_loss: float, started: float) -> dict[str, Any]:
+    """Validate, log, and (rank 0) write OUT/last and, when validation top-1 improved, OUT/best."""
+    from . import distributed
+    from .evaluate import evaluate
+
+    cfg, ctx, out = run.cfg, run.ctx, Path(run.cfg.output_dir)
+    val = evaluate(run.model, run.val_loader, ctx, on_error=cfg.on_error, autocast_dtype=run.autocast_dtype)
+    improved = val.top1_accuracy > run.best["top1"]
+    if improved:
+        run.best = {"top1": val.top1_accuracy, "epoch": epoch + 1}
+    record = {
+        "type": "epoch", "epoch": epoch + 1, "step": run.step, "train_loss": train_loss, "val_loss": val.mean_loss,
+        "val_top1": val.top1_accuracy, "val_top5": val.top5_accuracy, "val_images": val.total,
+        "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    run.log.write(**record)
+    if ctx.is_main:
+        if improved:
+            save_checkpoint(run.model, run.processor, out / "best")
+        state = {
+            "epoch": epoch + 1, "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
+            "config": {k: getattr(cfg, k) for k in RESUME_KEYS},
+        }  # fmt: skip
+        save_checkpoint(run.model, run.processor, out / "last", state)
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}  val loss {val.mean_loss:.4f}  "
+            f"val top-1 {val.top1_accuracy:.4f}  top-5 {val.top5_accuracy:.4f}" + ("  (best)" if improved else "")
+        )
+    distributed.barrier(ctx)  # nobody starts the next epoch (or exits) before the checkpoint is written
+    return record
+
+
+def _finetune(cfg: FinetuneConfig, ctx: Any) -> dict[str, Any]:
+    run, first_epoch = _prepare(cfg, ctx)
+    stop = cfg.epochs if cfg.max_epochs_this_run is None else min(cfg.epochs, first_epoch + cfg.max_epochs_this_run)
+    record: dict[str, Any] = {}
+    for epoch in range(first_epoch, stop):
+        started = time.perf_counter()
+        train_loss = _train_epoch(run, epoch)
+        record = _end_epoch(run, epoch, train_loss, started)
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        print(
+            f"val top-1: {record.get('val_top1', float('nan')):.4f}  best: {run.best['top1']:.4f} "
+            f"(epoch {run.best['epoch']})  saved: {out / 'best'}, {out / 'last'}"
+        )
+    return {"last_epoch": record.get("epoch", first_epoch), "best": run.best, "last": record, "output_dir": str(out)}
+
+
+def register(subparsers: Any) -> None:
+    from .cli import HUB_ID, _positive_int
+    from .evaluate import add_common_arguments
+
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune on an image folder (train/ and val/)", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("data", help="folder with train/ and val/ (folders or .csv/.jsonl lists), or hf:NAME")
+    parser.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory to start from")
+    parser.add_argument("--output-dir", type=Path, required=True, help="best/, last/ and train_log.jsonl go here")
+    parser.add_argument("--epochs", type=_positive_int, default=10)
+    add_common_arguments(parser)
+    parser.set_defaults(batch_size=32)
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    parser.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the classification head only")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="autocast dtype (auto: bfloat16 on GPUs that have it, else float32)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
+    parser.add_argument("--max-epochs-this-run", type=_positive_int, default=None,
+                        help="stop after this many epochs (job time limits); continue with --resume")  # fmt: skip
+    parser.add_argument("--train-split", default="train", help="hf: datasets only")
+    parser.add_argument("--val-split", default="validation", help="hf: datasets only")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = set(FinetuneConfig.__dataclass_fields__)
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    finetune(cfg)
+    return 0
