@@ -93,18 +93,12 @@ def _block_stats(x_ptr, start, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _span_stats(x_ptr, start, L, ITERS, BLOCK: tl.constexpr):
-    # (count, mean, M2) of ITERS blocks from `start`, merged block by block with Chan's parallel formula.
-    count, mean, m2 = _block_stats(x_ptr, start, L, BLOCK)
-    for it in range(1, ITERS):
-        b_count, b_mean, b_m2 = _block_stats(x_ptr, start + it * BLOCK, L, BLOCK)
-        total = count + b_count
-        frac = b_count / tl.maximum(total, 1.0)
-        delta = b_mean - mean
-        mean += delta * frac
-        m2 += b_m2 + delta * delta * count * frac
-        count = total
-    return count, mean, m2
+def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
+    # Chan's parallel formula: (count, mean, M2) of the union of two disjoint sets of elements.
+    total = count + b_count
+    frac = b_count / tl.maximum(total, 1.0)
+    delta = b_mean - mean
+    return total, mean + delta * frac, m2 + b_m2 + delta * delta * count * frac
 
 
 @triton.jit
@@ -157,7 +151,11 @@ def _gn_fwd_group_loop(
 ):
     row = tl.program_id(0)  # n·G + g: one program sweeps its whole group twice
     base = row.to(tl.int64) * L
-    _, mean, m2 = _span_stats(x_ptr + base, 0, L, ITERS, BLOCK)
+    # The loop stays in the kernel: ITERS is a constexpr only under the interpreter, which a helper's
+    # plain parameter would turn into a tensor (Triton 3.6's interpreter cannot loop to a tensor).
+    count, mean, m2 = _block_stats(x_ptr + base, 0, L, BLOCK)
+    for it in range(1, ITERS):
+        count, mean, m2 = _chan_merge(count, mean, m2, *_block_stats(x_ptr + base, it * BLOCK, L, BLOCK))
     rstd = 1.0 / tl.sqrt(m2 / (L * 1.0) + eps)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
@@ -181,7 +179,11 @@ def _gn_group_stats(
 ):
     pid = tl.program_id(0)  # (n·G + g)·P + chunk
     row, chunk = pid // P, pid % P
-    _, mean, m2 = _span_stats(x_ptr + row.to(tl.int64) * L, chunk * ITERS * BLOCK, L, ITERS, BLOCK)
+    x_ptr += row.to(tl.int64) * L
+    start = chunk * ITERS * BLOCK
+    count, mean, m2 = _block_stats(x_ptr, start, L, BLOCK)
+    for it in range(1, ITERS):
+        count, mean, m2 = _chan_merge(count, mean, m2, *_block_stats(x_ptr, start + it * BLOCK, L, BLOCK))
     tl.store(part_mean_ptr + pid, mean)
     tl.store(part_m2_ptr + pid, m2)
 
