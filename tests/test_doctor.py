@@ -3,6 +3,8 @@
 Old GPUs are faked by monkeypatching torch.cuda (is_available, get_device_capability, get_device_name,
 get_device_properties) with TRITON_INTERPRET unset, so the rule is exercised as a T4 / A100 host sees it.
 The --check / --drift runs use the tiny config under the Triton interpreter (float32: seconds).
+The kernels (and triton) are imported at the top, while conftest's TRITON_INTERPRET=1 holds: fake_gpu
+unsets it, and a kernel module first imported then would be built for a GPU this machine lacks.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import warnings
 import pytest
 import torch
 from tolerance import ATOL as TEST_ATOL
+from vithybrid_fast.kernels._runtime import triton_can_run
 
 from vithybrid_fast import diagnostics, gpu_support
 from vithybrid_fast.cli import main
@@ -49,8 +52,6 @@ def test_auto_takes_sdpa_below_sm80_and_says_why(monkeypatch, name, capability):
 
 
 def test_triton_below_sm80_raises_a_clear_error(monkeypatch):
-    from vithybrid_fast.kernels._runtime import triton_can_run
-
     fake_gpu(monkeypatch, "Tesla T4", (7, 5))
     assert not triton_can_run(CUDA) and not triton_can_run(None)
     with pytest.raises(RuntimeError, match=r"kernels='triton' cannot run on cuda: Tesla T4 .* 7\.5 \(sm_75\)"):
@@ -61,8 +62,6 @@ def test_triton_below_sm80_raises_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("name,capability", [("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100 80GB HBM3", (9, 0))])
 def test_ampere_and_hopper_get_triton(monkeypatch, name, capability):
-    from vithybrid_fast.kernels._runtime import triton_can_run
-
     fake_gpu(monkeypatch, name, capability)
     assert triton_can_run(CUDA)
     with warnings.catch_warnings():
