@@ -10,10 +10,9 @@ Every forward path saves the same (N, G) float32 mean and rstd, so this serves t
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._group_norm_act_plan import reduce_plan
+from ._group_norm_act_plan import cdiv, reduce_plan
 from ._group_norm_act_tiles import _tile_offsets, tuned_apply
 from ._runtime import interpreter_enabled
 from ._tuning import jit
@@ -133,7 +132,7 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
     )
     part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
     part_dxh = torch.empty_like(part_ds)
-    _gn_bwd_reduce[(chunks, n, triton.cdiv(c, block_c))](
+    _gn_bwd_reduce[(chunks, n, cdiv(c, block_c))](
         gy, y, x, mean, rstd, part_ds, part_dxh, c, s, num_groups, cg, chunks, iters,
         RELU=relu, CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
@@ -146,7 +145,7 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
     gz = torch.empty_like(x) if need_gz and relu else None
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(s, meta["BLOCK_S"]), n, triton.cdiv(c, meta["BLOCK_C"]))
+        return (cdiv(s, meta["BLOCK_S"]), n, cdiv(c, meta["BLOCK_C"]))
 
     _gn_bwd_apply_tuned[grid](
         gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gx if gz is None else gz, n, c, s, num_groups, cg,

@@ -22,7 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import triton
+
+def cdiv(a: int, b: int) -> int:
+    # Plain ints: triton.cdiv / next_power_of_2 are constexpr functions costing microseconds a call.
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
 
 # Single-pass forward: largest padded group tile (C/G × S, each a power of two) held in registers, and
 # the least N·G programs per SM that keep HBM busy with one program per group (fewer: split the groups).
@@ -67,13 +75,13 @@ class ForwardPlan:
 def span(s: int) -> int:
     """NCHW tile width along S: the widest power of two in 64..512 padding S within 10% of the least."""
     if s < 64:
-        return triton.next_power_of_2(s)
-    padded = {b: triton.cdiv(s, b) * b for b in (64, 128, 256, 512)}
+        return next_pow2(s)
+    padded = {b: cdiv(s, b) * b for b in (64, 128, 256, 512)}
     return max(b for b, p in padded.items() if p <= 1.1 * min(padded.values()))
 
 
 def single_pass_tile(cg: int, s: int) -> tuple[int, int]:
-    return triton.next_power_of_2(cg), triton.next_power_of_2(s)
+    return next_pow2(cg), next_pow2(s)
 
 
 def single_pass_warps(block_cg: int, block_s: int) -> int:
@@ -100,30 +108,30 @@ def choose_path(
 
 def split_chunks(n: int, num_groups: int, length: int, sm_count: int, blocks: Blocks) -> tuple[int, int]:
     """(ITERS, P) of `_gn_group_stats`: P chunks of ITERS blocks per group, ~4 programs per SM in all."""
-    group_blocks = triton.cdiv(length, blocks.stats)
-    chunks = min(max(triton.cdiv(4 * sm_count, n * num_groups), 1), group_blocks, blocks.max_chunks)
-    iters = triton.cdiv(group_blocks, chunks)
-    return iters, triton.cdiv(group_blocks, iters)
+    group_blocks = cdiv(length, blocks.stats)
+    chunks = min(max(cdiv(4 * sm_count, n * num_groups), 1), group_blocks, blocks.max_chunks)
+    iters = cdiv(group_blocks, chunks)
+    return iters, cdiv(group_blocks, iters)
 
 
 def reduce_plan(n: int, c: int, s: int, channels_last: bool, sm_count: int, interpreter: bool = False):
     """(BLOCK_C, BLOCK_S, ITERS, P) of the per-channel reductions: ~2K-element tiles, ≥ 4 programs per SM."""
     if interpreter:
         # Tiny tiles and few chunks: the tests then exercise masking and the Chan merge loop.
-        block_c, block_s, target = min(triton.next_power_of_2(c), 8), min(triton.next_power_of_2(s), 16), 4
+        block_c, block_s, target = min(next_pow2(c), 8), min(next_pow2(s), 16), 4
     else:
         tile = GPU_BLOCKS.reduce_tile
         if channels_last:
-            block_c = min(triton.next_power_of_2(c), 128)
-            block_s = min(max(tile // block_c, 1), triton.next_power_of_2(s))
+            block_c = min(next_pow2(c), 128)
+            block_s = min(max(tile // block_c, 1), next_pow2(s))
         else:
             block_s = span(s)
-            block_c = min(max(tile // block_s, 1), triton.next_power_of_2(c))
+            block_c = min(max(tile // block_s, 1), next_pow2(c))
         target = 4 * sm_count
-    s_blocks = triton.cdiv(s, block_s)
-    chunks = min(max(triton.cdiv(target, n * triton.cdiv(c, block_c)), 1), s_blocks)
-    iters = triton.cdiv(s_blocks, chunks)
-    return block_c, block_s, iters, triton.cdiv(s_blocks, iters)
+    s_blocks = cdiv(s, block_s)
+    chunks = min(max(cdiv(target, n * cdiv(c, block_c)), 1), s_blocks)
+    iters = cdiv(s_blocks, chunks)
+    return block_c, block_s, iters, cdiv(s_blocks, iters)
 
 
 def forward_plan(
@@ -150,13 +158,13 @@ def forward_plan(
         )  # fmt: skip
         return ForwardPlan(path, (launch,))
     if path == "loop":
-        iters = triton.cdiv(length, blocks.loop)
+        iters = cdiv(length, blocks.loop)
         return ForwardPlan(path, (Launch("_gn_fwd_group_loop", (rows,), {"BLOCK": blocks.loop}, {"ITERS": iters}, 8),))
     if path == "split":
         iters, chunks = split_chunks(n, num_groups, length, sm_count, blocks)
         sizes = {"ITERS": iters, "P": chunks}
         stats = Launch("_gn_group_stats", (rows * chunks,), {"BLOCK": blocks.stats}, sizes)
-        tiles = triton.cdiv(length, blocks.apply)
+        tiles = cdiv(length, blocks.apply)
         apply = Launch(
             "_gn_apply_grouped", (rows * tiles,), {"BLOCK": blocks.apply, "BLOCK_P": blocks.max_chunks},
             {"P": chunks, "CHUNK": iters * blocks.stats, "TILES": tiles},
@@ -164,12 +172,12 @@ def forward_plan(
         return ForwardPlan(path, (stats, apply))
     block_c, block_s, iters, chunks = reduce_plan(n, c, s, channels_last, sm_count, interpreter)
     stats = Launch(
-        "_gn_stats", (chunks, n, triton.cdiv(c, block_c)), {"BLOCK_C": block_c, "BLOCK_S": block_s},
+        "_gn_stats", (chunks, n, cdiv(c, block_c)), {"BLOCK_C": block_c, "BLOCK_S": block_s},
         {"ITERS": iters, "P": chunks},
     )  # fmt: skip
-    block_e = min(triton.next_power_of_2(cg * chunks), 2048)
+    block_e = min(next_pow2(cg * chunks), 2048)
     finalize = Launch(
         "_gn_finalize", (rows,), {"BLOCK_E": block_e},
-        {"E_ITERS": triton.cdiv(cg * chunks, block_e), "CHUNK_S": iters * block_s},
+        {"E_ITERS": cdiv(cg * chunks, block_e), "CHUNK_S": iters * block_s},
     )  # fmt: skip
     return ForwardPlan(path, (stats, finalize, Launch("_gn_apply", None, num_warps=None)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._group_norm_act_plan import span
+from ._group_norm_act_plan import next_pow2, span
 from ._tuning import jit, tuned
 
 
@@ -216,7 +216,7 @@ def _quick_bench(kernel_call, quantiles):
 def tile_ok(block_c: int, block_s: int, c: int, s: int, channels_last: bool) -> bool:
     # Coalescing: NCHW tiles are wide along S (contiguous), channels-last tiles wide along C.
     if channels_last:
-        return block_c == min(triton.next_power_of_2(c), 128)
+        return block_c == min(next_pow2(c), 128)
     return block_s == span(s)
 
 
@@ -243,11 +243,7 @@ def prune_apply(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     if not fit:
         return configs[:1]
     # Drop tiles much larger than the tensor along the other axis (all masked lanes).
-    tight = [
-        cfg
-        for cfg in fit
-        if cfg.kwargs["BLOCK_C"] <= triton.next_power_of_2(c) and cfg.kwargs["BLOCK_S"] <= triton.next_power_of_2(s)
-    ]
+    tight = [cfg for cfg in fit if cfg.kwargs["BLOCK_C"] <= next_pow2(c) and cfg.kwargs["BLOCK_S"] <= next_pow2(s)]
     return tight or [min(fit, key=lambda cfg: cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_S"])]
 
 

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._group_norm_act_plan import GPU_BLOCKS, forward_plan
+from ._group_norm_act_plan import GPU_BLOCKS, cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 from ._tuning import jit
@@ -357,7 +357,7 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
         )  # fmt: skip
 
         def grid(meta: dict) -> tuple[int, int, int]:
-            return (triton.cdiv(s, meta["BLOCK_S"]), n, triton.cdiv(c, meta["BLOCK_C"]))
+            return (cdiv(s, meta["BLOCK_S"]), n, cdiv(c, meta["BLOCK_C"]))
 
         gn_apply_tuned[grid](
             x, res, y, weight, bias, mean, rstd, n, c, s, num_groups, cg, **flags,
