@@ -275,6 +275,43 @@ def compile_all(jobs: Sequence[tuple[Launch, Any, int]], workers: int | None = N
     return [CompileResult(**row) for row in rows]
 
 
+def entry_kernels() -> dict[str, Any]:
+    """Every @triton.jit function of the package that no other one calls: the launchable kernels."""
+    from triton.runtime.jit import JITFunction
+
+    jitted = {}
+    for name in kernel_modules() + [f"{__package__}.{m.name}" for m in pkgutil.iter_modules(
+            importlib.import_module(__package__).__path__)]:  # fmt: skip
+        module = importlib.import_module(name)
+        for value in vars(module).values():
+            if isinstance(value, JITFunction) and value.__module__ == module.__name__:
+                jitted[f"{module.__name__}.{value.__name__}"] = value
+    sources = {key: fn.src for key, fn in jitted.items()}
+    return {
+        key: fn
+        for key, fn in jitted.items()
+        if not any(re.search(rf"\b{fn.__name__}\(", src) for other, src in sources.items() if other != key)
+    }
+
+
+def uncovered_kernels(launches: Sequence[Launch]) -> list[str]:
+    """Launchable kernels no `Launch` reaches: a kernel someone forgot to add to `offline_launches`."""
+    reached = {id(_jit_function(launch.kernel, launch.args)[0]) for launch in launches}
+    return sorted(key for key, fn in entry_kernels().items() if id(fn) not in reached)
+
+
+def tf32_probe() -> dict[str, bool]:
+    """Does the TF32 detector see a float32 GEMM compiled with TF32 (and not one compiled IEEE)?"""
+    from .fused_linear import gemm_launch
+
+    found = {}
+    for precision, ieee in (("ieee", True), ("tf32", False)):
+        launch = gemm_launch("tf32 probe", torch.float32, 577, 768, 768, arch=80)
+        launch.args["IEEE_FP32"] = ieee
+        found[precision] = compile_launch(launch, launch.configs[0], 80)[0].tf32_mma
+    return found
+
+
 def _parse_dtypes(text: str) -> list[torch.dtype]:
     return [getattr(torch, name) for name in text.split(",") if name]
 
@@ -292,16 +329,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: run with TRITON_INTERPRET=0 (offline compiles need the native kernels)", file=sys.stderr)
         return 2
     batches = [int(b) for b in args.batches.split(",")]
-    jobs = []
+    import triton
+
+    jobs, every_launch = [], []
+    dtypes = _parse_dtypes(args.dtypes)
     for name in args.arch.split(","):
         arch = ARCHS[name]
-        launches = collect_launches(_parse_dtypes(args.dtypes), batches, args.phases.split(","), arch)
+        launches = collect_launches(dtypes, batches, args.phases.split(","), arch)
+        every_launch += launches
         jobs += [(ln, cfg, arch) for ln, cfg in compile_jobs(launches, arch)]
     start = time.perf_counter()
     results = compile_all(jobs, args.workers)
     wall = time.perf_counter() - start
     if args.json:
-        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+        report = {
+            "triton": triton.__version__,
+            "modules": kernel_modules(),
+            "uncovered": uncovered_kernels(every_launch),
+            "tf32_probe": tf32_probe() if torch.float32 in dtypes else {},
+            "results": [dataclasses.asdict(r) for r in results],
+        }
+        args.json.write_text(json.dumps(report, indent=1))
     for r in results:
         status = r.error.splitlines()[0] if r.error else ""
         print(f"sm_{r.arch} {r.name:28s} {r.dtype:15s} {r.config:60s} smem={r.shared:6d} regs={r.registers:3d} "

@@ -356,19 +356,21 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 # prune keeps is one more compile at a cold start. 16-bit forward for ViT-Base (D=64, N=577/197) on
 # sm_80/sm_90: 128×64 tiles once B·H·cdiv(N, 128) programs fill the GPU, 64×64 / 32×64 at batch 1.
 # Backward tiles are smaller: each dK/dV program keeps two fp32 (BLOCK_N, D) accumulators plus K and V
-# in registers. float32 runs IEEE dots on the FMA units: small tiles, so nothing spills.
+# in registers. float32 runs IEEE dots on the FMA units, where every thread holds whole head-dim rows of
+# both operands: only 16×16 tiles over 8 warps stay under 255 registers without spilling (sm_80/sm_90,
+# checked by tests/test_gpu_targets.py). Slow, but float32 is the parity path.
 _TILES = {
     "fwd": {
-        "half": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 16, 4, 1)],
-        "fp32": [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
+        "half": [(128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 16, 4, 1)],
+        "fp32": [(16, 16, 8, 1)],
     },
     "dkdv": {
-        "half": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (16, 16, 4, 1)],
-        "fp32": [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)],
+        "half": [(32, 128, 8, 2), (32, 64, 4, 3), (16, 16, 4, 1)],
+        "fp32": [(16, 16, 8, 2)],
     },
     "dq": {
         "half": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (16, 16, 4, 1)],
-        "fp32": [(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 1)],
+        "fp32": [(16, 16, 8, 2)],
     },
 }
 # The tile each program owns (its grid axis): queries for fwd/dq, keys for dK/dV.
@@ -399,7 +401,7 @@ def select_configs(
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if (bm, bn, c.num_warps, c.num_stages) not in family or bm > bucket or bn > bucket:
             continue
-        if bm * bn <= 16 * 16 and bucket > 32:  # the tiny tile is for tiny N only
+        if elem_bytes < 4 and bm * bn <= 16 * 16 and bucket > 32:  # the tiny 16-bit tile is for tiny N only
             continue
         if elem_bytes * head_dim * (bm + 2 * bn * max(c.num_stages, 1)) > _SMEM_BUDGET_BYTES:
             continue

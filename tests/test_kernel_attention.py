@@ -275,8 +275,8 @@ def test_gpu_config_pruning(n, elem_bytes, kind, sm_count):
 
 @pytest.mark.parametrize(("batch", "sm_count", "expected"), [
     (1, 132, {(64, 64), (32, 64)}),  # 12·cdiv(577, 128) = 60 programs < 132 SMs: the smaller query tiles
-    (8, 132, {(128, 64)}),  # 480 programs fill an H100: the 128-row tiles (4 and 8 warps)
-    (64, 108, {(128, 64)}),
+    (8, 132, {(128, 64), (64, 64)}),  # 480 programs fill an H100: the two largest tiles
+    (64, 108, {(128, 64), (64, 64)}),
 ])  # fmt: skip
 def test_forward_prune_follows_the_batch(batch, sm_count, expected):
     # The batch bucket is part of the autotune key, so batch 1 and batch 64 get different candidates.
@@ -302,3 +302,66 @@ def test_opcheck_token_major_output(device):
     q, k, v = (torch.randn(1, 2, 37, 32, device=device, requires_grad=True) for _ in range(3))
     result = torch.library.opcheck(torch.ops.vithybrid.flash_attention.default, (q, k, v, 32**-0.5))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+# Issue 14 item 1: the interpreter normally runs one small tile, so a bug that shows only with another
+# BLOCK_M/BLOCK_N (a grid sized with the wrong block, a mask that holds only for square blocks, an
+# unwritten tail) would pass here and break on a GPU. Each config the GPU autotuner can choose runs once,
+# forced, at lengths hitting a single partial block (1, 63), exact blocks (64) and a 1-row tail (65).
+def _forced_cases():
+    for kind, configs in attention._CONFIGS.items():
+        for cfg in configs:
+            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            is_fp32 = (bm, bn, cfg.num_warps, cfg.num_stages) in attention._TILES[kind]["fp32"]
+            yield pytest.param(
+                kind,
+                cfg,
+                torch.float32 if is_fp32 else torch.float16,
+                id=f"{kind}-{bm}x{bn}-w{cfg.num_warps}-s{cfg.num_stages}",
+            )
+
+
+@pytest.mark.parametrize(("kind", "config", "dtype"), list(_forced_cases()))
+def test_every_gpu_config_forced(kind, config, dtype, device):
+    from vithybrid_fast.kernels._tuning import force_config
+
+    tuned = {
+        "fwd": attention._attn_fwd_tuned,
+        "dkdv": attention._attn_bwd_dkdv_tuned,
+        "dq": attention._attn_bwd_dq_tuned,
+    }
+    with force_config(f"attention_{kind}", config):
+        for n in (1, 63, 64, 65):
+            q, k, v = _make_qkv((1, 2, n, 32), dtype, device, seed=n)
+            if kind == "fwd":
+                out = flash_attention(q.detach(), k.detach(), v.detach())
+                ref = reference(*(t.detach().double() for t in (q, k, v)))
+                assert_close_to_reference(out, _eager(q, k, v).detach(), ref, dtype, what=f"output N={n}")
+            else:
+                _check_forward_and_grads(q, k, v, None, dtype)
+            assert tuned[kind].autotuner.best_config is config  # the forced tile is the one that ran
+
+
+def test_forced_configs_at_the_model_length(device):
+    # N=577 with the largest 16-bit tile of each kernel: many full blocks plus a 1-row tail.
+    from vithybrid_fast.kernels._tuning import force_config
+
+    def biggest(kind):
+        t = max(attention._TILES[kind]["half"], key=lambda t: t[0] * t[1])
+        return next(c for c in attention._CONFIGS[kind] if (*c.kwargs.values(), c.num_warps, c.num_stages) == t)
+
+    forced = [force_config(f"attention_{kind}", biggest(kind)) for kind in ("fwd", "dkdv", "dq")]
+    with forced[0], forced[1], forced[2]:
+        q, k, v = _make_qkv((1, 1, 577, 32), torch.float16, device, seed=7)
+        _check_forward_and_grads(q, k, v, None, torch.float16)
+
+
+def test_force_config_rejects_a_foreign_config():
+    import triton
+    from vithybrid_fast.kernels._tuning import force_config
+
+    with (
+        pytest.raises(ValueError, match="not one of its configs"),
+        force_config("attention_fwd", triton.Config({"BLOCK_M": 8, "BLOCK_N": 8}, num_warps=1)),
+    ):
+        pass

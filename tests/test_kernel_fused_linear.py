@@ -200,3 +200,79 @@ def test_bad_inputs_raise_clear_errors(device):
         fused_linear(x, w, activation="relu")
     with pytest.raises(TypeError, match="not supported"):
         layer_norm_stats(x.to(torch.int64), 1e-5)
+
+
+# Issue 14 item 1: every tile the GPU autotuner can choose, forced one at a time under the interpreter,
+# on shapes with a single partial block (M=1), exact blocks (M=64, K=128) and 1-row/column tails
+# (M=65, N=65), K not a multiple of BLOCK_K (48, 80), and the ViT row count 577 — with the LN
+# prologue, GELU and residual epilogue all on, so each masked path runs.
+def _forced_cases():
+    from vithybrid_fast.kernels import fused_linear as fl
+
+    for cfg in fl.GPU_CONFIGS:
+        tile = (*(cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), cfg.num_warps, cfg.num_stages)
+        dtype = torch.float32 if tile in fl._FP32_TILES else torch.float16
+        yield pytest.param(cfg, dtype, id="x".join(map(str, tile[:3])) + f"-w{tile[3]}-s{tile[4]}")
+
+
+@pytest.mark.parametrize(("config", "dtype"), list(_forced_cases()))
+def test_every_gpu_config_forced(config, dtype, device):
+    from vithybrid_fast.kernels import fused_linear as fl
+    from vithybrid_fast.kernels._tuning import force_config
+
+    with force_config("fused_linear", config):
+        for m, k, n in [(1, 48, 65), (64, 128, 64), (65, 80, 63), (577, 96, 130)]:
+            t = _make((m, k), n, dtype, device, seed=m)
+            mean, rstd = layer_norm_stats(t["x"], 1e-5)
+            ln = (mean, rstd, t["ln_w"], t["ln_b"])
+            out = fused_linear(t["x"], t["weight"], t["bias"], ln=ln, activation="gelu", residual=t["residual"])
+            assert fl._fused_linear_tuned.autotuner.best_config is config  # the forced tile ran
+            args = dict(ln=ln, activation="gelu", residual=t["residual"])
+            ref = reference(t["x"].double(), t["weight"].double(), t["bias"].double(), **{
+                **args, "ln": tuple(v.double() for v in ln), "residual": t["residual"].double()})  # fmt: skip
+            torch_out = _eager(t["x"], t["weight"], t["bias"], ln=(t["ln_w"], t["ln_b"]), activation="gelu",
+                               residual=t["residual"])  # fmt: skip
+            assert_close_to_reference(out, torch_out, ref, dtype, what=f"M={m} K={k} N={n}")
+
+
+# Issue 14 item 7: the prune runs only on a GPU, so it is unit-tested here with A100/H100 figures.
+A100, H100 = (108, 166_912), (132, 232_448)
+
+
+@pytest.mark.parametrize("gpu", [A100, H100], ids=["A100", "H100"])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8, 16, 32, 64, 128])
+@pytest.mark.parametrize(("n", "k"), [(2304, 768), (768, 768), (3072, 768), (768, 3072)])
+@pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16bit", "fp32"])
+def test_prune_keeps_two_fitting_tiles_of_the_dtype(gpu, batch, n, k, elem_bytes):
+    from vithybrid_fast.kernels import fused_linear as fl
+
+    sm_count, smem = gpu
+    m = 577 * batch
+    kept = fl.select_configs(fl.GPU_CONFIGS, m, n, elem_bytes, sm_count, smem)
+    family = fl._FP32_TILES if elem_bytes == 4 else fl._HALF_TILES
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept]
+    assert 1 <= len(kept) <= 2 and all(t in family for t in tiles)
+    assert all((bm + bn) * bk * elem_bytes * stages <= smem for bm, bn, bk, _, stages in tiles)
+    if elem_bytes == 2 and batch >= 8:
+        # 577·8 rows and up fill every SM with 128×128 tiles: the biggest tile is a candidate.
+        assert (128, 128) in [t[:2] for t in tiles]
+
+
+@pytest.mark.parametrize("gpu", [A100, H100], ids=["A100", "H100"])
+def test_prune_at_batch_one_prefers_more_tiles(gpu):
+    # 577 × 768 at batch 1: even 64×64 gives only 10·12 = 120 tiles (< 132 SMs on an H100): the two
+    # tiles with the most programs are kept, never the 128×128 one (30 tiles).
+    from vithybrid_fast.kernels import fused_linear as fl
+
+    kept = fl.select_configs(fl.GPU_CONFIGS, 577, 768, 2, *gpu)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == [(64, 64), (128, 64)]
+
+
+def test_prune_function_reads_the_tensor_dtype():
+    # The autotuner's hook: named args as Triton passes them; no GPU here, so A100 figures are assumed.
+    from vithybrid_fast.kernels import fused_linear as fl
+
+    for dtype, family in [(torch.float32, fl._FP32_TILES), (torch.bfloat16, fl._HALF_TILES)]:
+        kept = fl._prune_configs(fl.GPU_CONFIGS, {"x_ptr": torch.empty(0, dtype=dtype), "M": 577 * 64, "N": 3072})
+        assert kept and all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                             c.num_stages) in family for c in kept)  # fmt: skip

@@ -20,7 +20,12 @@ HUB_ID = "google/vit-hybrid-base-bit-384"
 
 # Commands that live in their own module: each defines `register(subparsers)`, which adds its parser and
 # `set_defaults(func=run)` where `run(args) -> int`. Heavy imports stay inside `run`.
-COMMAND_MODULES: tuple[str, ...] = ("vithybrid_fast.doctor", "vithybrid_fast.evaluate", "vithybrid_fast.train")
+COMMAND_MODULES: tuple[str, ...] = (
+    "vithybrid_fast.doctor",
+    "vithybrid_fast.evaluate",
+    "vithybrid_fast.train",
+    "vithybrid_fast.warmup",
+)
 
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")

@@ -1,0 +1,94 @@
+"""`vithybrid-fast warmup`: compile, without a GPU, the Triton kernels an inference run will launch.
+
+    vithybrid-fast warmup --arch sm_90 --dtype bfloat16 --batches 1,8,64
+
+Every forward launch of the base checkpoint at those batch sizes, with every config its autotuner can
+pick there (kernels/_offline.py), compiled for the target GPU into Triton's cache (TRITON_CACHE_DIR,
+default ~/.triton/cache) — e.g. while building a container image, so the first run on the GPU spends
+its time measuring, not compiling. The cache only serves the same triton version (and its ptxas).
+Last line: `compiles: N, seconds: S` — N distinct kernels, S their summed compile seconds (what a run
+would have spent compiling them one after another; already-cached kernels count ~0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ARCH_NAMES = ("sm_80", "sm_90")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batches must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batches must be positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("warmup", help="precompile the inference kernels for a GPU, without one")
+    parser.add_argument("--arch", default="sm_90", choices=ARCH_NAMES, help="target GPU architecture")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
+    parser.add_argument("--batches", type=_batches, default=[1, 8, 64], help="e.g. 1,8,64")
+    parser.add_argument("--workers", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--list", action="store_true", help="print one line per compiled kernel")
+    parser.set_defaults(func=run)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def run(args: argparse.Namespace) -> int:
+    if _interpreter_on():
+        # Kernels imported under the interpreter are not the native ones: compile in a clean process.
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        argv = [sys.executable, "-m", "vithybrid_fast.warmup", "--arch", args.arch, "--dtype", args.dtype,
+                "--batches", ",".join(map(str, args.batches))]  # fmt: skip
+        if args.workers:
+            argv += ["--workers", str(args.workers)]
+        if args.list:
+            argv.append("--list")
+        return subprocess.call(argv, env=env)
+
+    import torch
+
+    from .kernels import _offline
+
+    arch = _offline.ARCHS[args.arch]
+    dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+    launches = _offline.collect_launches([dtype], args.batches, phases=("forward",), arch=arch)
+    jobs = [(launch, config, arch) for launch, config in _offline.compile_jobs(launches, arch)]
+    results = _offline.compile_all(jobs, args.workers)
+    wall = time.perf_counter() - start
+    failed = [r for r in results if r.error]
+    if args.list:
+        for r in results:
+            state = "cached" if r.cached else f"{r.seconds:5.1f}s"
+            print(f"{r.name:32s} {r.config:70s} {state}")
+    for r in failed:
+        print(f"error: {r.name} {r.config}: {r.error.splitlines()[0]}", file=sys.stderr)
+    cached = sum(r.cached for r in results)
+    print(f"{args.arch} {args.dtype} batches {','.join(map(str, args.batches))}: {len(results)} kernels "
+          f"({cached} already cached), {wall:.1f} s wall with {args.workers or os.cpu_count()} workers")  # fmt: skip
+    print(f"compiles: {len(results)}, seconds: {sum(r.seconds for r in results if not r.cached):.1f}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vithybrid-fast")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["warmup", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
