@@ -19,7 +19,7 @@ from ._tuning import jit
 from .group_norm_act import _dense, _layout, _sm_count_or_one, _to_layout
 
 
-@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["G", "CG", "P"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["G", "CG", "P", "ITERS"])
 def _gn_bwd_reduce(
     gy_ptr,  # (N, C, S) upstream gradient, x's layout
     y_ptr,  # (N, C, S) forward output (ReLU mask) or unused

@@ -31,7 +31,7 @@ def _tile_offsets(cs, ss, C, S, CHANNELS_LAST: tl.constexpr):
     return offs
 
 
-@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P", "ITERS"])
 def _gn_stats(
     x_ptr,  # (N, C, S) input in either layout
     part_mean_ptr,  # (N, C, P) float32 out: chunk means
@@ -74,7 +74,7 @@ def _gn_stats(
     tl.store(part_m2_ptr + dst, m2, mask=c_mask)
 
 
-@jit(constexpr_under_interpreter=["E_ITERS"], do_not_specialize=["S", "P", "CHUNK_S", "CG"])
+@jit(constexpr_under_interpreter=["E_ITERS"], do_not_specialize=["S", "P", "CHUNK_S", "CG", "E_ITERS"])
 def _gn_finalize(
     part_mean_ptr,  # (N, C, P) float32 from _gn_stats
     part_m2_ptr,  # (N, C, P) float32 from _gn_stats

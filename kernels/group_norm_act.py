@@ -130,7 +130,7 @@ def _apply_block(
 
 # Sizes that never change addressing are not specialized (one compile serves every shape and batch);
 # L stays specialized: L % 16 == 0 lets the compiler vectorize the group's loads.
-@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["S", "G", "CG"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["S", "G", "CG", "ITERS"])
 def _gn_fwd_group_loop(
     x_ptr,  # (N, C, S) NCHW input: group n·G + g is the contiguous span [(n·G + g)·L, … + L)
     res_ptr,  # (N, C, S) NCHW residual or unused
@@ -167,7 +167,7 @@ def _gn_fwd_group_loop(
         )  # fmt: skip
 
 
-@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P"])
+@jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P", "ITERS"])
 def _gn_group_stats(
     x_ptr,  # (N, C, S) NCHW input
     part_mean_ptr,  # (N·G, P) float32 out: chunk means

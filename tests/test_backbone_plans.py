@@ -194,3 +194,34 @@ def test_weight_standardize_plan():
     # What Triton specializes K on: only the stem's 147 is not a multiple of 16 → 2 compiles per dtype.
     assert {k % 16 == 0 for k in fan_ins} == {True, False} and sorted(k for k in fan_ins if k % 16) == [147]
     assert ws.plan(8, 100, interpreter=True).block == ws.INTERPRETER_BLOCK
+
+
+COUNT_COMPILES = """
+import importlib, torch
+from vithybrid_fast.kernels import _offline
+for phases in (("forward",), ("forward", "backward")):
+    for arch in (80, 90):
+        launches = []
+        for name in ("_group_norm_act_offline", "weight_standardize"):
+            module = importlib.import_module("vithybrid_fast.kernels." + name)
+            launches += [ln for ln in module.offline_launches(torch.bfloat16, [1, 8, 64], arch) if ln.phase in phases]
+        jobs = _offline.compile_jobs(launches, arch)
+        print(len(phases), arch, len(jobs), len([j for j in jobs if j[0].name.startswith("weight")]))
+"""
+
+
+def test_backbone_compile_count():
+    # Issue 11: distinct compiled kernels (Triton's own cache key, bound offline) of a bf16 run at batch
+    # 1, 8, 64. Inference: GroupNorm 9 (group stats 1, grouped apply 3 and group loop 3 for the
+    # (residual, ReLU) pairs, single pass 2 tiles) + weight standardization 2 (K = 147 is not a multiple of 16).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", COUNT_COMPILES], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {tuple(map(int, line.split()[:2])): tuple(map(int, line.split()[2:])) for line in done.stdout.splitlines()}
+    assert rows[(1, 80)] == rows[(1, 90)] == (11, 2)
+    # Training adds the backward's per-channel reduction and its apply tiles (2 pruned configs per shape).
+    assert rows[(2, 90)][0] <= 60 and rows[(2, 90)][1] == 4
