@@ -117,8 +117,8 @@ def test_check_row_arithmetic():
     assert diagnostics.ATOL == TEST_ATOL  # one tolerance idiom for tests and doctor
 
 
-def test_check_and_drift_pass_on_the_interpreter(capsys):
-    assert main(["doctor", "--check", "--drift", "--dtypes", "float32"]) == 0
+def test_check_and_drift_pass_on_the_tiny_config(capsys):  # interpreted on a CPU, compiled on a GPU
+    assert main(["doctor", "--check", "--drift", "--dtypes", "float32", "--config", "tiny", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()]
     checked = {r[0] for r in rows if r and r[-1] == "yes"}
@@ -142,7 +142,7 @@ def test_a_wrong_kernel_fails_the_check_and_tops_the_drift(monkeypatch, capsys):
 
     off_by_one_percent.reference = real.reference
     monkeypatch.setattr(kernels, "layer_norm_mlp", off_by_one_percent)
-    assert main(["doctor", "--check", "--drift", "--dtypes", "float32"]) == 1
+    assert main(["doctor", "--check", "--drift", "--dtypes", "float32", "--config", "tiny", "--batch", "1"]) == 1
     lines = capsys.readouterr().out.splitlines()
     mlp_row = next(line.split() for line in lines if line.startswith("layer_norm_mlp"))
     assert mlp_row[-1] == "NO" and float(mlp_row[-2]) > 1  # error over the bound
