@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vithybrid_fast.evaluate",
     "vithybrid_fast.train",
     "vithybrid_fast.warmup",
+    "vithybrid_fast.tune",
 )
 
 

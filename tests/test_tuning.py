@@ -1,0 +1,175 @@
+"""Per-GPU config tables, the per-user autotune cache and forced configs (kernels/_tuning.py), on a CPU.
+
+A tiny Triton kernel with three configs stands in for ours; the GPU is faked by name, the autotuner's
+timings by a `do_bench` that returns prepared numbers, and the interpreter step of the lookup is turned
+off so the table/cache path runs (the kernel itself still runs in the interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from vithybrid_fast.kernels import _tuning
+from vithybrid_fast.kernels._tuning import config_id, fake_gpu, force_config, tuned
+
+GPU = "NVIDIA Fake 9000 80GB"
+
+
+@triton.jit
+def _scale_kernel(x_ptr, out_ptr, n, N_BUCKET, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+
+
+CONFIGS = [triton.Config({"BLOCK": b}, num_warps=4) for b in (16, 32, 64)]
+
+
+class FakeBench:
+    """do_bench stand-in: runs the call once (so the kernel really executes), returns queued timings."""
+
+    def __init__(self, timings: list[float]) -> None:
+        self.timings = list(timings)
+        self.calls = 0
+
+    def __call__(self, kernel_call, quantiles=None, **kwargs):
+        kernel_call()
+        self.calls += 1
+        t = self.timings[(self.calls - 1) % len(self.timings)]
+        return [t, t, t] if quantiles else t
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITHYBRID_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_tuning, "TABLE_DIR", tmp_path / "tables")
+    monkeypatch.setattr(_tuning, "interpreter_enabled", lambda: False)  # take the GPU path of `choose`
+    monkeypatch.delenv("VITHYBRID_TUNING", raising=False)
+    bench = FakeBench([3.0, 1.0, 2.0])  # the second candidate (BLOCK=32) wins
+    kernel = tuned("test_scale", _scale_kernel, CONFIGS, key=["N_BUCKET"], do_bench=bench)
+    yield kernel, bench, tmp_path
+    _tuning.REGISTRY.pop("test_scale", None)
+
+
+def _launch(kernel, n=100):
+    x = torch.arange(n, dtype=torch.float32)
+    out = torch.empty_like(x)
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, triton.next_power_of_2(n))
+    torch.testing.assert_close(out, x * 2)
+    return kernel.autotuner.best_config
+
+
+def test_unknown_gpu_autotunes_once_and_caches_the_winner_on_disk(env):
+    kernel, bench, tmp = env
+    with fake_gpu(GPU):
+        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert bench.calls == 3
+        _launch(kernel)  # same key in this process: Triton's in-memory cache, no benchmark
+        assert bench.calls == 3
+        key = "128,torch.float32,torch.float32"  # N_BUCKET, then each tensor argument's dtype
+        assert kernel.tuned == {key: config_id(CONFIGS[1])}
+        path = kernel.disk_cache_path(GPU)
+        assert path.is_relative_to(tmp / "cache") and f"triton-{triton.__version__}" in str(path)
+        assert "NVIDIA_Fake_9000_80GB" in str(path) and kernel._source_hash() in path.name
+        assert json.loads(path.read_text()) == {key: config_id(CONFIGS[1])}
+
+        # A second process (simulated: this process's choices forgotten) neither benchmarks nor picks another.
+        kernel.reset()
+        kernel.tuned.clear()
+        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert bench.calls == 3 and kernel.tuned == {}
+
+
+def test_another_gpu_or_kernel_source_does_not_reuse_the_cache(env, monkeypatch):
+    kernel, bench, _ = env
+    with fake_gpu(GPU):
+        _launch(kernel)
+    with fake_gpu("NVIDIA Other GPU"):
+        _launch(kernel)
+        assert bench.calls == 6  # tuned again for the other GPU
+    monkeypatch.setattr(kernel, "_source_hash", lambda: "edited-source")
+    with fake_gpu(GPU):
+        _launch(kernel)
+        assert bench.calls == 9  # the kernel changed: its old winner may be wrong now
+
+
+def test_shipped_table_wins_without_benchmarking(env):
+    kernel, bench, _ = env
+    _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
+    with fake_gpu(GPU):
+        assert config_id(_launch(kernel)) == config_id(CONFIGS[2])
+        assert bench.calls == 0 and not kernel.disk_cache_path(GPU).exists()
+        # Another size bucket has no entry: that one autotunes.
+        _launch(kernel, n=1000)
+        assert bench.calls == 3
+
+
+def test_table_entry_naming_an_unknown_config_is_ignored(env):
+    kernel, bench, _ = env
+    _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": "BLOCK=8,num_warps=1,num_stages=1"})
+    with fake_gpu(GPU):
+        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert bench.calls == 3
+
+
+def test_tuning_mode_ignores_tables_and_cache(env, monkeypatch):
+    kernel, bench, _ = env
+    _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
+    monkeypatch.setenv("VITHYBRID_TUNING", "autotune")
+    with fake_gpu(GPU):
+        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert bench.calls == 3
+
+
+def test_forced_config_beats_table_and_interpreter(env, monkeypatch):
+    kernel, bench, _ = env
+    _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
+    with fake_gpu(GPU), force_config("test_scale", CONFIGS[0]):
+        assert _launch(kernel) is CONFIGS[0]
+    monkeypatch.setenv("VITHYBRID_FORCE_CONFIG", f"test_scale={config_id(CONFIGS[0])}")
+    kernel.reset()
+    assert _launch(kernel) is CONFIGS[0]
+    assert bench.calls == 0
+
+
+def test_tune_command_writes_a_table_the_next_run_reads(env):
+    from vithybrid_fast.tune import write_tables
+
+    kernel, _, tmp = env
+    with fake_gpu(GPU):
+        _launch(kernel)
+        written = write_tables(GPU, tmp / "tables")
+        assert written["test_scale"] == 1
+        table = json.loads((tmp / "tables" / "test_scale.json").read_text())
+        assert table == {GPU: {"128,torch.float32,torch.float32": config_id(CONFIGS[1])}}
+        # Write twice: entries merge, other GPUs' rows stay.
+        _tuning.write_table("test_scale", "NVIDIA Other GPU", {"1024,torch.float32,torch.float32": "x"})
+        write_tables(GPU, tmp / "tables")
+        assert set(json.loads((tmp / "tables" / "test_scale.json").read_text())) == {GPU, "NVIDIA Other GPU"}
+
+
+def test_tune_without_a_gpu_fails_clearly(capsys):
+    import argparse
+
+    from vithybrid_fast import tune
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tune would run for minutes")
+    code = tune.run(argparse.Namespace(dtypes=["bfloat16"], batches=[1], out=None, no_backward=True))
+    assert code == 1 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_shipped_tables_name_real_kernels_and_configs():
+    # Every table in the package is valid: a known tuned kernel, and config ids it can launch.
+    import vithybrid_fast.kernels  # noqa: F401  (registers every tuned kernel)
+
+    tables = sorted(_tuning.TABLE_DIR.glob("*.json"))
+    assert {p.stem for p in tables} >= {"fused_linear", "attention_fwd", "attention_dkdv", "attention_dq"}
+    for path in tables:
+        kernel = _tuning.REGISTRY[path.stem]
+        known = {config_id(c) for c in kernel.configs}
+        for gpu, rows in json.loads(path.read_text()).items():
+            assert gpu and all(cfg in known for cfg in rows.values()), f"{path.name}: {gpu}"
