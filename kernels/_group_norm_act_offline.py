@@ -1,4 +1,4 @@
-"""`offline_launches` of group_norm_act: every launch the base checkpoint's backbone makes (NCHW).
+"""group_norm_act's launches at the base checkpoint's shapes, for `group_norm_act.offline_launches`.
 
 Paths, grids and loop counts come from the same plan the launcher uses (kernels/_group_norm_act_plan.py),
 for the SM count of each GPU in kernels/_offline.py; the flat NCHW kernels and the backward reduction
@@ -14,6 +14,8 @@ from ._backbone_calls import GroupNormCall, group_norm_calls
 from ._group_norm_act_plan import Launch as PlannedLaunch
 from ._group_norm_act_plan import forward_plan, reduce_plan
 
+# The opt-in channels-last forward: compiled and checked, but not part of a default (NCHW) run's warm-up.
+CHANNELS_LAST_PHASE = "channels_last"
 EPS = 1e-5  # BiT's GroupNorm eps (a float: never specialized, so the value does not matter)
 
 
@@ -34,8 +36,8 @@ def _forward_args(step: PlannedLaunch, call: GroupNormCall, t, f32) -> dict:
     return {**args, **step.constexprs}
 
 
-def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
-    """group_norm_act's launches at `batches` for `arch` (80 or 90; None: both), forward and backward."""
+def backbone_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
+    """group_norm_act's NCHW launches at `batches` for `arch` (80 or 90; None: both), forward and backward."""
     from ._group_norm_act_backward import _gn_bwd_apply_tuned, _gn_bwd_reduce
     from ._group_norm_act_tiles import _gn_fwd_single_pass, gpu_apply_configs, prune_apply
     from ._offline import ARCHS, GPUS, Launch, TensorArg
@@ -81,4 +83,50 @@ def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = 
             )  # fmt: skip
             configs = prune_apply(gpu_apply_configs(), apply_args)
             add("group_norm_act backward apply", _gn_bwd_apply_tuned, apply_args, configs, "backward")
+    return launches
+
+
+def channels_last_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
+    """The forward launches of the same GroupNorms on channels-last activations (an opt-in layout).
+
+    Phase "channels_last": the model runs NCHW unless asked, and the warm-up and its compile budget
+    count what a default run compiles. tests/test_backbone_targets.py compiles these.
+    """
+    from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned, prune_apply
+    from ._offline import ARCHS, GPUS, Launch, TensorArg
+
+    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
+    sm_counts = sorted({GPUS[a][0] for a in ([arch] if arch is not None else ARCHS.values())})
+    launches, seen = [], set()
+    for call in group_norm_calls():
+        c, s, g = call.channels, call.s, call.num_groups
+        cg = c // g
+        flags = {"HAS_RES": call.residual, "RELU": call.relu}
+        io = dict(x_ptr=t, res_ptr=t, y_ptr=t, w_ptr=t, b_ptr=t, mean_ptr=f32, rstd_ptr=f32)
+        layouts = dict(CHANNELS_LAST=True, RES_CHANNELS_LAST=True)
+        for batch in batches:
+            for sm_count in sm_counts:
+                plan = forward_plan(batch, c, s, g, True, sm_count)
+                found = []
+                if plan.path == "single":
+                    (step,) = plan.launches
+                    args = dict(**io, C=c, S=s, G=g, CG=cg, eps=EPS, **flags, **layouts, **step.constexprs)
+                    found.append(("single", _gn_fwd_single_pass, args, [triton.Config({}, num_warps=step.num_warps)]))
+                else:
+                    stats, finalize, _ = plan.launches
+                    one = [triton.Config({}, num_warps=4)]
+                    part = dict(part_mean_ptr=f32, part_m2_ptr=f32)
+                    stats_args = dict(x_ptr=t, **part, C=c, S=s, **stats.sizes, CHANNELS_LAST=True)
+                    found.append(("stats", _gn_stats, {**stats_args, **stats.constexprs}, one))
+                    fin_args = dict(**part, mean_ptr=f32, rstd_ptr=f32, S=s, P=stats.sizes["P"], eps=EPS, CG=cg)
+                    found.append(("finalize", _gn_finalize, {**fin_args, **finalize.sizes, **finalize.constexprs}, one))
+                    apply_args = dict(**io, N=batch, C=c, S=s, G=g, CG=cg, **flags, **layouts)
+                    found.append(("apply", gn_apply_tuned, apply_args, prune_apply(gn_apply_tuned.configs, apply_args)))
+                for label, kernel, args, configs in found:
+                    key = (id(kernel), repr(sorted(args.items())), repr(configs))
+                    if key not in seen:
+                        seen.add(key)
+                        launches.append(
+                            Launch(f"group_norm_act channels-last {label}", kernel, args, configs, CHANNELS_LAST_PHASE)
+                        )
     return launches
