@@ -137,12 +137,14 @@ def test_mask_token_path():
         vf.ViTHybridModel(vf.ViTHybridConfig.from_dict(tiny_config()))(pixels, bool_masked_pos=mask)
 
 
-def test_reference_caches_standardized_weights_and_follows_changes():
+def test_frozen_reference_caches_standardized_weights_and_follows_changes():
     torch.manual_seed(0)
     model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).eval()
     conv = model.vit.embeddings.patch_embeddings.backbone.bit.embedder.convolution
     pixels = torch.randn(1, 3, 72, 72)
     with torch.inference_mode():
+        assert conv.standardized_weight() is not conv.standardized_weight()  # default: recomputed
+        vf.freeze(model)
         first = model(pixels).logits
         cached = conv.standardized_weight()
         assert conv.standardized_weight() is cached

@@ -152,6 +152,7 @@ def test_standardized_weight_cache_follows_in_place_changes(tiny_model, device):
     assert isinstance(conv, fast.FastWeightStandardizedConv2d)
     pixels = pixels_for(model, device=device)
     first = run(model, pixels).logits
+    vf.freeze(model)  # held only while frozen (tests/test_weight_freshness.py covers the default)
     with torch.no_grad():  # inference: no weight gradient needed, so the cache serves
         cached = conv.standardized_weight()
         assert conv.standardized_weight() is cached  # steady state: no recomputation
@@ -276,3 +277,131 @@ def test_every_architecture_variant_patched(case, device):
     vf.patch(model, "triton")
     assert patched_modules(model)
     assert_same_outputs(run(model, pixels), reference, FP32_TOL, case)
+
+
+# -- unpatch carries what changed while patched (issue 10, item 5) ---------------------------------
+def new_weights(seed=1):
+    """Another random state for the PATCH_CONFIG model (every tensor differs)."""
+    torch.manual_seed(seed)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG))
+    randomize_(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fresh_model_logits(state, pixels):
+    fresh = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG)).eval()
+    fresh.load_state_dict(state)
+    return run(fresh, pixels).logits
+
+
+def test_unpatch_carries_parameters_assigned_while_patched(tiny_model):
+    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+    state = new_weights()
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)  # new Parameter objects
+    vf.unpatch(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} is not the weight assigned while patched"
+    pixels = pixels_for(model)
+    assert torch.equal(run(model, pixels).logits, fresh_model_logits(state, pixels))  # Δ 0
+
+
+def test_unpatch_after_to_empty_carries_the_new_storage(tiny_model):
+    with torch.device("meta"):
+        model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG)).eval()
+    vf.patch(model, "triton")
+    model.to_empty(device="cpu")  # meta → CPU: new Parameter objects, in the patched tree only
+    state = new_weights(seed=2)
+    model.load_state_dict(state)
+    vf.unpatch(model)
+    assert all(not t.is_meta for t in (*model.parameters(), *model.buffers()))
+    pixels = pixels_for(model)
+    assert torch.equal(run(model, pixels).logits, fresh_model_logits(state, pixels))  # Δ 0
+
+
+def test_unpatch_carries_train_mode(tiny_model):
+    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+    model.train()
+    vf.unpatch(model)
+    assert all(m.training for m in model.modules())
+
+
+# -- a family not named keeps what it had (issue 10, item 6) ---------------------------------------
+def attention_implementations(model):
+    from vithybrid_fast.modeling import ViTHybridSelfAttention
+
+    return {m.attn_implementation for m in model.modules() if isinstance(m, ViTHybridSelfAttention)}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_backbone_only_patch_keeps_our_attention(tiny_model, attn):
+    model = copy.deepcopy(tiny_model)
+    model.set_attn_implementation(attn)
+    vf.patch(model, {"backbone": "triton"})
+    assert attention_implementations(model) == {attn} and model.config.attn_implementation == attn
+    vf.unpatch(model)
+    assert attention_implementations(model) == {attn} and model.config.attn_implementation == attn
+
+
+def test_unpatch_restores_our_attention_switched_by_a_preset(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    model.set_attn_implementation("eager")
+    vf.patch(model, "sdpa")
+    assert attention_implementations(model) == {"sdpa"} and model.config.attn_implementation == "sdpa"
+    vf.unpatch(model)
+    assert attention_implementations(model) == {"eager"} and model.config.attn_implementation == "eager"
+
+
+def test_families_not_named_keep_their_patches(tiny_model):
+    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+    vf.patch(model, {"attention": "eager"})
+    kinds = {kind for _, kind in patched_modules(model)}
+    assert kinds == {"FastViTLayer", "FastWeightStandardizedConv2d", "FastGroupNormActivation", "FastBottleneckLayer"}
+    assert attention_implementations(model) == {"eager"}
+    vf.patch(model, {"backbone": "torch"})
+    assert {kind for _, kind in patched_modules(model)} == {"FastViTLayer"}
+    assert attention_implementations(model) == {"eager"}
+    vf.unpatch(model)
+    assert patched_modules(model) == [] and attention_implementations(model) == {tiny_model.config.attn_implementation}
+
+
+def hf_self_attention_classes(model):
+    return {type(layer.attention.attention).__name__ for layer in model.vit.encoder.layer}
+
+
+@pytest.mark.parametrize(("built", "asked"), [("sdpa", "eager"), ("eager", "sdpa")])
+def test_transformers_attention_switches_and_unpatch_restores(built, asked):
+    hf_model = build_hf_model(PATCH_CONFIG, built)
+    twin = build_hf_model(PATCH_CONFIG, asked)  # built with `asked`, given the same weights
+    twin.load_state_dict(hf_model.state_dict())
+    pixels = pixels_for(hf_model)
+    classes = {"eager": {"ViTHybridSelfAttention"}, "sdpa": {"ViTHybridSdpaSelfAttention"}}
+    state = {k: v.data_ptr() for k, v in hf_model.state_dict().items()}
+    vf.patch(hf_model, asked)
+    assert hf_self_attention_classes(hf_model) == classes[asked]
+    assert hf_model.config._attn_implementation == asked
+    assert {k: v.data_ptr() for k, v in hf_model.state_dict().items()} == state
+    with torch.no_grad():
+        got, want = hf_model(pixels, output_attentions=True), twin(pixels, output_attentions=True)
+    assert (got.logits - want.logits).abs().max().item() <= 1e-5
+    # transformers' eager attention returns probabilities; its SDPA attention returns None
+    assert (got.attentions[0] is None) == (asked == "sdpa") == (want.attentions[0] is None)
+    vf.unpatch(hf_model)
+    assert hf_self_attention_classes(hf_model) == classes[built]
+    assert hf_model.config._attn_implementation == built
+
+
+def test_transformers_backbone_only_patch_keeps_attention():
+    hf_model = build_hf_model(PATCH_CONFIG, "eager")
+    vf.patch(hf_model, {"backbone": "triton"})
+    assert hf_self_attention_classes(hf_model) == {"ViTHybridSelfAttention"}
+    assert hf_model.config._attn_implementation == "eager"
+
+
+def test_what_cannot_be_done_is_a_clear_error(tiny_model):
+    backbone = copy.deepcopy(tiny_model.vit.embeddings.patch_embeddings.backbone)
+    with pytest.raises(ValueError, match="no ViT Hybrid self-attention module"):
+        vf.patch(backbone, "sdpa")
+    with pytest.raises(ValueError, match=r"kernels\['attention'\]='triton': BitBackbone has no module"):
+        vf.patch(backbone, "triton")
+    vf.patch(backbone, {"backbone": "triton"})  # what it has works
+    assert {kind for _, kind in patched_modules(backbone)} >= {"FastWeightStandardizedConv2d"}

@@ -23,6 +23,7 @@ from .loading import CheckpointError, load
 from .modeling import ViTHybridForImageClassification, ViTHybridModel
 from .patching import patch, unpatch
 from .processing import ViTHybridImageProcessor, load_processor
+from .weight_cache import freeze, unfreeze
 
 __version__ = "0.1.0"
 
@@ -35,8 +36,10 @@ __all__ = [
     "ViTHybridImageProcessor",
     "ViTHybridModel",
     "__version__",
+    "freeze",
     "load",
     "load_processor",
     "patch",
+    "unfreeze",
     "unpatch",
 ]

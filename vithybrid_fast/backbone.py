@@ -83,7 +83,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
         self._standardized = DerivedWeightCache()
 
     def standardized_weight(self) -> torch.Tensor:
-        # inference reuses the standardized weight until the weight changes (DESIGN: computed once)
+        # derived afresh every call; held only while the model is frozen (weight_cache.freeze)
         return self._standardized.get(lambda: standardize_weight_reference(self.weight, self.eps), self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

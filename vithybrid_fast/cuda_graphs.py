@@ -18,11 +18,19 @@ Limits, by design:
 - Calls it cannot serve fall through to the wrapped model unchanged: training mode, CPU (non-CUDA)
   inputs, inputs that require grad, and any option other than plain `pixel_values`
   (labels, head_mask, output_attentions/hidden_states, interpolate_pos_encoding, return_dict=False).
-- Weights are read from their addresses at capture time. Before each replay the runner checks every
-  parameter's storage pointer and version counter (~0.1 ms for the base model) and recaptures when
-  one changed (`load_state_dict`, `.to()`, an optimizer step); `runner.to(...)`/`.half()` reset it.
-  Replacing parameter *objects* (`load_state_dict(assign=True)`, `patch()`) needs `reset()`.
-  `check_weights=False` skips the per-call check for the last bit of batch-1 latency.
+- Weights are read from their addresses at capture time. Before each replay the runner checks
+  (`WeightWatch`, ~0.25 ms for the base model on a CPU core) that every module and every parameter
+  and buffer slot still holds the same object at the same address, dtype, shape and strides, and
+  recaptures when one differs (`load_state_dict(assign=True)`, `.data = t`, `.to()`, `to_empty`,
+  `patch`/`unpatch`); `runner.to(...)`/`.half()` reset it too. Changes of values in place need no
+  recapture on a model that is not frozen: its graph derives the standardized and fused weights from
+  the parameters' memory at every replay, like the eager forward (weight_cache), so `copy_`,
+  `load_state_dict`, optimizer steps and `.data` edits are all read by the next replay. A frozen model
+  (`vithybrid_fast.freeze`) holds its derived weights, so its graph does too: there the runner also
+  checks version counters and recaptures after any in-place change that bumps one, and after the
+  derived weights are recomputed or dropped (`unfreeze`); `.data` edits are invisible to a frozen
+  model, eager or replayed — unfreeze after making one. `check_weights=False` skips the per-call check
+  for the last bit of batch-1 latency, on your promise that no weight moves.
 - One caller at a time: replays share the static buffers, so do not call one runner from two
   threads or streams concurrently.
 """
@@ -34,6 +42,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .weight_cache import derived_weight_caches, generation
 
 # Warm-up runs before capture: the first runs autotune Triton kernels and pick cuDNN algorithms,
 # which must not happen inside a capture (they synchronize and allocate); three is the docs' choice.
@@ -50,6 +60,44 @@ _NEUTRAL_KWARGS: dict[str, tuple[Any, ...]] = {
 }
 
 GraphKey = tuple[tuple[int, ...], torch.dtype, torch.device]
+
+
+class WeightWatch:
+    """What captured graphs depend on beyond their inputs, re-read cheaply before each replay.
+
+    Taken after a capture: the module tree (each child slot and the module in it), every parameter and
+    buffer slot with its tensor's address, dtype, shape and strides — and, when the model holds frozen
+    derived weights, the tensors' version counters and the derived-weight generation (their values
+    are baked into the graph rather than recomputed by it).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = list(model.modules())
+        self.module_slots = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
+        self.tensor_slots = [
+            (slots, key) for m in modules for slots in (m._parameters, m._buffers) for key, t in slots.items()
+            if t is not None
+        ]  # fmt: skip
+        self.frozen = any(cache.frozen for cache in derived_weight_caches(model))
+        self.generation = generation()
+        self.signature = self._signature()
+
+    def _signature(self) -> list[tuple]:
+        tensors = [slots.get(key) for slots, key in self.tensor_slots]
+        if any(t is None for t in tensors):
+            return [None]  # a parameter or buffer was removed
+        if self.frozen:
+            # inference tensors have no version counter (and cannot be edited in place outside inference mode)
+            return [(t.data_ptr(), t.dtype, t.shape, t.stride(), 0 if t.is_inference() else t._version)
+                    for t in tensors]  # fmt: skip
+        return [(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors]
+
+    def still_valid(self) -> bool:
+        if self.frozen and generation() != self.generation:
+            return False
+        if not all(slots.get(name) is child for slots, name, child in self.module_slots):
+            return False
+        return self._signature() == self.signature
 
 
 @dataclass
@@ -89,8 +137,7 @@ class CUDAGraphRunner(nn.Module):
         self.check_weights = check_weights
         self.warmup_runs = warmup_runs
         self._graphs: dict[GraphKey, _CapturedForward] = {}
-        self._weights: list[torch.Tensor] = []
-        self._weights_key: list[tuple[int, int]] | None = None
+        self._watch: WeightWatch | None = None
         # One memory pool for every captured shape: replays run one after another on one stream and
         # each graph's static logits stay referenced, so a later capture can only reuse blocks that
         # hold another graph's dead intermediates — the pool stays the size of the largest forward.
@@ -114,22 +161,12 @@ class CUDAGraphRunner(nn.Module):
         """Drop every captured graph and its memory (the next call per shape recaptures)."""
         self._graphs.clear()
         self._pool = None
-        self._weights = []
-        self._weights_key = None
+        self._watch = None
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CUDAGraphRunner:
         # .to() / .half() / .cuda() move the weights: every captured graph points at the old memory
         self.reset()
         return super()._apply(fn, *args, **kwargs)
-
-    def _current_weights_key(self) -> list[tuple[int, int]]:
-        # the tensor list is cached because walking the module tree costs ~2 ms for the base model;
-        # reading 356 pointers and version counters costs ~0.1 ms and turns a stale-weights replay
-        # (freed or outdated memory) into a recapture.
-        # (inference tensors have no version counter; they cannot be updated in place anyway)
-        if not self._weights:
-            self._weights = [*self.model.parameters(), *self.model.buffers()]
-        return [(t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._weights]
 
     def can_serve(self, pixel_values: Any, kwargs: dict[str, Any]) -> bool:
         """Whether this call can be replayed from a graph (else it goes to the wrapped model)."""
@@ -177,16 +214,15 @@ class CUDAGraphRunner(nn.Module):
         # inference_mode(False): the static buffers must be normal tensors, or a later call made
         # outside inference mode could not copy into a buffer allocated inside it
         with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(pixel_values.device):
-            if self.check_weights or self._weights_key is None:
-                weights_key = self._current_weights_key()
-                if weights_key != self._weights_key:
-                    self.reset()
-                    self._weights_key = self._current_weights_key()
+            if self.check_weights and self._watch is not None and not self._watch.still_valid():
+                self.reset()
             key: GraphKey = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
             captured = self._graphs.get(key)
             if captured is None:
                 captured = self._capture(pixel_values)
                 self._graphs[key] = captured
+                # taken after the capture: its warm-up runs may have (re)computed frozen derived weights
+                self._watch = WeightWatch(self.model)
             else:
                 captured.static_input.copy_(pixel_values)
             captured.graph.replay()

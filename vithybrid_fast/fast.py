@@ -39,8 +39,9 @@ def _is_relu(module: nn.Module) -> bool:
 class FastSelfAttention(nn.Module):
     """Self-attention with one fused QKV projection and the Triton flash-attention kernel.
 
-    The QKV weight is the concatenation of query/key/value weights, cached for inference; the
-    kernel reads q, k, v as strided views of the (B, N, 3, H, d) projection output, with no copy.
+    The QKV weight is the concatenation of query/key/value weights, made every call (held only while
+    the model is frozen: weight_cache.freeze); the kernel reads q, k, v as strided views of the
+    (B, N, 3, H, d) projection output, with no copy.
     """
 
     def __init__(self, reference: nn.Module) -> None:
@@ -162,9 +163,8 @@ class FastViTLayer(nn.Module):
 class FastWeightStandardizedConv2d(nn.Module):
     """Weight-standardized conv whose standardized weight comes from the Triton kernel.
 
-    When no gradient for the weight is needed (no_grad / inference mode / frozen weights) the
-    standardized weight is computed once and cached — a steady-state forward is one convolution;
-    otherwise the kernel runs every call under autograd.
+    The kernel standardizes the weight every call (under autograd when the weight needs a gradient);
+    a frozen model (weight_cache.freeze) computes it once and then runs one convolution per call.
     """
 
     def __init__(self, reference: nn.Conv2d) -> None:

@@ -228,6 +228,7 @@ def load(
     token: str | bool | None = None,
     cuda_graphs: bool = False,
     model_class: type[ViTHybridPreTrainedModel] | None = None,
+    frozen: bool = False,
 ) -> torch.nn.Module:
     """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
 
@@ -236,6 +237,8 @@ def load(
     cuda_graphs: wrap the model so each input shape is captured once as a CUDA graph and replayed
     (static input buffers per batch size; calls it cannot serve fall through to the model).
     model_class: the class asked for (`from_pretrained` passes its own); None takes what the checkpoint holds.
+    frozen: `vithybrid_fast.freeze(model)`: derived weights (standardized conv weights, fused QKV) are
+    computed once and held, on the promise that the weights will not change (see `freeze`).
     """
     from .patching import apply_kernels, validate_kernels
 
@@ -248,6 +251,10 @@ def load(
         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
     )  # fmt: skip
     model = apply_kernels(model, kernels)
+    if frozen:
+        from .weight_cache import freeze
+
+        freeze(model)
     if cuda_graphs:
         from .cuda_graphs import enable_cuda_graphs
 

@@ -7,21 +7,32 @@ The registry maps a reference class to the fast class that replaces it, per modu
     mlp        a whole ViT layer (LN + MLP fused; with attention too, ~5 launches per layer)
     backbone   weight-standardized convs, GroupNorm+act, bottleneck blocks
 
+Per family the choice is "triton" (swap in the fast modules) or "torch" (the reference modules); the
+attention family also takes "eager" or "sdpa", which switches the reference attention itself (ours:
+its `attn_implementation`; transformers': its eager or SDPA class) and the config with it.
+A preset names every family ("sdpa" = sdpa attention, torch mlp and backbone); a dict names some, and a
+family it does not name keeps what it had, patched or not. What cannot be done raises a clear error.
+
 A fast module is built *from* the module it replaces and shares its parameter objects, so
-`state_dict()` keys and values are unchanged. `unpatch()` puts the exact original objects back.
-Patching is idempotent: `patch()` first restores the originals, then applies the new choice.
+`state_dict()` keys and values are unchanged. `unpatch()` puts the original objects back, carrying
+over any parameter or buffer replaced while patched (`load_state_dict(assign=True)`, `to_empty`) and
+the train/eval mode, and restores the attention implementation the model had before. Patching is
+idempotent: each family named is first restored, then given its new choice. A frozen model
+(weight_cache.freeze) stays frozen through patch and unpatch.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .gpu_support import auto_choice, triton_error_message
+from .weight_cache import derived_weight_caches, freeze, is_frozen
 
 FAMILIES = ("attention", "mlp", "backbone")
 FAMILY_CHOICES = {
@@ -40,7 +51,8 @@ def triton_can_run(device: torch.device | None = None) -> bool:
 
 
 def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None = None) -> dict[str, str]:
-    """Turn a preset or a per-family dict into {family: choice} for every family."""
+    """{family: choice}: every family for a preset; for a dict, only the families it names (the others
+    keep what they have)."""
     if isinstance(kernels, str):
         if kernels not in PRESETS:
             raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(PRESETS)} or a dict per family")
@@ -54,7 +66,7 @@ def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None =
     unknown = set(kernels) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown kernel families {sorted(unknown)}; families are {', '.join(FAMILIES)}")
-    choice = {"attention": "sdpa", "mlp": "torch", "backbone": "torch"}
+    choice: dict[str, str] = {}
     for family, value in kernels.items():
         if value not in FAMILY_CHOICES[family]:
             raise ValueError(f"kernels[{family!r}]={value!r}: choose one of {', '.join(FAMILY_CHOICES[family])}")
@@ -88,10 +100,7 @@ def _registry(model: nn.Module) -> dict[str, dict[type, Callable[[nn.Module], nn
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()) and "transformers" in sys.modules:
         from transformers.models.bit import modeling_bit as hf_bit
 
-        try:
-            from transformers.models.deprecated.vit_hybrid import modeling_vit_hybrid as hf
-        except ImportError:  # transformers < 4.41 kept it outside `deprecated`
-            from transformers.models.vit_hybrid import modeling_vit_hybrid as hf  # type: ignore[no-redef]
+        hf = _transformers_vit_hybrid()
         registry["attention"][hf.ViTHybridSelfAttention] = fast.FastSelfAttention
         if hasattr(hf, "ViTHybridSdpaSelfAttention"):
             registry["attention"][hf.ViTHybridSdpaSelfAttention] = fast.FastSelfAttention
@@ -102,23 +111,170 @@ def _registry(model: nn.Module) -> dict[str, dict[type, Callable[[nn.Module], nn
     return registry
 
 
+def _transformers_vit_hybrid() -> Any:
+    try:
+        from transformers.models.deprecated.vit_hybrid import modeling_vit_hybrid as hf
+    except ImportError:  # transformers < 4.41 kept it outside `deprecated`
+        from transformers.models.vit_hybrid import modeling_vit_hybrid as hf  # type: ignore[no-redef]
+    return hf
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     param = next(model.parameters(), None)
     return None if param is None else param.device
 
 
-def _set_reference_attention(model: nn.Module, implementation: str) -> None:
-    """eager/sdpa on our reference attention modules. transformers' models keep the attention class
-    they were built with (their eager and SDPA paths are different classes, chosen at construction)."""
+# -- what patch changed, so that unpatch can undo it, one family at a time -------------------------
+@dataclass
+class _Swap:
+    """`parent.name` was `original`; now a module built from it."""
+
+    family: str
+    parent: nn.Module
+    name: str
+    original: nn.Module
+
+
+@dataclass
+class _Setting:
+    """`target.attribute` was `original` (an attention implementation, on a module or a config)."""
+
+    family: str
+    target: Any
+    attribute: str
+    original: Any
+
+
+def _record(model: nn.Module) -> list[_Swap | _Setting]:
+    return model.__dict__.setdefault(_PATCH_RECORD, [])
+
+
+def _carry_state(replacement: nn.Module, original: nn.Module) -> None:
+    """Give `original` every parameter and buffer `replacement` holds under the same name, and its mode.
+
+    They shared the same objects when the replacement was built; `load_state_dict(assign=True)`,
+    `to_empty()` or `.to()` with swapped tensors put new objects into the replacement only.
+    """
+    for module_name, module in original.named_modules(remove_duplicate=False):
+        try:
+            counterpart = replacement.get_submodule(module_name)
+        except AttributeError:
+            continue
+        for slots_name in ("_parameters", "_buffers"):
+            slots, current = getattr(module, slots_name), getattr(counterpart, slots_name)
+            for key, tensor in list(slots.items()):
+                if key in current and current[key] is not tensor:
+                    slots[key] = current[key]
+    original.train(replacement.training)
+
+
+def _undo(model: nn.Module, families: set[str]) -> None:
+    """Undo, newest first, what patch did to `families`; the other families' changes stay."""
+    record = _record(model)
+    kept = []
+    for entry in reversed(record):
+        if entry.family not in families:
+            kept.append(entry)
+        elif isinstance(entry, _Swap):
+            _carry_state(getattr(entry.parent, entry.name), entry.original)
+            setattr(entry.parent, entry.name, entry.original)
+            for cache in derived_weight_caches(entry.original):
+                cache.drop()  # derived before the patch: derive again from the weights carried back
+        else:
+            setattr(entry.target, entry.attribute, entry.original)
+    record[:] = reversed(kept)
+
+
+# -- attention implementation (eager / sdpa) -----------------------------------------------------
+def _twin(original: nn.Module, cls: type) -> nn.Module:
+    """A `cls` instance holding `original`'s children and attributes (transformers' eager and SDPA
+    self-attention differ only in class and forward)."""
+    twin = cls.__new__(cls)
+    nn.Module.__init__(twin)
+    fresh = set(vars(twin))
+    for key, value in vars(original).items():
+        if key in ("_parameters", "_buffers", "_modules"):
+            getattr(twin, key).update(value)
+        elif key not in fresh or key in ("training", "_non_persistent_buffers_set"):
+            object.__setattr__(twin, key, value)
+    if hasattr(original, "dropout"):
+        twin.attention_probs_dropout_prob = original.dropout.p  # what transformers' SDPA class reads
+    return twin
+
+
+def _switch_attention(model: nn.Module, implementation: str) -> list[_Swap | _Setting]:
+    """Put every reference self-attention of `model` on `implementation` ("eager" or "sdpa")."""
     from .config import ViTHybridConfig
     from .modeling import ViTHybridSelfAttention
 
+    changes: list[_Swap | _Setting] = []
+    found = 0
     for module in model.modules():
         if isinstance(module, ViTHybridSelfAttention):
+            found += 1
+            changes.append(_Setting("attention", module, "attn_implementation", module.attn_implementation))
             module.attn_implementation = implementation
     config = getattr(model, "config", None)
     if isinstance(config, ViTHybridConfig):
+        changes.append(_Setting("attention", config, "attn_implementation", config.attn_implementation))
         config.attn_implementation = implementation
+    if "transformers" in sys.modules and any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        hf_found, hf_changes = _switch_transformers_attention(model, implementation)
+        found += hf_found
+        changes += hf_changes
+    if not found:
+        raise ValueError(
+            f"kernels asks for {implementation!r} attention, but {type(model).__name__} has no ViT Hybrid "
+            "self-attention module (ours or transformers') to switch; name only the families it has, e.g. "
+            "{'backbone': 'triton'}"
+        )
+    return changes
+
+
+def _switch_transformers_attention(model: nn.Module, implementation: str) -> tuple[int, list[_Swap | _Setting]]:
+    """transformers picks eager or SDPA attention by class at construction: swap in the other class."""
+    import transformers
+
+    hf = _transformers_vit_hybrid()
+    eager, sdpa = hf.ViTHybridSelfAttention, getattr(hf, "ViTHybridSdpaSelfAttention", None)
+    slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) in (eager, sdpa)]  # fmt: skip
+    if not slots:
+        return 0, []
+    if implementation == "sdpa" and sdpa is None:
+        raise ValueError(
+            f"transformers {transformers.__version__} has no SDPA attention for ViT Hybrid (added in 4.41): "
+            "choose kernels 'eager' or 'triton' for this model"
+        )
+    target = sdpa if implementation == "sdpa" else eager
+    changes: list[_Swap | _Setting] = []
+    for parent, name, child in slots:
+        if type(child) is not target:
+            setattr(parent, name, _twin(child, target))
+            changes.append(_Swap("attention", parent, name, child))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "_attn_implementation_internal"):
+        changes.append(_Setting("attention", config, "_attn_implementation_internal",
+                                config._attn_implementation_internal))  # fmt: skip
+        config._attn_implementation_internal = implementation
+    return len(slots), changes
+
+
+# -- patch / unpatch -------------------------------------------------------------------------------
+def _swap_family(model: nn.Module, family: str, table: dict[type, Callable[[nn.Module], nn.Module]]) -> list[_Swap]:
+    swaps = []
+    # descendants before ancestors (reversed pre-order): a fast block is built from a parent whose
+    # children were already swapped, so it holds the fast children
+    for parent in reversed(list(model.modules())):
+        for name, child in list(parent.named_children()):
+            builder = table.get(type(child))
+            if builder is not None:
+                setattr(parent, name, builder(child))
+                swaps.append(_Swap(family, parent, name, child))
+    if not swaps:
+        known = ", ".join(sorted(cls.__name__ for cls in table))
+        raise ValueError(f"kernels[{family!r}]='triton': {type(model).__name__} has no module of that family ({known})")
+    return swaps
 
 
 def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Module:
@@ -129,35 +285,30 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"Triton kernels support float32, float16 and bfloat16 weights, not {dtype}")
-    unpatch(model)
-    attention = choice["attention"]
-    if attention in ("eager", "sdpa"):
-        _set_reference_attention(model, attention)
+    frozen = is_frozen(model)
+    _undo(model, set(choice))
     registry = _registry(model)
+    record = _record(model)
     # attention first: the fast ViT layer then finds a fused-QKV attention module inside it
-    wanted = [family for family in FAMILIES if choice[family] == "triton"]
-    record: list[tuple[nn.Module, str, nn.Module]] = []
-    for family in wanted:
-        table = registry[family]
-        # descendants before ancestors (reversed pre-order): a fast block is built from a parent
-        # whose children were already swapped, so it holds the fast children
-        for parent in reversed(list(model.modules())):
-            for name, child in list(parent.named_children()):
-                builder = table.get(type(child))
-                if builder is not None:
-                    setattr(parent, name, builder(child))
-                    record.append((parent, name, child))
-    setattr(model, _PATCH_RECORD, record)
+    for family in FAMILIES:
+        if family not in choice or choice[family] == "torch":
+            continue
+        if choice[family] == "triton":
+            record += _swap_family(model, family, registry[family])
+        else:
+            record += _switch_attention(model, choice[family])
+    if frozen:
+        freeze(model)  # the fast modules just put in hold their derived weights too
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Put back the exact module objects `patch` replaced (in reverse order); returns `model`."""
-    record: list[tuple[nn.Module, str, nn.Module]] = getattr(model, _PATCH_RECORD, [])
-    for parent, name, original in reversed(record):
-        setattr(parent, name, original)
-    if hasattr(model, _PATCH_RECORD):
-        delattr(model, _PATCH_RECORD)
+    """Put back the original modules and attention implementation `patch` replaced; returns `model`.
+
+    Parameters and buffers that were replaced while patched come back with them (see module docstring).
+    """
+    _undo(model, set(FAMILIES))
+    model.__dict__.pop(_PATCH_RECORD, None)
     return model
 
 
@@ -167,8 +318,8 @@ def apply_kernels(model: nn.Module, kernels: str | dict[str, str]) -> nn.Module:
 
 
 def patched_modules(model: nn.Module) -> list[tuple[str, Any]]:
-    """(qualified name, fast class name) of every swapped module — for reports and tests."""
+    """(qualified name, class name) of every module patch put in — for reports and tests."""
     names = {id(m): n for n, m in model.named_modules()}
-    record = getattr(model, _PATCH_RECORD, [])
-    return [(f"{names.get(id(parent), '?')}.{name}".lstrip("."), type(getattr(parent, name)).__name__)
-            for parent, name, _ in record]  # fmt: skip
+    swaps = [entry for entry in _record(model) if isinstance(entry, _Swap)] if _PATCH_RECORD in vars(model) else []
+    return [(f"{names.get(id(s.parent), '?')}.{s.name}".lstrip("."), type(getattr(s.parent, s.name)).__name__)
+            for s in swaps]  # fmt: skip
