@@ -296,7 +296,12 @@ def entry_kernels() -> dict[str, Any]:
 
 def uncovered_kernels(launches: Sequence[Launch]) -> list[str]:
     """Launchable kernels no `Launch` reaches: a kernel someone forgot to add to `offline_launches`."""
-    reached = {id(_jit_function(launch.kernel, launch.args)[0]) for launch in launches}
+    reached = set()
+    for launch in launches:
+        kernel = launch.kernel
+        while hasattr(kernel, "autotuner") or (hasattr(kernel, "fn") and not hasattr(kernel, "params")):
+            kernel = kernel.autotuner if hasattr(kernel, "autotuner") else kernel.fn
+        reached.add(id(kernel))
     return sorted(key for key, fn in entry_kernels().items() if id(fn) not in reached)
 
 
