@@ -154,3 +154,27 @@ def test_a_wrong_kernel_fails_the_check_and_tops_the_drift(monkeypatch, capsys):
     assert math.isclose(sum(shares.values()), 100.0, abs_tol=0.5) and max(shares, key=shares.get) == "mlp"
     assert any(line.startswith("largest single-layer drift: mlp encoder.layer.") for line in lines), lines
     assert lines[-1].startswith("verdict: FAIL: ") and "layer_norm_mlp float32" in lines[-1]
+
+
+def test_checks_use_the_models_own_shapes():
+    """On a GPU the checks run at the hub model's shapes: recorded by a meta-device forward (no memory)."""
+    from vithybrid_fast.bench.e2e import base_config
+
+    shapes = diagnostics.model_shapes(base_config(), batch=2)
+    assert shapes.tokens == (2, 577, 768) and shapes.heads == 12 and shapes.intermediate == 3072
+    assert shapes.conv_weights[0] == (64, 3, 7, 7) and max(shapes.conv_weights, key=math.prod) == (256, 256, 3, 3)
+    assert len(shapes.group_norms) == 1 + 3 * 3 + 4 * 3 + 9 * 3 + 3  # stem, 3 per block, 3 downsample norms
+    assert max(shapes.group_norms, key=lambda g: math.prod(g[0]))[0] == (2, 64, 192, 192)
+    assert shapes.group_norms[-1] == ((2, 1024, 24, 24), 32, 1e-5)
+    assert shapes.layer_norm_eps == 1e-12
+
+
+def test_a_head_size_the_kernel_lacks_is_said_not_checked():
+    from vithybrid_fast.bench.e2e import tiny_config  # head size 16: the model runs SDPA there
+
+    notes: list[str] = []
+    shapes = diagnostics.model_shapes(tiny_config(), batch=1)
+    checks = diagnostics.kernel_checks(shapes, torch.device("cpu"), log=notes.append)
+    assert {kernel for kernel, _, _ in checks} == {"weight_standardize", "group_norm_act", "layer_norm_mlp",
+                                                   "fused_linear"}  # fmt: skip
+    assert len(notes) == 1 and notes[0].startswith("flash_attention: not checked: head size 16")

@@ -146,7 +146,9 @@ def _randn(shape, device, generator, scale=1.0, shift=0.0) -> torch.Tensor:
     return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale + shift).to(device)
 
 
-def kernel_checks(shapes: ModelShapes, device: torch.device, seed: int = 0) -> list[tuple[str, str, KernelCheck]]:
+def kernel_checks(
+    shapes: ModelShapes, device: torch.device, seed: int = 0, log: Callable[[str], None] = print
+) -> list[tuple[str, str, KernelCheck]]:
     """(kernel, case, check(dtype) -> (kernel out, torch out, float64 ref)) at the model's shapes."""
     from .kernels import attention, fused_linear, group_norm_act, layer_norm_mlp, weight_standardize
 
@@ -167,6 +169,10 @@ def kernel_checks(shapes: ModelShapes, device: torch.device, seed: int = 0) -> l
             return attention.flash_attention(qd, kd, vd), peer, ref
 
         checks.append(("flash_attention", fmt(map(str, q.shape)), check_attention))
+    else:
+        served = attention.SUPPORTED_HEAD_DIMS
+        log(f"flash_attention: not checked: head size {head_dim} is not one it serves {served}; the patched model "
+            "runs torch SDPA after its fused QKV GEMM")  # fmt: skip
 
     # the largest conv weight and the stem's (fan-in 147, not a power of two)
     picked = {max(shapes.conv_weights, key=math.prod), shapes.conv_weights[0]}
