@@ -62,12 +62,12 @@ setup() {
 }
 
 # within_budget LOG CMD...: run CMD, tee'd to LOG as it goes; SIGINT at the budget (pytest and the bench
-# then write what they have), SIGKILL 30 s later if it still runs.
+# then write what they have), SIGKILL 20 s later if it still runs: with setup, a step ends in < 8 min.
 within_budget() {
   local log=$1
   shift
   echo "+ $* (budget ${BUDGET} s)" | tee -a "$log"
-  timeout -s INT -k 30 "$BUDGET" "$@" 2>&1 | tee -a "$log"
+  timeout -s INT -k 20 "$BUDGET" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" = 124 ] || [ "$rc" = 130 ] || [ "$rc" = 137 ]; then
     echo "stopped at the ${BUDGET} s budget (exit $rc): results so far are in $OUT" | tee -a "$log"
