@@ -29,7 +29,13 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 # pytest exits 5 when it collected nothing: an empty suite is a failure here, said plainly.
-test: lint
+# triton 3.6.0 (the GPU machines' version) beside the venv's: tests/test_gpu_targets.py compiles every kernel
+# offline with it too, from PYTHONPATH=.venv/triton36 (--no-deps: the venv's other packages serve it).
+$(VENV)/triton36/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton36 "triton==3.6.0"
+	touch $@
+
+test: lint $(VENV)/triton36/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
