@@ -34,6 +34,7 @@ KERNEL_BENCHMARKS = {
     "attention": "vithybrid_fast.bench.bench_attention",
     "backbone": "vithybrid_fast.bench.bench_backbone_kernels",
     "layer_norm_mlp": "vithybrid_fast.bench.bench_layer_norm_mlp",
+    "train": "vithybrid_fast.bench.bench_train",  # a whole training step: ours-triton vs ref-sdpa vs compile
 }
 DEFAULT_OUTPUT_DIR = Path("bench-results")
 

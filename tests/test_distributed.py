@@ -44,8 +44,8 @@ def test_shard_sampler_covers_every_index_once_without_padding():
 
 
 def test_two_ranks_global_batch_8_give_the_weights_of_one_process_batch_8(root):
-    common = ["finetune", str(root / "data"), "--model", str(root / "start"), "--epochs", "1",
-              "--batch-size", "8", "--lr", "1e-3", "--kernels", "sdpa", "--num-workers", "0"]  # fmt: skip
+    common = ["finetune", str(root / "data"), "--model", str(root / "start"), "--epochs", "1", "--batch-size", "8",
+              "--lr", "1e-3", "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
     done = torchrun(*common, "--output-dir", str(root / "ddp"))
     assert "2 rank(s) on cpu" in done.stdout and done.stdout.count("val top-1: ") == 1  # rank 0 prints, once
     assert main([*common, "--output-dir", str(root / "single")]) == 0
@@ -69,7 +69,7 @@ def test_two_ranks_global_batch_8_give_the_weights_of_one_process_batch_8(root):
 def test_eval_over_two_ranks_gives_exactly_the_single_process_counts(root, capsys):
     checkpoint = root / "ddp" / "last" if (root / "ddp" / "last").is_dir() else root / "start"
     args = ["eval", str(root / "data" / "val"), "--model", str(checkpoint), "--kernels", "sdpa", "--batch-size", "4",
-            "--num-workers", "0", "--label-map", str(root / "map.json")]  # fmt: skip
+            "--num-workers", "0", "--label-map", str(root / "map.json"), "--device", "cpu"]  # fmt: skip
     labels = json.loads((checkpoint / "config.json").read_text())["id2label"]
     classes = sorted(p.name for p in (root / "data" / "val").iterdir())
     (root / "map.json").write_text(json.dumps({c: int(i) for i, c in zip(sorted(labels, key=int), classes)}))

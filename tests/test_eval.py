@@ -63,7 +63,8 @@ def test_match_labels_exact_map_and_errors():
 def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
     root, data, model, processor = setup
     preds = tmp_path / "preds.jsonl"
-    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--batch-size", "4"]
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--batch-size", "4",
+            "--device", "cpu"]  # fmt: skip
     assert main([*argv, "--num-workers", "1", "--output", str(preds)]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = expected_counts(data, model, processor)
@@ -92,7 +93,8 @@ def test_eval_label_map_and_unmatched_class(setup, tmp_path, capsys):
     renamed.mkdir()
     for name in CLASSES:
         (renamed / name.upper()).symlink_to(data / name, target_is_directory=True)
-    argv = ["eval", str(renamed), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0"]
+    argv = ["eval", str(renamed), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu"]  # fmt: skip
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "3 class(es) match no label of the model: 'BLUE_VERTICAL', 'GREEN_CHECKER', 'RED_HORIZONTAL'" in err
@@ -111,7 +113,8 @@ def test_eval_unreadable_file_fails_or_is_skipped(setup, tmp_path, capsys):
             (folder / name / path.name).symlink_to(path)
     broken = folder / "green_checker" / "zz-broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    argv = ["eval", str(folder), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0"]
+    argv = ["eval", str(folder), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu"]  # fmt: skip
     assert main(argv) == 1
     assert f"cannot read image {broken}" in capsys.readouterr().err
     assert main([*argv, "--on-error", "skip"]) == 0

@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 def config(root, out, **overrides) -> FinetuneConfig:
     settings = dict(
         data=str(root / "data"), model=str(root / "start"), output_dir=out, epochs=3, batch_size=8, lr=1e-3,
-        num_workers=0, kernels="sdpa", seed=0,
+        num_workers=0, kernels="sdpa", seed=0, device="cpu",  # CPU: deterministic, so resume is bit-exact
     )  # fmt: skip
     settings.update(overrides)
     return FinetuneConfig(**settings)
@@ -82,7 +82,16 @@ def test_best_checkpoint_loads_in_transformers_with_the_same_logits(trained):
 def test_eval_on_the_best_checkpoint_reports_its_validation_accuracy(trained, capsys):
     root, summary = trained
     best_epoch = [r for r in read_log(root / "out" / "train_log.jsonl") if r["epoch"] == summary["best"]["epoch"]]
-    argv = ["eval", str(root / "data" / "val"), "--model", str(root / "out" / "best"), "--kernels", "sdpa"]
+    argv = [
+        "eval",
+        str(root / "data" / "val"),
+        "--model",
+        str(root / "out" / "best"),
+        "--kernels",
+        "sdpa",
+        "--device",
+        "cpu",
+    ]
     assert main([*argv, "--num-workers", "0"]) == 0
     expected = best_epoch[-1]
     last = capsys.readouterr().out.splitlines()[-1]
@@ -123,7 +132,8 @@ def test_freeze_backbone_and_gradient_accumulation(trained):
 
 def test_bad_settings_are_errors_with_reasons(trained, capsys):
     root, _ = trained
-    argv = ["finetune", str(root / "data"), "--model", str(root / "start"), "--kernels", "sdpa", "--num-workers", "0"]
+    argv = ["finetune", str(root / "data"), "--model", str(root / "start"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu"]  # fmt: skip
     assert main([*argv, "--output-dir", str(root / "x"), "--batch-size", "6", "--grad-accum", "4"]) == 1
     assert "--batch-size 6 must be a multiple of ranks × --grad-accum (1 × 4)" in capsys.readouterr().err
     assert main([*argv, "--output-dir", str(root / "x"), "--resume"]) == 1
@@ -147,15 +157,15 @@ def test_warmup_cosine_schedule():
     assert factor(6) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
-def test_one_training_step_with_triton_kernels_matches_the_reference(trained):
+def test_one_training_step_with_triton_kernels_matches_the_reference(trained, device):
     """Loss and every gradient of one step, Triton kernels (interpreter) vs the plain-PyTorch reference.
 
     (Not the AdamW update: Adam's first step is ±lr wherever a gradient is nonzero, so rounding noise in
     a gradient that is zero in exact arithmetic becomes a full-size step — equal gradients are the test.)"""
     root, _ = trained
     pixels, labels = val_pixels(root)
-    pixels, labels = pixels[[0, 5]], labels[[0, 5]]  # 2 images, 2 classes: the interpreter is slow
-    reference = classifier_for_classes(str(root / "start"), list(CLASSES), seed=0).train()
+    pixels, labels = pixels[[0, 5]].to(device), labels[[0, 5]].to(device)  # 2 images: the interpreter is slow
+    reference = classifier_for_classes(str(root / "start"), list(CLASSES), seed=0).to(device).train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fast = vf.patch(copy.deepcopy(reference), "triton")
@@ -177,3 +187,13 @@ def test_one_training_step_with_triton_kernels_matches_the_reference(trained):
         # float "gradient" is rounding noise, so every tensor also gets an atol scaled to the largest gradient
         bound = 1e-3 * ref.abs().max().item() + 1e-5 * largest
         assert (grads[key] - ref).abs().max().item() <= bound, key
+
+
+def test_training_benchmark_runs_on_the_cpu_smoke_config():
+    """bench/bench_train.py's mechanics (the GPU numbers need a GPU): a record per provider, no error."""
+    from vithybrid_fast.bench.bench_train import run, table
+
+    records = run(device="cpu", batches=(2,), dtypes=("float32",), config_name="tiny", reps=1)
+    assert [r["provider"] for r in records] == ["ref-sdpa"] and "error" not in records[0], records
+    assert records[0]["images_per_s"] > 0 and records[0]["speedup_vs_ref_sdpa"] == 1.0
+    assert "ref-sdpa" in table(records)

@@ -1,0 +1,164 @@
+"""Training throughput: one optimizer step (forward, backward, AdamW) of the whole classifier.
+
+Providers, measured in the same run on the same GPU, weights, pixels and labels:
+  ours-triton       our model patched with every Triton kernel (forward and backward)
+  ref-sdpa          the plain-PyTorch reference with torch SDPA attention
+  compile-default   torch.compile(reference, mode="default")
+
+Each step runs the forward under bf16 autocast (float32 master weights, as `vithybrid-fast finetune`
+does on a GPU), the backward, gradient clipping and an AdamW step. Reported per (provider, dtype,
+batch): median / p10 / p90 ms per step, images/s, peak allocated GPU memory over warm-up and timed steps,
+first-step ms (compile/autotune) and the speed and memory ratios against ref-sdpa. Target (issue 12):
+ours-triton ≥ 1.3× ref-sdpa images/s at equal or lower peak memory.
+
+    python -m vithybrid_fast.bench.bench_train --batches 32,64                 # base config, CUDA GPU
+    python -m vithybrid_fast.bench.bench_train --device cpu --config tiny --batches 2 --reps 2   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .common import RecordLog, environment, first_call_ms, print_and_save, time_fn
+
+PROVIDERS = ("ours-triton", "ref-sdpa", "compile-default")
+CPU_PROVIDERS = ("ref-sdpa",)
+
+
+def build(provider: str, config, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A float32 training model for `provider` holding `state`."""
+    from vithybrid_fast import patch
+    from vithybrid_fast.modeling import ViTHybridForImageClassification
+
+    with torch.device("meta"):
+        model = ViTHybridForImageClassification(copy.deepcopy(config))
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    model.train()
+    if provider == "ours-triton":
+        return patch(model, "triton")
+    model.set_attn_implementation("sdpa")
+    if provider == "compile-default":
+        torch._dynamo.reset()  # this provider's compile time is its own
+        return torch.compile(model, mode="default")
+    return model
+
+
+def make_step(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = dtype != torch.float32
+
+    def step() -> None:
+        with torch.autocast(pixels.device.type, dtype=dtype, enabled=autocast):
+            loss = model(pixels, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run(
+    device: str = "cuda",
+    batches: tuple[int, ...] = (32, 64),
+    dtypes: tuple[str, ...] = ("bfloat16",),
+    providers: tuple[str, ...] | None = None,
+    config_name: str = "base",
+    reps: int = 10,
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    from .e2e import CONFIGS, random_state_dict
+
+    dev = torch.device(device)
+    config = CONFIGS[config_name]()
+    state = random_state_dict(config, dev)
+    env = environment(dev)
+    records: list[dict] = []
+    providers = providers or (PROVIDERS if dev.type == "cuda" else CPU_PROVIDERS)
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for batch in batches:
+            generator = torch.Generator().manual_seed(batch)
+            pixels = torch.randn(batch, 3, *config.image_size_hw, generator=generator).to(dev)
+            labels = torch.randint(0, config.num_labels, (batch,), generator=generator).to(dev)
+            for provider in providers:
+                record = {"kind": "train", "provider": provider, "batch": batch, "dtype": dtype_name,
+                          "config": config_name, **env}  # fmt: skip
+                try:
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    step = make_step(build(provider, config, state, dev), pixels, labels, dtype)
+                    record["first_step_ms"] = first_call_ms(step, dev)
+                    record.update(time_fn(step, dev, warmup=2, reps=reps))
+                    record["images_per_s"] = batch / (record["ms_median"] * 1e-3)
+                    if dev.type == "cuda":
+                        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                except Exception as err:  # an OOM or a compile failure is a result too
+                    record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                records.append(record)
+                step = None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            baseline = next((r for r in records[-len(providers) :] if r["provider"] == "ref-sdpa"), None)
+            for record in records[-len(providers) :]:
+                if baseline and "images_per_s" in record and "images_per_s" in baseline:
+                    record["speedup_vs_ref_sdpa"] = record["images_per_s"] / baseline["images_per_s"]
+                    if "peak_memory_gib" in record:
+                        record["memory_vs_ref_sdpa"] = record["peak_memory_gib"] / baseline["peak_memory_gib"]
+                if on_record is not None:
+                    on_record(record)
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", default="32,64")
+    parser.add_argument("--dtypes", default="bfloat16")
+    parser.add_argument("--providers", default=None, help=f"comma-separated from {','.join(PROVIDERS)}")
+    parser.add_argument("--config", default="base", choices=("base", "tiny"))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
+    args = parser.parse_args(argv)
+    with RecordLog(args.out.with_suffix(".jsonl") if args.out else None) as log:
+        records = run(
+            args.device,
+            tuple(int(b) for b in args.batches.split(",")),
+            tuple(args.dtypes.split(",")),
+            tuple(args.providers.split(",")) if args.providers else None,
+            args.config,
+            args.reps,
+            on_record=log.write,
+        )
+    env = records[0] if records else {}
+    header = (
+        f"training step, {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, {env.get('commit')}"
+    )
+    print_and_save(records, header, table(records), args.out)
+
+
+def table(records: list[dict]) -> str:
+    head = ("provider", "dtype", "batch", "ms/step", "img/s", "peak GiB", "×sdpa", "mem×")
+    lines = ["{:<16} {:<9} {:>5} {:>9} {:>8} {:>9} {:>6} {:>6}".format(*head)]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['provider']:<16} {r['dtype']:<9} {r['batch']:>5}  error: {r['error'][:60]}")
+            continue
+        mem = r.get("peak_memory_gib")
+        lines.append(
+            f"{r['provider']:<16} {r['dtype']:<9} {r['batch']:>5} {r['ms_median']:>9.1f} {r['images_per_s']:>8.1f} "
+            f"{'-' if mem is None else f'{mem:.2f}':>9} {r.get('speedup_vs_ref_sdpa', float('nan')):>6.2f} "
+            f"{r.get('memory_vs_ref_sdpa', float('nan')):>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
