@@ -55,6 +55,11 @@ def setup(device: str | torch.device | None) -> DistContext:
         return DistContext(0, 1, 0, requested)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if requested.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} needs GPU {local_rank} but {torch.cuda.device_count()} are visible: "
+                "use --nproc-per-node ≤ the GPUs per node, or --device cpu"
+            )
         requested = torch.device("cuda", local_rank)
         torch.cuda.set_device(requested)
     if not dist.is_initialized():
