@@ -20,16 +20,18 @@ and the SM count; every path saves the same (N, G) float32 mean and rstd for the
   (P ≤ 64 floats: cheaper than the separate finalize launch it replaces) and writes its block.
 - split_channels (3 launches, channels-last): per-channel statistics, a per-group merge, an autotuned
   (channel × spatial) apply (kernels/_group_norm_act_tiles.py).
-Every variance is an exact two-pass Σ(x − block mean)² per block, merged with Chan's formula (Σ M2 +
-Σ cnt·(mean_i − mean)²): never E[x²] − E[x]², which loses every digit in float32 when |mean| ≫ std;
-x − mean is formed before scaling for the same reason.
+Every variance is an exact two-pass Σ(x − block mean)² per block (corrected by Σ(x − block mean),
+which also fixes the block mean's rounding: a constant group gives exactly the bias), merged with
+Chan's formula (Σ M2 + Σ cnt·(mean_i − mean)²): never E[x²] − E[x]², which loses every digit in float32
+when |mean| ≫ std; x − mean is formed before scaling for the same reason.
 Backward (Triton; kernels/_group_norm_act_backward.py): a per-channel Σ gz, Σ gz·x̂ reduction, then
 dx = rstd·(w·gz − mean(gz·w) − x̂·mean(gz·w·x̂)) and d residual = gz, gz = gy·[y > 0].
 
 Compiles: loop counts and sizes that do not change addressing are runtime arguments and not
 specialized, and the NCHW paths are not autotuned (fixed flat blocks), so a bf16 model run compiles
 each NCHW kernel once per (HAS_RES, RELU) pair at any batch; the single-pass tile is per group shape.
-Loop counts are constexpr only under the interpreter (3.6's cannot loop to a runtime bound).
+Loop counts are constexpr only under the interpreter (`_tuning.jit`), meant for Triton 3.6's, which
+cannot loop to a runtime bound; its source rewrite drops that annotation, so CPU tests need triton 3.9.
 
 Limits: ≤ 2³¹ − 2¹⁶ elements per image. Entry point: `group_norm_act(...)`, backed by the torch custom
 ops `vithybrid::group_norm_act` and `vithybrid::group_norm_act_backward`, so torch.compile traces a
