@@ -16,9 +16,8 @@ Kernel: one program per output channel, three sweeps over its row in fixed BLOCK
 centred sum of squares and Σ(w − mean), which corrects the mean's rounding → var; write), the later
 sweeps re-reading ≤ 9 KB per row (K = 2304, bf16) from L1/L2: exact (a constant row gives exactly 0),
 never E[w²] − E[w]², which cancels when |mean| ≫ std. K is a runtime argument (a constexpr only under
-the interpreter) and
-there is one config (`plan`), so a dtype compiles at most twice (K divisible by 16 or not) for any
-model; in inference the result is cached per weight, so the kernel runs once per conv per process.
+the interpreter) and there is one config (`plan`), so a dtype compiles at most twice (K divisible by 16
+or not) for any model; in inference the result is cached per weight: one launch per conv per process.
 
 Backward (Triton): with ŵ = (w − mean)·rstd and g = dL/dout, per channel
     dL/dw = rstd · (g − mean(g) − ŵ · mean(g · ŵ))
