@@ -158,7 +158,7 @@ def test_open_dataset_dispatches_and_checks_classes(folder, pipeline):
         open_dataset(folder, pipeline, classes=["x", "y", "z"])
 
 
-def test_hugging_face_dataset_with_class_labels(pipeline):
+def test_hugging_face_dataset_with_class_labels(pipeline, tmp_path):
     datasets = pytest.importorskip("datasets")  # the optional [datasets] extra
     rng = np.random.default_rng(0)
     names = ["red_horizontal", "blue_vertical", "green_checker"]
@@ -177,3 +177,7 @@ def test_hugging_face_dataset_with_class_labels(pipeline):
     assert torch.equal(pipeline.normalize(batch["pixels"]), expected)
     with pytest.raises(ValueError, match="no column 'img'"):
         HFLabelledImages(ds, pipeline, "toy", "img", "label")
+    # the spec the commands take: hf:NAME[:SPLIT], NAME a save_to_disk directory here (no hub access)
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "toy"))
+    opened = open_dataset(f"hf:{tmp_path / 'toy'}", pipeline, split="validation")
+    assert opened.classes == names and opened.samples[2].source == f"{tmp_path / 'toy'}:validation[2]"
