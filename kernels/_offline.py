@@ -121,14 +121,19 @@ def _jit_function(kernel: Any, args: dict[str, Any]) -> tuple[Any, dict[str, Any
 
 def _bind(kernel: Any, args: dict[str, Any], config: Any, target: Any):
     """Triton's own launch-time binding (JITFunction.run), for `target` instead of the current device."""
+    merged = {**args, **config.kwargs}
+    fn, merged = _jit_function(kernel, merged)
+    return bind_call(fn, {**merged, **config.all_kwargs()}, target)
+
+
+def bind_call(fn: Any, call: dict[str, Any], target: Any):
+    """(fn, ASTSource, options) of `fn.run(**call)` on `target`: every argument and option by name."""
     import triton
     from triton import knobs
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    merged = {**args, **config.kwargs}
-    fn, merged = _jit_function(kernel, merged)
-    kw = {**merged, **config.all_kwargs()}
+    kw = dict(call)
     kw["debug"] = getattr(fn, "debug", None) or knobs.runtime.debug
     kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton ≥ 3.7
@@ -139,6 +144,12 @@ def _bind(kernel: Any, args: dict[str, Any], config: Any, target: Any):
     options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
     source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
     return fn, source, options
+
+
+def source_key(source: Any, options: Any) -> tuple[str, str]:
+    """What makes two launches one compiled kernel: the source's hash (function, signature,
+    specialization, constexprs) and the compile options."""
+    return source.hash(), repr(sorted(options.__dict__.items()))
 
 
 _PTXAS_PATTERNS = {
@@ -177,7 +188,7 @@ def compile_launch(launch: Launch, config: Any, arch: int, keep_asm: bool = Fals
 
     target = GPUTarget("cuda", arch, 32)
     fn, source, options = _bind(launch.kernel, launch.args, config, target)
-    dtype = next((str(v.dtype) for v in launch.args.values() if isinstance(v, TensorArg)), "")
+    dtype = next((str(v.dtype).removeprefix("torch.") for v in launch.args.values() if isinstance(v, TensorArg)), "")
     common = dict(
         name=launch.name, kernel=fn.__name__, arch=arch, dtype=dtype, config=config_label(config), phase=launch.phase
     )
@@ -244,8 +255,7 @@ def compile_jobs(launches: Sequence[Launch], arch: int) -> list[tuple[Launch, An
     jobs, seen = [], set()
     for launch in launches:
         for config in launch.configs:
-            _, source, options = _bind(launch.kernel, launch.args, config, target)
-            key = (source.hash(), repr(sorted(options.__dict__.items())))
+            key = source_key(*_bind(launch.kernel, launch.args, config, target)[1:])
             if key not in seen:
                 seen.add(key)
                 jobs.append((launch, config))

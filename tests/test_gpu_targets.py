@@ -72,6 +72,63 @@ def test_inference_compile_budget(triton_cache, tmp_path):
     assert seconds <= 60, f"{seconds:.0f} s of compile (one worker) for one bf16 inference run (budget 60)"
 
 
+# The real launchers, with Triton's launch stubbed to record its arguments (and every autotune candidate
+# "benchmarked" without running): each recorded launch's compile key (source hash: function, signature,
+# specialization, constexprs; options) must be one `offline_launches` describes — so what warmup
+# compiles and the compile checks inspect is what the model launches.
+_RECORD_LAUNCHES = """
+import importlib, json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+from vithybrid_fast.kernels import _offline, attention
+from vithybrid_fast.kernels import fused_linear as fl
+
+mlp = importlib.import_module("vithybrid_fast.kernels.layer_norm_mlp")
+recorded = []
+JITFunction.run = lambda self, *a, grid, warmup, **kw: recorded.append((self, {**dict(zip(self.arg_names, a)), **kw}))
+Autotuner._bench = lambda self, *args, config, **kw: [1.0, 1.0, 1.0]  # every candidate "benchmarked"
+target = GPUTarget("cuda", 80, 32)  # no GPU: the prunes assume A100 figures
+out = {"missing": [], "checked": 0}
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for batch in (1, 8):
+        recorded.clear()
+        d = 768
+        x = torch.randn(batch, 577, d, dtype=dtype)
+        w = lambda n, k: torch.randn(n, k, dtype=dtype)
+        b = lambda n: torch.randn(n, dtype=dtype)
+        mean, rstd = fl.launch_layer_norm_stats(x, 1e-12)
+        qkv = fl.launch_fused_linear(x, w(3 * d, d), b(3 * d), mean, rstd, b(d), b(d), None, None)
+        q, k, v = (qkv.view(batch, 577, 3, 12, 64)[:, :, i].transpose(1, 2) for i in range(3))
+        o, lse = attention._forward(q, k, v, 0.125)
+        ctx = o.transpose(1, 2).reshape(batch, 577, d)
+        h = fl.launch_fused_linear(ctx, w(d, d), b(d), None, None, None, None, x, None)
+        mlp._forward(h, b(d), b(d), w(3072, d), b(3072), w(d, 3072), b(d), 1e-12, True)
+        do = torch.randn(batch, 577, 12, 64, dtype=dtype).transpose(1, 2)
+        attention._backward(do, q, k, v, o, lse, 0.125)
+        described = {
+            _offline.source_key(*_offline._bind(launch.kernel, launch.args, cfg, target)[1:])
+            for launch in _offline.collect_launches([dtype], [batch], arch=80)
+            for cfg in launch.configs
+        }
+        for fn, call in recorded:
+            out["checked"] += 1
+            if _offline.source_key(*_offline.bind_call(fn, call, target)[1:]) not in described:
+                out["missing"].append(f"{fn.__name__} {dtype} batch {batch}")
+print(json.dumps(out))
+"""
+
+
+def test_offline_launches_are_what_the_launchers_launch(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _RECORD_LAUNCHES], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["checked"] >= 60 and result["missing"] == [], result
+
+
 @pytest.fixture(scope="session")
 def compiled(triton_cache, tmp_path_factory) -> dict:
     return _offline(tmp_path_factory.mktemp("offline"), triton_cache, "--arch", ",".join(ARCHS),
