@@ -18,13 +18,19 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch._dynamo import lookup_backend
-from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
+from vithybrid_fast.kernels.attention import reference as attention_reference
+from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats, reference_layer_norm_stats
+from vithybrid_fast.kernels.fused_linear import reference as linear_reference
 from vithybrid_fast.kernels.group_norm_act import group_norm_act
+from vithybrid_fast.kernels.group_norm_act import reference as gn_reference
 from vithybrid_fast.kernels.layer_norm_mlp import layer_norm_mlp
+from vithybrid_fast.kernels.layer_norm_mlp import reference as mlp_reference
+from vithybrid_fast.kernels.weight_standardize import reference as ws_reference
 from vithybrid_fast.kernels.weight_standardize import weight_standardize
 
 import vithybrid_fast as vf
 from tests.hf_reference import randomize_, tiny_config
+from tests.tolerance import assert_close_to_reference
 
 OPS = torch.ops.vithybrid
 
@@ -125,6 +131,48 @@ CASES = {
 }
 
 
+def _gn_reference(act: str | None):
+    return lambda x, weight, bias, residual: gn_reference(x, 4, weight, bias, 1e-5, act, residual) * 1.5
+
+
+def _ln_linear_reference(x, ln_w, ln_b, weight, bias, residual):
+    ln = (*reference_layer_norm_stats(x, 1e-5), ln_w, ln_b)
+    return linear_reference(x, weight, bias, ln=ln, activation="gelu", residual=residual)
+
+
+# The plain-torch twin of each case (kernels' `reference` functions): compiled and eager are both ours,
+# so eager is also held to the float64 reference (tolerance idiom, float32 plain torch as the peer).
+REFERENCES = {
+    "weight_standardize": lambda w: ws_reference(w, 1e-8) * 1.5,
+    "weight_standardize-channels_last": lambda w: ws_reference(w, 1e-8) * 1.5,
+    "group_norm_act-relu-residual": _gn_reference("relu"),
+    "group_norm_act-channels_last-relu-residual": _gn_reference("relu"),
+    "group_norm_act-no_affine-no_act": _gn_reference(None),
+    "layer_norm_stats+fused_linear-gelu-residual": _ln_linear_reference,
+    "fused_linear-plain": lambda x, ln_w, ln_b, weight, bias, residual: linear_reference(x, weight) * 1.5,
+    "layer_norm_mlp": lambda *t: mlp_reference(*t, 1e-6),
+}
+
+
+def _assert_eager_matches_reference(name, inputs, eager_out, eager_grads, probe) -> None:
+    """Forward and gradients of the eager kernel call against `REFERENCES[name]` in float64."""
+    reference = REFERENCES[name]
+    peer_inputs = _leaves(*inputs)
+    ref_inputs = _leaves(*(None if t is None else t.double() for t in inputs))
+    peer_out, ref_out = reference(*peer_inputs), reference(*ref_inputs)
+    assert_close_to_reference(eager_out, peer_out, ref_out, torch.float32, what=f"{name} forward")
+    peer_grads = torch.autograd.grad(
+        (peer_out * probe).sum(), [t for t in peer_inputs if t is not None], allow_unused=True
+    )
+    ref_grads = torch.autograd.grad(
+        (ref_out * probe.double()).sum(), [t for t in ref_inputs if t is not None], allow_unused=True
+    )
+    for i, (got, peer, ref) in enumerate(zip(eager_grads, peer_grads, ref_grads)):
+        assert (got is None) == (ref is None), f"{name}: gradient {i} presence differs from the reference"
+        if got is not None:
+            assert_close_to_reference(got, peer, ref, torch.float32, what=f"{name} gradient {i}")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_compiled_matches_eager_forward_and_backward(name, device):
     fn, build, expected_ops = CASES[name]
@@ -147,6 +195,7 @@ def test_compiled_matches_eager_forward_and_backward(name, device):
         assert (got is None) == (want is None), f"input {i}: gradient presence differs"
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"input {i}: {m}")
+    _assert_eager_matches_reference(name, inputs, expected.detach(), eager_grads, probe)
 
 
 def _opcheck_cases(device: str) -> dict[str, tuple]:
@@ -207,14 +256,18 @@ def test_whole_patched_model_compiles_fullgraph(device):
     config = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=64, num_attention_heads=2, intermediate_size=80))
     model = vf.ViTHybridForImageClassification(config).eval()
     randomize_(model)
-    model = vf.patch(model.to(device), "triton")
     pixels = _randn(2, 3, 72, 72, device=device, seed=0)
+    with torch.no_grad():
+        reference = model.to(device)(pixels).logits  # the unpatched plain-PyTorch model
+    model = vf.patch(model, "triton")
     compiled, graphs = _compile_recording(model)
     with torch.no_grad():
         expected = model(pixels).logits
         got = compiled(pixels).logits  # fullgraph=True: any graph break raises
     diff = (got - expected).abs().max().item()
     assert diff <= 1e-4, f"compiled logits differ from eager by {diff:.3e}"
+    diff = (got - reference).abs().max().item()
+    assert diff <= 1e-4, f"compiled logits differ from the unpatched reference model by {diff:.3e}"
     counts = _op_counts(graphs)
     layers = config.num_hidden_layers
     assert len(graphs) == 1
@@ -271,4 +324,13 @@ def test_inference_calls_skip_the_dispatcher_but_equal_the_registered_ops(device
             torch.ops.vithybrid.group_norm_act(x, 4, w, b, 1e-5, "relu", None)[0],
         )
         assert torch.equal(kernels.weight_standardize(conv_w), torch.ops.vithybrid.weight_standardize(conv_w, 1e-8)[0])
+        # and both equal the plain-torch references (tolerance idiom against float64)
+        direct = kernels.flash_attention(q, k, v), kernels.group_norm_act(x, 4, w, b, 1e-5, "relu", None)
+        for out, fn, args, what in (
+            (direct[0], attention_reference, (q, k, v), "flash_attention"),
+            (direct[1], lambda x_, w_, b_: gn_reference(x_, 4, w_, b_, 1e-5, "relu"), (x, w, b), "group_norm_act"),
+            (kernels.weight_standardize(conv_w), lambda c: ws_reference(c, 1e-8), (conv_w,), "weight_standardize"),
+        ):
+            peer, exact = fn(*args), fn(*(t.double() for t in args))
+            assert_close_to_reference(out, peer, exact, torch.float32, what=what)
     assert needs_registered_op(q.requires_grad_())
