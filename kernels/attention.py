@@ -354,14 +354,14 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and precision. Few on purpose: each one the
 # prune keeps is one more compile at a cold start. 16-bit forward for ViT-Base (D=64, N=577/197) on
-# sm_80/sm_90: 128×64 tiles once B·H·cdiv(N, 128) programs fill the GPU, 64×64 / 32×64 at batch 1.
+# sm_80/sm_90: 128×64 tiles once B·H·cdiv(N, 128) programs fill the GPU, 64×64 at batch 1.
 # Backward tiles are smaller: each dK/dV program keeps two fp32 (BLOCK_N, D) accumulators plus K and V
 # in registers. float32 runs IEEE dots on the FMA units, where every thread holds whole head-dim rows of
 # both operands: only 16×16 tiles over 8 warps stay under 255 registers without spilling (sm_80/sm_90,
 # checked by tests/test_gpu_targets.py). Slow, but float32 is the parity path.
 _TILES = {
     "fwd": {
-        "half": [(128, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (16, 16, 4, 1)],
+        "half": [(128, 64, 8, 3), (64, 64, 4, 3), (16, 16, 4, 1)],
         "fp32": [(16, 16, 8, 1)],
     },
     "dkdv": {

@@ -240,12 +240,11 @@ def _fused_linear_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Few tiles on purpose: every distinct epilogue
 # (qkv, out-proj/fc2, fc1) compiles each tile the prune keeps, and a cold start pays for all of them.
-# 16-bit: 128×128 for the large batches (M = 577·B ≥ 4616 fills the 108/132 SMs), 128×64 / 64×128 /
-# 64×64 for batch 1-2 where bigger tiles would leave most SMs idle.
+# 16-bit: 128×128 for the large batches (M = 577·B ≥ 4616 fills the 108/132 SMs), 64×64 for batch 1-2
+# where bigger tiles would leave most SMs idle. (A 128×64 tile in between cost 3 more compiles at a cold
+# start, over the 60 s budget on a loaded 2-core machine.)
 _HALF_TILES = [
     (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
 ]
 # float32 (IEEE dots on the FMA units, no tensor cores): small tiles, so nothing spills to local memory.

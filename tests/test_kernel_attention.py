@@ -274,7 +274,7 @@ def test_gpu_config_pruning(n, elem_bytes, kind, sm_count):
 
 
 @pytest.mark.parametrize(("batch", "sm_count", "expected"), [
-    (1, 132, {(64, 64), (32, 64)}),  # 12·cdiv(577, 128) = 60 programs < 132 SMs: the smaller query tiles
+    (1, 132, {(64, 64), (128, 64)}),  # 12·cdiv(577, 64) = 120 < 132 SMs: none fills, most programs first
     (8, 132, {(128, 64), (64, 64)}),  # 480 programs fill an H100: the two largest tiles
     (64, 108, {(128, 64), (64, 64)}),
 ])  # fmt: skip
