@@ -14,9 +14,8 @@ import triton.language as tl
 
 from ._group_norm_act_plan import cdiv, reduce_plan
 from ._group_norm_act_tiles import _tile_offsets, tuned_apply
-from ._runtime import interpreter_enabled
 from ._tuning import jit
-from .group_norm_act import _dense, _layout, _sm_count_or_one, _to_layout
+from .group_norm_act import _dense, _layout, _sm_count_or_one, _small_blocks, _to_layout
 
 
 @jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["G", "CG", "P", "ITERS"])
@@ -127,9 +126,7 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
         zeros = weight.new_zeros(c, dtype=torch.float32)
         return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros.clone()
     s, cg = x.numel() // (n * c), c // mean.shape[1]
-    block_c, block_s, iters, chunks = reduce_plan(
-        n, c, s, channels_last, _sm_count_or_one(x.device), interpreter_enabled()
-    )
+    block_c, block_s, iters, chunks = reduce_plan(n, c, s, channels_last, _sm_count_or_one(x.device), _small_blocks())
     part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
     part_dxh = torch.empty_like(part_ds)
     _gn_bwd_reduce[(chunks, n, cdiv(c, block_c))](

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._group_norm_act_plan import GPU_BLOCKS, cdiv, forward_plan
+from ._group_norm_act_plan import cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 from ._tuning import jit
@@ -245,7 +245,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 # Tests' hooks: force a forward path ("single", "loop" or "split"; None: the plan chooses), and run the
-# GPU's block sizes under the interpreter (each config the GPU can take, once, at small shapes).
+# GPU's blocks and reduction tiles under the interpreter (each one the GPU can take, at small shapes).
 _FORCE_PATH: str | None = None
 _FORCE_GPU_BLOCKS = False
 
@@ -293,6 +293,11 @@ def _sm_count_or_one(device: torch.device) -> int:
     return 1 if interpreter_enabled() else _sm_count(device)
 
 
+def _small_blocks() -> bool:
+    """The interpreter's tiny blocks and tiles (the plans' `interpreter`), unless a test forces the GPU's."""
+    return interpreter_enabled() and not _FORCE_GPU_BLOCKS
+
+
 def launch_forward(x, num_groups, weight, bias, eps, act, residual):
     """Launch only (no checks): the plan's 1–3 launches, (y, mean, rstd); y in `_dense(x)`'s layout."""
     x = _dense(x)
@@ -306,11 +311,7 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
     y = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
     if x.numel() == 0:
         return y, mean, rstd
-    interpreter = interpreter_enabled()
-    plan = forward_plan(
-        n, c, s, num_groups, channels_last, _sm_count_or_one(x.device), interpreter, _FORCE_PATH,
-        GPU_BLOCKS if _FORCE_GPU_BLOCKS else None,
-    )  # fmt: skip
+    plan = forward_plan(n, c, s, num_groups, channels_last, _sm_count_or_one(x.device), _small_blocks(), _FORCE_PATH)
     res_channels_last = False
     if residual is not None:
         res_channels_last = _layout(residual)

@@ -347,3 +347,28 @@ def test_constant_groups_give_the_bias_exactly(device, path):
     w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
     out = group_norm_act(x, 4, w, b, act=None)
     torch.testing.assert_close(out, b[None, :, None, None].expand_as(out), rtol=0, atol=0)
+
+
+# The GPU's per-channel reduction tiles (channels-last statistics → finalize, and the backward's
+# reduction), forced under the interpreter: 128- and 64-channel tiles, NCHW 4 × 512, partial tails.
+@pytest.mark.parametrize(
+    ("shape", "num_groups", "channels_last"),
+    [
+        ((1, 130, 40), 2, True),  # 128-channel tile + a 2-channel tail; 16-position blocks, partial third
+        ((1, 64, 37), 32, True),  # the whole C in one 64-wide tile; 32-position blocks, partial second
+        ((1, 6, 1000), 2, False),  # NCHW: 4 × 512 tiles, partial along both axes
+    ],
+)
+def test_gpu_reduction_tiles(shape, num_groups, channels_last, device, monkeypatch):
+    monkeypatch.setattr(gn_module, "_FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", "split")  # channels-last: statistics, finalize, apply
+    inputs = list(make_inputs(shape, torch.float32, device))
+    if channels_last:
+        inputs[0], inputs[3] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (inputs[0], inputs[3]))
+    check_forward(*inputs[:1], num_groups, *inputs[1:3], "relu", inputs[3])
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device)
+    ours = run_grads(group_norm_act, inputs, grad_out, num_groups=num_groups, act="relu")
+    peer = run_grads(torch_peer, inputs, grad_out, num_groups=num_groups, act="relu")
+    ref = run_grads(reference, [t.double() for t in inputs], grad_out.double(), num_groups=num_groups, act="relu")
+    for name, o, p, r in zip(("dx", "dweight", "dbias", "dresidual"), ours, peer, ref):
+        assert_close_to_reference(o, p, r, torch.float32, what=name)
