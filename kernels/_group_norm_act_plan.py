@@ -20,6 +20,7 @@ The backward always uses the per-channel reduction plan (`reduce_plan`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -114,6 +115,7 @@ def split_chunks(n: int, num_groups: int, length: int, sm_count: int, blocks: Bl
     return iters, cdiv(group_blocks, iters)
 
 
+@functools.lru_cache(maxsize=1024)
 def reduce_plan(n: int, c: int, s: int, channels_last: bool, sm_count: int, interpreter: bool = False):
     """(BLOCK_C, BLOCK_S, ITERS, P) of the per-channel reductions: ~2K-element tiles, ≥ 4 programs per SM."""
     if interpreter:
@@ -134,6 +136,9 @@ def reduce_plan(n: int, c: int, s: int, channels_last: bool, sm_count: int, inte
     return block_c, block_s, iters, cdiv(s_blocks, iters)
 
 
+# Cached: a model repeats a few dozen shapes, and the plan is ~10 µs of Python per call (launches
+# themselves are the rest of the host time). Plans are never mutated by their users.
+@functools.lru_cache(maxsize=1024)
 def forward_plan(
     n: int,
     c: int,
