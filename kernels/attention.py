@@ -20,11 +20,13 @@ Strides: every one of the four strides of q, k, v, dO is passed to the kernels, 
 the last dim must have stride 1; a tensor that does not is made contiguous (one copy).
 Dtypes: float32, float16, bfloat16 (q, k, v alike); softmax statistics and all accumulators are
 float32; float32 dots use IEEE precision (never TF32).
-N is a compile-time constant (one compile per distinct N; a ViT sees one or two), so loop trip counts
-and the single partial tail block are resolved statically. Autotuning (GPU) is keyed on a power-of-two
-bucket of N, on D and (by Triton) on the dtypes, so every N in a bucket reuses one tuning; under the
-Triton interpreter (TRITON_INTERPRET=1) a single small config is used, and bfloat16 dots are upcast to
-float32 there because the interpreter would multiply raw bit patterns.
+N is a runtime argument on the GPU (one compile serves every sequence length; only the last key block
+is masked) and a compile-time constant under the interpreter, where Triton 3.6 cannot loop to a runtime
+bound. Autotuning (GPU, kernels/_tuning.py: shipped per-GPU tables, then a per-user cache, then one
+benchmark) is keyed on power-of-two buckets of N and of the batch, on D and (by Triton) on the dtypes;
+candidates are pruned by the GPU's SM count (`select_configs`). Under the Triton interpreter
+(TRITON_INTERPRET=1) a single small config is used unless a test forces another, and bfloat16 dots are
+upcast to float32 there because the interpreter would multiply raw bit patterns.
 Memory: the forward saves q, k, v (the caller's views, not copies), O and the float32 lse per row.
 Entry point: `flash_attention(q, k, v, scale=None)`, backed by the torch custom op
 `vithybrid::flash_attention` (and `vithybrid::flash_attention_backward`) so torch.compile traces a

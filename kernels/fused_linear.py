@@ -24,6 +24,10 @@ BLOCK_M·BLOCK_N·BLOCK_K tensor-core MACs (~1/BLOCK_N), and an A operand that p
 
 Epilogue (float32, one store in x.dtype): + bias, exact erf GELU, + residual.
 
+Compiles: M and K are runtime arguments (M unspecialized), so each epilogue (qkv, out-proj/fc2, fc1)
+compiles once per tile for every batch and width; tiles are autotuned per (M bucket, N, K, epilogue)
+among `select_configs`' candidates, through kernels/_tuning.py (per-GPU tables, per-user cache).
+
 Numerics: float16/bfloat16 use tensor cores with float32 accumulation; float32 uses
 `input_precision="ieee"` (never silent TF32). Any M, N, K: edges are masked. Autograd: forward runs the
 kernels; backward re-runs `reference` (float32 math) under torch.autograd (see `reference_grads`).
