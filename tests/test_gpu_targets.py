@@ -201,3 +201,12 @@ def test_triton_36_compiles(tmp_path):
            if r["error"] or r["shared"] > SHARED_LIMIT[90] or not 0 < r["registers"] <= 255
            or r["spill_stores"] or r["spill_loads"] or (r["dtype"] == "float32" and r["tf32_mma"])]  # fmt: skip
     assert rows and not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("argv", [["--batches", "0"], ["--batches", "a,b"], ["--arch", "sm_70"], ["--dtype", "int8"]])
+def test_warmup_rejects_bad_arguments(argv):
+    from vithybrid_fast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["warmup", *argv])
+    assert exc.value.code == 2  # a usage error, before anything is compiled
