@@ -44,3 +44,69 @@ def test_channels_last_forward_compiles_within_limits(tmp_path):
         assert 0 <= r["shared"] <= limit[r["arch"]], f"{label}: {r['shared']} B shared memory"
         assert 0 < r["registers"] <= 255, f"{label}: {r['registers']} registers"
         assert r["spills"] == 0, f"{label}: {r['spill_stores']} B spill stores, {r['spill_loads']} B loads"
+
+
+# The real launchers (group_norm_act forward and backward at the traced backbone shapes, weight
+# standardization of every conv weight), with Triton's launch stubbed to record its arguments and every
+# autotune candidate "benchmarked" without running: each recorded launch's compile key must be one that
+# `offline_launches` describes, so warm-up and the compile checks see exactly what the model launches.
+RECORD_LAUNCHES = """
+import importlib, json
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from vithybrid_fast.kernels import _offline
+from vithybrid_fast.kernels._backbone_calls import conv_weight_shapes, group_norm_calls
+
+gn = importlib.import_module("vithybrid_fast.kernels.group_norm_act")
+bwd = importlib.import_module("vithybrid_fast.kernels._group_norm_act_backward")
+ws = importlib.import_module("vithybrid_fast.kernels.weight_standardize")
+recorded = []
+JITFunction.run = lambda self, *a, grid, warmup, **kw: recorded.append((self, {**dict(zip(self.arg_names, a)), **kw}))
+Autotuner._bench = lambda self, *args, config, **kw: [1.0, 1.0, 1.0]
+out = {"missing": [], "checked": 0, "kernels": []}
+for arch, sm_count in ((80, 108), (90, 132)):
+    gn._sm_count = lambda device, sm_count=sm_count: sm_count  # what the launchers ask the GPU
+    target = GPUTarget("cuda", arch, 32)
+    for dtype in (torch.bfloat16, torch.float32):
+        recorded.clear()
+        for batch in (1, 8, 64):
+            for call in group_norm_calls():
+                x = torch.empty(batch, call.channels, *call.spatial, dtype=dtype)  # never touched: no memory
+                w = torch.empty(call.channels, dtype=dtype)
+                res = torch.empty_like(x) if call.residual else None
+                y, mean, rstd = gn.launch_forward(x, call.num_groups, w, w, 1e-5, "relu" if call.relu else None, res)
+                bwd.launch_backward(y, y if call.relu else None, x, w, mean, rstd, call.relu, call.residual)
+        for shape in conv_weight_shapes():
+            w = torch.empty(shape, dtype=dtype)
+            _, mean, rstd = ws.launch_forward(w, 1e-8)
+            ws.launch_backward(w, w, mean, rstd)
+        launches = gn.offline_launches(dtype, [1, 8, 64], arch) + ws.offline_launches(dtype, [1, 8, 64], arch)
+        described = {
+            _offline.source_key(*_offline._bind(launch.kernel, launch.args, cfg, target)[1:])
+            for launch in launches
+            if launch.phase != "channels_last"
+            for cfg in launch.configs
+        }
+        for fn, call in recorded:
+            out["checked"] += 1
+            out["kernels"].append(fn.__name__)
+            if _offline.source_key(*_offline.bind_call(fn, call, target)[1:]) not in described:
+                out["missing"].append(f"sm_{arch} {fn.__name__} {dtype}")
+out["kernels"] = sorted(set(out["kernels"]))
+print(json.dumps(out))
+"""
+
+
+def test_offline_launches_are_what_the_launchers_launch(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", RECORD_LAUNCHES], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kernels"] == [
+        "_gn_apply_grouped", "_gn_bwd_apply", "_gn_bwd_reduce", "_gn_fwd_group_loop", "_gn_fwd_single_pass",
+        "_gn_group_stats", "_weight_standardize_bwd", "_weight_standardize_fwd",
+    ]  # fmt: skip
+    assert result["checked"] > 1000 and sorted(set(result["missing"])) == [], result["missing"][:20]
