@@ -1,11 +1,12 @@
-"""group_norm_act's opt-in channels-last forward, compiled offline for sm_80 and sm_90 (no GPU).
+"""The backbone kernels (group_norm_act, weight_standardize) against their offline launch lists, no GPU.
 
-tests/test_gpu_targets.py compiles every launch a default (NCHW) run makes, forward and backward. The
-channels-last forward (`group_norm_act.offline_launches`, phase "channels_last": per-channel statistics,
-the per-group merge, the autotuned apply with each config its prune keeps at the base model's shapes,
-and the single pass) is not part of that run, so it is checked here, in float32, where registers are
-scarcest: it must compile, fit shared memory (A100 166,912 B, H100 232,448 B), use ≤ 255 registers
-and spill nothing.
+1. `offline_launches` describe exactly what the real launchers launch (compile keys compared), so
+   `vithybrid-fast warmup` and tests/test_gpu_targets.py compile what the model runs.
+2. group_norm_act's opt-in channels-last forward (phase "channels_last": per-channel statistics, the
+   per-group merge, the autotuned apply with each config its prune keeps at the base model's shapes, and
+   the single pass) is not part of a default NCHW run, so it is compiled here for sm_80 and sm_90 in
+   float32, where registers are scarcest: it must compile, fit shared memory (A100 166,912 B, H100
+   232,448 B), use ≤ 255 registers and spill nothing.
 """
 
 from __future__ import annotations
