@@ -265,3 +265,17 @@ def test_load_frozen(tmp_path, old_model, pixels):
     assert is_frozen(frozen) and not is_frozen(plain)
     torch.testing.assert_close(logits(frozen, pixels), logits(plain, pixels), rtol=0, atol=0)
     assert cached_bytes(frozen) > 0 and cached_bytes(plain) == 0
+
+
+def test_freezing_state_set_while_patched_survives_unpatch(old_model):
+    model = vf.patch(copy.deepcopy(old_model), "triton")
+    vf.freeze(model)
+    vf.unpatch(model)
+    conv = model.vit.embeddings.patch_embeddings.backbone.bit.embedder.convolution
+    with torch.no_grad():
+        assert is_frozen(model) and conv.standardized_weight() is conv.standardized_weight()
+    vf.patch(model, "triton")
+    vf.unfreeze(model)
+    vf.unpatch(model)
+    with torch.no_grad():
+        assert not is_frozen(model) and conv.standardized_weight() is not conv.standardized_weight()

@@ -165,7 +165,7 @@ def _carry_state(replacement: nn.Module, original: nn.Module) -> None:
             for key, tensor in list(slots.items()):
                 if key in current and current[key] is not tensor:
                     slots[key] = current[key]
-    original.train(replacement.training)
+    original.training = replacement.training  # its children are shared, so already in their own mode
 
 
 def _undo(model: nn.Module, families: set[str]) -> None:
@@ -179,7 +179,7 @@ def _undo(model: nn.Module, families: set[str]) -> None:
             _carry_state(getattr(entry.parent, entry.name), entry.original)
             setattr(entry.parent, entry.name, entry.original)
             for cache in derived_weight_caches(entry.original):
-                cache.drop()  # derived before the patch: derive again from the weights carried back
+                cache.unfreeze()  # held since before the patch; the caller freezes again if the model is
         else:
             setattr(entry.target, entry.attribute, entry.original)
     record[:] = reversed(kept)
@@ -298,7 +298,7 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
         else:
             record += _switch_attention(model, choice[family])
     if frozen:
-        freeze(model)  # the fast modules just put in hold their derived weights too
+        freeze(model)  # the modules just put in (fast or restored) hold their derived weights too
     return model
 
 
@@ -307,8 +307,11 @@ def unpatch(model: nn.Module) -> nn.Module:
 
     Parameters and buffers that were replaced while patched come back with them (see module docstring).
     """
+    frozen = is_frozen(model)
     _undo(model, set(FAMILIES))
     model.__dict__.pop(_PATCH_RECORD, None)
+    if frozen:
+        freeze(model)
     return model
 
 
