@@ -3,8 +3,10 @@
 With gz = gy·[y > 0] (ReLU mask from the saved output, or gy without an activation) and
 x̂ = (x − mean)·rstd: `_gn_bwd_reduce` sums Σ gz and Σ gz·x̂ per (n, c, chunk) (chunking from
 `reduce_plan`); torch finishes the (N, G) coefficients A = mean(gz·w), B = mean(gz·w·x̂);
-`_gn_bwd_apply` writes dx = rstd·(w·gz − A − x̂·B) and d residual = gz; dw = Σ gz·x̂, db = Σ gz.
-Every forward path saves the same (N, G) float32 mean and rstd, so this serves them all.
+the apply writes dx = rstd·(w·gz − A − x̂·B) and d residual = gz; dw = Σ gz·x̂, db = Σ gz. In NCHW the
+apply is `_gn_bwd_apply_grouped`, flat blocks of a group's contiguous span with one config (like the
+forward's), and the reduction one (32 × 64) tile: few compiles. Channels-last takes the autotuned
+(channel × spatial) `_gn_bwd_apply`. Every forward path saves the same (N, G) float32 mean and rstd.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ._group_norm_act_plan import cdiv, reduce_plan
+from ._group_norm_act_plan import GPU_BLOCKS, INTERPRETER_BLOCKS, cdiv, reduce_plan
 from ._group_norm_act_tiles import _tile_offsets, tuned_apply
 from ._tuning import jit
-from .group_norm_act import _dense, _layout, _sm_count_or_one, _small_blocks, _to_layout
+from .group_norm_act import _dense, _layout, _sm_count_or_one, _small_blocks, _span_block, _to_layout
 
 
 @jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["G", "CG", "P", "ITERS"])
@@ -108,7 +110,51 @@ def _gn_bwd_apply(
         tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
+@jit(do_not_specialize=["S", "G", "CG", "TILES"])
+def _gn_bwd_apply_grouped(
+    gy_ptr,  # (N, C, S) NCHW upstream gradient
+    y_ptr,  # (N, C, S) NCHW forward output (ReLU mask) or unused
+    x_ptr,  # (N, C, S) NCHW forward input
+    mean_ptr,  # (N, G) float32
+    rstd_ptr,  # (N, G) float32
+    coef_a_ptr,  # (N, G) float32: mean over the group of gz·w
+    coef_b_ptr,  # (N, G) float32: mean over the group of gz·w·x̂
+    w_ptr,  # (C,) GroupNorm weight
+    gx_ptr,  # (N, C, S) out: dL/dx
+    gz_ptr,  # (N, C, S) out: dL/d(residual) = gy·[y > 0], or unused
+    S,
+    G,
+    CG,
+    L,  # CG·S elements per group
+    TILES,  # cdiv(L, BLOCK) programs per group
+    RELU: tl.constexpr,
+    WRITE_GZ: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # NCHW: one flat block of one group's contiguous span per program, one config for every shape.
+    pid = tl.program_id(0)  # (n·G + g)·TILES + tile
+    row, tile = pid // TILES, pid % TILES
+    mean, rstd = tl.load(mean_ptr + row), tl.load(rstd_ptr + row)
+    coef_a, coef_b = tl.load(coef_a_ptr + row), tl.load(coef_b_ptr + row)
+    offs, mask, channel = _span_block(tile * BLOCK, L, S, BLOCK)
+    offs += row.to(tl.int64) * L
+    w = tl.load(w_ptr + (row % G) * CG + channel, mask=mask, other=0.0).to(tl.float32)
+    gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
+    x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    gx = rstd * (w * gz - coef_a - x_hat * coef_b)
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GZ:
+        tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+
+
 _gn_bwd_apply_tuned = tuned_apply("group_norm_act_bwd_apply", _gn_bwd_apply)
+
+
+def bwd_apply_block(interpreter: bool) -> int:
+    """The NCHW backward apply's flat block: the forward apply's (one config, no autotuning)."""
+    return (INTERPRETER_BLOCKS if interpreter else GPU_BLOCKS).apply
 
 
 def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
@@ -141,13 +187,23 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
     gx = torch.empty_like(x)
     gz = torch.empty_like(x) if need_gz and relu else None
 
-    def grid(meta: dict) -> tuple[int, int, int]:
-        return (cdiv(s, meta["BLOCK_S"]), n, cdiv(c, meta["BLOCK_C"]))
+    gz_out = gx if gz is None else gz
+    if channels_last:
 
-    _gn_bwd_apply_tuned[grid](
-        gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gx if gz is None else gz, n, c, s, num_groups, cg,
-        RELU=relu, WRITE_GZ=gz is not None, CHANNELS_LAST=channels_last,
-    )  # fmt: skip
+        def grid(meta: dict) -> tuple[int, int, int]:
+            return (cdiv(s, meta["BLOCK_S"]), n, cdiv(c, meta["BLOCK_C"]))
+
+        _gn_bwd_apply_tuned[grid](
+            gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gz_out, n, c, s, num_groups, cg,
+            RELU=relu, WRITE_GZ=gz is not None, CHANNELS_LAST=True,
+        )  # fmt: skip
+    else:
+        block = bwd_apply_block(_small_blocks())
+        tiles = cdiv(cg * s, block)
+        _gn_bwd_apply_grouped[(n * num_groups * tiles,)](
+            gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gz_out, s, num_groups, cg, cg * s, tiles,
+            RELU=relu, WRITE_GZ=gz is not None, BLOCK=block, num_warps=4,
+        )  # fmt: skip
     if need_gz and not relu:
         gz = gy
     return gx, gz, dxh.sum(0), ds.sum(0)

@@ -127,7 +127,9 @@ def reduce_plan(n: int, c: int, s: int, channels_last: bool, sm_count: int, inte
             block_c = min(next_pow2(c), 128)
             block_s = min(max(tile // block_c, 1), next_pow2(s))
         else:
-            block_s = span(s)
+            # The backward's NCHW reduction: 64-wide rows (a 128-byte line in 16-bit) fit every model S
+            # without padding, so one (32 × 64) tile, one compile, serves every shape.
+            block_s = min(64, next_pow2(s))
             block_c = min(max(tile // block_s, 1), next_pow2(c))
         target = 4 * sm_count
     s_blocks = cdiv(s, block_s)
@@ -180,7 +182,8 @@ def forward_plan(
         "_gn_stats", (chunks, n, cdiv(c, block_c)), {"BLOCK_C": block_c, "BLOCK_S": block_s},
         {"ITERS": iters, "P": chunks},
     )  # fmt: skip
-    block_e = min(next_pow2(cg * chunks), 2048)
+    # One fixed merge width (E_ITERS steps cover any CG·P): one compile for every shape and batch.
+    block_e = 16 if interpreter else 1024
     finalize = Launch(
         "_gn_finalize", (rows,), {"BLOCK_E": block_e},
         {"E_ITERS": cdiv(cg * chunks, block_e), "CHUNK_S": iters * block_s},

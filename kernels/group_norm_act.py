@@ -104,21 +104,27 @@ def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
 
 
 @triton.jit
-def _apply_block(
-    x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, start, L, S, mean, rstd,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    # act((x − mean)·rstd·w[c] + b[c] [+ res]) on elements [start, start + BLOCK) of one NCHW group span;
-    # pointers are at the group's first element, w and b at its first channel. Channel of element e:
-    # e // S, from a float estimate corrected once, exact since the quotient of (start % S + i) is small.
+def _span_block(start, L, S, BLOCK: tl.constexpr):
+    # Offsets, mask and channel (relative to the group's first) of elements [start, start + BLOCK) of one
+    # NCHW group span. Channel of element e: e // S, from a float estimate corrected once — exact, since
+    # the quotient of (start % S + i) is small — instead of an integer division per element.
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < L
     c0 = start // S
     local = (start - c0 * S) + tl.arange(0, BLOCK)
     q = ((local.to(tl.float32) + 0.5) * (1.0 / (S * 1.0))).to(tl.int32)
     q = tl.where(local - q * S < 0, q - 1, q)
     q = tl.where(local - q * S >= S, q + 1, q)
-    channel = c0 + q
+    return offs, offs < L, c0 + q
+
+
+@triton.jit
+def _apply_block(
+    x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, start, L, S, mean, rstd,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # act((x − mean)·rstd·w[c] + b[c] [+ res]) on elements [start, start + BLOCK) of one NCHW group span;
+    # pointers are at the group's first element, w and b at its first channel.
+    offs, mask, channel = _span_block(start, L, S, BLOCK)
     scale = rstd * tl.load(w_ptr + channel, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)

@@ -120,19 +120,23 @@ def test_channels_last_plan():
     assert (stats.kernel, finalize.kernel, apply.kernel) == ("_gn_stats", "_gn_finalize", "_gn_apply")
     assert stats.grid == (384, 1, 1) and stats.constexprs == {"BLOCK_C": 64, "BLOCK_S": 32}
     assert stats.sizes == {"ITERS": 3, "P": 384}
-    # 2 channels × 384 chunks = 768 partials per group: one 1024-wide step.
+    # 2 channels × 384 chunks = 768 partials per group: one step of the fixed 1024-wide merge.
     assert finalize.grid == (32,) and finalize.constexprs == {"BLOCK_E": 1024}
     assert finalize.sizes == {"E_ITERS": 1, "CHUNK_S": 96}
+    # Stage 3 out at batch 1 on an H100: 32 channels × 36 chunks = 1152 partials → two steps.
+    stats, finalize, _ = plan.forward_plan(1, *S3_OUT, 32, True, H100).launches
+    assert stats.sizes["P"] == 36 and finalize.sizes["E_ITERS"] == 2
     assert apply.grid is None and apply.num_warps is None  # the autotuner's tile decides
 
 
 @pytest.mark.parametrize(
     ("shape", "channels_last", "sm_count", "batch", "expected"),
     [
-        # (BLOCK_C, BLOCK_S, ITERS, P): NCHW tiles span S (64 for 576, 256 for 2304, 512 for 9216).
+        # (BLOCK_C, BLOCK_S, ITERS, P): the backward's NCHW tile is 32 × 64 for every model shape.
         (S3_OUT, False, H100, 1, (32, 64, 1, 9)),  # 9 S-blocks, 17 chunks wanted
         (S3_OUT, False, H100, 64, (32, 64, 9, 1)),  # 64 · 32 channel blocks already fill the GPU
-        (S2_OUT, False, A100, 1, (8, 256, 2, 5)),  # 64 channel blocks: ⌈432 / 64⌉ = 7 → 2 of 9 S-blocks → 5
+        (S2_OUT, False, A100, 1, (32, 64, 2, 18)),  # 16 channel blocks: ⌈432 / 16⌉ = 27 → 2 of 36 S-blocks → 18
+        (STEM, False, H100, 1, (32, 64, 3, 192)),  # 2 channel blocks: 264 wanted of 576 S-blocks → 3 each
         (S3_OUT, True, H100, 1, (128, 16, 1, 36)),  # channels-last: 128-channel tiles × 16 positions
         (STEM, True, A100, 1, (64, 32, 3, 384)),
     ],
@@ -223,5 +227,6 @@ def test_backbone_compile_count():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {tuple(map(int, line.split()[:2])): tuple(map(int, line.split()[2:])) for line in done.stdout.splitlines()}
     assert rows[(1, 80)] == rows[(1, 90)] == (11, 2)
-    # Training adds the backward's per-channel reduction and its apply tiles (2 pruned configs per shape).
-    assert rows[(2, 90)][0] <= 60 and rows[(2, 90)][1] == 4
+    # Training adds the backward: GroupNorm 5 (the one-tile reduction per ReLU flag, the flat apply per
+    # (ReLU, d residual) pair) and weight standardization 2.
+    assert rows[(2, 80)] == rows[(2, 90)] == (18, 4)

@@ -285,11 +285,13 @@ def test_channels_last_apply_each_gpu_config(cfg, device):
             assert not out.is_contiguous()  # stayed channels-last: the per-channel split and its apply ran
 
 
-@pytest.mark.parametrize("cfg", model_apply_configs(channels_last=False), ids=config_id)
+@pytest.mark.parametrize("cfg", model_apply_configs(channels_last=True), ids=config_id)
 def test_backward_apply_each_gpu_config(cfg, device):
+    # The autotuned backward apply serves channels-last activations (NCHW takes the flat one-config apply).
     with force_config("group_norm_act_bwd_apply", cfg):
         for c, s in tail_shapes(cfg):
             inputs = list(make_inputs((1, c, s), torch.float32, device))
+            inputs[0], inputs[3] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (inputs[0], inputs[3]))
             grad_out = torch.randn(1, c, s, generator=torch.Generator().manual_seed(2)).to(device)
             ours = run_grads(group_norm_act, inputs, grad_out, num_groups=2, act="relu")
             peer = run_grads(torch_peer, inputs, grad_out, num_groups=2, act="relu")
@@ -350,13 +352,14 @@ def test_constant_groups_give_the_bias_exactly(device, path):
 
 
 # The GPU's per-channel reduction tiles (channels-last statistics → finalize, and the backward's
-# reduction), forced under the interpreter: 128- and 64-channel tiles, NCHW 4 × 512, partial tails.
+# reduction) and the flat backward apply, forced under the interpreter: 128- and 64-channel tiles,
+# NCHW 8 × 64 (C < 32), partial tails.
 @pytest.mark.parametrize(
     ("shape", "num_groups", "channels_last"),
     [
         ((1, 130, 40), 2, True),  # 128-channel tile + a 2-channel tail; 16-position blocks, partial third
         ((1, 64, 37), 32, True),  # the whole C in one 64-wide tile; 32-position blocks, partial second
-        ((1, 6, 1000), 2, False),  # NCHW: 4 × 512 tiles, partial along both axes
+        ((1, 6, 1000), 2, False),  # NCHW: 8 × 64 tiles (2 rows masked), a partial 16th S-block; L = 3000
     ],
 )
 def test_gpu_reduction_tiles(shape, num_groups, channels_last, device, monkeypatch):
