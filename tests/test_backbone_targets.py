@@ -4,9 +4,9 @@
    `vithybrid-fast warmup` and tests/test_gpu_targets.py compile what the model runs.
 2. group_norm_act's opt-in channels-last layout (phase "channels_last": per-channel statistics, the
    per-group merge, the autotuned apply with each config its prune keeps at the base model's shapes, the
-   single pass, and the backward's reduction and autotuned apply) is not part of a default NCHW run, so it is compiled here for sm_80 and sm_90 in
-   float32, where registers are scarcest: it must compile, fit shared memory (A100 166,912 B, H100
-   232,448 B), use ≤ 255 registers and spill nothing.
+   single pass, and the backward's reduction and autotuned apply) is not part of a default NCHW run, so
+   it is compiled here for sm_80 and sm_90 in float32, where registers are scarcest: it must compile,
+   fit shared memory (A100 166,912 B, H100 232,448 B), use ≤ 255 registers and spill nothing.
 """
 
 from __future__ import annotations
