@@ -374,4 +374,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module: `python -m` makes this file `__main__`, whose TensorArg
+    # would be another class than the one the kernel modules import.
+    sys.exit(importlib.import_module(f"{__package__}._offline").main())
