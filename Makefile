@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench,datasets]"
+	$(PY) -m pip install -q -e ".[test,bench,datasets,export]"
 	# Hugging Face's `kernels` (0.11.7 works with huggingface_hub 0.x), kept aside: tests/test_wheel.py
 	# checks it imports beside our installed wheel (a top-level name both packages once claimed)
 	$(PY) -m pip install -q --no-deps --target $(VENV)/hf-kernels "kernels==0.11.7"

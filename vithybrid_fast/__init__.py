@@ -18,6 +18,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_repo_root)
 
 from .config import BitConfig, ViTHybridConfig
+from .export import export_onnx, export_program
 from .hub import CheckpointNotFoundError
 from .loading import CheckpointError, load
 from .modeling import ViTHybridForImageClassification, ViTHybridModel
@@ -36,6 +37,8 @@ __all__ = [
     "ViTHybridImageProcessor",
     "ViTHybridModel",
     "__version__",
+    "export_onnx",
+    "export_program",
     "freeze",
     "load",
     "load_processor",

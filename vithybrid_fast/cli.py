@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vithybrid_fast.train",
     "vithybrid_fast.warmup",
     "vithybrid_fast.tune",
+    "vithybrid_fast.export",
 )
 
 

@@ -1,0 +1,217 @@
+"""Export: ONNX files verified in ONNX Runtime against PyTorch, and torch.export programs.
+
+Tiny config (72², 5×5 tokens) for every mode; the base config (384², random weights) once in fp32.
+The dynamic-size file is run at sizes other than the one it was traced at, odd ones included, and
+compared with the PyTorch model's own interpolate_pos_encoding path (F.interpolate on the real grid).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import vithybrid_fast as vf
+from tests.hf_reference import randomize_, tiny_config
+from vithybrid_fast import export as vf_export
+from vithybrid_fast.export import OnnxVerificationError, bicubic_matrix, export_onnx, export_program
+
+onnx = pytest.importorskip("onnx", reason="the [export] extra is not installed")
+ort = pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> vf.ViTHybridForImageClassification:
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).eval()
+    randomize_(model)
+    return model
+
+
+def _ort_logits(path, pixels: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"pixel_values": pixels.numpy()})[0])
+
+
+def _uniform(*shape: int, seed: int) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_fp32_dynamic_batch_names_metadata_and_report(tiny_model, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    report = export_onnx(tiny_model, path)
+    assert report.max_abs_diff <= 1e-4 and report.bound == 1e-4
+    assert report.inputs == 5  # photo + random batches of 1 and 3
+    assert report.summary() == f"onnx: max|Δlogit| {report.max_abs_diff:.2e} over 5 inputs"
+
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["pixel_values"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.HasField("dim_value"), "batch must be symbolic"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["id2label"]) == {str(i): f"class_{i}" for i in range(7)}
+    assert json.loads(meta["label2id"])["class_3"] == 3
+    assert meta["image_size"] == "72x72" and meta["dtype"] == "float32"
+    assert not any(node.domain.startswith("vithybrid") for node in proto.graph.node)
+
+    pixels = _uniform(4, 3, 72, 72, seed=1)  # a batch size the verification did not use
+    with torch.no_grad():
+        expected = tiny_model(pixels).logits
+    diff = (_ort_logits(path, pixels) - expected).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_dynamic_size_matches_pytorch_at_other_sizes(tiny_model, tmp_path):
+    path = tmp_path / "dynamic.onnx"
+    report = export_onnx(tiny_model, path, image_size="dynamic")
+    assert report.inputs == 7 and report.max_abs_diff <= 1e-4, report.checks
+    assert any("101×58" in what for what, _ in report.checks), report.checks
+    # 88×72 → 6×5 tokens; 105×56 → 7×4 (odd height: asymmetric SAME padding); 40×40 → 3×3
+    for seed, (height, width) in enumerate([(88, 72), (105, 56), (40, 40)]):
+        pixels = _uniform(2, 3, height, width, seed=seed)
+        with torch.no_grad():
+            expected = tiny_model(pixels, interpolate_pos_encoding=True).logits
+        diff = (_ort_logits(path, pixels) - expected).abs().max().item()
+        assert diff <= 1e-4, f"{height}×{width}: max |Δlogit| {diff:.2e}"
+
+
+def test_patched_model_exports_its_reference_path(tiny_model, tmp_path):
+    import copy
+
+    patched = vf.patch(copy.deepcopy(tiny_model), {"backbone": "triton", "mlp": "triton"})
+    path = tmp_path / "patched.onnx"
+    report = export_onnx(patched, path, batch=2, image_size=(80, 64), hidden_states=True)
+    assert report.max_abs_diff <= 1e-4, report.checks
+    assert vf.patching.patched_modules(patched), "the caller's model must stay patched"
+    proto = onnx.load(str(path))
+    assert not any(node.domain.startswith("vithybrid") for node in proto.graph.node)
+    assert [o.name for o in proto.graph.output] == ["logits", "hidden_states"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pixels = _uniform(2, 3, 80, 64, seed=5)
+    logits, states = session.run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        out = tiny_model(pixels, interpolate_pos_encoding=True, output_hidden_states=True)
+    assert states.shape == (3, 2, 1 + 5 * 4, 48)  # layers+1, batch, CLS + 5×4 tokens (80×64 px), hidden
+    assert (torch.from_numpy(states) - torch.stack(out.hidden_states)).abs().max().item() <= 1e-4
+    assert (torch.from_numpy(logits) - out.logits).abs().max().item() <= 1e-4
+
+
+def test_float16_within_its_stated_bound(tiny_model, tmp_path):
+    report = export_onnx(tiny_model, tmp_path / "half.onnx", batch=1, dtype=torch.float16)
+    # the bound: 2 × PyTorch fp16's own error + 2e-3 · max(1, max|logit|); it must be a real bound
+    assert 1e-4 < report.bound < 0.1, report.bound
+    assert report.max_abs_diff <= report.bound, report.checks
+    proto = onnx.load(str(tmp_path / "half.onnx"))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_verification_failure_removes_the_file(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-12)  # no real export meets this
+    path = tmp_path / "strict.onnx"
+    with pytest.raises(OnnxVerificationError, match="differ from PyTorch's"):
+        export_onnx(tiny_model, path, batch=1)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"image_size": (8, 8)}, ValueError, "at least 17"),
+        ({"image_size": "big"}, ValueError, "image_size must be"),
+        ({"image_size": (72.0, 72)}, ValueError, "image_size must be"),
+        ({"dtype": torch.bfloat16}, ValueError, "float32 or float16"),
+        ({"dtype": "int8"}, ValueError, "float32 or float16"),
+        ({"batch": 0}, ValueError, "batch must be"),
+        ({"opset": 11}, ValueError, "opset"),
+    ],
+)
+def test_bad_arguments_fail_before_exporting(tiny_model, tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        export_onnx(tiny_model, tmp_path / "x.onnx", **kwargs)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_missing_onnxruntime_names_the_extra(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    with pytest.raises(ImportError, match=r"pip install vithybrid-fast\[export\]"):
+        export_onnx(tiny_model, tmp_path / "x.onnx")
+
+
+def test_not_our_model_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="ViTHybridForImageClassification"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize("out_size, in_size", [(7, 5), (3, 5), (5, 5), (1, 4), (30, 24)])
+def test_bicubic_matrix_is_f_interpolate(out_size, in_size):
+    values = torch.randn(2, in_size, in_size + 1, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(
+        values[None], size=(out_size, out_size + 2), mode="bicubic", align_corners=False
+    )[0]
+    rows, cols = (
+        bicubic_matrix(out_size, in_size, torch.float64),
+        bicubic_matrix(out_size + 2, in_size + 1, torch.float64),
+    )
+    torch.testing.assert_close(rows @ values @ cols.T, expected, rtol=0, atol=1e-12)
+    if out_size == in_size:
+        assert torch.equal(bicubic_matrix(out_size, in_size), torch.eye(in_size)), "identity at the trained grid"
+
+
+def test_torch_export_reference_and_patched_dynamic_batch(tiny_model, device):
+    import copy
+
+    reference = copy.deepcopy(tiny_model).to(device)
+    config = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=64, num_attention_heads=2))
+    torch.manual_seed(1)
+    kernel_model = vf.ViTHybridForImageClassification(config).eval()
+    randomize_(kernel_model)
+    patched = vf.patch(copy.deepcopy(kernel_model).to(device), "triton")
+    for model, expect_ops in ((reference, False), (patched, True)):
+        program = export_program(model)
+        ops = {str(n.target).split(".")[1] for n in program.graph.nodes if str(n.target).startswith("vithybrid.")}
+        if expect_ops:
+            assert {"flash_attention", "fused_linear", "layer_norm_mlp", "weight_standardize"} <= ops, ops
+        else:
+            assert not ops, ops
+        for batch in (1, 3):  # neither is the traced batch of 2
+            pixels = _uniform(batch, 3, 72, 72, seed=batch).to(device)
+            with torch.no_grad():
+                got = program.module()(pixels)
+                expected = model(pixels).logits
+            assert got.shape == (batch, 7)
+            assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_cli_export_writes_a_verified_file(tiny_model, tmp_path, capsys):
+    from vithybrid_fast.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "cli.onnx"
+    code = main(["export", "--model", str(tmp_path / "ckpt"), "--output", str(out), "--dynamic-batch"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out.exists()
+    assert lines[-1].startswith("onnx: max|Δlogit| ") and lines[-1].endswith(" over 5 inputs"), lines
+    assert float(lines[-1].split()[2]) <= 1e-4
+
+
+def test_cli_export_usage_errors(tmp_path, capsys):
+    from vithybrid_fast.cli import main
+
+    with pytest.raises(SystemExit) as usage:
+        main(["export", "--model", "m", "--output", "x.onnx", "--dtype", "bfloat16"])
+    assert usage.value.code == 2
+    code = main(
+        ["export", "--model", str(tmp_path), "--output", "x.onnx", "--dynamic-size", "--image-size", "64", "64"]
+    )
+    assert code == 1 and "exclude each other" in capsys.readouterr().err
+
+
+def test_base_config_fp32(tmp_path):
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.base_384()).eval()
+    report = export_onnx(model, tmp_path / "base.onnx", batch="dynamic")
+    assert report.inputs == 5 and report.max_abs_diff <= 1e-4, report.checks

@@ -1,0 +1,457 @@
+"""Export for deployment: an ONNX file verified in ONNX Runtime, and a `torch.export` program.
+
+    vf.export_onnx(model, "model.onnx")                               # dynamic batch, fixed 384×384
+    vf.export_onnx(model, "model.onnx", image_size="dynamic", dtype=torch.float16)
+    program = vf.export_program(model)                                # torch.export, dynamic batch
+
+ONNX exports the *reference* computation: a patched model is deep-copied and unpatched (Triton
+custom ops never reach the graph), with explicit-softmax attention. Input `pixel_values`
+(B, 3, H, W); output `logits` (B, num_labels), plus `hidden_states` (layers+1, B, tokens, hidden)
+when asked. The label map (`id2label`, `label2id`), the image size and the package version go into
+the model's metadata_props.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` — it traces through `torch.export`, so shapes stay
+symbolic. The TorchScript exporter (dynamo=False) traces Python shape arithmetic (SAME padding,
+the position grid) into constants: a "dynamic size" file from it would be silently wrong at other
+sizes. The dynamo exporter works on the torch versions we run (2.11 on the GPU machine, 2.13 in CI).
+
+Dynamic image size: two export-only twins, installed on the exported copy only, keep the symbolic
+shapes small enough for torch.export (with the original code it spends minutes in sympy):
+- SAME padding written with integer floor division, so each stage's size is ceil(x/s), not a
+  nested max/ceil expression — the same padding for every size;
+- the position table resized by two bicubic interpolation matrices built from the real token
+  grid (transformers' interpolate_pos_encoding divides by the wrong stride; ours reads the grid
+  from the feature map). Same bicubic (a = −0.75, half-pixel, clamped) as F.interpolate, and
+  exactly the identity at the trained grid. Verification checks a second size against PyTorch.
+
+Verification (on by default): the file runs in ONNX Runtime on the CPU on the bundled photo and on
+random inputs at two batch sizes (and a second image size when dynamic) against the PyTorch
+reference; float32 fails above 1e-4 max |Δlogit|. float16 follows the project's tolerance idiom
+(DESIGN.md): ONNX Runtime's fp16 error against the fp32 reference may be at most twice PyTorch's own
+fp16 error on the same inputs plus 2e-3 × max(1, max|logit|) — fp16 keeps 11 significant bits
+(relative rounding 4.9e-4), and ~30 layers of rounding in a different operation order differ
+by a few units of that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FP32_BOUND = 1e-4
+FP16_ATOL = 2e-3  # tests/tolerance.py's float16 atol
+SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+INSTALL_HINT = "pip install vithybrid-fast[export]"
+
+
+class OnnxVerificationError(RuntimeError):
+    """ONNX Runtime's logits differ from PyTorch's by more than the bound; the file is removed."""
+
+
+@dataclass
+class OnnxExportReport:
+    path: Path
+    max_abs_diff: float  # max |Δlogit| between ONNX Runtime and the PyTorch reference
+    bound: float
+    inputs: int  # images compared
+    opset: int
+    checks: list[tuple[str, float]]  # (what was run, its max |Δlogit|)
+
+    def summary(self) -> str:
+        return f"onnx: max|Δlogit| {self.max_abs_diff:.2e} over {self.inputs} inputs"
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"ONNX export needs {module} ({err}); install it with: {INSTALL_HINT}") from None
+
+
+def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    by_value = {v: v for v in SUPPORTED_DTYPES.values()}
+    resolved = SUPPORTED_DTYPES.get(dtype) if isinstance(dtype, str) else by_value.get(dtype)
+    if resolved is None:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported for ONNX export: choose float32 or float16 "
+            "(ONNX Runtime's CPU provider has no bfloat16 convolutions)"
+        )
+    return resolved
+
+
+def _check_batch(batch: int | str) -> int | None:
+    if batch == "dynamic":
+        return None
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be 'dynamic' or a positive int, got {batch!r}")
+    return batch
+
+
+def _check_image_size(image_size: Any, trained: tuple[int, int]) -> tuple[tuple[int, int], bool]:
+    """(example size, dynamic?) from None | (H, W) | "dynamic"."""
+    if image_size is None:
+        return trained, False
+    if image_size == "dynamic":
+        return trained, True
+    ok = isinstance(image_size, (tuple, list)) and len(image_size) == 2
+    if not ok or any(isinstance(s, bool) or not isinstance(s, int) or s < 17 for s in image_size):
+        raise ValueError(
+            f"image_size must be None (the model's {trained[0]}×{trained[1]}), 'dynamic' or (height, width) "
+            f"with both at least 17 pixels, got {image_size!r}"
+        )
+    return (int(image_size[0]), int(image_size[1])), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference copy and the export-only twins
+# ---------------------------------------------------------------------------------------------
+def reference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A CPU, eval-mode, unpatched deep copy with explicit-softmax attention; `model` is untouched."""
+    from .patching import unpatch
+
+    clone = copy.deepcopy(model)
+    unpatch(clone)
+    clone.set_attn_implementation("eager")
+    return clone.eval().to(device="cpu", dtype=dtype)
+
+
+def _integer_same_pad_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """DynamicPad2d's padding in integer arithmetic: ceil(x/s) = (x + s − 1) // s.
+
+    Every operand stays non-negative: ONNX's integer Div truncates toward zero, so the shorter
+    -(-x // s) would floor instead of ceil there. When (k−1)·d + 1 ≥ s the unclamped total is never
+    negative, so max(·, 0) (which blocks the symbolic simplification) is dropped; the values are the
+    reference's for every size, and each stage's size becomes a short expression, (x + 1) // 2.
+    """
+    span = (self.kernel_size - 1) * self.dilation + 1
+
+    def total(size: Any) -> Any:
+        pad = ((size + self.stride - 1) // self.stride - 1) * self.stride + span - size
+        return pad if span >= self.stride else max(pad, 0)
+
+    pad_h, pad_w = total(x.shape[-2]), total(x.shape[-1])
+    return nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], value=self.value)
+
+
+def bicubic_matrix(out_size: Any, in_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(out, in) matrix M with M @ v = F.interpolate(v, out, mode="bicubic", align_corners=False) on one axis."""
+    a = -0.75  # PyTorch's (and ONNX Resize's default) cubic coefficient
+    dst = torch.arange(out_size, dtype=dtype)
+    src = (dst + 0.5) * (in_size / out_size) - 0.5
+    left = torch.floor(src)
+    t = src - left
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| ≤ 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)  # (out, 4)
+    taps = (left.long().unsqueeze(-1) + torch.arange(-1, 3)).clamp(0, in_size - 1)  # border samples repeat
+    one_hot = (taps.unsqueeze(-1) == torch.arange(in_size)).to(dtype)  # (out, 4, in)
+    return (weights.unsqueeze(-1) * one_hot).sum(dim=1)
+
+
+def _matrix_interpolate_pos_encoding(embeddings: nn.Module, grid: tuple[Any, Any]) -> torch.Tensor:
+    """The position table resized to `grid` (always, so no size is special-cased in the graph)."""
+    table = embeddings.position_embeddings
+    gh, gw = embeddings.patch_embeddings.grid_size
+    dim = table.shape[-1]
+    patch_table = table[0, 1:].reshape(gh, gw, dim).permute(2, 0, 1).float()  # (D, gh, gw)
+    resized = bicubic_matrix(grid[0], gh) @ patch_table @ bicubic_matrix(grid[1], gw).T  # (D, GH, GW)
+    resized = resized.permute(1, 2, 0).reshape(1, -1, dim).to(table.dtype)
+    return torch.cat((table[:, :1], resized), dim=1)
+
+
+def install_dynamic_size_twins(model: nn.Module) -> nn.Module:
+    """Give a (copied) model the export-friendly padding and position interpolation; returns it."""
+    from .backbone import DynamicPad2d
+    from .modeling import ViTHybridEmbeddings
+
+    for module in model.modules():
+        if isinstance(module, DynamicPad2d):
+            module.forward = types.MethodType(_integer_same_pad_forward, module)
+        elif isinstance(module, ViTHybridEmbeddings):
+            module.interpolate_pos_encoding = types.MethodType(_matrix_interpolate_pos_encoding, module)
+    return model
+
+
+class LogitsModule(nn.Module):
+    """pixel_values → logits (and stacked hidden states): the signature the exporters see."""
+
+    def __init__(self, model: nn.Module, interpolate_pos_encoding: bool, hidden_states: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.hidden_states = hidden_states
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(
+            pixel_values,
+            output_hidden_states=self.hidden_states,
+            interpolate_pos_encoding=self.interpolate_pos_encoding,
+            return_dict=True,
+        )
+        if self.hidden_states:
+            return out.logits, torch.stack(out.hidden_states)  # (layers+1, B, tokens, hidden)
+        return out.logits
+
+
+def _check_model(model: nn.Module) -> None:
+    from .modeling import ViTHybridForImageClassification
+
+    if not isinstance(model, ViTHybridForImageClassification):
+        raise TypeError(
+            f"export needs a vithybrid_fast ViTHybridForImageClassification, got {type(model).__name__} "
+            "(load one with vf.load(...))"
+        )
+
+
+def _batch_dim(name: str = "batch") -> Any:
+    return torch.export.Dim(name, min=1, max=4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export
+# ---------------------------------------------------------------------------------------------
+def export_program(
+    model: nn.Module, example: torch.Tensor | None = None, *, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """`torch.export` of `model` as it is (pixel_values → logits), with a dynamic batch dimension.
+
+    A reference model gives a graph of aten ops (for AOTInductor, TensorRT, ExecuTorch); a patched
+    model keeps its kernels as `vithybrid::` custom-op nodes (their fake implementations give the
+    shapes), so the program runs them wherever vithybrid_fast is imported. `example` defaults to a
+    batch of 2 at the model's image size on its device and dtype.
+    """
+    _check_model(model)
+    if example is None:
+        height, width = model.config.image_size_hw
+        example = torch.rand(2, model.config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
+        example = (example * 2 - 1).to(device=model.device, dtype=model.dtype)
+    if dynamic_batch and example.shape[0] < 2:
+        example = example.expand(2, *example.shape[1:]).contiguous()  # batch 1 would specialize the dimension
+    dynamic_shapes = {"pixel_values": {0: _batch_dim()}} if dynamic_batch else None
+    with torch.no_grad():
+        return torch.export.export(LogitsModule(model.eval(), False).eval(), (example,), dynamic_shapes=dynamic_shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    batch: int | str = "dynamic",
+    image_size: tuple[int, int] | str | None = None,
+    opset: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    hidden_states: bool = False,
+    verify: bool = True,
+) -> OnnxExportReport:
+    """Write `model`'s reference computation to `path` as ONNX and verify it in ONNX Runtime (CPU).
+
+    batch: "dynamic" or a fixed size. image_size: None (the model's config size), (H, W) (fixed;
+    the position table is interpolated to the real token grid) or "dynamic" (any H, W ≥ 17).
+    dtype: float32 (default) or float16. Raises OnnxVerificationError (and deletes the file) when
+    ONNX Runtime's logits miss PyTorch's by more than the bound (see the module docstring).
+    """
+    _check_model(model)
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        _require(module)
+    fixed_batch = _check_batch(batch)
+    dtype = _check_dtype(dtype)
+    trained = model.config.image_size_hw
+    size, dynamic_size = _check_image_size(image_size, trained)
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 18):
+        raise ValueError(f"opset must be an int ≥ 18 (the dynamo exporter's minimum), got {opset!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    interpolate = dynamic_size or size != trained
+    exported = reference_copy(model, dtype)
+    if dynamic_size:
+        install_dynamic_size_twins(exported)
+    example = torch.rand(fixed_batch or 2, 3, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    dims: dict[int, Any] = {} if fixed_batch else {0: _batch_dim()}
+    if dynamic_size:
+        dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+    outputs = ["logits", "hidden_states"] if hidden_states else ["logits"]
+    with torch.no_grad():
+        program = torch.onnx.export(
+            LogitsModule(exported, interpolate, hidden_states).eval(), (example,), dynamo=True, opset_version=opset,
+            input_names=["pixel_values"], output_names=outputs, dynamic_shapes={"pixel_values": dims} if dims else None,
+        )  # fmt: skip
+    program.model.metadata_props.update(_metadata(model, size, dynamic_size, fixed_batch, dtype))
+    program.save(str(path))
+    del program, exported
+    used_opset = _opset_of(path)
+    if not verify:
+        return OnnxExportReport(path, math.nan, math.nan, 0, used_opset, [])
+    report = verify_onnx(
+        path, model, batch=fixed_batch, image_size=size, dynamic_size=dynamic_size, dtype=dtype, opset=used_opset
+    )
+    if not report.max_abs_diff <= report.bound:  # NaN fails too
+        path.unlink(missing_ok=True)
+        details = "; ".join(f"{what}: {diff:.2e}" for what, diff in report.checks)
+        raise OnnxVerificationError(
+            f"ONNX Runtime's logits differ from PyTorch's by {report.max_abs_diff:.2e} > bound {report.bound:.2e} "
+            f"({details}); {path} was removed"
+        )
+    return report
+
+
+def _metadata(model: nn.Module, size: tuple[int, int], dynamic_size: bool, batch: int | None, dtype) -> dict:
+    from . import __version__
+
+    config = model.config
+    return {
+        "id2label": json.dumps({str(k): v for k, v in sorted(config.id2label.items())}),
+        "label2id": json.dumps(config.label2id, sort_keys=True),
+        "image_size": "dynamic" if dynamic_size else f"{size[0]}x{size[1]}",
+        "trained_image_size": "{}x{}".format(*config.image_size_hw),
+        "batch": "dynamic" if batch is None else str(batch),
+        "dtype": str(dtype).removeprefix("torch."),
+        "producer": f"vithybrid_fast {__version__} (torch {torch.__version__})",
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+    }
+
+
+def _opset_of(path: Path) -> int:
+    onnx = _require("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def verification_inputs(
+    size: tuple[int, int], batch: int | None, dynamic_size: bool, stride: int
+) -> list[tuple[str, torch.Tensor]]:
+    """The bundled photo, random pixels at two batch sizes, and a second size when dynamic (float32)."""
+    from .images import open_image
+    from .processing import ViTHybridImageProcessor, sample_image_path
+
+    height, width = size
+    processor = ViTHybridImageProcessor.for_base_384(
+        size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
+    )
+    photo = processor([open_image(sample_image_path())], return_tensors="pt")["pixel_values"]
+    gen = torch.Generator().manual_seed(13)
+
+    def uniform(n: int, h: int, w: int) -> torch.Tensor:  # the processor's output range [-1, 1]
+        return torch.rand(n, 3, h, w, generator=gen) * 2 - 1
+
+    batches = (1, 3) if batch is None else (batch, batch)
+    inputs = [("photo", photo.expand(batches[0], -1, -1, -1).contiguous())]
+    for i, n in enumerate(batches):
+        repeat = ", second draw" if i and batches[0] == batches[1] else ""
+        inputs.append((f"random batch {n}{repeat}", uniform(n, height, width)))
+    if dynamic_size:  # another grid, and an odd height (asymmetric SAME padding)
+        second = (height + 2 * stride + 1, max(17, width - stride))
+        inputs.append((f"random {second[0]}×{second[1]}", uniform(batches[0] + 1 if batch is None else batch, *second)))
+    return inputs
+
+
+def verify_onnx(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    batch: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    dynamic_size: bool = False,
+    dtype: torch.dtype = torch.float32,
+    opset: int = 0,
+) -> OnnxExportReport:
+    """Run `path` in ONNX Runtime (CPU) and PyTorch's reference; max |Δlogit| and the bound it must meet."""
+    ort = _require("onnxruntime")
+    trained = model.config.image_size_hw
+    size = image_size or trained
+    reference = reference_copy(model, torch.float32)
+    same_dtype = reference_copy(model, dtype) if dtype != torch.float32 else None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    checks, worst, worst_torch, largest, images = [], 0.0, 0.0, 0.0, 0
+    for what, pixels in verification_inputs(size, batch, dynamic_size, _backbone_stride(model)):
+        interpolate = dynamic_size or tuple(pixels.shape[-2:]) != trained
+        with torch.no_grad():
+            expected = reference(pixels, interpolate_pos_encoding=interpolate).logits.double()
+            if same_dtype is not None:
+                torch_logits = same_dtype(pixels.to(dtype), interpolate_pos_encoding=interpolate).logits.double()
+                worst_torch = max(worst_torch, (torch_logits - expected).abs().max().item())
+        feed = {"pixel_values": pixels.to(dtype).numpy()}
+        got = torch.from_numpy(session.run(["logits"], feed)[0]).double()
+        diff = (got - expected).abs().max().item()
+        checks.append((f"{what} ({pixels.shape[0]} image{'s' if pixels.shape[0] > 1 else ''})", diff))
+        worst = max(worst, diff) if not math.isnan(diff) else math.nan
+        largest = max(largest, expected.abs().max().item())
+        images += pixels.shape[0]
+    bound = FP32_BOUND if dtype == torch.float32 else 2 * worst_torch + FP16_ATOL * max(1.0, largest)
+    return OnnxExportReport(Path(path), worst, bound, images, opset, checks)
+
+
+def _backbone_stride(model: nn.Module) -> int:
+    """Pixels per token along one axis: image size over the position grid (16 for the hub model)."""
+    config = model.config
+    return max(1, config.image_size_hw[0] // config.position_grid[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# `vithybrid-fast export`
+# ---------------------------------------------------------------------------------------------
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export the model to ONNX, verified in ONNX Runtime",
+        description="Export the reference computation to ONNX (logits; label map in the metadata) and verify "
+        f"it in ONNX Runtime on the CPU. Needs: {INSTALL_HINT}",
+    )
+    parser.add_argument("--model", default="google/vit-hybrid-base-bit-384", help="hub repo id or checkpoint dir")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch)")
+    parser.add_argument("--batch", type=int, default=1, help="fixed batch size without --dynamic-batch")
+    parser.add_argument("--dynamic-size", action="store_true", help="any image height and width (≥ 17 pixels)")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="fixed size other than the model's")
+    parser.add_argument("--dtype", default="float32", choices=sorted(SUPPORTED_DTYPES))
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--hidden-states", action="store_true", help="also output the stacked hidden states")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dynamic_size and args.image_size:
+        raise ValueError("--dynamic-size and --image-size exclude each other")
+    from .loading import load
+    from .modeling import ViTHybridForImageClassification
+
+    model = load(args.model, kernels="eager", device="cpu", model_class=ViTHybridForImageClassification)
+    image_size = "dynamic" if args.dynamic_size else (tuple(args.image_size) if args.image_size else None)
+    try:
+        report = export_onnx(
+            model, args.output, batch="dynamic" if args.dynamic_batch else args.batch, image_size=image_size,
+            opset=args.opset, dtype=args.dtype, hidden_states=args.hidden_states,
+        )  # fmt: skip
+    except ImportError as err:  # a missing [export] extra: one sentence, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {report.path} (opset {report.opset}, {args.dtype})")
+    for what, diff in report.checks:
+        print(f"  {what}: max|Δlogit| {diff:.2e}")
+    print(f"bound: {report.bound:.2e}")
+    print(report.summary())
+    return 0
