@@ -162,6 +162,28 @@ def test_tune_without_a_gpu_fails_clearly(capsys):
     assert code == 1 and "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_tune_exercises_every_kernel_family(monkeypatch):
+    # The model run `tune` times the kernels with, here on the tiny config under the interpreter: a
+    # forward and a backward reach attention (forward and both backward kernels) and the GEMMs.
+    from hf_reference import tiny_config
+
+    from vithybrid_fast import ViTHybridConfig
+    from vithybrid_fast.tune import exercise
+
+    launched = set()
+    for name, kernel in _tuning.REGISTRY.items():
+        original = kernel.run
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            launched.add(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    config = ViTHybridConfig.from_dict(tiny_config(hidden_size=96))  # head dim 32: flash attention serves it
+    exercise(["float32"], [1], backward=True, config=config, device="cpu")
+    assert {"fused_linear", "attention_fwd", "attention_dkdv", "attention_dq"} <= launched
+
+
 def test_shipped_tables_name_real_kernels_and_configs():
     # Every table in the package is valid: a known tuned kernel, and config ids it can launch.
     import importlib

@@ -50,23 +50,24 @@ def write_tables(gpu: str, table_dir: Path | None = None) -> dict[str, int]:
     return written
 
 
-def _exercise(dtype_names: list[str], batches: list[int], backward: bool) -> None:
-    """Every kernel at the model's shapes: one forward (and backward) of the base model per batch/dtype."""
+def exercise(dtype_names: list[str], batches: list[int], backward: bool, config=None, device: str = "cuda") -> None:
+    """Every kernel at the model's shapes: one forward (and backward) of the model per batch and dtype
+    (the base checkpoint's architecture unless `config` is given; random weights)."""
     import torch
 
     from .config import ViTHybridConfig
     from .modeling import ViTHybridForImageClassification
     from .patching import patch
 
-    config = ViTHybridConfig.base_384()
+    config = config or ViTHybridConfig.base_384()
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     for name in dtype_names:
         dtype = getattr(torch, name)
         torch.manual_seed(0)
-        model = ViTHybridForImageClassification(config).to(device="cuda", dtype=dtype)
+        model = ViTHybridForImageClassification(config).to(device=device, dtype=dtype)
         patch(model, kernels="triton")
         for batch in batches:
-            pixels = torch.randn(batch, 3, size, size, device="cuda", dtype=dtype)
+            pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
             if backward:
                 model.train()
                 model(pixels).logits.float().sum().backward()
@@ -74,10 +75,10 @@ def _exercise(dtype_names: list[str], batches: list[int], backward: bool) -> Non
             model.eval()
             with torch.no_grad():
                 model(pixels)
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             print(f"tuned {name} batch {batch}", flush=True)
         del model
-        torch.cuda.empty_cache()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     gpu = _tuning.gpu_name() or "unknown"
     _tuning.reset_all()
-    _exercise(args.dtypes, args.batches, backward=not args.no_backward)
+    exercise(args.dtypes, args.batches, backward=not args.no_backward)
     written = write_tables(gpu, args.out)
     for name, count in written.items():
         print(f"{name}: {count} entries")
