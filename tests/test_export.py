@@ -198,16 +198,18 @@ def test_cli_export_writes_a_verified_file(tiny_model, tmp_path, capsys):
     assert float(lines[-1].split()[2]) <= 1e-4
 
 
-def test_cli_export_usage_errors(tmp_path, capsys):
+def test_cli_export_usage_errors(capsys):
     from vithybrid_fast.cli import main
 
-    with pytest.raises(SystemExit) as usage:
-        main(["export", "--model", "m", "--output", "x.onnx", "--dtype", "bfloat16"])
-    assert usage.value.code == 2
-    code = main(
-        ["export", "--model", str(tmp_path), "--output", "x.onnx", "--dynamic-size", "--image-size", "64", "64"]
-    )
-    assert code == 1 and "exclude each other" in capsys.readouterr().err
+    for argv in (
+        ["--dtype", "bfloat16"],
+        ["--dynamic-size", "--image-size", "64", "64"],  # exclude each other
+        ["--batch", "0"],
+    ):
+        with pytest.raises(SystemExit) as usage:
+            main(["export", "--model", "m", "--output", "x.onnx", *argv])
+        assert usage.value.code == 2, argv
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_base_config_fp32(tmp_path):

@@ -424,18 +424,25 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default="google/vit-hybrid-base-bit-384", help="hub repo id or checkpoint dir")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch)")
-    parser.add_argument("--batch", type=int, default=1, help="fixed batch size without --dynamic-batch")
-    parser.add_argument("--dynamic-size", action="store_true", help="any image height and width (≥ 17 pixels)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="fixed size other than the model's")
+    parser.add_argument("--batch", type=_positive_int, default=1, help="fixed batch size without --dynamic-batch")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--dynamic-size", action="store_true", help="any image height and width (≥ 17 pixels)")
+    size.add_argument(
+        "--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), help="fixed size, not the model's"
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(SUPPORTED_DTYPES))
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--hidden-states", action="store_true", help="also output the stacked hidden states")
     parser.set_defaults(func=run)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.dynamic_size and args.image_size:
-        raise ValueError("--dynamic-size and --image-size exclude each other")
     from .loading import load
     from .modeling import ViTHybridForImageClassification
 
