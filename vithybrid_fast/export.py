@@ -295,8 +295,9 @@ def export_onnx(
     outputs = ["logits", "hidden_states"] if hidden_states else ["logits"]
     with torch.no_grad():
         program = torch.onnx.export(
-            LogitsModule(exported, interpolate, hidden_states).eval(), (example,), dynamo=True, opset_version=opset,
-            input_names=["pixel_values"], output_names=outputs, dynamic_shapes={"pixel_values": dims} if dims else None,
+            LogitsModule(exported, interpolate, hidden_states).eval(), (example,), dynamo=True, verbose=False,
+            opset_version=opset, input_names=["pixel_values"], output_names=outputs,
+            dynamic_shapes={"pixel_values": dims} if dims else None,
         )  # fmt: skip
     program.model.metadata_props.update(_metadata(model, size, dynamic_size, fixed_batch, dtype))
     program.save(str(path))
