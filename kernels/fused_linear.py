@@ -122,7 +122,11 @@ def _layer_norm_stats_kernel(
         n_chunk = tl.sum(col_valid.to(tl.float32), axis=0)
         chunk_mean = tl.sum(chunk, axis=1) / n_chunk
         centred = tl.where(mask, chunk - chunk_mean[:, None], 0.0)
-        chunk_m2 = tl.sum(centred * centred, axis=1)
+        # corrected two-pass: the rounded float32 mean leaves a residual sum r in the centred values;
+        # without it M2 is inflated by r²/n, which decides rstd for near-constant rows (variance ≈ eps)
+        resid = tl.sum(centred, axis=1)
+        chunk_m2 = tl.sum(centred * centred, axis=1) - resid * resid / n_chunk
+        chunk_mean = chunk_mean + resid / n_chunk
         total = seen + n_chunk
         delta = chunk_mean - mean
         mean = mean + delta * (n_chunk / total)

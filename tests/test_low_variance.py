@@ -88,14 +88,9 @@ def test_layer_norm_stats_per_row(eps, offset, device):
     _check_stats_per_row(low_variance_rows(4, WIDTH, eps, offset=offset).to(device), eps)
 
 
-# Known kernel defect (issue 14 report): _layer_norm_stats_kernel centres each chunk on its float32
-# mean sum/n, whose rounding error δ adds n·δ² to M2. At variance 1e-13 around 0.5 (std ≈ 5 float32
-# ulps) that is a 1.6e-3 relative rstd error, 5× eager LayerNorm's; subtracting (Σ centred)²/n (the
-# corrected two-pass formula) makes it exact to 1e-7. Strict on the CPU so the fix is noticed.
-@pytest.mark.xfail(
-    reason="layer_norm_stats: chunk mean rounding inflates the variance when var ~ eps ~ 1e-12 and |mean| >> std",
-    strict=not torch.cuda.is_available(),
-)
+# Variance 1e-13 around 0.5 (std ≈ 5 float32 ulps): a chunk centred on its rounded float32 mean sum/n
+# gains n·δ² in M2 (a 1.6e-3 relative rstd error, 5× eager LayerNorm's) unless the kernel subtracts
+# (Σ centred)²/n, the corrected two-pass formula. Found by this test; fixed in _layer_norm_stats_kernel.
 def test_layer_norm_stats_tiny_variance_far_from_zero(device):
     _check_stats_per_row(low_variance_rows(4, WIDTH, HUB_EPS, offset=0.5).to(device), HUB_EPS)
 
