@@ -89,7 +89,8 @@ class CompileResult:
     spill_loads: int
     stack: int
     tf32_mma: bool  # a tf32 mma/wgmma in the PTX
-    seconds: float
+    seconds: float  # wall time: grows with whatever else the machine runs
+    cpu_seconds: float  # CPU time of the compile, ptxas included: about its wall time on an idle core
     cached: bool  # Triton's cache already held it (no compile happened)
     error: str = ""
 
@@ -183,6 +184,12 @@ def _ptxas_verbose(ptx: str, arch: int) -> str:
 _TF32_MMA = re.compile(r"\b(?:mma|wgmma)[.\w]*\.tf32\b")
 
 
+def _cpu_time() -> float:
+    """This process's CPU seconds plus its waited-for children's (ptxas runs as a child process)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def compile_launch(launch: Launch, config: Any, arch: int, keep_asm: bool = False) -> tuple[CompileResult, dict]:
     """Compile one (launch, config) for sm_<arch>; returns the resource summary and (optionally) ptx/sass."""
     import triton
@@ -197,15 +204,16 @@ def compile_launch(launch: Launch, config: Any, arch: int, keep_asm: bool = Fals
     )
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_time()
     try:
         with redirect_stdout(log):
             compiled = triton.compile(source, target=target, options=options.__dict__)
     except Exception as err:  # a compile error is a result the checks report, not a crash
         failed = dict(shared=-1, registers=-1, spill_stores=-1, spill_loads=-1, stack=-1, tf32_mma=False)
         message = f"{type(err).__name__}: {str(err)[:2000]}"
-        return CompileResult(**common, **failed, seconds=time.perf_counter() - start, cached=False, error=message), {}
-    seconds = time.perf_counter() - start
+        timing = dict(seconds=time.perf_counter() - start, cpu_seconds=_cpu_time() - cpu_start)
+        return CompileResult(**common, **failed, **timing, cached=False, error=message), {}
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_time() - cpu_start
     text = log.getvalue()
     cached = "registers" not in text
     ptx = compiled.asm["ptx"]
@@ -214,7 +222,7 @@ def compile_launch(launch: Launch, config: Any, arch: int, keep_asm: bool = Fals
     info = _ptxas_info(text if not cached else _ptxas_verbose(ptx, arch))
     result = CompileResult(
         **common, shared=int(compiled.metadata.shared), tf32_mma=bool(_TF32_MMA.search(ptx)),
-        seconds=seconds, cached=cached, **info,
+        seconds=seconds, cpu_seconds=cpu_seconds, cached=cached, **info,
     )  # fmt: skip
     asm = {}
     if keep_asm:

@@ -66,10 +66,14 @@ def test_inference_compile_budget(triton_cache, tmp_path):
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("compiles: "), done.stdout
     compiles = int(last.split(",")[0].split(":")[1])
-    seconds = float(last.split(",")[1].split(":")[1])
-    print(last)
+    cpu_line = done.stdout.strip().splitlines()[-2]
+    assert cpu_line.startswith("cpu-seconds: "), done.stdout
+    cpu_seconds = float(cpu_line.split()[1])
+    print(cpu_line, last, sep="\n")
     assert 10 <= compiles <= 40, f"{compiles} Triton compiles for one bf16 inference run (budget 40)"
-    assert seconds <= 60, f"{seconds:.0f} s of compile (one worker) for one bf16 inference run (budget 60)"
+    # CPU time, not wall: on a shared CI core wall time doubles with load while the work stays the same;
+    # a compile is single-threaded, so on an idle machine the two agree.
+    assert cpu_seconds <= 60, f"{cpu_seconds:.0f} CPU s of compile for one bf16 inference run (budget 60)"
 
 
 # The real launchers, with Triton's launch stubbed to record its arguments (and every autotune candidate

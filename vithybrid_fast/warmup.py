@@ -79,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
     cached = sum(r.cached for r in results)
     print(f"{args.arch} {args.dtype} batches {','.join(map(str, args.batches))}: {len(results)} kernels "
           f"({cached} already cached), {wall:.1f} s wall with {args.workers or os.cpu_count()} workers")  # fmt: skip
-    print(f"compiles: {len(results)}, seconds: {sum(r.seconds for r in results if not r.cached):.1f}")
+    compiled = [r for r in results if not r.cached]
+    print(
+        f"cpu-seconds: {sum(r.cpu_seconds for r in compiled):.1f} (CPU time of the compiles; wall time grows with load)"
+    )
+    print(f"compiles: {len(results)}, seconds: {sum(r.seconds for r in compiled):.1f}")
     return 1 if failed else 0
 
 
