@@ -3,10 +3,15 @@
 Providers (the peers DESIGN.md names, plus ours):
 
     ref-eager / ref-sdpa              our plain-PyTorch reference, explicit-softmax or SDPA attention
+                                      (derived weights recomputed every call, as transformers does)
+    ref-sdpa-frozen                   ref-sdpa after vf.freeze: standardized conv weights computed once
     compile-default / -max-autotune   torch.compile of the ref-sdpa model (max-autotune also applies
                                       Inductor's CUDA graphs)
     hf-eager / hf-sdpa                transformers' ViTHybridForImageClassification (4.47.1 pinned)
-    ours-triton                       the reference patched with every Triton kernel
+    ours-triton                       the reference patched with every Triton kernel, frozen (vf.freeze,
+                                      what vf.load(..., frozen=True) gives for inference); every ours-*
+                                      provider builds on it. Compare with ref-sdpa-frozen for the kernels
+                                      alone, with ref-sdpa / hf-sdpa for what a user gains overall.
     ours-triton-cudagraphs            ours-triton replayed by vithybrid_fast.cuda_graphs.CUDAGraphRunner
     ours-triton-compile               torch.compile of the patched model
     ours-triton-channels-last         ours-triton with the backbone in channels_last end to end
@@ -32,15 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vithybrid_fast import ViTHybridConfig, ViTHybridForImageClassification, patch
+from vithybrid_fast import ViTHybridConfig, ViTHybridForImageClassification, freeze, patch
 
 from .common import environment, first_call_ms, time_fn
 
 PROVIDERS = (
-    "ref-eager", "ref-sdpa", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
+    "ref-eager", "ref-sdpa", "ref-sdpa-frozen", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
     "ours-triton", "ours-triton-cudagraphs", "ours-triton-compile", "ours-triton-channels-last",
 )  # fmt: skip
-CPU_PROVIDERS = ("ref-eager", "ref-sdpa", "hf-eager", "hf-sdpa")
+CPU_PROVIDERS = ("ref-eager", "ref-sdpa", "ref-sdpa-frozen", "hf-eager", "hf-sdpa")
 GPU_BATCHES = (1, 2, 4, 8, 32, 64, 128)
 CPU_BATCHES = (1, 2)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,8 +73,8 @@ def base_config() -> ViTHybridConfig:
 def tiny_config() -> ViTHybridConfig:
     """A config with every module of the real one, small enough for CPU smoke runs.
 
-    The backbone is narrow too (128 output channels, one block per stage): with the full 1024-channel
-    BiT, weight standardization alone costs ~1 s per forward on a 2-core CPU, at any image size.
+    The backbone is narrow too (128 output channels, one block per stage): the full 1024-channel BiT
+    would dominate a smoke run's time on a 2-core CPU at any image size.
     """
     backbone = {
         "depths": [1, 1, 1], "hidden_sizes": [32, 64, 128, 256], "embedding_size": 16, "num_groups": 8,
@@ -203,13 +208,15 @@ def build_provider(
     """The model `provider` names, holding `state` in `dtype` on `device` (default: where `state` is)."""
     if provider in ("ref-eager", "ref-sdpa"):
         return build_reference(config, state, dtype, provider.removeprefix("ref-"), device)
+    if provider == "ref-sdpa-frozen":
+        return freeze(build_reference(config, state, dtype, "sdpa", device))
     if provider == "compile-default":
         return _compile(build_reference(config, state, dtype, "sdpa", device), None)
     if provider == "compile-max-autotune":
         return _compile(build_reference(config, state, dtype, "sdpa", device), "max-autotune")
     if provider in ("hf-eager", "hf-sdpa"):
         return build_hf(config, state, dtype, provider.removeprefix("hf-"), device)
-    patched = patch(build_reference(config, state, dtype, "sdpa", device), "triton")
+    patched = freeze(patch(build_reference(config, state, dtype, "sdpa", device), "triton"))
     if provider == "ours-triton":
         return patched
     if provider == "ours-triton-cudagraphs":
