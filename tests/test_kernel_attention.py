@@ -204,6 +204,9 @@ def test_torch_compile_fullgraph_keeps_one_op_node(device):
     compiled = torch.compile(block, fullgraph=True, backend=recording_backend)
     expected = block(x, weight)
     torch.testing.assert_close(compiled(x, weight), expected, rtol=0, atol=0)
+    qkv = (x.double() @ weight.double().T).view(B, N, 3, H, D)
+    exact = reference(*(qkv[:, :, i].transpose(1, 2) for i in range(3))).transpose(1, 2).reshape(B, N, H * D)
+    torch.testing.assert_close(expected.double(), exact, rtol=1e-4, atol=1e-5)  # right, not only consistent
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert sum("vithybrid.flash_attention" in t for t in targets) == 1, targets
 
@@ -213,6 +216,11 @@ def test_torch_compile_fullgraph_keeps_one_op_node(device):
     block(x, weight_eager).square().sum().backward()
     torch.compile(block, fullgraph=True, backend="aot_eager")(x, weight_compiled).square().sum().backward()
     torch.testing.assert_close(weight_compiled.grad, weight_eager.grad, rtol=1e-5, atol=1e-6)
+    weight_exact = weight.double().requires_grad_()
+    qkv = (x.double() @ weight_exact.T).view(B, N, 3, H, D)
+    out = reference(*(qkv[:, :, i].transpose(1, 2) for i in range(3))).transpose(1, 2).reshape(B, N, H * D)
+    out.square().sum().backward()
+    torch.testing.assert_close(weight_eager.grad.double(), weight_exact.grad, rtol=1e-4, atol=1e-4)
 
 
 def _qkv(shape=(1, 2, 8, 32), dtype=torch.float32, device="cpu"):

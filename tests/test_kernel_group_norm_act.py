@@ -144,6 +144,11 @@ def test_paths_save_the_same_statistics(channels_last, residual, device, monkeyp
             assert a.shape == c.shape and a.dtype == c.dtype and a.stride() == c.stride(), (forced, name)
         torch.testing.assert_close(outs["single"][1], outs[forced][1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs["single"][2], outs[forced][2], rtol=1e-5, atol=1e-5)
+    # the statistics themselves, against float64 ones of the same float16 input
+    groups = x.double().reshape(2, 4, -1)
+    mean, var = groups.mean(-1), groups.var(-1, unbiased=False)
+    torch.testing.assert_close(outs["single"][1].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs["single"][2].double(), (var + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6)
 
 
 def test_path_selection():
@@ -211,6 +216,9 @@ def test_no_grad_matches_grad_path(device, path):
     with torch.no_grad():
         a = group_norm_act(x, 4, w, b, residual=res)
     assert torch.equal(a, group_norm_act(x, 4, w, b, residual=res).detach())
+    # and the shared result is right, not merely consistent (float32 in, float64 reference)
+    exact = reference(x.double(), 4, w.detach().double(), b.double(), residual=res.double())
+    torch.testing.assert_close(a.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 def bad_inputs():

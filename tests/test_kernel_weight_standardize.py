@@ -123,6 +123,7 @@ def test_no_grad_matches_grad_path(device):
     with torch.no_grad():
         a = weight_standardize(w)
     assert torch.equal(a, weight_standardize(w).detach())
+    torch.testing.assert_close(a.double(), reference(w.detach().double()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
