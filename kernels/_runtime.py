@@ -7,24 +7,12 @@ A kernel runs on a CUDA tensor, or on a CPU tensor when the Triton interpreter i
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+# defined where importing them does not import triton (vithybrid_fast.kernels' __init__ does)
+from ..gpu_support import interpreter_enabled, triton_importable
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run under the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def triton_can_run(device: torch.device | str | None = None) -> bool:

@@ -27,8 +27,8 @@ class KernelFallbackWarning(UserWarning):
     """kernels="auto" chose a plain-PyTorch path on a CUDA GPU, and says why."""
 
 
-# The same two checks as kernels/_runtime.py, repeated here: importing vithybrid_fast.kernels imports
-# triton, which must not happen before a caller had the chance to set TRITON_INTERPRET.
+# Defined here, not in kernels/_runtime.py (which re-exports them): importing vithybrid_fast.kernels
+# imports triton, which must not happen before a caller had the chance to set TRITON_INTERPRET.
 def interpreter_enabled() -> bool:
     """True when Triton kernels run under the CPU interpreter (`TRITON_INTERPRET=1`)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
