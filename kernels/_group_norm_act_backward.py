@@ -12,10 +12,11 @@ forward's), and the reduction one (32 × 64) tile: few compiles. Channels-last t
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 from ._group_norm_act_plan import GPU_BLOCKS, INTERPRETER_BLOCKS, cdiv, reduce_plan
-from ._group_norm_act_tiles import _tile_offsets, tuned_apply
+from ._group_norm_act_tiles import _apply_tile, _tile_offsets, tuned_apply
 from ._tuning import jit
 from .group_norm_act import _dense, _layout, _sm_count_or_one, _small_blocks, _span_block, _to_layout
 
@@ -64,6 +65,22 @@ def _gn_bwd_reduce(
     tl.store(part_dxh_ptr + dst, tl.sum(acc_dxh, axis=1), mask=c_mask)
 
 
+@triton.jit
+def _store_input_grads(
+    gy_ptr, y_ptr, x_ptr, gx_ptr, gz_ptr, offs, mask, mean, rstd, coef_a, coef_b, w,
+    RELU: tl.constexpr, WRITE_GZ: tl.constexpr,
+):  # fmt: skip
+    """dx = rstd·(w·gz − a − x̂·b) at `offs`, gz = gy·[y > 0]; also stores gz (the residual's gradient)."""
+    gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
+    x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    gx = rstd * (w * gz - coef_a - x_hat * coef_b)
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GZ:
+        tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+
+
 @jit(do_not_specialize=["N", "G", "CG"])
 def _gn_bwd_apply(
     gy_ptr,  # (N, C, S) upstream gradient, x's layout
@@ -87,27 +104,15 @@ def _gn_bwd_apply(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid_s, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    image = n.to(tl.int64) * C * S
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_mask = cs < C
-    mask = c_mask[:, None] & (ss < S)[None, :]
-    grp = n * G + cs // CG
+    image, cs, c_mask, mask, grp, offs = _apply_tile(C, S, G, CG, CHANNELS_LAST, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + grp, mask=c_mask, other=0.0)[:, None]
     rstd = tl.load(rstd_ptr + grp, mask=c_mask, other=0.0)[:, None]
     coef_a = tl.load(coef_a_ptr + grp, mask=c_mask, other=0.0)[:, None]
     coef_b = tl.load(coef_b_ptr + grp, mask=c_mask, other=0.0)[:, None]
     w = tl.load(w_ptr + cs, mask=c_mask, other=0.0).to(tl.float32)[:, None]
-    offs = image + _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
-    gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
-    x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-    gx = rstd * (w * gz - coef_a - x_hat * coef_b)
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    if WRITE_GZ:
-        tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    _store_input_grads(
+        gy_ptr, y_ptr, x_ptr, gx_ptr, gz_ptr, image + offs, mask, mean, rstd, coef_a, coef_b, w, RELU, WRITE_GZ
+    )
 
 
 @jit(do_not_specialize=["S", "G", "CG", "TILES"])
@@ -139,14 +144,7 @@ def _gn_bwd_apply_grouped(
     offs, mask, channel = _span_block(tile * BLOCK, L, S, BLOCK)
     offs += row.to(tl.int64) * L
     w = tl.load(w_ptr + (row % G) * CG + channel, mask=mask, other=0.0).to(tl.float32)
-    gz = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        gz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0) > 0, gz, 0.0)
-    x_hat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
-    gx = rstd * (w * gz - coef_a - x_hat * coef_b)
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    if WRITE_GZ:
-        tl.store(gz_ptr + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+    _store_input_grads(gy_ptr, y_ptr, x_ptr, gx_ptr, gz_ptr, offs, mask, mean, rstd, coef_a, coef_b, w, RELU, WRITE_GZ)
 
 
 _gn_bwd_apply_tuned = tuned_apply("group_norm_act_bwd_apply", _gn_bwd_apply)

@@ -31,6 +31,20 @@ def _tile_offsets(cs, ss, C, S, CHANNELS_LAST: tl.constexpr):
     return offs
 
 
+@triton.jit
+def _apply_tile(C, S, G, CG, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The (BLOCK_C, BLOCK_S) tile of grid (spatial tile, n, channel tile) that the apply passes (forward
+    and backward) read: image base, channels, positions, masks, (n, g) rows and in-image offsets."""
+    pid_s, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    image = n.to(tl.int64) * C * S
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ss = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    c_mask = cs < C
+    mask = c_mask[:, None] & (ss < S)[None, :]
+    grp = n * G + cs // CG
+    return image, cs, c_mask, mask, grp, _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
+
+
 @jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["P", "ITERS"])
 def _gn_stats(
     x_ptr,  # (N, C, S) input in either layout
@@ -132,20 +146,14 @@ def _gn_apply(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid_s, n, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    image = n.to(tl.int64) * C * S
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ss = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    c_mask = cs < C
-    mask = c_mask[:, None] & (ss < S)[None, :]
-    grp = n * G + cs // CG
+    image, cs, c_mask, mask, grp, offs = _apply_tile(C, S, G, CG, CHANNELS_LAST, BLOCK_C, BLOCK_S)
     mean = tl.load(mean_ptr + grp, mask=c_mask, other=0.0)
     scale = tl.load(rstd_ptr + grp, mask=c_mask, other=0.0) * tl.load(w_ptr + cs, mask=c_mask).to(tl.float32)
     shift = tl.load(b_ptr + cs, mask=c_mask).to(tl.float32)
-    offs = _tile_offsets(cs, ss, C, S, CHANNELS_LAST)
     x = tl.load(x_ptr + image + offs, mask=mask, other=0.0).to(tl.float32)
     y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
     if HAS_RES:
+        ss = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         res_offs = _tile_offsets(cs, ss, C, S, RES_CHANNELS_LAST)
         y += tl.load(res_ptr + image + res_offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
