@@ -50,6 +50,8 @@ def environment(device: torch.device | str) -> dict:
         "gpu": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
     }

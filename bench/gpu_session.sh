@@ -14,6 +14,8 @@
 #   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp   microbenchmarks
 #   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
+#   bash bench/gpu_session.sh step tune [DTYPES]    autotune; the winning configs into $OUT/configs
+#   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
 # Knobs: STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
 # PYTHON (default python3), DEVICE (default cuda), WHEELS (default .whl).
@@ -28,7 +30,8 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS="ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-triton-channels-last"
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
 
@@ -78,12 +81,13 @@ within_budget() {
 bench_step() {  # bench_step NAME BENCH-ARGS...: the bench into $OUT; a report even if it was killed
   local name=$1
   shift
+  mkdir -p "$OUT/$name"  # one folder per bench step: the reports are named by GPU and date alone
   within_budget "$OUT/$name.log" "$PYTHON" -m vithybrid_fast.bench --device "$DEVICE" --batches "$BATCHES" \
-    --output-dir "$OUT" "$@"
+    --output-dir "$OUT/$name" "$@"
   local rc=$? newest
-  newest=$(ls -t "$OUT"/*.jsonl 2>/dev/null | head -n 1)
+  newest=$(ls -t "$OUT/$name"/*.jsonl 2>/dev/null | head -n 1)
   if [ "$rc" != 0 ] && [ "$rc" != 130 ] && [ -n "$newest" ]; then  # killed before its own report
-    "$PYTHON" -m vithybrid_fast.bench --from-jsonl "$newest" --output-dir "$OUT" >>"$OUT/$name.log" 2>&1
+    "$PYTHON" -m vithybrid_fast.bench --from-jsonl "$newest" --output-dir "$OUT/$name" >>"$OUT/$name.log" 2>&1
   fi
   return "$rc"
 }
@@ -92,11 +96,11 @@ pytest_step() {  # pytest_step NAME FILES...: verbose, so the log says test by t
   local name=$1
   shift
   within_budget "$OUT/$name.log" "$PYTHON" -m pytest "$@" -v -p no:cacheprovider --tb=short -rfEs \
-    --junitxml="$OUT/$name.xml"
+    ${WORKERS:+-n "$WORKERS"} --junitxml="$OUT/$name.xml"
 }
 
 model_test_files() {  # every test file but the kernel ones and those that only make sense on a CPU
-  ls tests/test_*.py | grep -v -E 'tests/test_(kernel_|gpu_targets|wheel|bench_smoke|bench_pytest)'
+  ls tests/test_*.py | grep -v -E 'tests/test_(kernel_|gpu_targets|gpu_real_shapes|wheel|bench_smoke|bench_pytest)'
 }
 
 run_step() {
@@ -104,12 +108,18 @@ run_step() {
   case "$step" in
     doctor)  # bfloat16 (the users' dtype) checked and attributed first, then the other two
       BUDGET=$((BUDGET * 3 / 5)) within_budget "$OUT/doctor.log" \
-        "$PYTHON" -m vithybrid_fast doctor --check --drift --dtypes bfloat16 --drift-dtype bfloat16
+        "$PYTHON" -m vithybrid_fast doctor --check --drift --dtypes bfloat16 --drift-dtype bfloat16 \
+        --batch "${DOCTOR_BATCH:-8}"
       BUDGET=$((BUDGET * 2 / 5)) within_budget "$OUT/doctor.log" \
-        "$PYTHON" -m vithybrid_fast doctor --check --dtypes float16,float32
+        "$PYTHON" -m vithybrid_fast doctor --check --dtypes float16,float32 --batch "${DOCTOR_BATCH:-8}"
       ;;
-    tests-kernels) pytest_step "tests-kernels${arg:+-$arg}" tests/test_kernel_${arg:-*}.py ;;
+    tests-kernels)  # without NAME: every kernel file, and every kernel at the checkpoint's real shapes first
+      if [ -n "$arg" ]; then pytest_step "tests-kernels-$arg" "tests/test_kernel_$arg.py"
+      else pytest_step tests-kernels tests/test_gpu_real_shapes.py tests/test_kernel_*.py; fi ;;
     tests-model) pytest_step tests-model $(model_test_files) ;;
+    tune)  # winners into $OUT/configs/<kernel>.json, to be merged into kernels/configs and committed
+      within_budget "$OUT/tune.log" "$PYTHON" -m vithybrid_fast tune --dtypes "${arg:-bfloat16}" --batches "$BATCHES" \
+        --no-backward --out "$OUT/configs" ;;
     kernels-attention) bench_step kernels-attention --no-e2e --kernels --kernel-benches attention ;;
     kernels-backbone) bench_step kernels-backbone --no-e2e --kernels --kernel-benches backbone ;;
     kernels-mlp) bench_step kernels-mlp --no-e2e --kernels --kernel-benches layer_norm_mlp ;;
@@ -125,6 +135,23 @@ case "${1:-}" in
     echo "steps (one per device call, each under 8 minutes): $STEPS"
     echo "e2e and e2e-compile take a dtype: float32 | float16 | bfloat16 (default);"
     echo "tests-kernels takes a kernel test file's name: $(ls tests/test_kernel_*.py | sed 's/.*test_kernel_//; s/\.py//' | tr '\n' ' ')"
+    ;;
+  plan)  # plan STEP[=ARG]@SECONDS ...: several steps in one device call, each under its own budget; after
+    # each, everything so far is packed into $OUT/gpu-session.tgz (the 8-file limit on what comes back)
+    shift
+    FINAL_OUT=$OUT
+    OUT=${PLAN_WORK:-/tmp/gpu-session-work}
+    setup
+    for item in "$@"; do
+      spec=${item%@*} seconds=${item##*@}
+      step=${spec%%=*} arg=""
+      [ "$spec" != "$step" ] && arg=${spec#*=}
+      case " $STEPS " in *" $step "*) ;; *) echo "unknown step '$step'" >&2; continue ;; esac
+      echo "=== $step $arg (${seconds} s) $(date +%T)" | tee -a "$OUT/plan.log"
+      BUDGET=$seconds run_step "$step" "$arg"
+      echo "=== $step $arg: exit $? $(date +%T)" | tee -a "$OUT/plan.log"
+      mkdir -p "$FINAL_OUT" && tar czf "$FINAL_OUT/gpu-session.tgz" -C "$OUT" . && cp "$OUT/plan.log" "$FINAL_OUT/"
+    done
     ;;
   step)
     case " $STEPS " in

@@ -101,6 +101,7 @@ def markdown(records: list[Record]) -> str:
     )
     lines.append(
         f"- versions: torch {_values(records, 'torch')}, triton {_values(records, 'triton')}, "
+        f"CUDA {_values(records, 'cuda')}, cuDNN {_values(records, 'cudnn')}, "
         f"transformers {_values(records, 'transformers')}, commit {_values(records, 'commit')}"
     )
     if e2e:
