@@ -30,7 +30,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model profile tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS="ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-triton-channels-last"
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -117,6 +117,9 @@ run_step() {
       if [ -n "$arg" ]; then pytest_step "tests-kernels-$arg" "tests/test_kernel_$arg.py"
       else pytest_step tests-kernels tests/test_gpu_real_shapes.py tests/test_kernel_*.py; fi ;;
     tests-model) pytest_step tests-model $(model_test_files) ;;
+    profile)  # top kernels per forward, ours vs the reference (ARG: providers, default ref-sdpa,ours-triton)
+      within_budget "$OUT/profile.log" "$PYTHON" -m vithybrid_fast.bench.profile_e2e --batches "${PROFILE_BATCHES:-64,1}" \
+        --providers "${arg:-ref-sdpa,ours-triton}" --out "$OUT/profile.jsonl" ;;
     tune)  # winners into $OUT/configs/<kernel>.json, to be merged into kernels/configs and committed
       within_budget "$OUT/tune.log" "$PYTHON" -m vithybrid_fast tune --dtypes "${arg:-bfloat16}" --batches "$BATCHES" \
         --no-backward --out "$OUT/configs" ;;
