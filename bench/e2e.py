@@ -38,12 +38,14 @@ import torch
 from torch import nn
 
 from vithybrid_fast import ViTHybridConfig, ViTHybridForImageClassification, freeze, patch
+from vithybrid_fast.gpu_support import true_fp32
 
 from .common import environment, first_call_ms, time_fn
 
 PROVIDERS = (
     "ref-eager", "ref-sdpa", "ref-sdpa-frozen", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
     "ours-triton", "ours-triton-cudagraphs", "ours-triton-compile", "ours-triton-channels-last",
+    "ours-auto", "ours-auto-cudagraphs",
 )  # fmt: skip
 CPU_PROVIDERS = ("ref-eager", "ref-sdpa", "ref-sdpa-frozen", "hf-eager", "hf-sdpa")
 GPU_BATCHES = (1, 2, 4, 8, 32, 64, 128)
@@ -56,6 +58,8 @@ NOTES = {
     "ours-triton-cudagraphs": "first call = 3 warm-up runs + graph capture; logits cloned out of the graph",
     "ours-triton-compile": "torch.compile(patched model, dynamic=False)",
     "ours-triton-channels-last": "weights and input pixels in torch.channels_last; kernels keep the layout",
+    "ours-auto": 'kernels="auto": each fused op runs its kernel or the torch ops, whichever measured faster',
+    "ours-auto-cudagraphs": 'kernels="auto" (measured per op during the warm-up runs), then CUDA graphs',
 }
 
 # Adaptive repetition counts on a GPU: enough runs for a stable median without spending minutes on
@@ -216,6 +220,13 @@ def build_provider(
         return _compile(build_reference(config, state, dtype, "sdpa", device), "max-autotune")
     if provider in ("hf-eager", "hf-sdpa"):
         return build_hf(config, state, dtype, provider.removeprefix("hf-"), device)
+    if provider.startswith("ours-auto"):
+        chosen = freeze(patch(build_reference(config, state, dtype, "sdpa", device), "auto"))
+        if provider == "ours-auto-cudagraphs":
+            from vithybrid_fast.cuda_graphs import enable_cuda_graphs
+
+            return enable_cuda_graphs(chosen)
+        return chosen
     patched = freeze(patch(build_reference(config, state, dtype, "sdpa", device), "triton"))
     if provider == "ours-triton":
         return patched
@@ -248,17 +259,6 @@ def make_pixels(config: ViTHybridConfig, batch: int, seed: int = 1234) -> torch.
     return torch.randn(batch, config.num_channels, *config.image_size_hw, generator=generator)
 
 
-class _TrueFP32:
-    """TF32 off for matmuls and cuDNN convolutions while the fp32 reference logits are computed."""
-
-    def __enter__(self) -> None:
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-
 def reference_logits(
     config: ViTHybridConfig,
     state: dict[str, torch.Tensor],
@@ -268,7 +268,7 @@ def reference_logits(
     """float32 ref-eager logits (on the CPU) per batch; None where that forward failed (e.g. OOM)."""
     model = build_reference(config, state, torch.float32, "eager", device)
     out: dict[int, torch.Tensor | None] = {}
-    with torch.inference_mode(), _TrueFP32():
+    with torch.inference_mode(), true_fp32():  # fp32 means fp32: no TF32 convs
         for batch, pixels in pixels_by_batch.items():
             try:
                 out[batch] = model(pixels.to(device)).logits.float().cpu()
@@ -407,6 +407,13 @@ def _run_provider(
         if ref is not None:
             fields["max_abs_diff_vs_ref_eager_fp32"] = (logits - ref).abs().max().item()
             fields["ref_logits_max_abs"] = ref.abs().max().item()
+        if provider.startswith("ours-auto"):  # what the measured dispatch chose, per op: {"op choice": count}
+            from vithybrid_fast import dispatch
+
+            chosen = [f"{key[0]} {choice}" for key, choice in dispatch.decisions().items()
+                      if key[0] != "weight_standardize" and key[1][0][0][0] == batch]  # fmt: skip
+            log(f"{tag} b={batch:<4d} dispatch: {', '.join(sorted(set(chosen)))}")
+            fields["dispatch"] = {name: chosen.count(name) for name in sorted(set(chosen))}
         if out.flops is not None:
             fields["achieved_tflops"] = out.flops * batch / (ms * 1e-3) / 1e12
         rec = out.add(provider, dtype_name, batch, **fields)

@@ -11,12 +11,14 @@
 #   bash bench/gpu_session.sh step doctor           versions, GPU; each kernel + the model vs float64; drift
 #   bash bench/gpu_session.sh step tests-kernels [NAME]   kernel parity tests (NAME: attention, … one file)
 #   bash bench/gpu_session.sh step tests-model      the other tests on the GPU (patching, HF parity, graphs, …)
+#   bash bench/gpu_session.sh step tests-list FILE  the test files / node ids FILE lists (e.g. what a cut-off run left)
+#   bash bench/gpu_session.sh step profile [PROVIDERS]   top kernels per forward (PROFILE_BATCHES, default 64,1)
 #   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp   microbenchmarks
 #   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
 #   bash bench/gpu_session.sh step tune [DTYPES]    autotune; the winning configs into $OUT/configs
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
-# Knobs: STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
+# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
 # PYTHON (default python3), DEVICE (default cuda), WHEELS (default .whl).
 #
@@ -30,9 +32,9 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model profile tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
-E2E_PROVIDERS="ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-triton-channels-last"
+E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
 
 fetch_wheels() {
@@ -117,6 +119,7 @@ run_step() {
       if [ -n "$arg" ]; then pytest_step "tests-kernels-$arg" "tests/test_kernel_$arg.py"
       else pytest_step tests-kernels tests/test_gpu_real_shapes.py tests/test_kernel_*.py; fi ;;
     tests-model) pytest_step tests-model $(model_test_files) ;;
+    tests-list) pytest_step tests-list $(cat "$arg") ;;  # ARG: a file of test files / node ids, one per line
     profile)  # top kernels per forward, ours vs the reference (ARG: providers, default ref-sdpa,ours-triton)
       within_budget "$OUT/profile.log" "$PYTHON" -m vithybrid_fast.bench.profile_e2e --batches "${PROFILE_BATCHES:-64,1}" \
         --providers "${arg:-ref-sdpa,ours-triton}" --out "$OUT/profile.jsonl" ;;

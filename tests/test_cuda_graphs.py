@@ -173,11 +173,12 @@ def _watch_after(change, frozen: bool = False) -> bool:
     from vithybrid_fast import freeze
     from vithybrid_fast.cuda_graphs import WeightWatch
 
-    model = tiny_model("cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs natively there, else interpreted
+    model = tiny_model(device)
     if frozen:
         freeze(model)
     with torch.no_grad():
-        model(pixels(1, "cpu"))  # a frozen model computes its derived weights now
+        model(pixels(1, device))  # a frozen model computes its derived weights now
     watch = WeightWatch(model)
     assert watch.still_valid()
     change(model)

@@ -121,6 +121,7 @@ def _demo_model(device: torch.device, dtype: torch.dtype):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .gpu_support import true_fp32
     from .patching import patch, triton_can_run, unpatch
     from .processing import ViTHybridImageProcessor, sample_image_path
 
@@ -137,9 +138,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         print(f"triton: skipped ({triton_unsupported_reason(device)}; TRITON_INTERPRET=1 runs it on the CPU, slowly)")
     results = {}
+    if model.dtype == torch.float32 and device.type == "cuda":
+        print("float32 comparison with TF32 off (cuDNN convs default to TF32, which would blur it)")
     for kernels in paths:
         patch(model, kernels)
-        with torch.inference_mode():
+        with torch.inference_mode(), true_fp32():
             model(pixels)  # warm-up: autotuning, cached weights, allocator
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -216,6 +219,8 @@ def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit 2 here
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise  # an OSError, but not a failure: main() ends quietly with 0 (the reader went away)
     except (ValueError, TypeError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

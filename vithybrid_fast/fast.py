@@ -5,6 +5,9 @@ Each is built from the reference module it replaces and keeps that module's para
 patched model trains and saves like the original. Calls the kernels cannot serve take the
 reference path for that call: `output_attentions=True` (a flash kernel never forms the
 probabilities), `head_mask`, attention dropout in training, an activation the kernel lacks.
+
+Each module's `measured` flag (set by `patch(model, "auto")` on a GPU) makes every fused op pick, by
+timing, between its kernel and the torch ops it replaces (dispatch.py); off, the kernels always run.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from vithybrid_fast import kernels
+from vithybrid_fast import dispatch, kernels
 from vithybrid_fast.kernels.attention import SUPPORTED_HEAD_DIMS
 from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
 
@@ -52,6 +55,7 @@ class FastSelfAttention(nn.Module):
         self.attention_head_size = reference.attention_head_size
         self.all_head_size = reference.all_head_size
         self._qkv = DerivedWeightCache()
+        self.measured = False  # dispatch.run: time kernel vs torch per shape (kernels="auto" on a GPU)
         # a head size the kernel was not built for still gets the fused QKV GEMM, with SDPA after it
         self.use_flash_kernel = self.attention_head_size in SUPPORTED_HEAD_DIMS
         if not self.use_flash_kernel:
@@ -82,7 +86,8 @@ class FastSelfAttention(nn.Module):
         qkv = qkv.view(batch, tokens, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
         if self.use_flash_kernel:
-            context = kernels.flash_attention(q, k, v)
+            context = dispatch.run("flash_attention", self.measured, lambda: kernels.flash_attention(q, k, v),
+                                   lambda: nn.functional.scaled_dot_product_attention(q, k, v), (q,))  # fmt: skip
         else:
             context = nn.functional.scaled_dot_product_attention(q, k, v)
         return context.transpose(1, 2).reshape(batch, tokens, self.all_head_size)
@@ -124,6 +129,7 @@ class FastViTLayer(nn.Module):
         self.output = reference.output
         self.layernorm_before = reference.layernorm_before
         self.layernorm_after = reference.layernorm_after
+        self.measured = False
 
     def attention_block(
         self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
@@ -132,13 +138,28 @@ class FastViTLayer(nn.Module):
         if isinstance(self_attention, FastSelfAttention) and self_attention.can_fuse(head_mask, output_attentions):
             ln = self.layernorm_before
             weight, bias = self_attention.fused_qkv()
-            mean, rstd = layer_norm_stats(x, ln.eps)
-            qkv = fused_linear(x, weight, bias, ln=(mean, rstd, ln.weight, ln.bias))
+
+            def ln_qkv_kernel() -> torch.Tensor:
+                mean, rstd = layer_norm_stats(x, ln.eps)
+                return fused_linear(x, weight, bias, ln=(mean, rstd, ln.weight, ln.bias))
+
+            def ln_qkv_torch() -> torch.Tensor:
+                normed = nn.functional.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, ln.eps)
+                return nn.functional.linear(normed, weight, bias)
+
+            qkv = dispatch.run("layer_norm_linear", self.measured, ln_qkv_kernel, ln_qkv_torch, (x, weight))
             context = self_attention.attend_packed(qkv)
             dense = self.attention.output.dense
             if self.training and self.attention.output.dropout.p > 0:
                 return self.attention.output.dropout(nn.functional.linear(context, dense.weight, dense.bias)) + x, None
-            return fused_linear(context, dense.weight, dense.bias, residual=x), None
+            out = dispatch.run(
+                "linear_residual",
+                self.measured,
+                lambda: fused_linear(context, dense.weight, dense.bias, residual=x),
+                lambda: nn.functional.linear(context, dense.weight, dense.bias) + x,
+                (context, dense.weight),
+            )
+            return out, None
         # transformers' eager attention returns a 1-tuple unless asked for probabilities; ours a pair
         outputs = self.attention(self.layernorm_before(x), head_mask, output_attentions)
         return outputs[0] + x, (outputs[1] if len(outputs) > 1 else None)
@@ -148,7 +169,13 @@ class FastViTLayer(nn.Module):
         if dropout_active or not _is_exact_gelu(self.intermediate.intermediate_act_fn):
             return self.output(self.intermediate(self.layernorm_after(h)), h)
         ln, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
-        return kernels.layer_norm_mlp(h, ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, ln.eps)
+        return dispatch.run(
+            "layer_norm_mlp",
+            self.measured,
+            lambda: kernels.layer_norm_mlp(h, ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, ln.eps),
+            lambda: self.output(self.intermediate(self.layernorm_after(h)), h),  # the reference modules
+            (h, fc1.weight),
+        )
 
     def forward(
         self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
@@ -160,6 +187,24 @@ class FastViTLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # BiT backbone
 # ---------------------------------------------------------------------------------------------
+def group_norm_act(measured: bool, x, num_groups, weight, bias, eps, act, residual) -> torch.Tensor:
+    """The group_norm_act kernel, or (measured, where faster) torch's GroupNorm [+ residual] [+ ReLU]."""
+
+    def torch_path() -> torch.Tensor:
+        out = nn.functional.group_norm(x, num_groups, weight, bias, eps)
+        out = out if residual is None else out + residual
+        return torch.relu(out) if act == "relu" else out
+
+    return dispatch.run(
+        "group_norm_act",
+        measured,
+        lambda: kernels.group_norm_act(x, num_groups, weight, bias, eps, act, residual),
+        torch_path,
+        (x, residual),
+        (num_groups, act, x.is_contiguous(memory_format=torch.channels_last)),
+    )
+
+
 class FastWeightStandardizedConv2d(nn.Module):
     """Weight-standardized conv whose standardized weight comes from the Triton kernel.
 
@@ -175,9 +220,19 @@ class FastWeightStandardizedConv2d(nn.Module):
         self.groups, self.eps = reference.groups, reference.eps
         self.out_channels = reference.out_channels
         self._standardized = DerivedWeightCache()
+        self.measured = False
 
     def standardized_weight(self) -> torch.Tensor:
-        return self._standardized.get(lambda: kernels.weight_standardize(self.weight, self.eps), self.weight)
+        def compute() -> torch.Tensor:
+            return dispatch.run(
+                "weight_standardize",
+                self.measured,
+                lambda: kernels.weight_standardize(self.weight, self.eps),
+                lambda: kernels.weight_standardize.reference(self.weight, self.eps),
+                (self.weight,),
+            )
+
+        return self._standardized.get(compute, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
@@ -196,9 +251,11 @@ class FastGroupNormActivation(nn.Module):
         self.num_groups, self.num_channels, self.eps = reference.num_groups, reference.num_channels, reference.eps
         self.activation = reference.activation
         self.fused_act = "relu" if _is_relu(self.activation) else None
+        self.measured = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = kernels.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.fused_act, residual)
+        out = group_norm_act(self.measured, x, self.num_groups, self.weight, self.bias, self.eps, self.fused_act,
+                             residual)  # fmt: skip
         if self.fused_act is None and not isinstance(self.activation, nn.Identity):
             out = self.activation(out)
         return out
@@ -211,6 +268,7 @@ class FastBottleneckLayer(nn.Module):
         super().__init__()
         for name in ("downsample", "conv1", "norm1", "conv2", "norm2", "conv3", "norm3", "drop_path", "activation"):
             setattr(self, name, getattr(reference, name))
+        self.measured = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -221,4 +279,4 @@ class FastBottleneckLayer(nn.Module):
         if drop_path_active or not _is_relu(self.activation):
             return self.activation(self.drop_path(norm3(x)) + shortcut)
         weight, bias = norm3.weight, norm3.bias
-        return kernels.group_norm_act(x, norm3.num_groups, weight, bias, norm3.eps, "relu", shortcut)
+        return group_norm_act(self.measured, x, norm3.num_groups, weight, bias, norm3.eps, "relu", shortcut)

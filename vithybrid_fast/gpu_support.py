@@ -14,8 +14,10 @@ tests fake the device by monkeypatching `torch.cuda.is_available` / `torch.cuda.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -118,3 +120,18 @@ def triton_error_message(device: torch.device | str | None = None) -> str:
         "imported runs the kernels in the (slow) interpreter, for testing. Use kernels='sdpa' or 'eager' "
         "(plain PyTorch), or 'auto' to pick triton only where it can run."
     )
+
+
+@contextlib.contextmanager
+def true_fp32() -> Iterator[None]:
+    """TF32 off for matmuls and cuDNN convolutions inside the block, restored after.
+
+    cuDNN convolutions default to TF32 on Ampere and newer (10-bit mantissa): a 1-ulp difference
+    upstream (our GroupNorm vs torch's) then flips TF32 roundings in every later conv, and float32
+    comparisons see errors near 1e-3 that are the convolutions', not the kernels'."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

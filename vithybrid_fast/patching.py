@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dispatch import set_measured
 from .gpu_support import auto_choice, triton_error_message
 from .weight_cache import derived_weight_caches, freeze, is_frozen
 
@@ -77,7 +78,9 @@ def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None =
 def validate_kernels(kernels: str | dict[str, str], device: torch.device | None = None) -> dict[str, str]:
     """Resolve `kernels` and fail clearly if it asks for Triton where Triton cannot run."""
     choice = resolve_kernels(kernels, device)
-    if "triton" in choice.values() and not triton_can_run(device):
+    # a meta model (built before its weights are loaded) may be patched; running it raises a clear error
+    is_meta = device is not None and torch.device(device).type == "meta"
+    if "triton" in choice.values() and not is_meta and not triton_can_run(device):
         raise RuntimeError(triton_error_message(device))
     return choice
 
@@ -297,6 +300,9 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
             record += _swap_family(model, family, registry[family])
         else:
             record += _switch_attention(model, choice[family])
+    # "auto" on a GPU: every fused op runs its kernel or the torch ops it replaces, whichever measures faster
+    measured = kernels == "auto" and "triton" in choice.values() and device is not None and device.type == "cuda"
+    set_measured(model, measured)
     if frozen:
         freeze(model)  # the modules just put in (fast or restored) hold their derived weights too
     return model

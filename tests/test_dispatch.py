@@ -1,0 +1,108 @@
+"""Measured dispatch (kernels="auto" on a GPU): each fused op runs whichever of its kernel and the torch ops
+it replaces measured faster, decided once per shape, and the model computes the same function either way.
+
+On the CPU the kernels run in the interpreter; the choice is driven by stubbed timings where a test needs a
+particular winner."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+import vithybrid_fast as vf
+from tests.hf_reference import randomize_
+from tests.test_patching import PATCH_CONFIG, pixels_for
+from vithybrid_fast import dispatch
+
+OPS = {"layer_norm_linear", "flash_attention", "linear_residual", "layer_norm_mlp", "group_norm_act",
+       "weight_standardize"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+class Counted:
+    def __init__(self, value, delay_s=0.0):
+        self.value, self.delay_s, self.calls = value, delay_s, 0
+
+    def __call__(self):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self.value
+
+
+def test_off_runs_the_kernel_and_never_measures():
+    kernel, reference = Counted("k"), Counted("r")
+    assert dispatch.run("op", False, kernel, reference, (torch.zeros(2),)) == "k"
+    assert (kernel.calls, reference.calls) == (1, 0)
+    assert dispatch.decisions() == {}
+
+
+@pytest.mark.parametrize(("kernel_delay", "reference_delay", "winner"), [(0.004, 0.0, "r"), (0.0, 0.004, "k")])
+def test_the_faster_path_wins_and_is_remembered_per_shape(kernel_delay, reference_delay, winner):
+    kernel, reference = Counted("k", kernel_delay), Counted("r", reference_delay)
+    x = torch.zeros(3, 4)
+    assert dispatch.run("op", True, kernel, reference, (x,)) == winner
+    measured_calls = dispatch.WARMUP + dispatch.REPS
+    assert (kernel.calls, reference.calls) == (measured_calls + (winner == "k"), measured_calls + (winner == "r"))
+    assert dispatch.run("op", True, kernel, reference, (x,)) == winner  # no second measurement
+    assert kernel.calls + reference.calls == 2 * measured_calls + 2
+    ((key, choice),) = dispatch.decisions().items()
+    assert key[0] == "op" and key[1] == (((3, 4), "float32"),) and choice == {"k": "triton", "r": "torch"}[winner]
+    dispatch.run("op", True, kernel, reference, (torch.zeros(5, 4),))  # another shape: measured again
+    assert len(dispatch.decisions()) == 2
+
+
+def test_no_measuring_where_it_cannot_time(monkeypatch):
+    # during CUDA-graph capture or a torch.compile trace the kernel runs and nothing is decided
+    monkeypatch.setattr(dispatch, "_can_measure", lambda device: False)
+    kernel, reference = Counted("k"), Counted("r")
+    assert dispatch.run("op", True, kernel, reference, (torch.zeros(2),)) == "k"
+    assert (kernel.calls, reference.calls, dispatch.decisions()) == (1, 0, {})
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG))
+    randomize_(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("winner", ["triton", "torch"])
+def test_model_computes_the_reference_whichever_path_each_op_takes(tiny_model, device, monkeypatch, winner):
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, device=device)
+    with torch.no_grad():
+        reference = model(pixels).logits
+    vf.patch(model, "triton")
+    assert not any(getattr(m, "measured", False) for m in model.modules())  # "triton" never measures
+    dispatch.set_measured(model, True)
+    loser = "torch" if winner == "triton" else "triton"
+    monkeypatch.setattr(dispatch, "measure", lambda kernel, ref, device: {winner: 1.0, loser: 2.0})
+    with torch.no_grad():
+        out = model(pixels).logits
+    assert {key[0] for key in dispatch.decisions()} == OPS
+    assert set(dispatch.decisions().values()) == {winner}
+    assert (out - reference).abs().max().item() <= 1e-4
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_measures_and_matches_the_reference(tiny_model):
+    model = copy.deepcopy(tiny_model).cuda()
+    pixels = pixels_for(model, device="cuda")
+    with torch.no_grad():
+        reference = model(pixels).logits
+    vf.patch(model, "auto")
+    assert all(m.measured for m in model.modules() if hasattr(m, "measured"))
+    with torch.no_grad():
+        first, second = model(pixels).logits, model(pixels).logits
+    assert {key[0] for key in dispatch.decisions()} == OPS
+    assert (first - reference).abs().max().item() <= 1e-4 and torch.equal(first, second)

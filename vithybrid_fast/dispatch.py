@@ -1,0 +1,113 @@
+"""Measured dispatch: under `kernels="auto"` on a GPU, each fused op runs its Triton kernel or the plain
+torch ops it replaces, whichever this GPU runs faster at this shape and dtype.
+
+Why: on first contact with a GPU (an H200, bf16; bench/results/) the fused GEMMs ran at about 300 TFLOP/s
+against cuBLAS's 700, so the fused LayerNorm+MLP lost to cuBLAS + torch's LayerNorm and GELU, and cuDNN's
+attention beat the flash kernel, while group_norm_act halved torch's GroupNorm + ReLU time. A fused model
+must never be slower than the reference on any op, so "auto" lets each op prove it.
+
+How: the first call of an op at a new (shapes, dtype, GPU) times both paths on that call's own inputs (a
+warm-up each, which includes the kernel's compile and autotune, then interleaved CUDA-event timings) and
+remembers the faster for the process; every later call runs that one. Both paths are pure functions of the
+inputs, so timing them on real data changes nothing. No timing happens while a CUDA graph is captured or
+torch.compile traces (the kernel path runs, as with kernels="triton"): warm the model up first, as the
+CUDA-graph runner does. `kernels="triton"` never measures: it always runs the kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+WARMUP, REPS = 2, 5
+_DECISIONS: dict[tuple, str] = {}
+
+
+def decisions() -> dict[tuple, str]:
+    """What was chosen so far: {(op, shapes and dtypes, device): "triton" | "torch"} (a copy)."""
+    return dict(_DECISIONS)
+
+
+def reset() -> None:
+    """Forget every decision (the next call of each op measures again)."""
+    _DECISIONS.clear()
+
+
+def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple) -> tuple:
+    shapes = tuple(None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors)
+    first = next(t for t in tensors if t is not None)
+    return (op, shapes, extra, str(first.device))
+
+
+def _can_measure(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return True
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def measure(kernel: Callable[[], object], reference: Callable[[], object], device: torch.device) -> dict[str, float]:
+    """Median ms of each path: warm-up first (compile, autotune), then interleaved timed runs."""
+    with torch.no_grad():
+        for _ in range(WARMUP):
+            kernel()
+            reference()
+        times: dict[str, list[float]] = {"triton": [], "torch": []}
+        for _ in range(REPS):
+            times["triton"].append(_time_ms(kernel, device))
+            times["torch"].append(_time_ms(reference, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run(
+    op: str,
+    measured: bool,
+    kernel: Callable[[], T],
+    reference: Callable[[], T],
+    tensors: Sequence[torch.Tensor | None],
+    extra: tuple = (),
+) -> T:
+    """`kernel()` unless `measured`; then whichever of `kernel()` / `reference()` is faster for these
+    inputs (`tensors` and `extra` make the key: the shapes, dtypes and flags the speed depends on)."""
+    if not measured:
+        return kernel()
+    key = _key(op, tensors, extra)
+    choice = _DECISIONS.get(key)
+    if choice is None:
+        device = next(t for t in tensors if t is not None).device
+        if not _can_measure(device):
+            return kernel()
+        ms = measure(kernel, reference, device)
+        choice = "triton" if ms["triton"] <= ms["torch"] else "torch"
+        _DECISIONS[key] = choice
+        logger.info("%s %s: triton %.4f ms, torch %.4f ms -> %s", op, key[1], ms["triton"], ms["torch"], choice)
+    return kernel() if choice == "triton" else reference()
+
+
+def set_measured(model: torch.nn.Module, measured: bool) -> None:
+    """Turn measured dispatch on or off in every kernel-backed module of `model`."""
+    for module in model.modules():
+        if hasattr(module, "measured"):
+            module.measured = measured
