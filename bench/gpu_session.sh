@@ -119,7 +119,10 @@ run_step() {
       if [ -n "$arg" ]; then pytest_step "tests-kernels-$arg" "tests/test_kernel_$arg.py"
       else pytest_step tests-kernels tests/test_gpu_real_shapes.py tests/test_kernel_*.py; fi ;;
     tests-model) pytest_step tests-model $(model_test_files) ;;
-    tests-list) pytest_step tests-list $(cat "$arg") ;;  # ARG: a file of test files / node ids, one per line
+    tests-list)  # ARG: a file of test files / node ids, one per line (ids may hold spaces and brackets)
+      local ids
+      mapfile -t ids <"$arg"
+      pytest_step tests-list "${ids[@]}" ;;
     profile)  # top kernels per forward, ours vs the reference (ARG: providers, default ref-sdpa,ours-triton)
       within_budget "$OUT/profile.log" "$PYTHON" -m vithybrid_fast.bench.profile_e2e --batches "${PROFILE_BATCHES:-64,1}" \
         --providers "${arg:-ref-sdpa,ours-triton}" --out "$OUT/profile.jsonl" ;;

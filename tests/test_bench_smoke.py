@@ -266,10 +266,36 @@ def test_gpu_session_step_dry_run_on_a_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
     assert proc.stdout.splitlines()[-1] == f"step e2e float32: exit 0; files in {out}: {' '.join(names)} "
-    assert {"env.txt", "e2e-float32.log"} <= set(names) and len(names) <= 8  # the device tool returns ≤ 8 files
-    (jsonl,) = out.glob("*.jsonl")
-    assert _records(out) == [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert {"env.txt", "e2e-float32.log", "e2e-float32"} <= set(names) and len(names) <= 8  # ≤ 8 files come back
+    (jsonl,) = (out / "e2e-float32").glob("*.jsonl")  # each bench step in its own folder: reports share names
+    assert _records(out / "e2e-float32") == [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert "| ref-eager |" in (out / "e2e-float32.log").read_text()
     unknown = subprocess.run(["bash", "bench/gpu_session.sh", "step", "nope"], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert unknown.returncode == 2 and "steps: doctor tests-kernels" in unknown.stderr
+
+
+def test_gpu_session_plan_packs_every_step_into_one_tarball(tmp_path):
+    """`plan` runs several steps in one device call and, after each, packs all results into one file."""
+    import tarfile
+
+    listed = tmp_path / "tests.txt"
+    listed.write_text(  # a node id with spaces (a cut-off GPU run's remaining ids hold such)
+        "tests/test_config.py::test_base_384_preset_is_the_hub_architecture\n"
+        "tests/test_config.py::test_contradictory_or_invalid_fields_raise[overrides0-not a multiple of "
+        "num_attention_heads]\n"
+    )
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**_env(), "OUT": str(out), "PLAN_WORK": str(work), "DEVICE": "cpu", "PYTHON": sys.executable,
+           "WHEELS": str(tmp_path / "no-wheels")}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_session.sh", "plan", f"tests-list={listed}@120", "nope@5"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-session.tgz", "plan.log"]
+    with tarfile.open(out / "gpu-session.tgz") as tar:
+        names = {name.removeprefix("./") for name in tar.getnames()}
+    assert {"env.txt", "plan.log", "tests-list.log", "tests-list.xml"} <= names
+    assert "2 passed" in (work / "tests-list.log").read_text()
+    assert "unknown step 'nope'" in proc.stderr

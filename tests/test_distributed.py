@@ -65,7 +65,9 @@ def test_two_ranks_global_batch_8_give_the_weights_of_one_process_batch_8(root):
             # rounding noise, which differs with the summation order: at most 2·lr per step apart
             assert (ddp[key] - tensor).abs().max() <= 2 * 1e-3 * 3 + 1e-6, key
             continue
-        assert torch.allclose(ddp[key], tensor, rtol=1e-4, atol=2e-5), (key, (ddp[key] - tensor).abs().max())
+        # atol 1e-4 = a tenth of one Adam step (lr 1e-3): Adam turns gradient rounding into step noise on
+        # weights whose gradients are tiny, and a 16-core machine sums in another order than 2 cores
+        assert torch.allclose(ddp[key], tensor, rtol=1e-4, atol=1e-4), (key, (ddp[key] - tensor).abs().max())
         moved += start[key].shape != tensor.shape or not torch.allclose(tensor, start[key], atol=1e-4)
     assert moved > len(single) // 2  # three steps changed most tensors: the comparison is not vacuous
     log = [json.loads(line) for line in (root / "ddp" / "train_log.jsonl").read_text().splitlines()]

@@ -201,9 +201,9 @@ def test_patch_transformers_model_instance(attn, device):
     assert module_tree(hf_model) == tree
 
 
-def test_load_with_triton_kernels(tmp_path):
+def test_load_with_triton_kernels(tmp_path, device):
     build_hf_model(PATCH_CONFIG).save_pretrained(tmp_path)
-    model = vf.load(tmp_path, kernels={"attention": "triton", "mlp": "triton"})
+    model = vf.load(tmp_path, kernels={"attention": "triton", "mlp": "triton"}, device=device)
     assert {kind for _, kind in patched_modules(model)} == {"FastSelfAttention", "FastViTLayer"}
 
 
@@ -229,9 +229,9 @@ def test_triton_without_gpu_or_interpreter_is_a_clear_error():
     assert "kernels='sdpa'" in out.stdout and "AUTO sdpa" in out.stdout
 
 
-def test_float64_model_cannot_take_triton(tiny_model):
+def test_float64_model_cannot_take_triton(tiny_model, device):
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
-        vf.patch(copy.deepcopy(tiny_model).double(), "triton")
+        vf.patch(copy.deepcopy(tiny_model).to(device).double(), "triton")
 
 
 def test_unsupported_head_size_keeps_fused_qkv_with_sdpa(device):
@@ -295,8 +295,8 @@ def fresh_model_logits(state, pixels):
     return run(fresh, pixels).logits
 
 
-def test_unpatch_carries_parameters_assigned_while_patched(tiny_model):
-    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+def test_unpatch_carries_parameters_assigned_while_patched(tiny_model, device):
+    model = vf.patch(copy.deepcopy(tiny_model).to(device), "triton")  # CPU weights assigned below: CPU after
     state = new_weights()
     model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)  # new Parameter objects
     vf.unpatch(model)
@@ -319,8 +319,8 @@ def test_unpatch_after_to_empty_carries_the_new_storage(tiny_model):
     assert torch.equal(run(model, pixels).logits, fresh_model_logits(state, pixels))  # Δ 0
 
 
-def test_unpatch_carries_train_mode(tiny_model):
-    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+def test_unpatch_carries_train_mode(tiny_model, device):
+    model = vf.patch(copy.deepcopy(tiny_model).to(device), "triton")
     model.train()
     vf.unpatch(model)
     assert all(m.training for m in model.modules())
@@ -334,8 +334,8 @@ def attention_implementations(model):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_backbone_only_patch_keeps_our_attention(tiny_model, attn):
-    model = copy.deepcopy(tiny_model)
+def test_backbone_only_patch_keeps_our_attention(tiny_model, attn, device):
+    model = copy.deepcopy(tiny_model).to(device)
     model.set_attn_implementation(attn)
     vf.patch(model, {"backbone": "triton"})
     assert attention_implementations(model) == {attn} and model.config.attn_implementation == attn
@@ -352,8 +352,8 @@ def test_unpatch_restores_our_attention_switched_by_a_preset(tiny_model):
     assert attention_implementations(model) == {"eager"} and model.config.attn_implementation == "eager"
 
 
-def test_families_not_named_keep_their_patches(tiny_model):
-    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+def test_families_not_named_keep_their_patches(tiny_model, device):
+    model = vf.patch(copy.deepcopy(tiny_model).to(device), "triton")
     vf.patch(model, {"attention": "eager"})
     kinds = {kind for _, kind in patched_modules(model)}
     assert kinds == {"FastViTLayer", "FastWeightStandardizedConv2d", "FastGroupNormActivation", "FastBottleneckLayer"}
@@ -391,15 +391,15 @@ def test_transformers_attention_switches_and_unpatch_restores(built, asked):
     assert hf_model.config._attn_implementation == built
 
 
-def test_transformers_backbone_only_patch_keeps_attention():
-    hf_model = build_hf_model(PATCH_CONFIG, "eager")
+def test_transformers_backbone_only_patch_keeps_attention(device):
+    hf_model = build_hf_model(PATCH_CONFIG, "eager").to(device)
     vf.patch(hf_model, {"backbone": "triton"})
     assert hf_self_attention_classes(hf_model) == {"ViTHybridSelfAttention"}
     assert hf_model.config._attn_implementation == "eager"
 
 
-def test_what_cannot_be_done_is_a_clear_error(tiny_model):
-    backbone = copy.deepcopy(tiny_model.vit.embeddings.patch_embeddings.backbone)
+def test_what_cannot_be_done_is_a_clear_error(tiny_model, device):
+    backbone = copy.deepcopy(tiny_model.vit.embeddings.patch_embeddings.backbone).to(device)
     with pytest.raises(ValueError, match="no ViT Hybrid self-attention module"):
         vf.patch(backbone, "sdpa")
     with pytest.raises(ValueError, match=r"kernels\['attention'\]='triton': BitBackbone has no module"):

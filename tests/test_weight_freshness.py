@@ -36,11 +36,14 @@ PATCHED_TOL = 1e-4  # patched vs reference (test_patching's FP32_TOL)
 STALE = 1e-2  # every change below moves the logits by more than this
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton path runs (natively or interpreted)
+
+
 def build(seed: int) -> vf.ViTHybridForImageClassification:
     torch.manual_seed(seed)
     model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(CONFIG)).eval()
     randomize_(model)
-    return model
+    return model.to(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def new_state():
 
 @pytest.fixture(scope="module")
 def pixels():
-    return torch.randn(1, 3, 72, 72, generator=torch.Generator().manual_seed(0))
+    return torch.randn(1, 3, 72, 72, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
 
 def on_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
