@@ -63,21 +63,26 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device | str, warmup: int = 10, reps: int = 50) -> dict[str, float]:
-    """Median / p10 / p90 milliseconds of `fn()` on `device` (CUDA events on a GPU)."""
+    """Median / p10 / p90 milliseconds of `fn()` on `device` (CUDA events on a GPU).
+
+    The calls are queued back to back, with one synchronization at the end (as triton.testing.do_bench):
+    while the GPU is the bottleneck each sample is the GPU's time for one call, and where the host is
+    (small batches, many launches) the sample includes the host's launch time, as a user's loop would.
+    A synchronization after every call instead adds the host's launch overhead to every sample: the
+    first H200 kernel tables (bench/results/nvidia-h200-2026-11-26) were timed that way."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     times: list[float] = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
     else:
         for _ in range(reps):
             t0 = time.perf_counter()

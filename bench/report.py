@@ -82,8 +82,11 @@ def kernel_fraction(record: Record, records: list[Record]) -> tuple[float, str] 
 def _case_label(record: Record) -> str:
     parts = [f"B={record['batch']}" if record.get("batch") is not None else None]
     parts += [str(record[k]) for k in ("variant", "layout") if record.get(k)]
-    if record.get("batch") is None and record.get("shape"):
-        parts.append("×".join(str(s) for s in record["shape"]))
+    shape = record.get("shape")
+    if isinstance(shape, str):  # a named set ("all 52 backbone convs"), not a tensor shape
+        parts.append(shape)
+    elif shape:  # always: rows of one batch and variant differ only in their shape
+        parts.append("×".join(str(s) for s in shape))
     return " ".join(p for p in parts if p)
 
 

@@ -68,6 +68,15 @@ def test_no_measuring_where_it_cannot_time(monkeypatch):
     assert (kernel.calls, reference.calls, dispatch.decisions()) == (1, 0, {})
 
 
+def test_a_compiled_graph_takes_the_kernel_path_without_timing():
+    def op(x):
+        return dispatch.run("op", True, lambda: x * 2, lambda: x + x + 1, (x,))
+
+    x = torch.randn(4)
+    assert torch.equal(torch.compile(op, fullgraph=True, backend="eager")(x), x * 2)
+    assert dispatch.decisions() == {}
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)

@@ -9,9 +9,9 @@ must never be slower than the reference on any op, so "auto" lets each op prove 
 How: the first call of an op at a new (shapes, dtype, GPU) times both paths on that call's own inputs (a
 warm-up each, which includes the kernel's compile and autotune, then interleaved CUDA-event timings) and
 remembers the faster for the process; every later call runs that one. Both paths are pure functions of the
-inputs, so timing them on real data changes nothing. No timing happens while a CUDA graph is captured or
-torch.compile traces (the kernel path runs, as with kernels="triton"): warm the model up first, as the
-CUDA-graph runner does. `kernels="triton"` never measures: it always runs the kernels.
+inputs, so timing them on real data changes nothing. No timing happens while a CUDA graph is captured (the kernel path
+runs unless the op was decided before: warm the model up first, as the CUDA-graph runner does), and a
+torch.compile graph always holds the kernel path. `kernels="triton"` never measures: it always runs the kernels.
 """
 
 from __future__ import annotations
@@ -48,36 +48,42 @@ def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple) -> tuple
 
 
 def _can_measure(device: torch.device) -> bool:
-    if torch.compiler.is_compiling():
-        return False
     if device.type == "cuda":
         return not torch.cuda.is_current_stream_capturing()
     return True
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
-
-
 def measure(kernel: Callable[[], object], reference: Callable[[], object], device: torch.device) -> dict[str, float]:
-    """Median ms of each path: warm-up first (compile, autotune), then interleaved timed runs."""
+    """Median ms of each path: warm-up first (compile, autotune), then interleaved timed runs.
+
+    On a GPU the runs are queued with one synchronization at the end, so a sample is the GPU's time for
+    the call where the GPU is the bottleneck and includes the host's launch time where the host is — what
+    the op costs inside a model running eagerly. (Synchronizing after each call would add launch overhead
+    to every sample and favour the op with the lighter Python path even where the GPU is the bottleneck.)"""
+    paths = {"triton": kernel, "torch": reference}
     with torch.no_grad():
         for _ in range(WARMUP):
-            kernel()
-            reference()
-        times: dict[str, list[float]] = {"triton": [], "torch": []}
-        for _ in range(REPS):
-            times["triton"].append(_time_ms(kernel, device))
-            times["torch"].append(_time_ms(reference, device))
+            for fn in paths.values():
+                fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            events = {name: [] for name in paths}
+            for _ in range(REPS):
+                for name, fn in paths.items():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    events[name].append((start, end))
+            torch.cuda.synchronize(device)
+            times = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in events.items()}
+        else:
+            times = {name: [] for name in paths}
+            for _ in range(REPS):
+                for name, fn in paths.items():
+                    begin = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - begin) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -91,7 +97,7 @@ def run(
 ) -> T:
     """`kernel()` unless `measured`; then whichever of `kernel()` / `reference()` is faster for these
     inputs (`tensors` and `extra` make the key: the shapes, dtypes and flags the speed depends on)."""
-    if not measured:
+    if not measured or torch.compiler.is_compiling():  # a compiled graph holds the kernel path (no timing)
         return kernel()
     key = _key(op, tensors, extra)
     choice = _DECISIONS.get(key)
