@@ -58,7 +58,8 @@ NOTES = {
     "ours-triton-cudagraphs": "first call = 3 warm-up runs + graph capture; logits cloned out of the graph",
     "ours-triton-compile": "torch.compile(patched model, dynamic=False)",
     "ours-triton-channels-last": "weights and input pixels in torch.channels_last; kernels keep the layout",
-    "ours-auto": 'kernels="auto": each fused op runs its kernel or the torch ops, whichever measured faster',
+    "ours-auto": 'kernels="auto": each fused op runs its kernel or the torch ops, whichever measured faster; '
+    "its first call includes that timing, and is a cold start only if no earlier provider compiled the kernels",
     "ours-auto-cudagraphs": 'kernels="auto" (measured per op during the warm-up runs), then CUDA graphs',
 }
 
