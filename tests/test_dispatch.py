@@ -103,6 +103,16 @@ def test_model_computes_the_reference_whichever_path_each_op_takes(tiny_model, d
     assert (out - reference).abs().max().item() <= 1e-4
 
 
+def test_a_dict_patch_leaves_the_other_families_measuring(tiny_model, device):
+    model = vf.patch(copy.deepcopy(tiny_model).to(device), "triton")
+    dispatch.set_measured(model, True)  # as "auto" does on a GPU
+    vf.patch(model, {"attention": "eager"})
+    flags = [m.measured for m in model.modules() if hasattr(m, "measured")]
+    assert flags and all(flags)  # the MLP and backbone modules, untouched
+    vf.patch(model, "triton")  # a preset speaks for every family
+    assert not any(m.measured for m in model.modules() if hasattr(m, "measured"))
+
+
 @pytest.mark.gpu
 def test_auto_on_a_gpu_measures_and_matches_the_reference(tiny_model):
     model = copy.deepcopy(tiny_model).cuda()

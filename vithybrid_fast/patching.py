@@ -300,9 +300,11 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
             record += _swap_family(model, family, registry[family])
         else:
             record += _switch_attention(model, choice[family])
-    # "auto" on a GPU: every fused op runs its kernel or the torch ops it replaces, whichever measures faster
-    measured = kernels == "auto" and "triton" in choice.values() and device is not None and device.type == "cuda"
-    set_measured(model, measured)
+    # "auto" on a GPU: every fused op runs its kernel or the torch ops it replaces, whichever measures faster.
+    # A preset speaks for every family; a dict leaves the families it does not name as they were.
+    if isinstance(kernels, str):
+        on_gpu = device is not None and device.type == "cuda"
+        set_measured(model, kernels == "auto" and "triton" in choice.values() and on_gpu)
     if frozen:
         freeze(model)  # the modules just put in (fast or restored) hold their derived weights too
     return model
