@@ -16,6 +16,7 @@
 #   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp   microbenchmarks
 #   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
+#   bash bench/gpu_session.sh step sweep-gemm [DTYPE]   fused-GEMM tiles vs cuBLAS + ops (SWEEP_BATCH, default 64)
 #   bash bench/gpu_session.sh step tune [DTYPES]    autotune; the winning configs into $OUT/configs
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
 # Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
@@ -32,7 +33,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tests-list profile tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile sweep-gemm tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -126,6 +127,9 @@ run_step() {
     profile)  # top kernels per forward, ours vs the reference (ARG: providers, default ref-sdpa,ours-triton)
       within_budget "$OUT/profile.log" "$PYTHON" -m vithybrid_fast.bench.profile_e2e --batches "${PROFILE_BATCHES:-64,1}" \
         --providers "${arg:-ref-sdpa,ours-triton}" --out "$OUT/profile.jsonl" ;;
+    sweep-gemm)  # every candidate tile on the four ViT GEMMs vs cuBLAS + separate ops (ARG: dtype)
+      within_budget "$OUT/sweep-gemm.log" "$PYTHON" -m vithybrid_fast.bench.sweep_fused_linear --batch "${SWEEP_BATCH:-64}" \
+        --dtype "${arg:-bfloat16}" --out "$OUT/sweep-gemm.jsonl" ;;
     tune)  # winners into $OUT/configs/<kernel>.json, to be merged into kernels/configs and committed
       within_budget "$OUT/tune.log" "$PYTHON" -m vithybrid_fast tune --dtypes "${arg:-bfloat16}" --batches "$BATCHES" \
         --no-backward --out "$OUT/configs" ;;

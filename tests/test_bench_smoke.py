@@ -299,3 +299,18 @@ def test_gpu_session_plan_packs_every_step_into_one_tarball(tmp_path):
     assert {"env.txt", "plan.log", "tests-list.log", "tests-list.xml"} <= names
     assert "2 passed" in (work / "tests-list.log").read_text()
     assert "unknown step 'nope'" in proc.stderr
+
+
+def test_fused_linear_tile_sweep_checks_then_ranks():
+    """The GEMM tile sweep (a GPU step) on tiny dims in the interpreter: every tile agrees with the torch
+    path within the tests' bound before it is timed, and the ranking names a tile per GEMM."""
+    import torch
+    from vithybrid_fast.bench import sweep_fused_linear as sweep
+
+    rows = sweep.sweep(1, torch.bfloat16, "cpu", dims=(17, 64, 96), log=lambda _line: None)
+    names = ("qkv +LN", "out-proj +res", "fc1 +LN +GELU", "fc2 +res")
+    assert [r["gemm"] for r in rows] == [n for n in names for _ in range(1 + len(sweep.INTERPRETER_TILES))]
+    tiles = [r for r in rows if r["provider"] != "cublas+ops"]
+    assert tiles and all("error" not in r and r["ms"] > 0 and r["err"] < 0.1 for r in tiles), tiles
+    table = sweep.ranking(rows).splitlines()
+    assert len(table) == 2 + 4 and all("triton 32x32x32" in line for line in table[2:])
