@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import vithybrid_fast as vf
-from tests.hf_reference import randomize_
-from tests.test_patching import PATCH_CONFIG, pixels_for
+from tests.test_patching import build_tiny_model, pixels_for
 from vithybrid_fast import dispatch
 
 OPS = {"layer_norm_linear", "flash_attention", "linear_residual", "layer_norm_mlp", "group_norm_act",
@@ -79,10 +78,7 @@ def test_a_compiled_graph_takes_the_kernel_path_without_timing():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG))
-    randomize_(model)
-    return model.eval()
+    return build_tiny_model()
 
 
 @pytest.mark.parametrize("winner", ["triton", "torch"])

@@ -25,12 +25,16 @@ FP32_TOL = 1e-4
 PATCH_CONFIG = tiny_config(hidden_size=64, num_attention_heads=2, intermediate_size=80)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
+def build_tiny_model() -> vf.ViTHybridForImageClassification:
     torch.manual_seed(0)
     model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(PATCH_CONFIG))
     randomize_(model)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_tiny_model()
 
 
 def pixels_for(model, batch=2, seed=0, device="cpu"):
