@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     record = {"provider": provider, "dtype": args.dtype, "batch": batch, "wall_ms": wall_ms}
                     f.write(json.dumps({**record, "kernels": rows}) + "\n")
         del model
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return 0
 
 

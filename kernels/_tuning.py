@@ -258,17 +258,9 @@ def reset_all() -> None:
         kernel.reset()
 
 
-def tuned(
-    name: str,
-    fn: Any,
-    configs: Sequence[triton.Config],
-    key: Sequence[str],
-    prune: Callable[..., list[triton.Config]] | None = None,
-    interpreter_config: triton.Config | None = None,
-    do_bench: Callable | None = None,
-) -> TunedKernel:
-    """Wrap `fn` (a @triton.jit kernel, optionally under @triton.heuristics) as a `TunedKernel`."""
-    return TunedKernel(name, fn, configs, key, prune, interpreter_config, do_bench)
+# `tuned(name, fn, configs, key, ...)` wraps `fn` (a @triton.jit kernel, optionally under @triton.heuristics):
+# the class itself, under the name the kernel modules read best
+tuned = TunedKernel
 
 
 def jit(

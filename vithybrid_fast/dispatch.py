@@ -41,10 +41,9 @@ def reset() -> None:
     _DECISIONS.clear()
 
 
-def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple) -> tuple:
+def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple, device: torch.device) -> tuple:
     shapes = tuple(None if t is None else (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors)
-    first = next(t for t in tensors if t is not None)
-    return (op, shapes, extra, str(first.device))
+    return (op, shapes, extra, str(device))
 
 
 def _can_measure(device: torch.device) -> bool:
@@ -99,10 +98,10 @@ def run(
     inputs (`tensors` and `extra` make the key: the shapes, dtypes and flags the speed depends on)."""
     if not measured or torch.compiler.is_compiling():  # a compiled graph holds the kernel path (no timing)
         return kernel()
-    key = _key(op, tensors, extra)
+    device = next(t for t in tensors if t is not None).device
+    key = _key(op, tensors, extra, device)
     choice = _DECISIONS.get(key)
     if choice is None:
-        device = next(t for t in tensors if t is not None).device
         if not _can_measure(device):
             return kernel()
         ms = measure(kernel, reference, device)
