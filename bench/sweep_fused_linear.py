@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 import triton
 from torch.nn import functional as F
+from vithybrid_fast.kernels import _fused_linear_tiles as fl_tiles
 from vithybrid_fast.kernels import fused_linear as fl
 from vithybrid_fast.kernels._runtime import interpreter_enabled
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shipped 16-bit tiles first, then Hopper candidates
-TILES = [*fl._HALF_TILES, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+TILES = [*fl_tiles.HALF_TILES, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 4)]  # fmt: skip
 INTERPRETER_TILES = [(32, 32, 32, 4, 1)]
 

@@ -328,7 +328,7 @@ def uncovered_kernels(launches: Sequence[Launch]) -> list[str]:
 
 def tf32_probe() -> dict[str, bool]:
     """Does the TF32 detector see a float32 GEMM compiled with TF32 (and not one compiled IEEE)?"""
-    from .fused_linear import gemm_launch
+    from ._fused_linear_offline import gemm_launch
 
     found = {}
     for precision, ieee in (("ieee", True), ("tf32", False)):

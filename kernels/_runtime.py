@@ -7,12 +7,16 @@ A kernel runs on a CUDA tensor, or on a CPU tensor when the Triton interpreter i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # defined where importing them does not import triton (vithybrid_fast.kernels' __init__ does)
 from ..gpu_support import interpreter_enabled, triton_importable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SM80_SHARED_BYTES = 166_912  # A100's per-block shared-memory maximum, the smaller of our two targets
+_A100_LIMITS = (108, SM80_SHARED_BYTES)  # what a device that cannot be asked is taken to be
 
 
 def triton_can_run(device: torch.device | str | None = None) -> bool:
@@ -59,3 +63,26 @@ def needs_registered_op(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, per-block shared memory in bytes) of a CUDA device; an A100's where it cannot be asked.
+
+    The autotuners' prunes and group_norm_act's plans ask on each new shape; the answer is cached per
+    device index, so a process with GPUs of two kinds gets each one's own.
+    """
+    if device.type != "cuda":  # unit tests of the prunes feed CPU tensors
+        return _A100_LIMITS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _limits_of_device(index)
+
+
+@functools.lru_cache(maxsize=16)
+def _limits_of_device(index: int) -> tuple[int, int]:
+    try:
+        import triton
+
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        return props["multiprocessor_count"], props["max_shared_mem"]
+    except Exception:
+        return _A100_LIMITS

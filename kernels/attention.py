@@ -24,7 +24,7 @@ N is a runtime argument on the GPU (one compile serves every sequence length; on
 is masked) and a compile-time constant under the interpreter, where Triton 3.6 cannot loop to a runtime
 bound. Autotuning (GPU, kernels/_tuning.py: shipped per-GPU tables, then a per-user cache, then one
 benchmark) is keyed on power-of-two buckets of N and of the batch, on D and (by Triton) on the dtypes;
-candidates are pruned by the GPU's SM count (`select_configs`). Under the Triton interpreter
+candidates are pruned by the GPU's SM count (kernels/_attention_tiles.py). Under the Triton interpreter
 (TRITON_INTERPRET=1) a single small config is used unless a test forces another, and bfloat16 dots are
 upcast to float32 there because the interpreter would multiply raw bit patterns.
 Memory: the forward saves q, k, v (the caller's views, not copies), O and the float32 lse per row.
@@ -43,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_tiles import autotuned, n_bucket
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
-from ._tuning import jit, tuned
+from ._tuning import jit
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 LOG2E = math.log2(math.e)
@@ -350,113 +351,17 @@ def _attn_bwd_dq(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(offs_m < N)[:, None])
 
 
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and precision. Few on purpose: each one the
-# prune keeps is one more compile at a cold start. 16-bit forward for ViT-Base (D=64, N=577/197) on
-# sm_80/sm_90: 128×64 tiles once B·H·cdiv(N, 128) programs fill the GPU, 64×64 at batch 1.
-# Backward tiles are smaller: each dK/dV program keeps two fp32 (BLOCK_N, D) accumulators plus K and V
-# in registers. float32 runs IEEE dots on the FMA units, where every thread holds whole head-dim rows of
-# both operands: only 16×16 tiles over 8 warps stay under 255 registers without spilling (sm_80/sm_90,
-# checked by tests/test_gpu_targets.py). Slow, but float32 is the parity path.
-_TILES = {
-    "fwd": {
-        "half": [(128, 64, 8, 3), (64, 64, 4, 3), (16, 16, 4, 1)],
-        "fp32": [(16, 16, 8, 1)],
-    },
-    "dkdv": {
-        "half": [(32, 128, 8, 2), (32, 64, 4, 3), (16, 16, 4, 1)],
-        "fp32": [(16, 16, 8, 2)],
-    },
-    "dq": {
-        "half": [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (16, 16, 4, 1)],
-        "fp32": [(16, 16, 8, 2)],
-    },
-}
-# The tile each program owns (its grid axis): queries for fwd/dq, keys for dK/dV.
-_OWNED = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
-_CONFIGS = {kind: [_config(*t) for t in dict.fromkeys(f["half"] + f["fp32"])] for kind, f in _TILES.items()}
-# The interpreter runs every program in Python: one mid-sized tile keeps tests fast and still makes
-# N=130/197/577 cross several key blocks (online-softmax rescaling) and end in a partial block.
-_INTERPRETER_CONFIG = _config(32, 32, 4, 1)
-# Per-block shared memory of A100, the smaller of the two targets (the compile checks hold every kept
-# tile to each GPU's real limit).
-_SMEM_BUDGET_BYTES = 166_912
-
-
-def select_configs(
-    kind: str, configs: list[triton.Config], n: int, head_dim: int, batch_heads: int, elem_bytes: int,
-    sm_count: int,
-) -> list[triton.Config]:  # fmt: skip
-    """The tiles worth benchmarking for kernel `kind` at sequence length n and B·H = batch_heads.
-
-    Only the dtype's family (16-bit or float32); tiles no wider than N's power-of-two bucket (else all
-    padding); then the two largest whose B·H·cdiv(N, owned tile) programs fill every SM once, or when
-    none does (batch 1) the two giving the most programs. Pure, for unit tests.
-    """
-    family = set(_TILES[kind]["fp32" if elem_bytes >= 4 else "half"])
-    bucket = _n_bucket(n)
-    fits = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if (bm, bn, c.num_warps, c.num_stages) not in family or bm > bucket or bn > bucket:
-            continue
-        if elem_bytes < 4 and bm * bn <= 16 * 16 and bucket > 32:  # the tiny 16-bit tile is for tiny N only
-            continue
-        if elem_bytes * head_dim * (bm + 2 * bn * max(c.num_stages, 1)) > _SMEM_BUDGET_BYTES:
-            continue
-        programs = batch_heads * triton.cdiv(n, c.kwargs[_OWNED[kind]])
-        fits.append((programs, bm * bn, c))
-    if not fits:
-        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    full = sorted((f for f in fits if f[0] >= sm_count), key=lambda f: (-f[1], f[0]))
-    partial = sorted((f for f in fits if f[0] < sm_count), key=lambda f: (-f[0], -f[1]))
-    return [f[2] for f in (full + partial)[:2]]
-
-
-def _sm_count(t: torch.Tensor) -> int:
-    try:
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        return triton.runtime.driver.active.utils.get_device_properties(index)["multiprocessor_count"]
-    except Exception:
-        return 108
-
-
-def _pruner(kind: str):
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        args = {**named_args, **kwargs}
-        q = args["Q"]
-        batch_heads = args["H"] * args["B_BUCKET"]
-        return select_configs(kind, configs, args["N"], args["HEAD_DIM"], batch_heads, q.element_size(), _sm_count(q))
-
-    return prune
-
-
-def _autotuned(kind: str, kernel) -> object:
-    # Triton appends every tensor argument's dtype to the key, so fp16/bf16/fp32 are tuned apart.
-    return tuned(
-        f"attention_{kind}", kernel, _CONFIGS[kind], key=["N_BUCKET", "HEAD_DIM", "B_BUCKET"],
-        prune=_pruner(kind), interpreter_config=_INTERPRETER_CONFIG,
-    )  # fmt: skip
-
-
-_attn_fwd_tuned = _autotuned("fwd", _attn_fwd)
-_attn_bwd_dkdv_tuned = _autotuned("dkdv", _attn_bwd_dkdv)
-_attn_bwd_dq_tuned = _autotuned("dq", _attn_bwd_dq)
+_attn_fwd_tuned = autotuned("fwd", _attn_fwd)
+_attn_bwd_dkdv_tuned = autotuned("dkdv", _attn_bwd_dkdv)
+_attn_bwd_dq_tuned = autotuned("dq", _attn_bwd_dq)
 _DELTA_BLOCK_M = 64
-
-
-def _n_bucket(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 def _dot_options(batch: int, n: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Arguments shared by the forward and backward kernels (all but N compile-time)."""
     return dict(
         N=n,
-        N_BUCKET=_n_bucket(n),
+        N_BUCKET=n_bucket(n),
         B_BUCKET=triton.next_power_of_2(batch),
         HEAD_DIM=head_dim,
         # fp32 must not silently run as TF32 (10-bit mantissa); fp16/bf16 ignore the setting.
@@ -534,54 +439,11 @@ def _backward(
     return dq, dk, dv
 
 
-# -- what the model launches, for offline compile checks and `vithybrid-fast warmup` (kernels/_offline.py) --
-
-
 def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
-    """The attention launches of the base checkpoint (N=577, 12 heads of 64), forward and backward.
+    """The attention launches of the base checkpoint, forward and backward (kernels/_attention_offline.py)."""
+    from ._attention_offline import attention_launches
 
-    q, k, v are the packed-QKV views `FastSelfAttention.attend_packed` passes; o and dO are token-major;
-    dQ/dK/dV contiguous — the strides Triton specializes on are the launcher's.
-    """
-    from ._offline import ARCHS, GPUS, HEADS, HIDDEN, TOKENS, Launch, TensorArg
-
-    n, heads, d = TOKENS, HEADS, HIDDEN // HEADS
-    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
-    elem = torch.empty((), dtype=dtype).element_size()
-    packed = (n * 3 * HIDDEN, d, 3 * HIDDEN, 1)  # (B, N, 3, H, D) viewed as (B, H, N, D)
-    token_major = (n * HIDDEN, d, HIDDEN, 1)
-    dense = (heads * n * d, n * d, d, 1)
-
-    def strides(prefix: str, values: tuple[int, ...]) -> dict[str, int]:
-        return {f"stride_{prefix}{axis}": v for axis, v in zip("bhnd", values)}
-
-    launches = []
-    for batch in batches:
-        opts = _dot_options(batch, n, d, dtype)
-        opts["DOT_UPCAST"] = False
-
-        def configs(kind: str, batch: int = batch) -> list[triton.Config]:
-            kept: dict[str, triton.Config] = {}
-            for a in [arch] if arch is not None else list(ARCHS.values()):
-                sm_count = GPUS[a][0]
-                for c in select_configs(kind, _CONFIGS[kind], n, d, batch * heads, elem, sm_count):
-                    kept[repr(c)] = c
-            return list(kept.values())
-
-        qkv = {**strides("q", packed), **strides("k", packed), **strides("v", packed)}
-        fwd = dict(Q=t, K=t, V=t, O=t, LSE=f32, **qkv, **strides("o", token_major), H=heads,
-                   qk_scale=d**-0.5 * LOG2E, **opts)  # fmt: skip
-        launches.append(Launch("attention forward", _attn_fwd_tuned, fwd, configs("fwd")))
-        delta = dict(O=t, DO=t, DELTA=f32, **strides("o", token_major), **strides("do", token_major), H=heads, N=n,
-                     HEAD_DIM=d, BLOCK_M=_DELTA_BLOCK_M)  # fmt: skip
-        launches.append(Launch("attention backward delta", _attn_bwd_delta, delta, [triton.Config({})], "backward"))
-        bwd = dict(Q=t, K=t, V=t, DO=t, LSE=f32, DELTA=f32, **qkv, **strides("do", token_major),
-                   **strides("g", dense), H=heads, qk_scale=d**-0.5 * LOG2E, sm_scale=d**-0.5, **opts)  # fmt: skip
-        launches.append(Launch("attention backward dk/dv", _attn_bwd_dkdv_tuned, dict(DK=t, DV=t, **bwd),
-                               configs("dkdv"), "backward"))  # fmt: skip
-        launches.append(Launch("attention backward dq", _attn_bwd_dq_tuned, dict(DQ=t, **bwd), configs("dq"),
-                               "backward"))  # fmt: skip
-    return launches
+    return attention_launches(dtype, batches, arch)
 
 
 # Custom ops: torch.compile sees one opaque node per call (no graph break) and never traces the launch.

@@ -26,7 +26,7 @@ Epilogue (float32, one store in x.dtype): + bias, exact erf GELU, + residual.
 
 Compiles: M and K are runtime arguments (M unspecialized), so each epilogue (qkv, out-proj/fc2, fc1)
 compiles once per tile for every batch and width; tiles are autotuned per (M bucket, N, K, epilogue)
-among `select_configs`' candidates, through kernels/_tuning.py (per-GPU tables, per-user cache).
+among the candidates kernels/_fused_linear_tiles.py keeps, through kernels/_tuning.py (per-GPU tables, per-user cache).
 
 Numerics: float16/bfloat16 use tensor cores with float32 accumulation; float32 uses
 `input_precision="ieee"` (never silent TF32). Any M, N, K: edges are masked. Autograd: forward runs the
@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fused_linear_tiles import GPU_CONFIGS, INTERPRETER_CONFIG, prune_configs
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 from ._tuning import jit, tuned
 
@@ -246,82 +247,20 @@ def _fused_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Few tiles on purpose: every distinct epilogue
-# (qkv, out-proj/fc2, fc1) compiles each tile the prune keeps, and a cold start pays for all of them.
-# 16-bit: 128×128 for the large batches (M = 577·B ≥ 4616 fills the 108/132 SMs), 64×64 for batch 1-2
-# where bigger tiles would leave most SMs idle. (A 128×64 tile in between cost 3 more compiles at a cold
-# start, over the 60 s budget on a loaded 2-core machine.)
-_HALF_TILES = [
-    (128, 128, 64, 8, 3),
-    (64, 64, 64, 4, 4),
-]
-# float32 (IEEE dots on the FMA units, no tensor cores): small tiles, so nothing spills to local memory.
-_FP32_TILES = [
-    (64, 64, 32, 4, 2),
-    (32, 64, 32, 4, 2),
-]
-
-
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages
-    )
-
-
-GPU_CONFIGS = [_config(*t) for t in _HALF_TILES + _FP32_TILES]
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)
-SM80_SHARED = 166_912  # A100's per-block maximum: the floor when the device cannot be asked
-
-
-def select_configs(
-    configs: Sequence[triton.Config], m: int, n: int, elem_bytes: int, sm_count: int, smem: int = SM80_SHARED
-) -> list[triton.Config]:
-    """The tiles worth benchmarking for an (m × n) output on a GPU with `sm_count` SMs.
-
-    float32 gets only the float32 tiles, 16-bit only the tensor-core ones. Of the tiles whose pipelined
-    A/B stages fit `smem`, keep the two largest that still give every SM a tile (one full wave),
-    topped up (batch 1, narrow N) with those giving the most tiles. Pure, for unit tests.
-    """
-    shapes = set(_FP32_TILES if elem_bytes >= 4 else _HALF_TILES)
-    fits = []
-    for cfg in configs:
-        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        if (bm, bn, bk, cfg.num_warps, cfg.num_stages) not in shapes:
-            continue
-        if (bm + bn) * bk * elem_bytes * max(cfg.num_stages, 1) > smem:
-            continue
-        fits.append((triton.cdiv(m, bm) * triton.cdiv(n, bn), bm * bn, cfg))
-    if not fits:
-        return list(configs[-1:])
-    full = sorted((f for f in fits if f[0] >= sm_count), key=lambda f: (-f[1], f[0]))
-    partial = sorted((f for f in fits if f[0] < sm_count), key=lambda f: (-f[0], -f[1]))
-    return [f[2] for f in (full + partial)[:2]]
-
-
-def _device_limits(t: torch.Tensor) -> tuple[int, int]:
-    """(SM count, per-block shared memory) of t's GPU."""
-    try:
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        props = triton.runtime.driver.active.utils.get_device_properties(index)
-        return props["multiprocessor_count"], props["max_shared_mem"]
-    except Exception:
-        return 108, SM80_SHARED
-
-
-def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    x = named_args["x_ptr"]
-    sm_count, smem = _device_limits(x)
-    return select_configs(configs, named_args["M"], named_args["N"], x.element_size(), sm_count, smem)
-
-
 _fused_linear_tuned = tuned(
     "fused_linear",
     triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_linear_kernel),
     configs=GPU_CONFIGS,
     key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_LN", "ACTIVATION", "HAS_RESIDUAL"],  # + tensor dtypes
-    prune=_prune_configs,
-    interpreter_config=_INTERPRETER_CONFIG,
+    prune=prune_configs,
+    interpreter_config=INTERPRETER_CONFIG,
 )
+
+
+def _stats_block(k: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) of the stats kernel: a whole ViT row (768) in one chunk, ~4K elements/program."""
+    block_k = min(triton.next_power_of_2(k), 4096)
+    return max(1, min(64, 4096 // block_k)), block_k
 
 
 def launch_layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,62 +323,10 @@ def launch_fused_linear(
 # -- what the model launches, for offline compile checks and `vithybrid-fast warmup` (kernels/_offline.py) --
 
 
-def _stats_block(k: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_K) of the stats kernel: a whole ViT row (768) in one chunk, ~4K elements/program."""
-    block_k = min(triton.next_power_of_2(k), 4096)
-    return max(1, min(64, 4096 // block_k)), block_k
-
-
-def stats_launch(dtype: torch.dtype, m: int, k: int, phase: str = "forward"):
-    from ._offline import Launch, TensorArg
-
-    block_m, block_k = _stats_block(k)
-    args = dict(x_ptr=TensorArg(dtype), mean_ptr=TensorArg(torch.float32), rstd_ptr=TensorArg(torch.float32),
-                M=m, K=k, stride_xm=k, stride_xk=1, eps=1e-12, BLOCK_M=block_m, BLOCK_K=block_k)  # fmt: skip
-    return Launch(f"layer_norm_stats K={k}", _layer_norm_stats_kernel, args, [triton.Config({})], phase)
-
-
-def gemm_launch(
-    name: str, dtype: torch.dtype, m: int, n: int, k: int, *, bias: bool = True, ln: bool = False,
-    activation: str | None = None, residual: bool = False, arch: int | None = None, phase: str = "forward",
-):  # fmt: skip
-    """One `launch_fused_linear` call on contiguous (m, k) x and (n, k) weight, as the launcher passes it."""
-    from ._offline import ARCHS, GPUS, Launch, TensorArg
-
-    t, f32 = TensorArg(dtype), TensorArg(torch.float32)
-    args = dict(
-        x_ptr=t, w_ptr=t, bias_ptr=t, mean_ptr=f32 if ln else t, rstd_ptr=f32 if ln else t, ln_w_ptr=t, ln_b_ptr=t,
-        res_ptr=t, out_ptr=t, M=m, N=n, K=k, M_BUCKET=triton.next_power_of_2(m),
-        stride_xm=k, stride_xk=1, stride_wn=k, stride_wk=1, stride_rm=n, stride_rn=1, stride_om=n, stride_on=1,
-        HAS_BIAS=bias, HAS_LN=ln, ACTIVATION=activation or "", HAS_RESIDUAL=residual,
-        IEEE_FP32=dtype == torch.float32, DOT_IN_FP32=False,
-    )  # fmt: skip
-    elem = torch.empty((), dtype=dtype).element_size()
-    chosen: dict[str, triton.Config] = {}
-    for a in [arch] if arch is not None else list(ARCHS.values()):
-        sm_count, smem = GPUS[a]
-        for cfg in select_configs(_fused_linear_tuned.configs, m, n, elem, sm_count, smem):
-            chosen[repr(cfg)] = cfg
-    return Launch(name, _fused_linear_tuned, args, list(chosen.values()), phase)
-
-
-def vit_layer_gemms(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
-    """The four GEMMs (+ stats) of every ViT encoder layer of the base checkpoint, per batch."""
-    from ._offline import HIDDEN, TOKENS
-
-    launches = []
-    for batch in batches:
-        m = TOKENS * batch
-        launches += [
-            stats_launch(dtype, m, HIDDEN),
-            gemm_launch("fused_linear qkv", dtype, m, 3 * HIDDEN, HIDDEN, ln=True, arch=arch),
-            gemm_launch("fused_linear out-proj", dtype, m, HIDDEN, HIDDEN, residual=True, arch=arch),
-        ]
-    return launches
-
-
 def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
-    """fused_linear's launches in the model (the MLP's are listed by kernels/layer_norm_mlp.py)."""
+    """fused_linear's launches in the model (kernels/_fused_linear_offline.py; the MLP's are layer_norm_mlp's)."""
+    from ._fused_linear_offline import vit_layer_gemms
+
     return vit_layer_gemms(dtype, batches, arch)
 
 

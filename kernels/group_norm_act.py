@@ -40,15 +40,13 @@ model calling it without a graph break. No double backward.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._group_norm_act_plan import cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
-from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
+from ._runtime import check_launchable, device_limits, interpreter_enabled, needs_registered_op
 from ._tuning import jit
 
 ACTIVATIONS = ("relu", None)
@@ -245,9 +243,8 @@ def _gn_apply_grouped(
     )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return device_limits(device)[0]
 
 
 # Tests' hooks: force a forward path ("single", "loop" or "split"; None: the plan chooses), and run the

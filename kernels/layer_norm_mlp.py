@@ -30,14 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from ._runtime import needs_registered_op
-from .fused_linear import (
-    check_linear_inputs,
-    gemm_launch,
-    launch_fused_linear,
-    launch_layer_norm_stats,
-    reference_grads,
-    stats_launch,
-)
+from .fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
 
 
 def reference(
@@ -84,6 +77,7 @@ def _forward(
 
 def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
     """The MLP block's three launches at the base checkpoint's shapes (for kernels/_offline.py)."""
+    from ._fused_linear_offline import gemm_launch, stats_launch
     from ._offline import HIDDEN, MLP, TOKENS
 
     launches = []

@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tolerance import assert_close_to_reference
+from vithybrid_fast.kernels import _attention_tiles as tiles
 from vithybrid_fast.kernels import attention
 from vithybrid_fast.kernels.attention import flash_attention, reference
 
@@ -271,13 +272,13 @@ def test_reference_matches_sdpa():
 def test_gpu_config_pruning(n, elem_bytes, kind, sm_count):
     # Pure Python: the GPU autotune space, pruned per N bucket, is never empty, never all padding,
     # holds at most two candidates, and only the dtype's own family (fp32 never gets the big tiles).
-    all_configs = attention._CONFIGS[kind]
-    family = set(attention._TILES[kind]["fp32" if elem_bytes == 4 else "half"])
+    all_configs = tiles.CONFIGS[kind]
+    family = set(tiles.TILES[kind]["fp32" if elem_bytes == 4 else "half"])
     for head_dim in attention.SUPPORTED_HEAD_DIMS:
         for batch in (1, 2, 8, 64, 128):
-            kept = attention.select_configs(kind, all_configs, n, head_dim, batch * 12, elem_bytes, sm_count)
+            kept = tiles.select_configs(kind, all_configs, n, head_dim, batch * 12, elem_bytes, sm_count)
             assert 1 <= len(kept) <= 2 and set(map(id, kept)) <= set(map(id, all_configs))
-            assert all(c.kwargs["BLOCK_M"] <= max(16, attention._n_bucket(n)) for c in kept)
+            assert all(c.kwargs["BLOCK_M"] <= max(16, tiles.n_bucket(n)) for c in kept)
             assert all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family for c in kept)
 
 
@@ -288,7 +289,7 @@ def test_gpu_config_pruning(n, elem_bytes, kind, sm_count):
 ])  # fmt: skip
 def test_forward_prune_follows_the_batch(batch, sm_count, expected):
     # The batch bucket is part of the autotune key, so batch 1 and batch 64 get different candidates.
-    kept = attention.select_configs("fwd", attention._CONFIGS["fwd"], 577, 64, batch * 12, 2, sm_count)
+    kept = tiles.select_configs("fwd", tiles.CONFIGS["fwd"], 577, 64, batch * 12, 2, sm_count)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == expected
 
 
@@ -317,10 +318,10 @@ def test_opcheck_token_major_output(device):
 # unwritten tail) would pass here and break on a GPU. Each config the GPU autotuner can choose runs once,
 # forced, at lengths hitting a single partial block (1, 63), exact blocks (64) and a 1-row tail (65).
 def _forced_cases():
-    for kind, configs in attention._CONFIGS.items():
+    for kind, configs in tiles.CONFIGS.items():
         for cfg in configs:
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            is_fp32 = (bm, bn, cfg.num_warps, cfg.num_stages) in attention._TILES[kind]["fp32"]
+            is_fp32 = (bm, bn, cfg.num_warps, cfg.num_stages) in tiles.TILES[kind]["fp32"]
             yield pytest.param(
                 kind,
                 cfg,
@@ -355,8 +356,8 @@ def test_forced_configs_at_the_model_length(device):
     from vithybrid_fast.kernels._tuning import force_config
 
     def biggest(kind):
-        t = max(attention._TILES[kind]["half"], key=lambda t: t[0] * t[1])
-        return next(c for c in attention._CONFIGS[kind] if (*c.kwargs.values(), c.num_warps, c.num_stages) == t)
+        t = max(tiles.TILES[kind]["half"], key=lambda t: t[0] * t[1])
+        return next(c for c in tiles.CONFIGS[kind] if (*c.kwargs.values(), c.num_warps, c.num_stages) == t)
 
     forced = [force_config(f"attention_{kind}", biggest(kind)) for kind in ("fwd", "dkdv", "dq")]
     with forced[0], forced[1], forced[2]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tolerance import assert_close_to_reference
+from vithybrid_fast.kernels import _fused_linear_tiles as fl_tiles
 from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats, reference, reference_layer_norm_stats
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -207,11 +208,10 @@ def test_bad_inputs_raise_clear_errors(device):
 # (M=65, N=65), K not a multiple of BLOCK_K (48, 80), and the ViT row count 577 — with the LN
 # prologue, GELU and residual epilogue all on, so each masked path runs.
 def _forced_cases():
-    from vithybrid_fast.kernels import fused_linear as fl
 
-    for cfg in fl.GPU_CONFIGS:
+    for cfg in fl_tiles.GPU_CONFIGS:
         tile = (*(cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), cfg.num_warps, cfg.num_stages)
-        dtype = torch.float32 if tile in fl._FP32_TILES else torch.float16
+        dtype = torch.float32 if tile in fl_tiles.FP32_TILES else torch.float16
         yield pytest.param(cfg, dtype, id="x".join(map(str, tile[:3])) + f"-w{tile[3]}-s{tile[4]}")
 
 
@@ -244,12 +244,11 @@ A100, H100 = (108, 166_912), (132, 232_448)
 @pytest.mark.parametrize(("n", "k"), [(2304, 768), (768, 768), (3072, 768), (768, 3072)])
 @pytest.mark.parametrize("elem_bytes", [2, 4], ids=["16bit", "fp32"])
 def test_prune_keeps_two_fitting_tiles_of_the_dtype(gpu, batch, n, k, elem_bytes):
-    from vithybrid_fast.kernels import fused_linear as fl
 
     sm_count, smem = gpu
     m = 577 * batch
-    kept = fl.select_configs(fl.GPU_CONFIGS, m, n, elem_bytes, sm_count, smem)
-    family = fl._FP32_TILES if elem_bytes == 4 else fl._HALF_TILES
+    kept = fl_tiles.select_configs(fl_tiles.GPU_CONFIGS, m, n, elem_bytes, sm_count, smem)
+    family = fl_tiles.FP32_TILES if elem_bytes == 4 else fl_tiles.HALF_TILES
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in kept]
     assert 1 <= len(kept) <= 2 and all(t in family for t in tiles)
     assert all((bm + bn) * bk * elem_bytes * stages <= smem for bm, bn, bk, _, stages in tiles)
@@ -262,17 +261,16 @@ def test_prune_keeps_two_fitting_tiles_of_the_dtype(gpu, batch, n, k, elem_bytes
 def test_prune_at_batch_one_prefers_more_tiles(gpu):
     # 577 × 768 at batch 1: even 64×64 gives only 10·12 = 120 tiles (< 132 SMs on an H100): the tile
     # with the most programs comes first.
-    from vithybrid_fast.kernels import fused_linear as fl
 
-    kept = fl.select_configs(fl.GPU_CONFIGS, 577, 768, 2, *gpu)
+    kept = fl_tiles.select_configs(fl_tiles.GPU_CONFIGS, 577, 768, 2, *gpu)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == [(64, 64), (128, 128)]
 
 
 def test_prune_function_reads_the_tensor_dtype():
     # The autotuner's hook: named args as Triton passes them; no GPU here, so A100 figures are assumed.
-    from vithybrid_fast.kernels import fused_linear as fl
 
-    for dtype, family in [(torch.float32, fl._FP32_TILES), (torch.bfloat16, fl._HALF_TILES)]:
-        kept = fl._prune_configs(fl.GPU_CONFIGS, {"x_ptr": torch.empty(0, dtype=dtype), "M": 577 * 64, "N": 3072})
+    for dtype, family in [(torch.float32, fl_tiles.FP32_TILES), (torch.bfloat16, fl_tiles.HALF_TILES)]:
+        named_args = {"x_ptr": torch.empty(0, dtype=dtype), "M": 577 * 64, "N": 3072}
+        kept = fl_tiles.prune_configs(fl_tiles.GPU_CONFIGS, named_args)
         assert kept and all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                              c.num_stages) in family for c in kept)  # fmt: skip
