@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         "--from-jsonl", nargs="+", type=Path, metavar="FILE", help="measure nothing: report these records"
     )
     parser.add_argument(
+        "--source-digest",
+        action="store_true",
+        help="measure nothing: print the digest of this copy's sources that every record carries as 'source'",
+    )
+    parser.add_argument(
         "--warm-caches",
         action="store_true",
         help="keep Inductor/Triton on-disk caches (default: fresh ones, so first-call times are cold starts)",
@@ -202,6 +207,11 @@ def _measure(args: argparse.Namespace, device: str, keep: Callable[[dict], None]
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    if args.source_digest:
+        from .common import source_digest
+
+        print(source_digest())
+        return 0
     if args.from_jsonl:
         from .common import read_records
 

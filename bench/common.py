@@ -8,6 +8,7 @@ hardware and software it was measured with, so no number travels without its con
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import platform
 import statistics
@@ -22,13 +23,49 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """The checkout's short commit, with "-dirty" when its files differ from that commit ("unknown" outside git).
+
+    A copied tree can carry stale git metadata (the GPU machines' did): "-dirty" then says the commit alone
+    does not name the code, and `source_digest` does."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=10,
+        )  # fmt: skip
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+# The code a benchmark runs, as the wheel ships it (pyproject's packages and package-data): the package
+# sources and the tuned-config tables; not bench/results or anything else a checkout holds beside them.
+_SOURCE_GLOBS = {
+    "vithybrid_fast": ("*.py", "data/*.json"),
+    "vithybrid_fast.kernels": ("*.py", "configs/*.json"),
+    "vithybrid_fast.bench": ("*.py", "gpu_session.sh"),
+}
+
+
+def source_digest() -> str:
+    """12 hex digits of SHA-256 over the package's shipped source files (names within their package, bytes).
+
+    The same for an editable checkout and the installed wheel of one tree, whatever the git metadata says:
+    `python -m vithybrid_fast.bench --source-digest` in a checkout tells whether a record came from it.
+    """
+    import vithybrid_fast.kernels
+
+    roots = {
+        "vithybrid_fast": Path(vithybrid_fast.__file__).parent,
+        "vithybrid_fast.kernels": Path(vithybrid_fast.kernels.__file__).parent,
+        "vithybrid_fast.bench": Path(__file__).parent,
+    }
+    digest = hashlib.sha256()
+    for package, root in sorted(roots.items()):
+        files = sorted({path for pattern in _SOURCE_GLOBS[package] for path in root.glob(pattern) if path.is_file()})
+        for path in files:
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def device_name(device: torch.device | str) -> str:
@@ -39,7 +76,7 @@ def device_name(device: torch.device | str) -> str:
 
 
 def environment(device: torch.device | str) -> dict:
-    """Fields every record carries: gpu, torch, triton, commit, date."""
+    """Fields every record carries: gpu, torch, triton, cuda, cudnn, commit, source (digest), date."""
     try:
         import triton
 
@@ -53,6 +90,7 @@ def environment(device: torch.device | str) -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "commit": git_commit(),
+        "source": source_digest(),
         "date": datetime.date.today().isoformat(),
     }
 

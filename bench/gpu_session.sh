@@ -62,7 +62,9 @@ setup() {
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    git rev-parse --short HEAD 2>/dev/null || true
+    # the commit may be stale on a copied tree ("-dirty" says so); the digest names the code that ran
+    echo "commit $(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)"
+    echo "source $("$PYTHON" -m vithybrid_fast.bench --source-digest)"
   } >"$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
 }

@@ -105,7 +105,8 @@ def markdown(records: list[Record]) -> str:
     lines.append(
         f"- versions: torch {_values(records, 'torch')}, triton {_values(records, 'triton')}, "
         f"CUDA {_values(records, 'cuda')}, cuDNN {_values(records, 'cudnn')}, "
-        f"transformers {_values(records, 'transformers')}, commit {_values(records, 'commit')}"
+        f"transformers {_values(records, 'transformers')}, commit {_values(records, 'commit')} "
+        f"(source {_values(records, 'source')})"
     )
     if e2e:
         gflop = next((r["gflop_per_image"] for r in e2e if r.get("gflop_per_image")), None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = ("provider", "batch", "dtype", "ms_median", "images_per_s", "gpu", "torch", "triton", "commit")
+REQUIRED = ("provider", "batch", "dtype", "ms_median", "images_per_s", "gpu", "torch", "triton", "commit", "source")
 GPU_PROVIDERS = (
     "compile-default",
     "compile-max-autotune",
@@ -230,6 +231,25 @@ def test_from_jsonl_rebuilds_the_report(tmp_path, capsys):
         main(["--from-jsonl", str(part1), "--output-dir", str(tmp_path / "report")])
 
 
+def test_records_name_their_source_and_the_digest_follows_the_files(cpu_run, tmp_path, monkeypatch, capsys):
+    from vithybrid_fast.bench import common
+    from vithybrid_fast.bench.__main__ import main as bench_main
+
+    out, _ = cpu_run
+    digest = common.source_digest()
+    assert len(digest) == 12 and int(digest, 16) >= 0
+    assert {r["source"] for r in _records(out)} == {digest}
+    assert bench_main(["--source-digest"]) == 0
+    assert capsys.readouterr().out.strip() == digest
+    # A copy of the bench package with one byte changed has another digest; the copy as it is, the same.
+    copy = tmp_path / "bench"
+    shutil.copytree(Path(common.__file__).parent, copy, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    monkeypatch.setattr(common, "__file__", str(copy / "common.py"))
+    assert common.source_digest() == digest
+    (copy / "e2e.py").write_text((copy / "e2e.py").read_text() + "\n")
+    assert common.source_digest() != digest
+
+
 def test_output_dir_defaults_under_the_current_directory():
     from vithybrid_fast.bench.__main__ import parse_args
 
@@ -270,6 +290,9 @@ def test_gpu_session_step_dry_run_on_a_cpu(tmp_path):
     (jsonl,) = (out / "e2e-float32").glob("*.jsonl")  # each bench step in its own folder: reports share names
     assert _records(out / "e2e-float32") == [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert "| ref-eager |" in (out / "e2e-float32.log").read_text()
+    from vithybrid_fast.bench.common import source_digest
+
+    assert f"source {source_digest()}" in (out / "env.txt").read_text().splitlines()  # names the code that ran
     unknown = subprocess.run(["bash", "bench/gpu_session.sh", "step", "nope"], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert unknown.returncode == 2 and "steps: doctor tests-kernels" in unknown.stderr

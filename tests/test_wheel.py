@@ -9,6 +9,7 @@ can come from the source tree. Hugging Face's own `kernels` distribution (instal
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,11 +21,39 @@ ROOT = Path(__file__).resolve().parent.parent
 HF_KERNELS = ROOT / ".venv" / "hf-kernels"
 
 
+def _checkout_copy(dest: Path) -> Path:
+    """The files git would commit (tracked, plus untracked ones it does not ignore), copied to `dest`.
+
+    Built in place, setuptools reuses the checkout's build/ folder, which still holds files deleted since
+    (a removed bench/test_bench_pytest.py was once shipped that way); a fresh clone has none.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True,
+        timeout=60, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():  # a deleted but still tracked file is listed too
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
+def _package_sources() -> set[str]:
+    """The .py files the three packages hold in this checkout, named as inside vithybrid_fast/ of the wheel."""
+    found = {p.relative_to(ROOT / "vithybrid_fast").as_posix() for p in (ROOT / "vithybrid_fast").glob("*.py")}
+    for folder in ("kernels", "bench"):
+        found |= {f"{folder}/{p.name}" for p in (ROOT / folder).glob("*.py")}
+    return found
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
+    source = _checkout_copy(tmp_path_factory.mktemp("source"))
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(dist)],
         capture_output=True, text=True, timeout=300, cwd=dist,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -57,6 +86,9 @@ def test_wheel_ships_data_and_namespaced_packages(wheel):
     assert {"vithybrid_fast/kernels/attention.py", "vithybrid_fast/bench/__main__.py"} <= names
     top_level = {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name}
     assert top_level == {"vithybrid_fast"}, top_level  # no top-level kernels/ or bench/
+    packaged_py = {n for n in names if n.endswith(".py")}
+    tracked_py = {f"vithybrid_fast/{n}" for n in _package_sources()}
+    assert packaged_py == tracked_py, packaged_py ^ tracked_py  # nothing stale, nothing missing
 
 
 def test_installed_copy_builds_the_base_config_and_classifies(site, tmp_path):
@@ -83,6 +115,15 @@ sys.exit(main(["classify", str(sample_image_path()), "--model", "ckpt", "--kerne
     lines = out.stdout.splitlines()
     assert lines[0].endswith("grace_hopper.jpg") and len(lines) == 3
     assert all(0 <= float(line.split()[0]) <= 1 for line in lines[1:])
+
+
+def test_installed_copy_has_the_checkouts_source_digest(site, tmp_path):
+    # Benchmark records carry this digest so a result names its code even where git metadata is stale.
+    from vithybrid_fast.bench.common import source_digest
+
+    out = run_installed(site, "from vithybrid_fast.bench.common import source_digest; print(source_digest())", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == source_digest()
 
 
 def test_installed_console_script_runs_the_demo(site, tmp_path):
