@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import RecordLog, environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
+from .common import (
+    RecordLog,
+    environment,
+    first_call_ms,
+    measured_peak_matmul_tflops,
+    print_and_save,
+    skip_without_cuda,
+    time_fn,
+)
 
 HEADS, SEQ_LEN, HEAD_DIM = 12, 577, 64
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
@@ -80,9 +88,7 @@ def run(
     """Time every provider at (B, 12, 577, 64) for each batch and dtype; [] without a CUDA device.
 
     `on_record` receives each record as soon as it is measured."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        print(f"bench_attention: skipped, needs a CUDA GPU (device={device!r}, cuda available: "
-              f"{torch.cuda.is_available()})")  # fmt: skip
+    if skip_without_cuda("bench_attention", device):
         return []
     env = environment(device)
     providers = _providers()

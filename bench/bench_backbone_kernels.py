@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import RecordLog, environment, first_call_ms, measured_hbm_gbps, print_and_save, time_fn
+from .common import RecordLog, environment, first_call_ms, measured_hbm_gbps, print_and_save, skip_without_cuda, time_fn
 
 # (out, in, kh, kw) of every distinct conv weight -> how many convs of the backbone have it (52 in all).
 CONV_WEIGHTS = {
@@ -156,9 +156,7 @@ def run(
     """All records (one per provider × case × dtype); [] with a printed reason where there is no CUDA GPU.
 
     `on_record` receives each record as soon as it is measured."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        print(f"bench_backbone_kernels: skipped, needs a CUDA GPU (device={device!r}, "
-              f"cuda available: {torch.cuda.is_available()})")  # fmt: skip
+    if skip_without_cuda("bench_backbone_kernels", device):
         return []
     hbm_gbps = measured_hbm_gbps(device)
     env = environment(device)

@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import RecordLog, environment, first_call_ms, measured_peak_matmul_tflops, print_and_save, time_fn
+from .common import (
+    RecordLog,
+    environment,
+    first_call_ms,
+    measured_peak_matmul_tflops,
+    print_and_save,
+    skip_without_cuda,
+    time_fn,
+)
 
 TOKENS = 577
 D, HIDDEN = 768, 3072
@@ -61,9 +69,7 @@ def run(
     """Time every provider at each (dtype, batch); one record per measurement ([] without CUDA).
 
     `on_record` receives each record as soon as it is measured."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        print(f"bench_layer_norm_mlp: needs a CUDA GPU (device={device!r}, cuda available: "
-              f"{torch.cuda.is_available()}); the Triton interpreter is far too slow to time.")  # fmt: skip
+    if skip_without_cuda("bench_layer_norm_mlp", device):
         return []
     env = environment(device)
     records: list[dict] = []

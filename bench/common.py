@@ -68,6 +68,14 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
+def skip_without_cuda(bench: str, device: torch.device | str) -> bool:
+    """Whether a GPU-only benchmark must skip on `device`; if so, it says why (the interpreter is far too slow)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return False
+    print(f"{bench}: skipped, needs a CUDA GPU (device={str(device)!r}, cuda available: {torch.cuda.is_available()})")
+    return True
+
+
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":

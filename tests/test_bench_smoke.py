@@ -337,3 +337,12 @@ def test_fused_linear_tile_sweep_checks_then_ranks():
     assert tiles and all("error" not in r and r["ms"] > 0 and r["err"] < 0.1 for r in tiles), tiles
     table = sweep.ranking(rows).splitlines()
     assert len(table) == 2 + 4 and all("triton 32x32x32" in line for line in table[2:])
+
+
+@pytest.mark.parametrize("bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels"])
+def test_gpu_only_kernel_benchmarks_skip_on_a_cpu_and_say_why(bench, capsys):
+    import importlib
+
+    module = importlib.import_module(f"vithybrid_fast.bench.{bench}")
+    assert module.run("cpu", batches=(1,), dtypes=("float16",)) == []
+    assert capsys.readouterr().out.startswith(f"{bench}: skipped, needs a CUDA GPU (device='cpu'")
