@@ -1,4 +1,4 @@
-"""flash attention's launches at the base checkpoint's shapes, for `attention.offline_launches`.
+"""flash attention's launches at the base checkpoint's shapes, for the offline compile checks (kernels/_offline.py).
 
 Each launch carries the kernel the launcher calls, every argument as the launcher passes it (strides
 included: Triton specializes on them) and the tiles the prune keeps for each GPU of kernels/_offline.py.
@@ -22,7 +22,7 @@ from .attention import (
 )
 
 
-def attention_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list[Launch]:
+def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list[Launch]:
     """The attention launches of the base checkpoint (N=577, 12 heads of 64), forward and backward.
 
     q, k, v are the packed-QKV views `FastSelfAttention.attend_packed` passes; o and dO are token-major;

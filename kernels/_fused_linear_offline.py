@@ -1,4 +1,4 @@
-"""fused_linear's launches at the base checkpoint's shapes, for the offline compile checks and `warmup`.
+"""fused_linear's launches at the base checkpoint's shapes, for the offline checks and `warmup` (kernels/_offline.py).
 
 Arguments are passed as `launch_layer_norm_stats` / `launch_fused_linear` pass them (contiguous rows),
 with the tiles the prune keeps for each GPU of kernels/_offline.py. kernels/layer_norm_mlp.py builds the
@@ -57,3 +57,8 @@ def vit_layer_gemms(dtype: torch.dtype, batches: Sequence[int], arch: int | None
             gemm_launch("fused_linear out-proj", dtype, m, HIDDEN, HIDDEN, residual=True, arch=arch),
         ]
     return launches
+
+
+def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list[Launch]:
+    """fused_linear's launches in the model's attention blocks (the MLP's are layer_norm_mlp's)."""
+    return vit_layer_gemms(dtype, batches, arch)

@@ -1,4 +1,4 @@
-"""group_norm_act's launches at the base checkpoint's shapes, for `group_norm_act.offline_launches`.
+"""group_norm_act's launches at the base checkpoint's shapes, for the offline compile checks (kernels/_offline.py).
 
 Paths, grids and loop counts come from the same plan the launcher uses (kernels/_group_norm_act_plan.py),
 for the SM count of each GPU in kernels/_offline.py; the flat NCHW kernels and the backward reduction
@@ -149,3 +149,12 @@ def channels_last_launches(dtype: torch.dtype, batches: list[int], arch: int | N
                             Launch(f"group_norm_act channels-last {label}", kernel, args, configs, CHANNELS_LAST_PHASE)
                         )
     return launches
+
+
+def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
+    """Every launch of the base checkpoint's 52 GroupNorms, built from the same plans as the launcher's.
+
+    NCHW, as the model runs by default, forward (inference) and backward; then the opt-in channels-last
+    forward, which a default run never compiles, under the phase "channels_last".
+    """
+    return backbone_launches(dtype, batches, arch) + channels_last_launches(dtype, batches, arch)

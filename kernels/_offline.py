@@ -1,6 +1,7 @@
 """Compile our Triton kernels for a GPU without one: resource checks in CI and `vithybrid-fast warmup`.
 
-Each kernel module lists the launches the model makes, at its real shapes, as `Launch` records:
+Each kernel module, or its `_<kernel>_offline.py` sibling, lists the launches the model makes, at its real
+shapes, as `Launch` records:
 
     def offline_launches(dtype: torch.dtype, batches: Sequence[int]) -> list[Launch]: ...
 
@@ -328,13 +329,12 @@ def uncovered_kernels(launches: Sequence[Launch]) -> list[str]:
 
 def tf32_probe() -> dict[str, bool]:
     """Does the TF32 detector see a float32 GEMM compiled with TF32 (and not one compiled IEEE)?"""
-    from ._fused_linear_offline import gemm_launch
-
+    launches = collect_launches([torch.float32], [1], ("forward",), arch=80)
+    gemm = next(launch for launch in launches if launch.name == "fused_linear out-proj")  # 577×768×768
     found = {}
     for precision, ieee in (("ieee", True), ("tf32", False)):
-        launch = gemm_launch("tf32 probe", torch.float32, 577, 768, 768, arch=80)
-        launch.args["IEEE_FP32"] = ieee
-        found[precision] = compile_launch(launch, launch.configs[0], 80)[0].tf32_mma
+        probe = dataclasses.replace(gemm, name=f"tf32 probe ({precision})", args={**gemm.args, "IEEE_FP32": ieee})
+        found[precision] = compile_launch(probe, probe.configs[0], 80)[0].tf32_mma
     return found
 
 

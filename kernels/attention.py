@@ -439,13 +439,6 @@ def _backward(
     return dq, dk, dv
 
 
-def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
-    """The attention launches of the base checkpoint, forward and backward (kernels/_attention_offline.py)."""
-    from ._attention_offline import attention_launches
-
-    return attention_launches(dtype, batches, arch)
-
-
 # Custom ops: torch.compile sees one opaque node per call (no graph break) and never traces the launch.
 # (`torch.library.triton_op` + `wrap_triton` would let Inductor see the kernels, but under
 # TRITON_INTERPRET=1 wrap_triton returns the raw interpreted kernel, which then runs on FakeTensors

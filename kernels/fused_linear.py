@@ -320,16 +320,6 @@ def launch_fused_linear(
     return out.reshape(*x.shape[:-1], n)
 
 
-# -- what the model launches, for offline compile checks and `vithybrid-fast warmup` (kernels/_offline.py) --
-
-
-def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | None = None) -> list:
-    """fused_linear's launches in the model (kernels/_fused_linear_offline.py; the MLP's are layer_norm_mlp's)."""
-    from ._fused_linear_offline import vit_layer_gemms
-
-    return vit_layer_gemms(dtype, batches, arch)
-
-
 def reference_grads(
     ref: Callable, inputs: Sequence[torch.Tensor | None], needs: Sequence[bool], grads: Sequence[torch.Tensor | None]
 ) -> tuple[torch.Tensor | None, ...]:

@@ -452,14 +452,3 @@ def group_norm_act(
     if not needs_registered_op(x, weight, bias, residual):
         return launch_forward(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
     return _group_norm_act_op(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
-
-
-def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:
-    """Every launch of the base checkpoint's 52 GroupNorms (kernels/_offline.py), built from the same plans.
-
-    NCHW, as the model runs by default, forward (inference) and backward; then the opt-in channels-last
-    forward, which a default run never compiles, under the phase "channels_last".
-    """
-    from ._group_norm_act_offline import backbone_launches, channels_last_launches
-
-    return backbone_launches(dtype, batches, arch) + channels_last_launches(dtype, batches, arch)

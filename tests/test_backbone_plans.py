@@ -206,7 +206,7 @@ from vithybrid_fast.kernels import _offline
 for phases in (("forward",), ("forward", "backward")):
     for arch in (80, 90):
         launches = []
-        for name in ("group_norm_act", "weight_standardize"):
+        for name in ("_group_norm_act_offline", "weight_standardize"):
             module = importlib.import_module("vithybrid_fast.kernels." + name)
             launches += [ln for ln in module.offline_launches(torch.bfloat16, [1, 8, 64], arch) if ln.phase in phases]
         jobs = _offline.compile_jobs(launches, arch)

@@ -19,10 +19,11 @@ import sys
 COMPILE = """
 import importlib, json, sys, torch
 from vithybrid_fast.kernels import _offline
-gn = importlib.import_module("vithybrid_fast.kernels.group_norm_act")
+gn_offline = importlib.import_module("vithybrid_fast.kernels._group_norm_act_offline")
 jobs = []
 for arch in (80, 90):
-    launches = [ln for ln in gn.offline_launches(torch.float32, [1, 8, 64], arch) if ln.phase == "channels_last"]
+    found = gn_offline.offline_launches(torch.float32, [1, 8, 64], arch)
+    launches = [ln for ln in found if ln.phase == "channels_last"]
     jobs += [(ln, cfg, arch) for ln, cfg in _offline.compile_jobs(launches, arch)]
 results = _offline.compile_all(jobs, workers=2)
 json.dump([dict(r.__dict__, spills=r.spills) for r in results], sys.stdout)
@@ -69,6 +70,7 @@ from vithybrid_fast.kernels._backbone_calls import conv_weight_shapes, group_nor
 
 gn = importlib.import_module("vithybrid_fast.kernels.group_norm_act")
 bwd = importlib.import_module("vithybrid_fast.kernels._group_norm_act_backward")
+gn_offline = importlib.import_module("vithybrid_fast.kernels._group_norm_act_offline")
 ws = importlib.import_module("vithybrid_fast.kernels.weight_standardize")
 recorded = []
 JITFunction.run = lambda self, *a, grid, warmup, **kw: recorded.append((self, {**dict(zip(self.arg_names, a)), **kw}))
@@ -90,7 +92,7 @@ for arch, sm_count in ((80, 108), (90, 132)):
             w = torch.empty(shape, dtype=dtype)
             _, mean, rstd = ws.launch_forward(w, 1e-8)
             ws.launch_backward(w, w, mean, rstd)
-        launches = gn.offline_launches(dtype, [1, 8, 64], arch) + ws.offline_launches(dtype, [1, 8, 64], arch)
+        launches = gn_offline.offline_launches(dtype, [1, 8, 64], arch) + ws.offline_launches(dtype, [1, 8, 64], arch)
         described = {
             _offline.source_key(*_offline._bind(launch.kernel, launch.args, cfg, target)[1:])
             for launch in launches
