@@ -164,13 +164,21 @@ def test_missing_weights_or_directory(tmp_path, checkpoint):
     ({"kernels": "fastest"}, ValueError, "choose one of eager, sdpa, triton, auto"),
     ({"kernels": {"attention": "cudnn"}}, ValueError, "kernels\\['attention'\\]"),
     ({"kernels": {"softmax": "triton"}}, ValueError, "unknown kernel families"),
-    ({"dtype": torch.int8}, ValueError, "not supported"),
-    ({"dtype": "float8"}, ValueError, "not supported"),
+    ({"dtype": torch.int8}, ValueError, "not supported; use torch.float32, .* or torch.float64"),
+    # the message lists every name load() takes (float64 included: the upcast reference of checks)
+    ({"dtype": "float8"}, ValueError, "not supported; use one of float32, .*bfloat16, bf16, float64, or 'auto'"),
     ({"cuda_graphs": True}, ValueError, "needs device=.cuda."),
 ])  # fmt: skip
 def test_bad_load_arguments(checkpoint, kwargs, error, message):
     with pytest.raises(error, match=message):
         vf.load(checkpoint, **kwargs)
+
+
+def test_float64_loads_for_plain_torch_and_the_kernels_refuse_it_clearly(checkpoint):
+    model = vf.load(checkpoint, kernels="sdpa", dtype="float64")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    with pytest.raises(TypeError, match=r"support float32, float16 and bfloat16 weights, not torch\.float64"):
+        vf.load(checkpoint, kernels="triton", dtype=torch.float64)
 
 
 def test_cuda_device_without_gpu_is_a_clear_error(checkpoint):

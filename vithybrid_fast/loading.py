@@ -48,12 +48,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ViTHybridConfig) -> t
         return torch.float32  # like transformers: the checkpoint's torch_dtype is used only if asked ("auto")
     if dtype == "auto":
         dtype = config.torch_dtype or "float32"
+    # float64 is served too (plain-torch paths; the Triton kernels refuse it): the upcast reference of checks
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}, or 'auto'")
         dtype = DTYPES[dtype]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
+    if dtype not in set(DTYPES.values()):
+        raise ValueError(
+            f"dtype {dtype} is not supported; use torch.float32, torch.float16, torch.bfloat16 or torch.float64"
+        )
     return dtype
 
 
