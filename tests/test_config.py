@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -83,6 +84,24 @@ def test_invalid_json_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         vf.ViTHybridConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("dropped", "message"), [
+    # a hand-edited file without its backbone: the default BiT backbone contradicts the featmap shape
+    ("backbone_config", r"contradict the backbone's stage3 .*\(not in the file, so defaulted: backbone_config\)"),
+    # label2id kept, id2label gone: the default two labels cannot hold label2id's indices
+    ("id2label", r"is not a valid class index \(not in the file, so defaulted: id2label\)"),
+])  # fmt: skip
+def test_config_file_errors_name_the_file_and_the_missing_fields(tmp_path, dropped, message):
+    data = vf.ViTHybridConfig.from_dict(tiny_config()).to_dict()
+    data["backbone_featmap_shape"][1] = 96  # a small backbone's channels, as in a tiny checkpoint
+    data["backbone_config"]["hidden_sizes"] = [16, 32, 96]
+    assert vf.ViTHybridConfig.from_dict(data).backbone_featmap_shape[1] == 96  # valid with every field
+    data.pop(dropped)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{message}"):
+        vf.ViTHybridConfig.from_json_file(path)
 
 
 def test_case_insensitive_padding_and_out_indices_derivation():

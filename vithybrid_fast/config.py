@@ -360,7 +360,15 @@ class ViTHybridConfig(_ConfigBase):
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            # A field missing from a hand-edited file takes its default, and the error then names the
+            # contradiction, not the missing field: say both, and which file.
+            own = [key for key in cls._DEFAULTS if key not in _GENERIC_DEFAULTS]
+            missing = [key for key in [*own, "backbone_config", "id2label"] if key not in data]
+            hint = f" (not in the file, so defaulted: {', '.join(missing)})" if missing else ""
+            raise ValueError(f"{path}: {err}{hint}") from err
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> ViTHybridConfig:
