@@ -128,6 +128,16 @@ def test_unreachable_hub_says_so_and_suggests_offline(tmp_path, dead_network):
     assert dead_network and all(call["local_files_only"] for call in dead_network)  # no retries against a dead network
 
 
+def test_offline_and_uncached_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(vf.CheckpointNotFoundError) as info:
+        vf.load("someone/not-cached", cache_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"config.json of someone/not-cached is not in the local Hugging Face cache ({tmp_path})")
+    assert "HF_HUB_OFFLINE is set" in message and "unset HF_HUB_OFFLINE" in message
+    assert "LocalEntryNotFoundError" not in message  # the exception's class name said nothing to a user
+
+
 def test_unreachable_hub_still_serves_the_cache(tmp_path, checkpoint, dead_network):
     cache = tmp_path / "hf-cache"
     make_offline_cache(cache, checkpoint)

@@ -123,9 +123,15 @@ def resolve_file(
                 f"cache{_not_local_either(name)}. Pass a local directory, or download it where there is a network; "
                 "set HF_HUB_OFFLINE=1 to use only the cache without trying the network"
             ) from err
-        where = "the local cache (offline)" if offline else "the hub"
+        if offline:
+            why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
+            raise CheckpointNotFoundError(
+                f"{filename} of {name} is not in the local Hugging Face cache ({_cache_dir_of(cache_dir)}) and "
+                f"{why}, so nothing is downloaded{_not_local_either(name)}. Download it once where there is a "
+                "network (unset HF_HUB_OFFLINE), or pass a local checkpoint directory"
+            ) from err
         raise CheckpointNotFoundError(
-            f"{filename} of {name} not found in {where}: {type(err).__name__}{_not_local_either(name)}"
+            f"{filename} of {name} not found in the hub: {type(err).__name__}{_not_local_either(name)}"
         ) from err
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise CheckpointNotFoundError(f"{name}: {err}{_not_local_either(name)}") from err
@@ -136,3 +142,12 @@ def resolve_file(
             f"{name}: could not fetch {filename} ({err}); pass a local directory, or set "
             "HF_HUB_OFFLINE=1 to use the cache"
         ) from err
+
+
+def _cache_dir_of(cache_dir: str | os.PathLike | None) -> str:
+    """Where hf_hub_download looked: the given folder, else huggingface_hub's (HF_HUB_CACHE / HF_HOME)."""
+    if cache_dir is not None:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
