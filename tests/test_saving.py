@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -106,6 +108,44 @@ def test_patched_model_saves_the_same_state(tmp_path, pixels):
     vf.unpatch(model)
     with torch.no_grad():
         assert torch.allclose(vf.load(tmp_path, kernels="eager")(pixels).logits, model(pixels).logits, atol=1e-5)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize(
+    "umask, expected",
+    [
+        (0o022, 0o644),  # the usual umask: a shared model directory others can read
+        (0o077, 0o600),  # a private umask stays private: the mode follows the umask, it is not forced
+        (0o002, 0o664),
+    ],
+)
+@pytest.mark.parametrize("max_shard_size, safe", [("5GB", True), (60_000, True), ("60KB", False)])
+def test_saved_files_get_the_umask_mode(tmp_path, umask, expected, max_shard_size, safe):
+    """safetensors writes 0600; every file of a save must get the mode a new file gets, like config.json."""
+    previous = os.umask(umask)
+    try:
+        ours_tiny().save_pretrained(tmp_path, max_shard_size=max_shard_size, safe_serialization=safe)
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.iterdir()}
+    weights = [name for name in modes if name.endswith((".safetensors", ".bin", ".index.json"))]
+    assert len(weights) == 1 if max_shard_size == "5GB" else len(weights) > 2, modes  # shards + index
+    assert modes == {name: oct(expected) for name in [*weights, "config.json"]}, modes
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_leftover_temporary_does_not_pass_its_mode_on(tmp_path):
+    """A temporary file a crashed save left behind (here 0600) is replaced, not reused with its mode."""
+    for name in ("model.safetensors.tmp", "config.json.tmp"):
+        (tmp_path / name).write_bytes(b"partial")
+        (tmp_path / name).chmod(0o600)
+    previous = os.umask(0o022)
+    try:
+        ours_tiny().save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.iterdir()}
+    assert modes == {"model.safetensors": "0o644", "config.json": "0o644"}, modes
 
 
 def test_bad_save_requests_raise(tmp_path):

@@ -7,7 +7,9 @@
 
 transformers 4.47.1's `from_pretrained` and our `load` read it. Every file is written under a temporary
 name and renamed into place, and weight files of an earlier save that the new one does not use are
-removed afterwards, so the directory never mixes two checkpoints. The safetensors header carries
+removed afterwards, so the directory never mixes two checkpoints. Every file, weights included, gets the
+mode the umask gives a new file (0644 under umask 022), so other users can read a shared checkpoint
+(safetensors alone writes 0600). The safetensors header carries
 `{"format": "pt"}`, which transformers requires.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import torch
@@ -74,9 +77,20 @@ def _checked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """`write(tmp)`, then rename onto `path`: a reader never sees half a file.
+
+    The file gets the mode any new file gets here (0o666 less the umask, as config.json does), not
+    the 0o600 safetensors' `save_file` gives its output. The mode comes from creating the temporary
+    file ourselves with 0o666 and reading what the kernel made of it: the umask is only readable by
+    setting it (`os.umask`), which is process-wide and would race with other threads creating files.
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover keeps its old mode through O_CREAT
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
