@@ -83,6 +83,7 @@ def test_wheel_ships_data_and_namespaced_packages(wheel):
     assert "vithybrid_fast/data/imagenet1k_labels.json" in names
     assert "vithybrid_fast/assets/grace_hopper.jpg" in names
     assert "vithybrid_fast/kernels/configs/fused_linear.json" in names  # tuned-config tables
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # the Apache-2.0 text pyproject declares
     assert {"vithybrid_fast/kernels/attention.py", "vithybrid_fast/bench/__main__.py"} <= names
     top_level = {name.split("/")[0] for name in names if "/" in name and ".dist-info" not in name}
     assert top_level == {"vithybrid_fast"}, top_level  # no top-level kernels/ or bench/
