@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -148,6 +150,15 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
     with pytest.raises(SystemExit) as usage:  # float16 would need loss scaling: not offered
         main([*argv, "--output-dir", str(root / "x"), "--dtype", "float16"])
     assert usage.value.code == 2
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_saved_checkpoints_are_as_readable_as_their_config(trained):
+    """model.safetensors was 0600 beside a 0644 config.json: unreadable in a shared model directory."""
+    root, _ = trained
+    for name in ("best", "last"):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (root / "out" / name).iterdir()}
+        assert set(modes.values()) == {modes["config.json"]}, {k: oct(v) for k, v in modes.items()}
 
 
 def test_warmup_cosine_schedule():
