@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ import torch
 import vithybrid_fast as vf
 from tests.hf_reference import randomize_
 from tests.image_folders import CLASSES, TRAIN_CONFIG, write_image_folder
-from vithybrid_fast.cli import main
+from vithybrid_fast.cli import build_parser, main
 from vithybrid_fast.data import image_folder_samples
+from vithybrid_fast.distributed import default_num_workers
 from vithybrid_fast.evaluate import match_labels
 
 # the model's labels: the folder classes among others, in another order
@@ -121,3 +124,38 @@ def test_eval_unreadable_file_fails_or_is_skipped(setup, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"skipped unreadable image {broken}" in err
     assert "skipped unreadable: 1" in out and out.splitlines()[-1].endswith("images: 6")
+
+
+@pytest.mark.parametrize("affinity, expected", [({0}, 1), ({0, 1}, 2), (set(range(64)), 4)])
+def test_default_num_workers_is_the_usable_cpus_up_to_4(monkeypatch, capsys, affinity, expected):
+    """4 workers on a 2-CPU machine made torch warn twice; the default (and --help) follows the CPUs."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
+    parser = build_parser()
+    assert parser.parse_args(["eval", "data"]).num_workers == expected
+    assert parser.parse_args(["finetune", "data", "--output-dir", "out"]).num_workers == expected
+    for command in ("eval", "finetune"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"(default here: {expected} = min(4, CPUs usable))" in " ".join(capsys.readouterr().out.split())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "suggested max number of worker" check, on the same CPUs
+        torch.utils.data.DataLoader(range(4), num_workers=expected).check_worker_number_rationality()
+    if expected < 4:
+        with pytest.warns(UserWarning, match="suggested max number of worker in current system is"):
+            torch.utils.data.DataLoader(range(4), num_workers=4).check_worker_number_rationality()
+
+
+@pytest.mark.parametrize("cpu_count, expected", [(3, 3), (16, 4), (None, 1)])
+def test_default_num_workers_without_an_affinity_mask(monkeypatch, cpu_count, expected):
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
+    assert default_num_workers() == expected
+
+
+@pytest.mark.parametrize("command", [["eval", "data"], ["finetune", "data", "--output-dir", "out"]])
+def test_negative_num_workers_is_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as usage:
+        main([*command, "--num-workers", "-1"])
+    assert usage.value.code == 2
+    assert "argument --num-workers: must be at least 0 (0: load in the main process), got -1" in capsys.readouterr().err
+    assert build_parser().parse_args([*command, "--num-workers", "0"]).num_workers == 0

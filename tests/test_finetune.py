@@ -152,6 +152,13 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
     assert usage.value.code == 2
 
 
+def test_config_default_num_workers_is_the_usable_cpus_up_to_4(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert FinetuneConfig(data="d", model="m", output_dir=tmp_path).num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert FinetuneConfig(data="d", model="m", output_dir=tmp_path).num_workers == 4
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_saved_checkpoints_are_as_readable_as_their_config(trained):
     """model.safetensors was 0600 beside a 0644 config.json: unreadable in a shared model directory."""

@@ -38,6 +38,25 @@ class DistContext:
         return self.world_size > 1
 
 
+MAX_DEFAULT_WORKERS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one (taskset, cgroups), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per rank when not given: 4, or fewer where fewer CPUs are usable.
+
+    More workers than CPUs only adds processes (torch warns past its suggested maximum, which counts
+    the same affinity mask).
+    """
+    return min(MAX_DEFAULT_WORKERS, usable_cpus())
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -34,13 +34,15 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from .distributed import default_num_workers
 
 TRAINING_STATE = "training_state.pt"
 LOG_NAME = "train_log.jsonl"
@@ -65,7 +67,7 @@ class FinetuneConfig:
     kernels: str = "auto"
     dtype: str = "auto"
     device: str | None = None
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)  # 4, or the usable CPUs if fewer
     seed: int = 0
     resume: bool = False
     on_error: str = "fail"
