@@ -227,7 +227,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-workers",
         type=_non_negative_int,
         default=workers,
-        help=f"DataLoader worker processes per rank (default here: {workers} = min({MAX_DEFAULT_WORKERS}, CPUs usable))",
+        help=f"DataLoader worker processes per rank (default here: {workers} = min({MAX_DEFAULT_WORKERS}, "
+        "CPUs usable))",
     )
     parser.add_argument("--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"])
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
