@@ -86,6 +86,56 @@ def test_csv_and_jsonl_lists(folder, tmp_path):
         list_file_samples(bad)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",  # no header: every row is path,label
+        "path,label\n",
+        "\ufeffpath,label\n",  # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+        "\n Path , LABEL \n",  # blank first line; case and spaces do not matter
+    ],
+)
+def test_csv_list_with_or_without_its_header(folder, header):
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix == ".png")
+    csv_path = folder / "headers.csv"
+    csv_path.write_text(
+        header + "".join(f"{p.relative_to(folder)},{p.relative_to(folder).parts[0]}\n" for p in files), "utf-8"
+    )
+    samples, classes = list_file_samples(csv_path)
+    assert classes == list(CLASSES)
+    assert [(s.source, s.label) for s in samples] == [
+        (str(p), CLASSES.index(p.relative_to(folder).parts[0])) for p in files
+    ]
+
+
+@pytest.mark.parametrize("header", ["file,lab", "filename,class", "image_path,label"])
+def test_csv_list_with_another_header_is_an_error_about_the_csv(folder, header):
+    """`file,lab` was read as a row: class 'lab' with one image 'file', then an error about class folders."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix == ".png")
+    csv_path = folder / "other_header.csv"
+    csv_path.write_text(
+        header + "\n" + "".join(f"{p.relative_to(folder)},{p.relative_to(folder).parts[0]}\n" for p in files)
+    )
+    with pytest.raises(ValueError) as error:
+        list_file_samples(csv_path)
+    assert str(error.value) == (
+        f"{csv_path}:1: the first row {header!r} is not the header 'path,label' and {header.split(',')[0]!r} is "
+        "no image file. A CSV list's header must be exactly path,label: rename its columns, or remove the header "
+        "row (every row is then path,label)"
+    )
+
+
+def test_csv_list_first_row_naming_a_missing_image_stays_data(folder):
+    """A missing image is an unreadable file (fail or skip), not a header."""
+    csv_path = folder / "missing_first.csv"
+    csv_path.write_text("gone/photo.JPG,cat\nred_horizontal/000.png,red_horizontal\n")
+    samples, classes = list_file_samples(csv_path)
+    assert classes == ["cat", "red_horizontal"]
+    assert [(s.source, s.label) for s in samples] == [
+        (str(folder / "gone/photo.JPG"), 0), (str(folder / "red_horizontal/000.png"), 1)
+    ]  # fmt: skip
+
+
 def _odd_images(tmp_path):
     rng = np.random.default_rng(3)
     images = [synthetic_image(name, rng) for name in CLASSES]

@@ -107,6 +107,46 @@ def test_eval_label_map_and_unmatched_class(setup, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith("images: 15")
 
 
+@pytest.mark.parametrize(
+    "source, rename, key",
+    [
+        (None, "the folders", "folder name"),
+        ("./val", "the folders", "folder name"),
+        ("val.csv", "the labels in val.csv", "label in the list"),
+        ("lists/val.jsonl", "the labels in lists/val.jsonl", "label in the list"),
+        ("hf:beans:validation", "the dataset's labels", "dataset label"),
+    ],
+)
+def test_unmatched_label_advice_speaks_of_the_data_source(source, rename, key):
+    with pytest.raises(ValueError) as error:
+        match_labels(["lab"], dict(enumerate(MODEL_LABELS)), source=source)
+    assert str(error.value) == (
+        "1 class(es) match no label of the model: 'lab'. "
+        f"Rename {rename} to the model's labels (e.g. 'dog', 'red_horizontal', 'cat') or pass --label-map map.json "
+        f'({{"{key}": "model label" or label index}})'
+    )
+
+
+def test_eval_csv_list_with_another_header_is_an_error_about_the_csv(setup, tmp_path, capsys):
+    """`file,lab` was read as an image row of class 'lab', then reported as a folder to rename."""
+    root, data, _, _ = setup
+    rows = "".join(f"{p},{p.relative_to(data).parts[0]}\n" for p in sorted(data.rglob("*.png")))
+    argv = ["--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu"]
+    listed = tmp_path / "val.csv"
+    listed.write_text("file,lab\n" + rows)
+    assert main(["eval", str(listed), *argv]) == 1
+    err = capsys.readouterr().err
+    assert f"{listed}:1: the first row 'file,lab' is not the header 'path,label'" in err
+    assert "header must be exactly path,label" in err and "folder" not in err
+    listed.write_text("path,label\n" + rows.replace(",red_horizontal", ",Red"))
+    assert main(["eval", str(listed), *argv]) == 1
+    err = capsys.readouterr().err
+    assert f"'Red'. Rename the labels in {listed} to the model's labels" in err and "folder" not in err
+    listed.write_text("path,label\n" + rows)
+    assert main(["eval", str(listed), *argv]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"images: {rows.count(chr(10))}")
+
+
 def test_eval_unreadable_file_fails_or_is_skipped(setup, tmp_path, capsys):
     root, data, _, _ = setup
     folder = tmp_path / "data"

@@ -3,7 +3,8 @@
 Sources (`open_dataset(spec, processor)`):
   * a directory of class subfolders, as torchvision's ImageFolder reads it: class index = position of
     the subfolder in sorted order; image files (by extension Pillow knows) found recursively, sorted;
-  * a `.csv` file of `path,label` rows (a first row `path,label` is a header) or a `.jsonl` file of
+  * a `.csv` file of `path,label` rows (a first row `path,label` is a header; a first row with other
+    column names, such as `file,label`, is an error, not data) or a `.jsonl` file of
     `{"path": ..., "label": ...}` objects; relative paths are relative to the list file; classes are
     the sorted distinct labels unless `classes` is given;
   * `hf:NAME[:SPLIT]`: a Hugging Face `datasets` dataset (the optional `[datasets]` extra) with an image
@@ -73,15 +74,40 @@ def image_folder_samples(root: str | os.PathLike) -> tuple[list[Sample], list[st
     return samples, classes
 
 
+def _csv_header_error(path: Path, line_no: int, row: list[str]) -> str | None:
+    """Why the first row of a CSV list is a header other than `path,label`; None when it reads as data.
+
+    A first row whose path cell is neither an image file name (by extension) nor an existing file is
+    a header with other column names (`file,lab`): read as data it became a class of its own. A
+    first row naming a missing image stays data: it fails (or is skipped) as an unreadable image.
+    """
+    cell = row[0].strip()
+    if is_image_file(cell) or (path.parent / cell).is_file():
+        return None
+    return (
+        f"{path}:{line_no}: the first row {','.join(row)!r} is not the header 'path,label' and {cell!r} is no "
+        "image file. A CSV list's header must be exactly path,label: rename its columns, or remove the header "
+        "row (every row is then path,label)"
+    )
+
+
 def _list_rows(path: Path) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first cell
+    with open(path, encoding="utf-8-sig", newline="") as f:
         if path.suffix == ".csv":
+            first = True
             for line_no, row in enumerate(csv.reader(f), 1):
-                if not row or (line_no == 1 and [c.strip().lower() for c in row] == ["path", "label"]):
+                if not row:
+                    continue
+                if first and [c.strip().lower() for c in row] == ["path", "label"]:
+                    first = False
                     continue
                 if len(row) != 2:
                     raise ValueError(f"{path}:{line_no}: expected 2 columns path,label, got {len(row)}")
+                if first and (error := _csv_header_error(path, line_no, row)) is not None:
+                    raise ValueError(error)
+                first = False
                 rows.append((row[0].strip(), row[1].strip()))
         else:
             for line_no, line in enumerate(f, 1):

@@ -27,10 +27,25 @@ import torch
 TOP_K = 5
 
 
+def _rename_advice(source: str | None) -> tuple[str, str]:
+    """(what to rename, what --label-map's keys are) for the kind of data `source` names."""
+    if source is not None and source.startswith("hf:"):
+        return "the dataset's labels", "dataset label"
+    if source is not None and Path(source).suffix in (".csv", ".jsonl"):
+        return f"the labels in {source}", "label in the list"
+    return "the folders", "folder name"
+
+
 def match_labels(
-    classes: Sequence[str], id2label: dict[int, str], label_map: dict[str, str | int] | None = None
+    classes: Sequence[str],
+    id2label: dict[int, str],
+    label_map: dict[str, str | int] | None = None,
+    source: str | None = None,
 ) -> list[int]:
-    """The model's label index for each dataset class (exact name, or through `label_map`)."""
+    """The model's label index for each dataset class (exact name, or through `label_map`).
+
+    source: the data spec (a folder, a .csv/.jsonl list or hf:NAME); the error's advice speaks of it.
+    """
     by_name = {name: index for index, name in id2label.items()}
     label_map = label_map or {}
     targets, unmatched = [], []
@@ -44,10 +59,11 @@ def match_labels(
             unmatched.append(repr(name) if target == name else f"{name!r} (mapped to {target!r})")
     if unmatched:
         sample = ", ".join(repr(v) for v in list(id2label.values())[:3])
+        rename, key = _rename_advice(source)
         raise ValueError(
             f"{len(unmatched)} class(es) match no label of the model: {', '.join(unmatched)}. "
-            f"Rename the folders to the model's labels (e.g. {sample}) or pass --label-map map.json "
-            '({"folder name": "model label" or label index})'
+            f"Rename {rename} to the model's labels (e.g. {sample}) or pass --label-map map.json "
+            f'({{"{key}": "model label" or label index}})'
         )
     return targets
 
@@ -250,7 +266,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory")
     add_common_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
-    parser.add_argument("--label-map", type=Path, help='JSON {"folder name": "model label" or index}')
+    parser.add_argument("--label-map", type=Path, help='JSON {"folder name or list label": "model label" or index}')
     parser.add_argument("--output", type=Path, help="write one JSON line per image (path, label, top-5, probs)")
     parser.set_defaults(func=run)
 
@@ -283,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         pipeline = ImagePipeline(_processor_for(args.model, model.config.image_size_hw))
         dataset = open_dataset(args.data, pipeline, split="validation")
-        targets = match_labels(dataset.classes, model.config.id2label, label_map)
+        targets = match_labels(dataset.classes, model.config.id2label, label_map, source=str(args.data))
         per_rank = max(1, args.batch_size // ctx.world_size)
         loader = make_loader(dataset, per_rank, args.num_workers, ctx)
         result = evaluate(
