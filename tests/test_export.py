@@ -8,7 +8,10 @@ compared with the PyTorch model's own interpolate_pos_encoding path (F.interpola
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -196,6 +199,45 @@ def test_cli_export_writes_a_verified_file(tiny_model, tmp_path, capsys):
     assert code == 0 and out.exists()
     assert lines[-1].startswith("onnx: max|Δlogit| ") and lines[-1].endswith(" over 5 inputs"), lines
     assert float(lines[-1].split()[2]) <= 1e-4
+
+
+def test_cli_export_stderr_has_no_exporter_noise(tiny_model, tmp_path):
+    """torch's exporter printed 4 'torchvision is not installed' lines and a LeafSpec FutureWarning."""
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "quiet.onnx"
+    run = subprocess.run(
+        [sys.executable, "-m", "vithybrid_fast", "export", "--model", str(tmp_path / "ckpt"), "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].endswith(" over 3 inputs"), run.stdout
+    assert "torchvision is not installed" not in run.stderr and "LeafSpec" not in run.stderr, run.stderr
+
+
+def test_quiet_exporter_drops_only_the_named_noise():
+    logger = logging.getLogger(vf_export._REGISTRY_LOGGER)
+    records: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    filters_before = list(warnings.filters)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with vf_export._quiet_exporter():
+                logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+                logger.warning("Failed to register %s", "aten::example")
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use …", FutureWarning, stacklevel=1)
+                warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+            logger.warning("torchvision is not installed. Skipping %s", "torchvision::roi_align")  # after: kept
+    finally:
+        logger.removeHandler(handler)
+    assert records == [
+        "Failed to register aten::example",
+        "torchvision is not installed. Skipping torchvision::roi_align",
+    ]
+    assert [str(w.message) for w in caught] == ["another deprecation"]
+    assert not logger.filters and warnings.filters == filters_before
 
 
 def test_cli_export_usage_errors(capsys):

@@ -36,13 +36,17 @@ by a few units of that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import json
+import logging
 import math
 import os
 import sys
 import types
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,33 @@ FP32_BOUND = 1e-4
 FP16_ATOL = 2e-3  # tests/tolerance.py's float16 atol
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INSTALL_HINT = "pip install vithybrid-fast[export]"
+
+
+# What torch's dynamo ONNX exporter prints on every export that is not about the model: its op registry
+# warns once per torchvision op when torchvision is absent (no model here has one), and torch.export
+# deep-copies pytree's deprecated LeafSpec (torch 2.13). Dropped around the exporter call only.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_REGISTRY_NOISE = "torchvision is not installed. Skipping "
+_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+class _DropRegistryNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_REGISTRY_NOISE)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's torchvision-absent log lines and LeafSpec FutureWarning dropped; all else kept."""
+    logger = logging.getLogger(_REGISTRY_LOGGER)
+    drop = _DropRegistryNoise()
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class OnnxVerificationError(RuntimeError):
@@ -293,7 +324,7 @@ def export_onnx(
     if dynamic_size:
         dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
     outputs = ["logits", "hidden_states"] if hidden_states else ["logits"]
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             LogitsModule(exported, interpolate, hidden_states).eval(), (example,), dynamo=True, verbose=False,
             opset_version=opset, input_names=["pixel_values"], output_names=outputs,
