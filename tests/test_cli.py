@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.hf_reference import TINY_CASES, build_hf_model
 from vithybrid_fast.cli import main
@@ -28,11 +30,12 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_classify_prints_top_k_with_probabilities(checkpoint, capsys):
-    image = str(sample_image_path())
-    assert main(["classify", image, image, "--model", str(checkpoint), "--kernels", "sdpa", "--top-k", "3"]) == 0
+def test_classify_prints_top_k_with_probabilities(checkpoint, tmp_path, capsys):
+    image, copy = str(sample_image_path()), tmp_path / "copy.jpg"
+    shutil.copyfile(image, copy)  # two files: the same path twice is classified once
+    assert main(["classify", image, str(copy), "--model", str(checkpoint), "--kernels", "sdpa", "--top-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == image and lines[4] == image and len(lines) == 8
+    assert lines[0] == image and lines[4] == str(copy) and len(lines) == 8
     probs = [float(line.split()[0]) for line in lines[1:4]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
     assert all(line.split()[1].startswith("class_") for line in lines[1:4])
@@ -70,3 +73,29 @@ def test_demo_runs_offline_and_says_weights_are_random(tmp_path):
         assert float(rows["triton"][2]) < 1e-3 and "triton: skipped" not in out.stdout
     else:
         assert f"triton: skipped ({reason};" in out.stdout
+
+
+# -- classify: paths, unreadable files, warnings ---------------------------------------------------
+
+
+def _printed_paths(out: str) -> list[str]:
+    return [line for line in out.splitlines() if not line.startswith(" ")]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """photos/a.jpg, photos/b/c.JPEG: two 8-bit images (the extension's case differs)."""
+    root = tmp_path / "photos"
+    (root / "b").mkdir(parents=True)
+    Image.new("RGB", (80, 60), (200, 10, 10)).save(root / "a.jpg")
+    Image.new("RGB", (60, 80), (10, 200, 10)).save(root / "b" / "c.JPEG")
+    return root
+
+
+def test_classify_each_file_once_when_inputs_overlap(checkpoint, photos, capsys):
+    """A directory, a glob over it and another spelling of one of its files: each file once, first seen first."""
+    other_spelling = photos / "b" / ".." / "a.jpg"
+    argv = ["classify", str(other_spelling), str(photos), str(photos / "**" / "*.JPEG"), "--model", str(checkpoint),
+            "--kernels", "sdpa", "--top-k", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert _printed_paths(capsys.readouterr().out) == [str(other_spelling), str(photos / "b" / "c.JPEG")]

@@ -28,8 +28,10 @@ def is_image_file(path: str | os.PathLike) -> bool:
 def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; directories searched recursively for image files (sorted); glob patterns expanded.
 
-    A pattern the shell did not expand (quoted, or on Windows) is expanded here. A directory or pattern
-    that yields no image and a path that does not exist raise FileNotFoundError naming it.
+    A pattern the shell did not expand (quoted, or on Windows) is expanded here. Each file comes once, in
+    first-seen order, however many inputs name it (a directory and a glob over it, `a.jpg` and `./a.jpg`).
+    A directory or pattern that yields no image and a path that does not exist raise FileNotFoundError
+    naming it.
     """
     paths: list[Path] = []
     for item in inputs:
@@ -48,7 +50,11 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             paths.extend(found)
         else:
             raise FileNotFoundError(f"{item}: no such file or directory")
-    return paths
+    # one entry per file, keyed by its absolute normalized path (symlinks are not followed): first seen wins
+    first: dict[str, Path] = {}
+    for path in paths:
+        first.setdefault(os.path.normpath(os.path.abspath(path)), path)
+    return list(first.values())
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
