@@ -99,3 +99,46 @@ def test_classify_each_file_once_when_inputs_overlap(checkpoint, photos, capsys)
             "--kernels", "sdpa", "--top-k", "1"]  # fmt: skip
     assert main(argv) == 0
     assert _printed_paths(capsys.readouterr().out) == [str(other_spelling), str(photos / "b" / "c.JPEG")]
+
+
+def test_classify_on_error_skip_goes_on_and_counts(checkpoint, photos, capsys):
+    bad = photos / "broken.jpg"
+    bad.write_text("not a JPEG")
+    good = [str(photos / "a.jpg"), str(photos / "b" / "c.JPEG")]
+    argv = ["classify", good[0], str(bad), good[1], "--model", str(checkpoint), "--kernels", "sdpa", "--top-k", "2",
+            "--batch-size", "2"]  # fmt: skip
+    assert main([*argv, "--on-error", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert _printed_paths(out) == good and len(out.splitlines()) == 6
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"warning: skipped unreadable image {bad}: ")
+    assert lines[1] == "skipped unreadable: 1 of 3 images"
+    # the default stops at the file, names it and says how to go on
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read image {bad}: ") and "--on-error skip" in err
+
+
+def test_classify_on_error_skip_with_nothing_readable_fails(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_text("not a PNG")
+    assert main(["classify", str(bad), "--model", str(checkpoint), "--kernels", "sdpa", "--on-error", "skip"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[1:] == ["skipped unreadable: 1 of 1 images", "error: none of the 1 images could be read"]
+
+
+def test_classify_16_bit_warning_is_one_line(checkpoint, tmp_path):
+    path = tmp_path / "deep.tiff"
+    Image.new("I;16", (80, 80), 40000).save(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "vithybrid_fast", "classify", str(path), "--model", str(checkpoint), "--kernels", "sdpa",
+         "--top-k", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == str(path)
+    assert done.stderr.splitlines() == [
+        f"warning: {path}: a I;16 (16-bit or float) image; converting it to 8-bit RGB clips values above 255, so "
+        "the model sees a destroyed image. Convert it to 8-bit yourself first (e.g. scale to 0–255)."
+    ]

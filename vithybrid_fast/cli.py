@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,18 +55,36 @@ def _processor_for(model_name: str, image_size: tuple[int, int], **hub_kwargs):
         )
 
 
-def _open_images(paths: list[Path]) -> list:
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _open_images(paths: list[Path], on_error: str | None = None) -> tuple[list[Path], list]:
+    """(the paths read, their images). An unreadable file raises RuntimeError — its message hints at
+    `--on-error skip` when `on_error` is "fail" (None: the command has no such option) — or, with
+    "skip", is reported on stderr and left out. open_image's warnings (16-bit and float images) print as
+    one `warning: …` line each on stderr, not as Python's two-line warning with source context."""
     from PIL import UnidentifiedImageError
 
     from .images import open_image
 
-    images = []
+    kept, images = [], []
     for path in paths:
         try:
-            images.append(open_image(path))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = open_image(path)
         except (OSError, UnidentifiedImageError) as err:
-            raise RuntimeError(f"cannot read image {path}: {err}") from None
-    return images
+            if on_error == "skip":
+                _warn(f"skipped unreadable image {path}: {err}")
+                continue
+            hint = " (pass --on-error skip to leave such files out)" if on_error == "fail" else ""
+            raise RuntimeError(f"cannot read image {path}: {err}{hint}") from None
+        for record in caught:
+            _warn(str(record.message))
+        kept.append(path)
+        images.append(image)
+    return kept, images
 
 
 def top_k(logits: torch.Tensor, id2label: dict[int, str], k: int) -> list[list[tuple[str, float]]]:
@@ -88,15 +107,23 @@ def cmd_classify(args: argparse.Namespace) -> int:
         model_class=ViTHybridForImageClassification,
     )  # fmt: skip
     processor = _processor_for(args.model, model.config.image_size_hw)
+    classified = 0
     for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        pixels = processor(_open_images(chunk), return_tensors="pt")["pixel_values"]
+        chunk, images = _open_images(paths[start : start + args.batch_size], args.on_error)
+        if not images:
+            continue
+        pixels = processor(images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits
         for path, ranked in zip(chunk, top_k(logits, model.config.id2label, args.top_k)):
             print(path)
             for label, prob in ranked:
                 print(f"  {prob:7.4f}  {label}")
+        classified += len(chunk)
+    if classified < len(paths):
+        print(f"skipped unreadable: {len(paths) - classified} of {len(paths)} images", file=sys.stderr)
+        if not classified:
+            raise RuntimeError(f"none of the {len(paths)} images could be read")
     return 0
 
 
@@ -129,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, pretrained = _demo_model(device, _dtype(args.dtype))
     image_path = Path(args.image) if args.image else sample_image_path()
     processor = ViTHybridImageProcessor.for_base_384()
-    pixels = processor(_open_images([image_path]), return_tensors="pt")["pixel_values"].to(device, model.dtype)
+    pixels = processor(_open_images([image_path])[1], return_tensors="pt")["pixel_values"].to(device, model.dtype)
     print(f"image: {image_path}  device: {device}  dtype: {args.dtype}  torch {torch.__version__}")
 
     paths = ["eager", "sdpa"] + (["triton"] if triton_can_run(device) else [])
@@ -189,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default cpu)")
     classify.add_argument("--top-k", type=_positive_int, default=5)
     classify.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward")
+    classify.add_argument(
+        "--on-error", default="fail", choices=["fail", "skip"],
+        help="an unreadable image file: stop, or report it on stderr and skip it (default: %(default)s)",
+    )  # fmt: skip
     classify.set_defaults(func=cmd_classify)
 
     demo = sub.add_parser("demo", help="offline demo on a bundled photo: every attention path, timed")
