@@ -1,0 +1,61 @@
+"""`vithybrid-fast demo`: the image is checked before the model; under the interpreter the triton path is a
+tiny-config cross-check that finishes in seconds, not a base-model pass that takes many minutes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vithybrid_fast import cli
+from vithybrid_fast.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def build(*args, **kwargs):
+        raise AssertionError("the demo built its model before checking the image")
+
+    monkeypatch.setattr(cli, "_demo_model", build)
+
+
+def test_demo_missing_image_fails_before_the_model(no_model, tmp_path, capsys):
+    assert main(["demo", "--image", str(tmp_path / "nope.jpg")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.jpg'}: no such file\n"
+
+
+def test_demo_unreadable_image_fails_before_the_model(no_model, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a JPEG")
+    assert main(["demo", "--image", str(bad)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot read image {bad}: ")
+
+
+def test_demo_under_the_interpreter_cross_checks_triton_on_a_tiny_config(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    # before the fix: two interpreted base-model passes, over 15 minutes on a 2-core CPU
+    out = subprocess.run(
+        [sys.executable, "-m", "vithybrid_fast", "demo", "--device", "cpu"], env=env, cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    # said up front, before the table
+    said = [i for i, line in enumerate(lines) if line.startswith("triton: TRITON_INTERPRET=1 runs the kernels")]
+    header = lines.index(next(line for line in lines if line.startswith("path ")))
+    assert said and said[0] < header, out.stdout
+    statement = " ".join(" ".join(lines[said[0] : header]).split())
+    assert "cross-checked against eager on a tiny config instead (random weights, one untimed forward" in statement
+    # the timed table holds the base-model paths only: no interpreted timing in it
+    rows = [line.split()[0] for line in lines[header + 1 :] if line.startswith(("eager ", "sdpa ", "triton "))]
+    assert rows == ["eager", "sdpa"]
+    check = [line for line in lines if line.startswith("tiny-config cross-check (triton, interpreted, untimed)")]
+    assert len(check) == 1, out.stdout
+    diff = float(check[0].split("max |Δlogit| vs eager ")[1].split()[0])
+    assert diff < 1e-4, check[0]  # float32: the kernels agree with eager attention
+    assert check[0].endswith("(logits 1×10)")
