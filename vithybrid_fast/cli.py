@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 
 HUB_ID = "google/vit-hybrid-base-bit-384"
+DISTRIBUTION = "vithybrid-fast"
+# top-level modules of the `bench` extra (pyproject.toml [project.optional-dependencies] bench)
+BENCH_EXTRA_MODULES = ("matplotlib",)
 
 # Commands that live in their own module: each defines `register(subparsers)`, which adds its parser and
 # `set_defaults(func=run)` where `run(args) -> int`. Heavy imports stay inside `run`.
@@ -239,7 +242,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(argv: list[str]) -> int:
     from vithybrid_fast.bench.__main__ import main as bench_main
 
-    return bench_main(argv, prog="vithybrid-fast bench") or 0
+    try:
+        return bench_main(argv, prog="vithybrid-fast bench") or 0
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] not in BENCH_EXTRA_MODULES:
+            raise
+        print(f'error: vithybrid-fast bench needs {err.name}: pip install "{DISTRIBUTION}[bench]"', file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
