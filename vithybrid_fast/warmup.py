@@ -6,8 +6,9 @@ Every forward launch of the base checkpoint at those batch sizes, with every con
 pick there (kernels/_offline.py), compiled for the target GPU into Triton's cache (TRITON_CACHE_DIR,
 default ~/.triton/cache) — e.g. while building a container image, so the first run on the GPU spends
 its time measuring, not compiling. The cache only serves the same triton version (and its ptxas).
-Last line: `compiles: N, seconds: S` — N distinct kernels, S their summed compile seconds (what a run
-would have spent compiling them one after another; already-cached kernels count ~0).
+Last line: `compiles: N, seconds: S (C already cached)` — N the kernels compiled by this run, S their
+summed compile seconds (what a run would have spent compiling them one after another), C the kernels
+found in the cache (not compiled again; a second run prints `compiles: 0, seconds: 0.0 (C already cached)`).
 """
 
 from __future__ import annotations
@@ -77,13 +78,15 @@ def run(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"error: {r.name} {r.config}: {r.error.splitlines()[0]}", file=sys.stderr)
     cached = sum(r.cached for r in results)
+    workers = max(1, min(args.workers or os.cpu_count() or 1, len(jobs)))  # as compile_all runs them
+    with_workers = f"{workers} worker" + ("s" if workers != 1 else "")
     print(f"{args.arch} {args.dtype} batches {','.join(map(str, args.batches))}: {len(results)} kernels "
-          f"({cached} already cached), {wall:.1f} s wall with {args.workers or os.cpu_count()} workers")  # fmt: skip
+          f"({cached} already cached), {wall:.1f} s wall with {with_workers}")  # fmt: skip
     compiled = [r for r in results if not r.cached]
     print(
         f"cpu-seconds: {sum(r.cpu_seconds for r in compiled):.1f} (CPU time of the compiles; wall time grows with load)"
     )
-    print(f"compiles: {len(results)}, seconds: {sum(r.seconds for r in compiled):.1f}")
+    print(f"compiles: {len(compiled)}, seconds: {sum(r.seconds for r in compiled):.1f} ({cached} already cached)")
     return 1 if failed else 0
 
 
