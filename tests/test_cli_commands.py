@@ -1,16 +1,66 @@
-"""The command line around the commands: `bench` without its extra, and `warmup`'s last line."""
+"""The command line around the commands: top-level help and --version, subcommand help, `bench` without its
+extra, and `warmup`'s last line."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from vithybrid_fast import cli
 from vithybrid_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_names_every_command(capsys):
+    out = _help(capsys)
+    description = out.split("\n\n")[1]  # usage, then the description
+    for command in ("classify", "demo", "eval", "finetune", "export", "bench", "doctor", "warmup", "tune"):
+        assert re.search(rf"\b{command}\b", description), (command, description)
+
+
+@pytest.mark.parametrize(
+    "command, says",
+    [("demo", "TRITON_INTERPRET=1"), ("warmup", "compiles: N, seconds: S"), ("tune", "tables: N entries")],
+)
+def test_subcommands_have_a_description(capsys, command, says):
+    out = _help(capsys, command)
+    assert says in " ".join(out.split())  # reflowed text: compare with whitespace collapsed
+
+
+def test_classify_help_shows_defaults(capsys):
+    out = " ".join(_help(capsys, "classify").split())
+    for default in ("(default: auto)", "(default: float32)", "(default: 5)", "(default: 16)", "(default: fail)"):
+        assert default in out, default
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"vithybrid-fast {importlib.metadata.version('vithybrid-fast')}\n"
+
+
+def test_version_in_a_source_tree_that_is_not_installed(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    declared = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert cli.package_version() == f"{declared} (source tree {ROOT}, not installed)"
 
 
 def test_bench_without_matplotlib_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`vithybrid-fast` command: classify images, run the offline demo, or the benchmark suite.
+"""`vithybrid-fast` command: classify, demo, eval, finetune, export, bench, doctor, warmup, tune.
 
 vithybrid-fast classify cat.jpg dog.png --top-k 3 --kernels auto
 vithybrid-fast demo
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
+import re
 import sys
 import time
 import warnings
@@ -18,6 +20,11 @@ from pathlib import Path
 import torch
 
 HUB_ID = "google/vit-hybrid-base-bit-384"
+DESCRIPTION = (
+    f"ViT Hybrid ({HUB_ID}) in PyTorch with Triton kernels: classify images, run the offline demo, "
+    "evaluate accuracy (eval), fine-tune (finetune), export to ONNX (export), run the benchmark suite (bench), "
+    "check what runs on this machine (doctor), precompile (warmup) or autotune (tune) the Triton kernels."
+)
 DISTRIBUTION = "vithybrid-fast"
 # top-level modules of the `bench` extra (pyproject.toml [project.optional-dependencies] bench)
 BENCH_EXTRA_MODULES = ("matplotlib",)
@@ -251,8 +258,25 @@ def cmd_bench(argv: list[str]) -> int:
         return 1
 
 
+def package_version() -> str:
+    """The installed distribution's version; in a source tree that is not installed, pyproject.toml's."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        match = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.MULTILINE)
+        if match:
+            return f"{match.group(1)} (source tree {pyproject.parent}, not installed)"
+    return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vithybrid-fast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="vithybrid-fast", description=DESCRIPTION, epilog="`vithybrid-fast COMMAND --help`: that command's options"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     classify = sub.add_parser(
@@ -264,22 +288,38 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "images", nargs="+", help="image files, directories (searched recursively for images) or quoted globs"
     )
-    classify.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory")
-    classify.add_argument("--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"])
-    classify.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    classify.add_argument(
+        "--model", default=HUB_ID, help="hub repo id or local checkpoint directory (default: %(default)s)"
+    )
+    classify.add_argument(
+        "--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"],
+        help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
+    )  # fmt: skip
+    classify.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="(default: %(default)s)")
     classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default cpu)")
-    classify.add_argument("--top-k", type=_positive_int, default=5)
-    classify.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward")
+    classify.add_argument("--top-k", type=_positive_int, default=5, help="labels per image (default: %(default)s)")
+    classify.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="images per forward (default: %(default)s)"
+    )
     classify.add_argument(
         "--on-error", default="fail", choices=["fail", "skip"],
         help="an unreadable image file: stop, or report it on stderr and skip it (default: %(default)s)",
     )  # fmt: skip
     classify.set_defaults(func=cmd_classify)
 
-    demo = sub.add_parser("demo", help="offline demo on a bundled photo: every attention path, timed")
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo on a bundled photo: every attention path, timed",
+        description="Offline demo: the bundled photo (or --image) through the base model with each attention "
+        "path — eager, sdpa, and triton where it runs — each timed on one forward after a warm-up, its logits "
+        "compared with eager's. Uses the hub checkpoint if it is in the local Hugging Face cache (the hub is "
+        "not contacted), else the same architecture with random weights, said plainly. Under TRITON_INTERPRET=1 "
+        "the Triton kernels run in the interpreter, where one base-model forward takes many minutes: they are "
+        "cross-checked against eager on a tiny config instead (one untimed forward, as doctor --check does).",
+    )
     demo.add_argument("--image", default=None, help="another image instead of the bundled one")
-    demo.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
-    demo.add_argument("--device", default=None)
+    demo.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="(default: %(default)s)")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("bench", help="the benchmark suite (same flags as python -m vithybrid_fast.bench)", add_help=False)

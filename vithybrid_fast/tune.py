@@ -30,9 +30,19 @@ def _csv(kind):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tune", help="autotune the kernels on this GPU and write its config tables")
-    parser.add_argument("--dtypes", type=_csv(str), default=["bfloat16", "float16", "float32"])
-    parser.add_argument("--batches", type=_csv(int), default=[1, 8, 64])
+    parser = subparsers.add_parser(
+        "tune",
+        help="autotune the kernels on this GPU and write its config tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=_csv(str),
+        default=["bfloat16", "float16", "float32"],
+        help="(default: bfloat16,float16,float32)",
+    )
+    parser.add_argument("--batches", type=_csv(int), default=[1, 8, 64], help="(default: 1,8,64)")
     parser.add_argument("--out", type=Path, default=None, help="table directory (default: the package's)")
     parser.add_argument("--no-backward", action="store_true", help="tune inference kernels only")
     parser.set_defaults(func=run)
