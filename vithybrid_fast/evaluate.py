@@ -222,26 +222,16 @@ def progress_bar(ctx: Any, desc: str, **extra: Any) -> Callable[[Any], Any] | No
     return lambda iterable: tqdm(iterable, desc=desc, dynamic_ncols=True, **extra)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 (0: load in the main process), got {value}")
-    return value
-
-
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags `eval` and `finetune` share."""
-    from .cli import _positive_int
+    from .cli import _positive_int, int_at_least
     from .distributed import MAX_DEFAULT_WORKERS, default_num_workers
 
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per step, over all ranks")
     workers = default_num_workers()
     parser.add_argument(
         "--num-workers",
-        type=_non_negative_int,
+        type=int_at_least(0, "0: load in the main process"),
         default=workers,
         help=f"DataLoader worker processes per rank (default here: {workers} = min({MAX_DEFAULT_WORKERS}, "
         "CPUs usable))",

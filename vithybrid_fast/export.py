@@ -447,6 +447,8 @@ def _backbone_stride(model: nn.Module) -> int:
 # `vithybrid-fast export`
 # ---------------------------------------------------------------------------------------------
 def register(subparsers: Any) -> None:
+    from .cli import _positive_int
+
     parser = subparsers.add_parser(
         "export",
         help="export the model to ONNX, verified in ONNX Runtime",
@@ -466,12 +468,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--hidden-states", action="store_true", help="also output the stacked hidden states")
     parser.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
