@@ -157,30 +157,25 @@ def _demo_model(device: torch.device, dtype: torch.dtype):
         return model.to(device=device, dtype=dtype), False
 
 
-def _tiny_triton_check(image, dtype: torch.dtype, device: torch.device) -> tuple[float, tuple[int, ...]]:
-    """max |Δlogit| of every Triton kernel vs eager attention on the tiny config `doctor --check` uses
-    (random weights, seed 0), one untimed forward each on `image` at that config's size; and the logits' shape.
-    Under the Triton interpreter one base-model forward takes many minutes; the tiny one, seconds."""
-    from .diagnostics import tiny_config
+def _tiny_triton_check(image, dtype: torch.dtype, device: torch.device):
+    """Every Triton kernel on the tiny config `doctor --check` uses (random weights, seed 0), judged as it
+    judges: the patched model's logits against float64, beside plain torch's in the same dtype, one
+    untimed forward each on `image` at that config's size. Under the Triton interpreter one base-model
+    forward takes many minutes; the tiny one, seconds. Returns diagnostics' CheckRow."""
+    from .diagnostics import model_check, reference_logits, tiny_config
     from .gpu_support import true_fp32
     from .modeling import ViTHybridForImageClassification
-    from .patching import patch, unpatch
     from .processing import ViTHybridImageProcessor
 
     torch.manual_seed(0)
-    model = ViTHybridForImageClassification(tiny_config()).eval().to(device=device, dtype=dtype)
+    model = ViTHybridForImageClassification(tiny_config()).eval().to(device)
     height, width = model.config.image_size_hw
     processor = ViTHybridImageProcessor.for_base_384(
         size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
     )
-    pixels = processor([image], return_tensors="pt")["pixel_values"].to(device, dtype)
-    logits = {}
-    for kernels in ("eager", "triton"):
-        patch(model, kernels)
-        with torch.inference_mode(), true_fp32():
-            logits[kernels] = model(pixels).logits.float()
-        unpatch(model)
-    return (logits["triton"] - logits["eager"]).abs().max().item(), tuple(logits["eager"].shape)
+    pixels = processor([image], return_tensors="pt")["pixel_values"].to(device)
+    with true_fp32():
+        return model_check(model, pixels, reference_logits(model, pixels), dtype)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -204,8 +199,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     interpreted = triton_can_run(device) and interpreter_enabled()
     if interpreted:
         print("triton: TRITON_INTERPRET=1 runs the kernels in the Triton interpreter, where one forward of this model")
-        print("        takes many minutes: they are cross-checked against eager on a tiny config instead (random")
-        print("        weights, one untimed forward, as `vithybrid-fast doctor --check` does), after the table")
+        print("        takes many minutes: they are checked on a tiny config instead (random weights, one untimed")
+        print("        forward, against float64 beside plain torch, as `vithybrid-fast doctor --check` does), after")
+        print("        the table")
     elif triton_can_run(device):
         paths.append("triton")
     else:
@@ -236,14 +232,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         best = top_k(logits, model.config.id2label, 1)[0][0]
         diff = (logits - reference).abs().max().item()
         print(f"{kernels:<8} {ms:9.1f} {diff:22.2e}  {best[0]} ({best[1]:.3f})")
-    if interpreted:
-        diff, shape = _tiny_triton_check(images[0], model.dtype, device)
-        print(f"tiny-config cross-check (triton, interpreted, untimed): max |Δlogit| vs eager {diff:.2e} "
-              f"(logits {'×'.join(map(str, shape))})")  # fmt: skip
+    check = _tiny_triton_check(images[0], model.dtype, device) if interpreted else None
+    if check is not None:
+        verdict = "ok" if check.ok else f"FAIL{': ' + check.error if check.error else ''}"
+        print(
+            f"tiny-config cross-check (triton, interpreted, untimed, {check.case}): max |Δlogit| vs float64 "
+            f"{check.kernel_err:.2e}, plain torch {check.torch_err:.2e}, bound {check.bound:.2e}: {verdict}"
+        )
     print("top-5 (eager):" + ("" if pretrained else "  [random weights]"))
     for label, prob in top_k(reference, model.config.id2label, 5)[0]:
         print(f"  {prob:7.4f}  {label}")
-    return 0
+    return 1 if check is not None and not check.ok else 0
 
 
 def cmd_bench(argv: list[str]) -> int:
