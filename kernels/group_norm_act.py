@@ -452,3 +452,9 @@ def group_norm_act(
     if not needs_registered_op(x, weight, bias, residual):
         return launch_forward(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
     return _group_norm_act_op(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
+
+
+# The backward's module takes names from this one, so it is imported last, once they all exist. Importing
+# it here, not only inside the backward op, registers its tuned kernel (group_norm_act_bwd_apply) with the
+# package: `force_config`, `vithybrid-fast tune` and the tables know it before any backward has run.
+from . import _group_norm_act_backward  # noqa: E402, F401

@@ -184,6 +184,21 @@ def test_tune_exercises_every_kernel_family(monkeypatch):
     assert {"fused_linear", "attention_fwd", "attention_dkdv", "attention_dq"} <= launched
 
 
+def test_importing_the_package_registers_every_tuned_kernel():
+    # A fresh process that imports only the package knows every tuned kernel with a table: before, the
+    # group_norm_act backward's was registered only once a backward had run, so force_config on it failed
+    # when a test ran alone (KeyError: no tuned kernel named 'group_norm_act_bwd_apply').
+    import os
+    import subprocess
+    import sys
+
+    code = "import vithybrid_fast.kernels, vithybrid_fast.kernels._tuning as t; print(' '.join(sorted(t.REGISTRY)))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == sorted(p.stem for p in _tuning.TABLE_DIR.glob("*.json"))
+
+
 def test_shipped_tables_name_real_kernels_and_configs():
     # Every table in the package is valid: a known tuned kernel, and config ids it can launch.
     import importlib
