@@ -161,7 +161,7 @@ def _gn_apply(
     tl.store(y_ptr + image + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@jit
 def _gn_fwd_single_pass(
     x_ptr,  # (N, C, S) input
     res_ptr,  # (N, C, S) residual (own layout) or unused

@@ -126,9 +126,11 @@ def _jit_function(kernel: Any, args: dict[str, Any]) -> tuple[Any, dict[str, Any
 
 def _bind(kernel: Any, args: dict[str, Any], config: Any, target: Any):
     """Triton's own launch-time binding (JITFunction.run), for `target` instead of the current device."""
+    from ._tuning import FP_FUSION
+
     merged = {**args, **config.kwargs}
     fn, merged = _jit_function(kernel, merged)
-    return bind_call(fn, {**merged, **config.all_kwargs()}, target)
+    return bind_call(fn, {**merged, **config.all_kwargs(), "enable_fp_fusion": FP_FUSION}, target)
 
 
 def bind_call(fn: Any, call: dict[str, Any], target: Any):

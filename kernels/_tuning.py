@@ -284,6 +284,24 @@ def jit(
             dns = [n for n in do_not_specialize if n not in constexpr_under_interpreter]
         else:
             dns = list(do_not_specialize)
-        return triton.jit(f, do_not_specialize=dns or None)
+        return _pin_fp_fusion(triton.jit(f, do_not_specialize=dns or None))
 
     return wrap if fn is None else wrap(fn)
+
+
+# FMA contraction (a*b+c in one rounding), stated at every launch instead of left to Triton's default:
+# triton 3.9 warns that the default turns off in 3.10, which would change every kernel's rounding and
+# speed on an upgrade without a word. kernels/_offline.py binds the same option, so `warmup` compiles
+# what a run launches.
+FP_FUSION = True
+
+
+def _pin_fp_fusion(kernel: Any) -> Any:
+    """`kernel` whose every launch (direct, or through an autotuner or heuristics) passes FP_FUSION."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("enable_fp_fusion", FP_FUSION)
+        return type(kernel).run(kernel, *args, **kwargs)  # looked up per call: tests may patch the class
+
+    kernel.run = run
+    return kernel

@@ -216,3 +216,31 @@ def test_shipped_tables_name_real_kernels_and_configs():
         known = {config_id(c) for c in kernel.configs}
         for gpu, rows in json.loads(path.read_text()).items():
             assert gpu and all(cfg in known for cfg in rows.values()), f"{path.name}: {gpu}"
+
+
+def test_every_launch_states_fp_fusion(monkeypatch, device):
+    """FMA contraction is passed at each launch, direct or through an autotuner and heuristics, rather than
+    left to Triton's default (which triton 3.10 turns off: every kernel's rounding would change)."""
+    from vithybrid_fast.kernels import attention, weight_standardize
+    from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
+
+    kernel_class = type(attention._attn_bwd_delta)  # InterpretedFunction here, JITFunction on a GPU
+    real_run = kernel_class.run
+    seen: list[tuple[str, object]] = []
+
+    def spy(self, *args, **kwargs):
+        seen.append((getattr(self, "__name__", None) or self.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", spy)
+    q, k, v = (torch.randn(1, 2, 20, 32, device=device, requires_grad=True) for _ in range(3))
+    attention.flash_attention(q, k, v).sum().backward()  # autotuned forward, direct delta, two backward
+    x = torch.randn(5, 32, device=device)
+    mean, rstd = layer_norm_stats(x, 1e-5)
+    fused_linear(x, torch.randn(16, 32, device=device), ln=(mean, rstd, torch.ones(32, device=device),
+                 torch.zeros(32, device=device)), activation="gelu")  # fmt: skip
+    weight_standardize(torch.randn(8, 4, 3, 3, device=device))
+    names = {name for name, _ in seen}
+    assert {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_layer_norm_stats_kernel",
+            "_fused_linear_kernel", "_weight_standardize_fwd"} <= names, names  # fmt: skip
+    assert {flag for _, flag in seen} == {_tuning.FP_FUSION} == {True}
