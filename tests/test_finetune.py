@@ -116,6 +116,57 @@ def test_resumed_run_ends_with_the_same_weights(trained):
     ]
 
 
+def first_step_loss(root, label_smoothing: float) -> torch.Tensor:
+    """The first optimizer step's loss, computed by hand: the new head, the sampler's first 8 images with
+    the evaluation preprocessing (no augmentation), the model's CrossEntropyLoss or a smoothed one."""
+    processor = vf.load_processor(root / "start")
+    data = open_dataset(root / "data" / "train", ImagePipeline(processor))
+    sampler = torch.utils.data.distributed.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    batch = collate([data[i] for i in list(sampler)[:8]])
+    model = classifier_for_classes(str(root / "start"), list(CLASSES), seed=0).train()
+    pixels = data.pipeline.normalize(batch["pixels"])
+    with torch.no_grad():
+        if label_smoothing == 0.0:
+            return model(pixels, labels=batch["labels"]).loss
+        logits = model(pixels).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_training_loss_is_the_models_cross_entropy_with_label_smoothing(trained, label_smoothing):
+    root, _ = trained
+    out = root / f"smoothing-{label_smoothing}"
+    finetune(config(root, out, epochs=1, augment="none", label_smoothing=label_smoothing))
+    logged = next(r["loss"] for r in read_log(out / "train_log.jsonl") if r["type"] == "step")
+    expected = first_step_loss(root, label_smoothing).item()
+    assert logged == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    if label_smoothing:  # smoothing raises the loss of a confident model; here it must change it at all
+        assert abs(expected - first_step_loss(root, 0.0).item()) > 1e-3
+
+
+def test_training_images_are_augmented_by_default(trained):
+    root, _ = trained
+    augmented = next(r["loss"] for r in read_log(root / "out" / "train_log.jsonl") if r["type"] == "step")
+    assert FinetuneConfig(data="d", model="m", output_dir=root).augment == "crop-flip"
+    assert abs(augmented - first_step_loss(root, 0.0).item()) > 1e-4  # other pixels than the eval ones
+
+
+def test_resuming_a_state_saved_before_augmentation_existed(trained):
+    """Older training states name no augmentation: they ran without, so --augment none continues them."""
+    root, _ = trained
+    out = root / "older"
+    finetune(config(root, out, epochs=2, max_epochs_this_run=1, augment="none"))
+    state_path = out / "last" / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    for key in ("augment", "min_crop_scale", "label_smoothing"):
+        del state["config"][key]
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match="other settings than the interrupted run: augment: none → crop-flip"):
+        finetune(config(root, out, epochs=2, resume=True))
+    # the crop scale is no setting of a run without crops: another value does not block the resume
+    assert finetune(config(root, out, epochs=2, resume=True, augment="none", min_crop_scale=0.5))["last_epoch"] == 2
+
+
 def test_freeze_backbone_and_gradient_accumulation(trained):
     root, _ = trained
     runs = {}
@@ -147,6 +198,16 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
         == 1
     )
     assert "other settings than the interrupted run: lr: 0.001 → 0.5" in capsys.readouterr().err
+    for flag, value, reason in (
+        ("--min-crop-scale", "0", "--min-crop-scale 0.0: must lie in (0, 1]"),
+        ("--label-smoothing", "1", "--label-smoothing 1.0: must lie in [0, 1)"),
+    ):
+        assert main([*argv, "--output-dir", str(root / "x"), flag, value]) == 1
+        assert reason in capsys.readouterr().err
+    assert not (root / "x").exists()  # refused before anything was written
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--output-dir", str(root / "x"), "--augment", "mixup"])
+    assert usage.value.code == 2
     with pytest.raises(SystemExit) as usage:  # float16 would need loss scaling: not offered
         main([*argv, "--output-dir", str(root / "x"), "--dtype", "float16"])
     assert usage.value.code == 2

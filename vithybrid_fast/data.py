@@ -179,10 +179,19 @@ class ImagePipeline:
 
 
 class LabelledImages(torch.utils.data.Dataset):
-    """Samples + classes; item i → {"index", "label", "pixels": uint8 (3, H, W)} or {"index", "label", "error"}."""
+    """Samples + classes; item i → {"index", "label", "pixels": uint8 (3, H, W)} or {"index", "label", "error"}.
+
+    With `augment` set (training), the pixels are that augmentation's draw for (index, epoch)."""
 
     def __init__(self, samples: list[Sample], classes: list[str], pipeline: ImagePipeline, name: str = "") -> None:
         self.samples, self.classes, self.pipeline, self.name = samples, classes, pipeline, name
+        self.augment: Any = None  # a TrainAugment for training data (see `augment.py`), else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the augmentation draws for. DataLoader workers copy the dataset when an epoch's
+        iteration starts, so this must be set before it, with non-persistent workers (`finetune` does)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -194,7 +203,11 @@ class LabelledImages(torch.utils.data.Dataset):
         sample = self.samples[index]
         item: dict[str, Any] = {"index": index, "label": sample.label}
         try:
-            item["pixels"] = self.pipeline.to_uint8(self.load_image(index))
+            image = self.load_image(index)
+            if self.augment is None:
+                item["pixels"] = self.pipeline.to_uint8(image)
+            else:
+                item["pixels"] = self.augment.to_uint8(image, index, self.epoch)
         except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError…
             item["error"] = f"{sample.source}: {type(err).__name__}: {err}"
         return item

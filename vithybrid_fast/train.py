@@ -12,9 +12,11 @@ checkpoint `vf.load` reads; a headless ViTHybridModel checkpoint too).
 Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), linear warm-up then cosine
 decay per optimizer step, gradient clipping, bf16 autocast on GPUs that support it, gradient
 accumulation, `--freeze-backbone` (train the head only), our Triton kernels forward and backward on a
-GPU (`--kernels auto`; SDPA on a CPU). `--batch-size` is the *global* batch of one optimizer step: each
-of W ranks runs batch/(W·accum) images per micro-step, so W, accum and the batch are independent choices
-that give the same optimisation.
+GPU (`--kernels auto`; SDPA on a CPU). Training images are augmented (`--augment`: random resized crop
+and horizontal flip by default, seeded per image and epoch, see `augment.py`); validation images get
+the checkpoint's own preprocessing. `--label-smoothing` softens the cross-entropy targets.
+`--batch-size` is the *global* batch of one optimizer step: each of W ranks runs batch/(W·accum) images
+per micro-step, so W, accum and the batch are independent choices that give the same optimisation.
 
 Every epoch: validation (exact counts over ranks), `OUT/last` and, when validation top-1 improves,
 `OUT/best`, each a `save_pretrained` directory (config.json, model.safetensors and the processor's
@@ -41,13 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .distributed import default_num_workers
 
 TRAINING_STATE = "training_state.pt"
 LOG_NAME = "train_log.jsonl"
 # settings that must match for --resume to continue the same run
-RESUME_KEYS = ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "freeze_backbone")
+RESUME_KEYS = (
+    "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "freeze_backbone",
+    "augment", "min_crop_scale", "label_smoothing",
+)  # fmt: skip
+# what a training state saved before a setting existed ran with
+RESUME_DEFAULTS_OF_OLDER_STATES = {"augment": "none", "label_smoothing": 0.0}
 
 
 @dataclass
@@ -64,6 +72,9 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     freeze_backbone: bool = False
+    augment: str = "crop-flip"  # crop-flip | flip | none (see augment.py)
+    min_crop_scale: float = 0.08  # smallest crop area of crop-flip, as a fraction of the image
+    label_smoothing: float = 0.0
     kernels: str = "auto"
     dtype: str = "auto"
     device: str | None = None
@@ -245,6 +256,26 @@ def _checked_batch_split(cfg: FinetuneConfig, ctx: Any) -> int:
     return per_rank
 
 
+def check_settings(cfg: FinetuneConfig) -> None:
+    """Reject settings no run can use, before any data or weights are read."""
+    from .augment import MODES
+
+    if cfg.augment not in MODES:
+        raise ValueError(f"--augment {cfg.augment!r}: choose one of {', '.join(MODES)}")
+    if not 0.0 < cfg.min_crop_scale <= 1.0:
+        raise ValueError(f"--min-crop-scale {cfg.min_crop_scale}: must lie in (0, 1] (a fraction of the image area)")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing {cfg.label_smoothing}: must lie in [0, 1)")
+
+
+def _resume_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share; the crop scale only matters when crops are drawn."""
+    settings = {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
+    if settings["augment"] != "crop-flip":
+        settings.pop("min_crop_scale")
+    return settings
+
+
 def _resume_state(cfg: FinetuneConfig) -> dict[str, Any] | None:
     state_path = Path(cfg.output_dir) / "last" / TRAINING_STATE
     if not cfg.resume:
@@ -252,8 +283,9 @@ def _resume_state(cfg: FinetuneConfig) -> dict[str, Any] | None:
     if not state_path.is_file():
         raise FileNotFoundError(f"--resume: {state_path} does not exist (no finished epoch to continue from)")
     state = torch.load(state_path, weights_only=True)
-    saved = state["config"]
-    changed = [f"{k}: {saved[k]} → {getattr(cfg, k)}" for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    saved = _resume_settings(state["config"])
+    now = _resume_settings({k: getattr(cfg, k) for k in RESUME_KEYS})
+    changed = [f"{k}: {saved.get(k)} → {now.get(k)}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"--resume with other settings than the interrupted run: {', '.join(changed)}")
     return state
@@ -261,6 +293,7 @@ def _resume_state(cfg: FinetuneConfig) -> dict[str, Any] | None:
 
 def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     """Data, model, optimizer and schedule (restored with --resume); returns the run and its first epoch."""
+    from .augment import TrainAugment
     from .cli import _processor_for
     from .config import ViTHybridConfig
     from .data import ImagePipeline, collate, open_dataset
@@ -271,6 +304,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     kernels = "triton" if cfg.kernels == "auto" and ctx.device.type == "cuda" else cfg.kernels
     kernels = "sdpa" if kernels == "auto" else kernels
     validate_kernels(kernels, ctx.device)  # before any data or weights are read
+    check_settings(cfg)
     per_rank = _checked_batch_split(cfg, ctx)
     state = _resume_state(cfg)
     seed_everything(cfg.seed)
@@ -280,6 +314,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     train_spec, val_spec = data_specs(cfg.data)
     train_data = open_dataset(train_spec, pipeline, split=cfg.train_split)
     val_data = open_dataset(val_spec, pipeline, classes=train_data.classes, split=cfg.val_split)
+    train_data.augment = TrainAugment(pipeline, cfg.augment, cfg.min_crop_scale, cfg.seed)
 
     out = Path(cfg.output_dir)
     if state is not None:
@@ -305,7 +340,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     )
     train_loader = torch.utils.data.DataLoader(
         train_data, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
-        drop_last=True, pin_memory=ctx.device.type == "cuda",
+        drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=False,  # see set_epoch
     )  # fmt: skip
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -330,8 +365,10 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
         print(
             f"finetune: {len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes, "
             f"{ctx.world_size} rank(s) on {ctx.device}, kernels {kernels}, "
-            f"autocast {str(run.autocast_dtype).removeprefix('torch.')}, {steps_per_epoch} steps/epoch × "
-            f"{cfg.epochs} epochs" + (f", resuming after epoch {first_epoch}" if first_epoch else "")
+            f"autocast {str(run.autocast_dtype).removeprefix('torch.')}, augment {train_data.augment.describe()}"
+            + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+            + f", {steps_per_epoch} steps/epoch × {cfg.epochs} epochs"
+            + (f", resuming after epoch {first_epoch}" if first_epoch else "")
         )
     return run, first_epoch
 
@@ -344,6 +381,7 @@ def _train_epoch(run: _Run, epoch: int) -> float:
 
     cfg, ctx = run.cfg, run.ctx
     run.sampler.set_epoch(epoch)
+    run.train_loader.dataset.set_epoch(epoch)  # the augmentation's draws
     bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch * cfg.grad_accum)
     batches = bar(run.train_loader) if bar is not None else run.train_loader
     mixed = run.autocast_dtype != torch.float32
@@ -364,7 +402,9 @@ def _train_epoch(run: _Run, epoch: int) -> float:
         # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
         with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
             with autocast:
-                loss = run.trained(pixels, labels=labels).loss / cfg.grad_accum
+                logits = run.trained(pixels).logits
+                # the model's own loss (CrossEntropyLoss), with the targets' label smoothing
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing) / cfg.grad_accum
             loss.backward()
         step_loss += loss.detach().float()
         images += len(labels)
@@ -459,6 +499,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     parser.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the classification head only")
+    parser.add_argument("--augment", default="crop-flip", choices=["crop-flip", "flip", "none"],
+                        help="training images: random resized crop + horizontal flip, flip only, or none "
+                        "(the evaluation preprocessing)")  # fmt: skip
+    parser.add_argument("--min-crop-scale", type=float, default=0.08,
+                        help="crop-flip: smallest crop, as a fraction of the image area")  # fmt: skip
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="autocast dtype (auto: bfloat16 on GPUs that have it, else float32)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
