@@ -198,3 +198,116 @@ def test_dtype_auto_from_a_half_precision_checkpoint(tmp_path, hf_model):
     for key, value in half.state_dict().items():
         got = model.state_dict()[key]
         assert got.dtype == torch.float16 and torch.equal(got, value), key
+
+
+# -- a config.json that leaves out a shape-defining field -----------------------------------------
+def _drop_from_config(directory: Path, *keys: str) -> Path:
+    """Delete keys ("backbone_config.embedding_size" for a nested one) from a saved config.json."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        del node[leaf]
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _load_error(directory: Path) -> str:
+    with pytest.raises(vf.CheckpointError) as info:
+        vf.load(directory, kernels="eager")
+    return str(info.value)
+
+
+def _shown(message: str, kind: str) -> int:
+    """How many keys of one kind (missing, unexpected, mis-shaped) the message lists before "… and N more"."""
+    listing = message.split(f"{kind} (", 1)[1].split("): ", 1)[1].split("; ")[0].split(" … and ")[0]
+    return listing.count(": checkpoint (") if kind == "mis-shaped" else len(listing.split(", "))
+
+
+def test_a_config_without_hidden_size_names_the_cause(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    path = _drop_from_config(tmp_path, "hidden_size")
+    message = _load_error(tmp_path)
+    # the cause leads: which file, which field, and the default that was taken instead
+    assert message.startswith(f"{path} does not set hidden_size (so 768 was used)"), message
+    # then a short sample of what does not fit, not every one of the ~37 mis-shaped keys
+    total = int(message.split("mis-shaped (", 1)[1].split(")", 1)[0])
+    assert total > 30
+    assert _shown(message, "mis-shaped") == 5
+    assert f"… and {total - 5} more" in message
+    assert len(message.splitlines()) <= 3 and len(message) < 1200, message
+
+
+@pytest.mark.parametrize(("dropped", "named"), [
+    # 12 layers built for a 2-layer checkpoint: missing keys, not mis-shaped ones
+    (["num_hidden_layers"], "num_hidden_layers (so 12 was used)"),
+    (["intermediate_size"], "intermediate_size (so 3072 was used)"),
+    # transformers writes the whole label map; without it (and num_labels) two labels are assumed
+    (["id2label", "label2id"], "id2label or num_labels (so 2 labels were used)"),
+    # a backbone field: its weights do not fit
+    (["backbone_config.embedding_size"], "backbone_config.embedding_size (so 64 was used)"),
+])  # fmt: skip
+def test_a_config_without_an_architecture_field_names_it(tmp_path, hf_model, dropped, named):
+    hf_model.save_pretrained(tmp_path)
+    path = _drop_from_config(tmp_path, *dropped)
+    message = _load_error(tmp_path)
+    assert message.startswith(f"{path} does not set {named}"), message
+
+
+def test_the_defaulted_fields_are_recorded_by_the_config(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    complete = vf.ViTHybridConfig.from_pretrained(tmp_path)
+    # transformers leaves backbone fields equal to its defaults out; ours are the same defaults
+    assert "hidden_size" not in complete.defaulted_fields
+    assert complete.config_file == str(tmp_path / "config.json")
+    _drop_from_config(tmp_path, "hidden_size", "backbone_config.embedding_size")
+    config = vf.ViTHybridConfig.from_pretrained(tmp_path)
+    assert config.defaulted_fields["hidden_size"] == 768
+    assert config.defaulted_fields["backbone_config.embedding_size"] == 64
+    # not part of the config itself: saving writes the values used, and equality ignores it
+    assert "defaulted_fields" not in config.to_dict() and "config_file" not in config.to_dict()
+    assert vf.ViTHybridConfig.from_dict(config.to_dict()).defaulted_fields == {}
+
+
+def test_a_genuine_mismatch_with_a_complete_config_makes_no_claim_about_it(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["classifier.weight"] = torch.zeros(5, 48)
+    save_file(state, tmp_path / "model.safetensors")
+    message = _load_error(tmp_path)
+    assert "does not set" not in message, message
+    assert "mis-shaped (1): classifier.weight: checkpoint (5, 48) vs model (7, 48)" in message
+    assert "more" not in message
+
+
+def test_a_defaulted_field_that_cannot_explain_the_mismatch_is_not_blamed(tmp_path, hf_model):
+    # qkv_bias decides only the attention biases; a wrong classifier is not its doing
+    hf_model.save_pretrained(tmp_path)
+    _drop_from_config(tmp_path, "qkv_bias")
+    state = load_file(tmp_path / "model.safetensors")
+    state["classifier.weight"] = torch.zeros(5, 48)
+    save_file(state, tmp_path / "model.safetensors")
+    message = _load_error(tmp_path)
+    assert "does not set" not in message and "qkv_bias" not in message, message
+
+
+def test_many_mismatches_are_capped(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    reshaped = sorted(k for k, v in state.items() if v.ndim == 2)
+    assert len(reshaped) > 10
+    for key in reshaped:
+        state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    for index in range(7):
+        state[f"vit.extra.{index}.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    message = _load_error(tmp_path)
+    assert "does not set" not in message, message
+    assert f"mis-shaped ({len(reshaped)}): " in message
+    assert _shown(message, "mis-shaped") == 5
+    assert f"… and {len(reshaped) - 5} more" in message
+    assert "unexpected (7): " in message and _shown(message, "unexpected") == 5 and "… and 2 more" in message
+    assert len(message) < 1200, message

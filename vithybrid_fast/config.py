@@ -236,6 +236,11 @@ class ViTHybridConfig(_ConfigBase):
         self.attn_implementation = attn_implementation
         self._set_labels(id2label, label2id, num_labels)
         self._validate()
+        # Set by from_json_file: the file read, and the fields it left out → the default each took
+        # (backbone ones dotted, "backbone_config.depths"). Not part of the config (to_dict, ==): the
+        # loader names them when the weights do not fit, since a left-out size is the likeliest cause.
+        self.config_file: str | None = None
+        self.defaulted_fields: dict[str, Any] = {}
 
     # -- labels ---------------------------------------------------------------------------------
     def _set_labels(self, id2label: Any, label2id: Any, num_labels: int | None) -> None:
@@ -361,7 +366,7 @@ class ViTHybridConfig(_ConfigBase):
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         try:
-            return cls.from_dict(data)
+            config = cls.from_dict(data)
         except ValueError as err:
             # A field missing from a hand-edited file takes its default, and the error then names the
             # contradiction, not the missing field: say both, and which file.
@@ -369,6 +374,32 @@ class ViTHybridConfig(_ConfigBase):
             missing = [key for key in [*own, "backbone_config", "id2label"] if key not in data]
             hint = f" (not in the file, so defaulted: {', '.join(missing)})" if missing else ""
             raise ValueError(f"{path}: {err}{hint}") from err
+        config.config_file = str(path)
+        config.defaulted_fields = config._defaulted_in(data)
+        return config
+
+    def _defaulted_in(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields `data` leaves out → the default each took (derived ones, like stage_names, aside).
+
+        transformers writes every top-level field and the whole label map, but only the backbone fields
+        that differ from its defaults (which are ours), so a left-out backbone field is usual."""
+        defaulted = {
+            key: copy.deepcopy(getattr(self, key))
+            for key in self._DEFAULTS
+            if key not in _GENERIC_DEFAULTS and key not in data
+        }
+        if "id2label" not in data and "num_labels" not in data:
+            defaulted["id2label"] = dict(self.id2label)
+        backbone = data.get("backbone_config")
+        if not isinstance(backbone, dict):
+            defaulted["backbone_config"] = self.backbone_config.to_dict()
+            return defaulted
+        for key in BitConfig._DEFAULTS:
+            if key not in backbone and key not in ("out_features", "out_indices"):
+                defaulted[f"backbone_config.{key}"] = copy.deepcopy(getattr(self.backbone_config, key))
+        if "out_features" not in backbone and "out_indices" not in backbone:
+            defaulted["backbone_config.out_features"] = list(self.backbone_config.out_features)
+        return defaulted
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **hub_kwargs: Any) -> ViTHybridConfig:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,23 +172,118 @@ def build_for_keys(config: ViTHybridConfig, keys: set[str]) -> ViTHybridPreTrain
         )
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+SHOWN = 5  # keys listed per kind in a mismatch error; the rest are counted
+
+
+def _in_backbone(key: str) -> bool:
+    return ".backbone." in key
+
+
+def _in_layer(part: str) -> Callable[[str], bool]:
+    pattern = re.compile(rf"encoder\.layer\.\d+\.{part}")
+    return lambda key: pattern.search(key) is not None
+
+
+def _in_patch_embedding(key: str) -> bool:
+    return "patch_embeddings.projection." in key or "position_embeddings" in key
+
+
+# What each config field that decides weights decides: which keys (a predicate), and whether it decides
+# their sizes or which of them exist. transformers writes every top-level field but only the backbone
+# fields that differ from its defaults (ours): a left-out field is blamed only where its default shows.
+_DECIDES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "hidden_size": (lambda key: not _in_backbone(key), "size"),
+    "num_hidden_layers": (_in_layer(""), "presence"),
+    "intermediate_size": (_in_layer(r"(intermediate|output)\.dense\."), "size"),
+    "qkv_bias": (_in_layer(r"attention\.attention\.(query|key|value)\.bias$"), "presence"),
+    "patch_size": (_in_patch_embedding, "size"),
+    "backbone_featmap_shape": (_in_patch_embedding, "size"),
+    "id2label": (lambda key: key.startswith("classifier."), "size"),
+    "num_channels": (_in_backbone, "size"),
+    "backbone_config": (_in_backbone, "any"),
+    "backbone_config.depths": (_in_backbone, "presence"),
+    "backbone_config.layer_type": (_in_backbone, "presence"),
+    **{
+        f"backbone_config.{field}": (_in_backbone, "size")
+        for field in ("num_channels", "embedding_size", "hidden_sizes", "width_factor")
+    },
+}
+
+
+def _differing_dims(checkpoint: tuple[int, ...], model: tuple[int, ...]) -> set[int]:
+    """The model's dimensions where its shape departs from the checkpoint's."""
+    if len(checkpoint) != len(model):
+        return set(model)
+    return {m for c, m in zip(checkpoint, model) if c != m}
+
+
+def _defaulted_causes(
+    config: ViTHybridConfig | None, absent_or_extra: list[str], misshaped: dict[str, set[int]]
+) -> list[str]:
+    """The fields config.json left out whose default shows in what does not fit, described.
+
+    A field deciding which weights exist is blamed for a missing or unexpected key it decides; one
+    deciding sizes, for a mis-shaped key it decides where the model's differing size is its default
+    (hidden_size 768 in (80, 768) vs the checkpoint's (80, 48))."""
+    causes = []
+    for field, value in (getattr(config, "defaulted_fields", None) or {}).items():
+        if field not in _DECIDES:
+            continue
+        decides, kind = _DECIDES[field]
+        if field == "id2label":
+            sizes = {len(value)}
+        else:
+            sizes = set(value) if isinstance(value, (list, tuple)) else {value} if isinstance(value, int) else set()
+        absence = kind != "size" and any(decides(key) for key in absent_or_extra)
+        shape = kind != "presence" and any(
+            decides(key) and (kind == "any" or dims & sizes) for key, dims in misshaped.items()
+        )
+        if absence or shape:
+            causes.append(_describe_default(field, value))
+    return causes
+
+
+def _describe_default(field: str, value: Any) -> str:
+    if field == "id2label":
+        return f"id2label or num_labels (so {len(value)} labels were used)"
+    if field == "backbone_config":
+        return "backbone_config (so the default BiT-R50 backbone was used)"
+    return f"{field} (so {json.dumps(value)} was used)"
+
+
+def check_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, config: ViTHybridConfig | None = None
+) -> None:
+    """Raise CheckpointError unless `state` has exactly the model's keys and shapes.
+
+    When the config was read from a file that left out a field deciding the keys that do not fit,
+    the error leads with that field and the default it took — the likeliest cause — and then shows
+    the first few keys of each kind, counting the rest."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
+    misshaped = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if not (missing or unexpected or misshaped):
+        return
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:SHOWN]) + (f" … and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+    described = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}" for k in misshaped]
+    parts = [f"{name} ({len(items)}): {show(items)}" for name, items in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", described)) if items]  # fmt: skip
+    config = config if config is not None else getattr(model, "config", None)
+    causes = _defaulted_causes(
+        config, missing + unexpected, {k: _differing_dims(tuple(state[k].shape), expected[k]) for k in misshaped}
     )
-    if missing or unexpected or mismatched:
-
-        def show(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-        parts = [f"{name} ({len(items)}): {show(items)}" for name, items in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)) if items]  # fmt: skip
-        raise CheckpointError(f"{source} does not match its config.json — " + "; ".join(parts))
+    if causes:
+        config_file = getattr(config, "config_file", None) or "config.json"
+        lead = (
+            f"{config_file} does not set {', '.join(causes)}, which is likely why the weights in {source} "
+            f"do not fit the model built from it (set {'them' if len(causes) > 1 else 'it'} to the checkpoint's value)"
+        )
+        raise CheckpointError(f"{lead} — " + "; ".join(parts))
+    raise CheckpointError(f"{source} does not match its config.json — " + "; ".join(parts))
 
 
 def load_model(
@@ -212,7 +308,7 @@ def load_model(
             )
         if not issubclass(model_class, ViTHybridPreTrainedModel):
             raise TypeError(f"model_class must be one of our ViTHybrid classes, got {model_class!r}")
-    check_state_dict(model, state, str(name_or_path))
+    check_state_dict(model, state, str(name_or_path), config)
     model.load_state_dict(state, strict=True, assign=True)
     if model_class is ViTHybridModel and isinstance(model, ViTHybridForImageClassification):
         logger.info("%s: the classification head is dropped (ViTHybridModel asked for)", name_or_path)
