@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._group_norm_act_layout import _dense, _layout, _span_block, _to_layout
 from ._group_norm_act_plan import GPU_BLOCKS, INTERPRETER_BLOCKS, cdiv, reduce_plan
 from ._group_norm_act_tiles import _apply_tile, _tile_offsets, tuned_apply
 from ._tuning import jit
-from .group_norm_act import _dense, _layout, _sm_count_or_one, _small_blocks, _span_block, _to_layout
 
 
 @jit(constexpr_under_interpreter=["ITERS"], do_not_specialize=["G", "CG", "P", "ITERS"])
@@ -155,10 +155,12 @@ def bwd_apply_block(interpreter: bool) -> int:
     return (INTERPRETER_BLOCKS if interpreter else GPU_BLOCKS).apply
 
 
-def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
+def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool, sm_count: int, small_blocks: bool):
     """(dx, d residual or None, dw, db), dw and db float32 sums; dx and d residual in `_dense(x)`'s layout.
 
     `x` and `weight` (None: ones) are the forward's inputs, `y` its output (read only when `relu`).
+    `sm_count` and `small_blocks` are the plans' inputs, from group_norm_act.py's `_sm_count_or_one` and
+    `_small_blocks`: its test hooks, read there so this module needs nothing from that one.
     """
     x = _dense(x)
     channels_last = bool(_layout(x))
@@ -170,7 +172,7 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
         zeros = weight.new_zeros(c, dtype=torch.float32)
         return torch.zeros_like(x), (torch.zeros_like(x) if need_gz else None), zeros, zeros.clone()
     s, cg = x.numel() // (n * c), c // mean.shape[1]
-    block_c, block_s, iters, chunks = reduce_plan(n, c, s, channels_last, _sm_count_or_one(x.device), _small_blocks())
+    block_c, block_s, iters, chunks = reduce_plan(n, c, s, channels_last, sm_count, small_blocks)
     part_ds = torch.empty(n, c, chunks, device=x.device, dtype=torch.float32)
     part_dxh = torch.empty_like(part_ds)
     _gn_bwd_reduce[(chunks, n, cdiv(c, block_c))](
@@ -196,7 +198,7 @@ def launch_backward(gy, y, x, weight, mean, rstd, relu: bool, need_gz: bool):
             RELU=relu, WRITE_GZ=gz is not None, CHANNELS_LAST=True,
         )  # fmt: skip
     else:
-        block = bwd_apply_block(_small_blocks())
+        block = bwd_apply_block(small_blocks)
         tiles = cdiv(cg * s, block)
         _gn_bwd_apply_grouped[(n * num_groups * tiles,)](
             gy, y, x, mean, rstd, coef_a, coef_b, weight, gx, gz_out, s, num_groups, cg, cg * s, tiles,

@@ -44,6 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The backward imports nothing from this module (layouts come from _group_norm_act_layout, the test hooks
+# as arguments), so it loads first and importing the package registers its tuned kernel too.
+from ._group_norm_act_backward import launch_backward
+from ._group_norm_act_layout import _dense, _layout, _span_block, _to_layout
 from ._group_norm_act_plan import cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, device_limits, interpreter_enabled, needs_registered_op
@@ -99,20 +103,6 @@ def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
     frac = b_count / tl.maximum(total, 1.0)
     delta = b_mean - mean
     return total, mean + delta * frac, m2 + b_m2 + delta * delta * count * frac
-
-
-@triton.jit
-def _span_block(start, L, S, BLOCK: tl.constexpr):
-    # Offsets, mask and channel (relative to the group's first) of elements [start, start + BLOCK) of one
-    # NCHW group span. Channel of element e: e // S, from a float estimate corrected once — exact, since
-    # the quotient of (start % S + i) is small — instead of an integer division per element.
-    offs = start + tl.arange(0, BLOCK)
-    c0 = start // S
-    local = (start - c0 * S) + tl.arange(0, BLOCK)
-    q = ((local.to(tl.float32) + 0.5) * (1.0 / (S * 1.0))).to(tl.int32)
-    q = tl.where(local - q * S < 0, q - 1, q)
-    q = tl.where(local - q * S >= S, q + 1, q)
-    return offs, offs < L, c0 + q
 
 
 @triton.jit
@@ -253,21 +243,6 @@ _FORCE_PATH: str | None = None
 _FORCE_GPU_BLOCKS = False
 
 
-def _layout(t: torch.Tensor) -> bool | None:
-    """False: NCHW-contiguous, True: channels-last dense, None: neither."""
-    if t.is_contiguous():
-        return False
-    if t.dim() >= 3 and t.movedim(1, -1).is_contiguous():
-        return True
-    return None
-
-
-def _to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if _layout(t) == channels_last:
-        return t
-    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
-
-
 def _check(x, num_groups, weight, bias, act, residual) -> None:
     name = "group_norm_act"
     check_launchable(name, *(t for t in (x, weight, bias, residual) if t is not None))
@@ -285,11 +260,6 @@ def _check(x, num_groups, weight, bias, act, residual) -> None:
         raise ValueError(f"{name}: act must be 'relu' or None, got {act!r}")
     if x.numel() // max(x.shape[0], 1) > MAX_IMAGE_ELEMENTS:
         raise ValueError(f"{name}: at most 2^31 - 2^16 elements per image are supported")
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """x itself if NCHW-contiguous or channels-last dense, else a contiguous copy (the layout y takes)."""
-    return x if _layout(x) is not None else x.contiguous()
 
 
 def _sm_count_or_one(device: torch.device) -> int:
@@ -395,10 +365,9 @@ def _group_norm_act_backward_op(
     rstd: torch.Tensor, relu: bool, need_gz: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dx, d residual, dw, db); d residual is an empty placeholder unless `need_gz and relu` (else it is gy)."""
-    # Imported here: the backward module builds on this module's helpers (tiles, layouts, plans).
-    from ._group_norm_act_backward import launch_backward
-
-    gx, gz, dw, db = launch_backward(gy, y, x, weight, mean, rstd, relu, need_gz and relu)
+    # The test hooks are read here and handed down: the backward's module never imports this one.
+    sm_count, small = _sm_count_or_one(x.device), _small_blocks()
+    gx, gz, dw, db = launch_backward(gy, y, x, weight, mean, rstd, relu, need_gz and relu, sm_count, small)
     return gx, (x.new_empty(0) if gz is None else gz), dw, db
 
 
@@ -452,9 +421,3 @@ def group_norm_act(
     if not needs_registered_op(x, weight, bias, residual):
         return launch_forward(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
     return _group_norm_act_op(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
-
-
-# The backward's module takes names from this one, so it is imported last, once they all exist. Importing
-# it here, not only inside the backward op, registers its tuned kernel (group_norm_act_bwd_apply) with the
-# package: `force_config`, `vithybrid-fast tune` and the tables know it before any backward has run.
-from . import _group_norm_act_backward  # noqa: E402, F401

@@ -87,7 +87,10 @@ for arch, sm_count in ((80, 108), (90, 132)):
                 w = torch.empty(call.channels, dtype=dtype)
                 res = torch.empty_like(x) if call.residual else None
                 y, mean, rstd = gn.launch_forward(x, call.num_groups, w, w, 1e-5, "relu" if call.relu else None, res)
-                bwd.launch_backward(y, y if call.relu else None, x, w, mean, rstd, call.relu, call.residual)
+                bwd.launch_backward(
+                    y, y if call.relu else None, x, w, mean, rstd, call.relu, call.residual,
+                    gn._sm_count_or_one(x.device), gn._small_blocks(),  # as the backward op passes them
+                )
         for shape in conv_weight_shapes():
             w = torch.empty(shape, dtype=dtype)
             _, mean, rstd = ws.launch_forward(w, 1e-8)
