@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 import vithybrid_fast as vf
 from tests.image_folders import CLASSES, write_dataset, write_start_checkpoint
+from vithybrid_fast import train as train_module
 from vithybrid_fast.cli import main
 from vithybrid_fast.data import ImagePipeline, collate, open_dataset
 from vithybrid_fast.patching import patched_modules
-from vithybrid_fast.train import FinetuneConfig, classifier_for_classes, finetune, warmup_cosine
+from vithybrid_fast.train import FinetuneConfig, autocast_dtype, classifier_for_classes, finetune, warmup_cosine
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,6 +168,57 @@ def test_resuming_a_state_saved_before_augmentation_existed(trained):
     assert finetune(config(root, out, epochs=2, resume=True, augment="none", min_crop_scale=0.5))["last_epoch"] == 2
 
 
+def test_auto_dtype_is_bf16_on_ampere_and_later_float16_on_volta_and_turing(monkeypatch):
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    for now, expected in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16),
+                          ((7, 0), torch.float16), ((6, 1), torch.float32)):  # fmt: skip
+        capability["now"] = now
+        assert autocast_dtype("auto", torch.device("cuda")) == expected, now
+    assert autocast_dtype("auto", torch.device("cpu")) == torch.float32
+    assert autocast_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="choose one of auto, float32, bfloat16, float16"):
+        autocast_dtype("half", torch.device("cpu"))
+
+
+def test_float16_trains_with_loss_scaling_and_resumes_its_scale(trained):
+    root, _ = trained
+    settings = dict(epochs=2, dtype="float16", augment="none")
+    finetune(config(root, root / "fp16", **settings))
+    steps = [r for r in read_log(root / "fp16" / "train_log.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all(r["loss_scale"] >= 1.0 and r["skipped"] in (True, False) for r in steps)
+    applied = [r for r in steps if not r["skipped"]]
+    assert len(applied) >= 4 and all(r["grad_norm"] > 0 for r in applied)  # the scaled gradients were unscaled
+    state = torch.load(root / "fp16" / "last" / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == steps[-1]["loss_scale"] / (2 if steps[-1]["skipped"] else 1)
+    start, trained_weights = (load_file(root / n / "model.safetensors") for n in ("start", "fp16/last"))
+    assert not torch.equal(start["vit.embeddings.cls_token"], trained_weights["vit.embeddings.cls_token"])
+    interrupted = root / "fp16-interrupted"
+    finetune(config(root, interrupted, max_epochs_this_run=1, **settings))
+    finetune(config(root, interrupted, resume=True, **settings))
+    resumed = load_file(interrupted / "last" / "model.safetensors")
+    assert all(torch.equal(resumed[k], v) for k, v in trained_weights.items())  # scale and weights continued
+
+
+def test_float16_steps_that_overflow_change_nothing(trained, monkeypatch):
+    """A loss scale of 2^100 overflows every float16 gradient: each step is skipped and halves the scale;
+    no weight moves, the schedule does not advance, and the log stays valid JSON (no Infinity)."""
+    root, _ = trained
+    monkeypatch.setattr(train_module, "FP16_INIT_SCALE", 2.0**100)
+    out = root / "fp16-overflow"
+    finetune(config(root, out, epochs=1, dtype="float16", augment="none"))
+    text = (out / "train_log.jsonl").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    steps = [r for r in read_log(out / "train_log.jsonl") if r["type"] == "step"]
+    assert [r["skipped"] for r in steps] == [True] * 3 and [r["grad_norm"] for r in steps] == [None] * 3
+    assert [r["loss_scale"] for r in steps] == [2.0**100, 2.0**99, 2.0**98]
+    assert len({r["lr"] for r in steps}) == 1  # still the first warm-up value
+    start = load_file(root / "start" / "model.safetensors")
+    saved = load_file(out / "last" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in start.items() if k.startswith("vit."))
+
+
 def test_freeze_backbone_and_gradient_accumulation(trained):
     root, _ = trained
     runs = {}
@@ -208,8 +260,8 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
     with pytest.raises(SystemExit) as usage:
         main([*argv, "--output-dir", str(root / "x"), "--augment", "mixup"])
     assert usage.value.code == 2
-    with pytest.raises(SystemExit) as usage:  # float16 would need loss scaling: not offered
-        main([*argv, "--output-dir", str(root / "x"), "--dtype", "float16"])
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--output-dir", str(root / "x"), "--dtype", "float64"])
     assert usage.value.code == 2
 
 

@@ -10,11 +10,12 @@ DATA holds `train/` and `val/` (image folders, or train.csv / val.csv / .jsonl l
 checkpoint `vf.load` reads; a headless ViTHybridModel checkpoint too).
 
 Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), linear warm-up then cosine
-decay per optimizer step, gradient clipping, bf16 autocast on GPUs that support it, gradient
-accumulation, `--freeze-backbone` (train the head only), our Triton kernels forward and backward on a
-GPU (`--kernels auto`; SDPA on a CPU). Training images are augmented (`--augment`: random resized crop
-and horizontal flip by default, seeded per image and epoch, see `augment.py`); validation images get
-the checkpoint's own preprocessing. `--label-smoothing` softens the cross-entropy targets.
+decay per optimizer step, gradient clipping, bf16 autocast on sm_80+ GPUs (float16 with dynamic loss
+scaling on V100 / T4), gradient accumulation, `--freeze-backbone` (train the head only), our Triton
+kernels forward and backward on a GPU (`--kernels auto`; SDPA on a CPU). Training images are augmented
+(`--augment`: random resized crop and horizontal flip by default, seeded per image and epoch, see
+`augment.py`); validation images get the checkpoint's own preprocessing. `--label-smoothing` softens the
+cross-entropy targets.
 `--batch-size` is the *global* batch of one optimizer step: each of W ranks runs batch/(W·accum) images
 per micro-step, so W, accum and the batch are independent choices that give the same optimisation.
 
@@ -48,6 +49,8 @@ from torch.nn import functional as F
 from .distributed import default_num_workers
 
 TRAINING_STATE = "training_state.pt"
+DTYPES = ("float32", "bfloat16", "float16")
+FP16_INIT_SCALE = 2.0**16  # torch's default; halved on every overflowing step, doubled after 2000 clean ones
 LOG_NAME = "train_log.jsonl"
 # settings that must match for --resume to continue the same run
 RESUME_KEYS = (
@@ -88,13 +91,22 @@ class FinetuneConfig:
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' → bfloat16 on a GPU that has it, else float32 (no autocast)."""
+    """'auto' → bfloat16 on GPUs with bf16 tensor cores (sm_80+), float16 on sm_70/sm_75 (V100, T4: bf16
+    is emulated there, slower than float32), float32 (no autocast) elsewhere. float16 trains with a
+    GradScaler (`loss_scaler`)."""
     if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {name!r}: choose auto, float32 or bfloat16 (float16 would need loss scaling)")
+        if device.type != "cuda":
+            return torch.float32
+        major = torch.cuda.get_device_capability(device)[0]
+        return torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: choose one of auto, {', '.join(DTYPES)}")
     return getattr(torch, name)
+
+
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16 (whose gradients underflow unscaled); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=dtype == torch.float16)
 
 
 def classifier_for_classes(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> nn.Module:
@@ -241,6 +253,7 @@ class _Run:
     val_loader: torch.utils.data.DataLoader
     steps_per_epoch: int
     autocast_dtype: torch.dtype
+    scaler: torch.amp.GradScaler  # float16 only; disabled (a pass-through) for bfloat16 / float32
     log: JsonlLog
     step: int = 0
     best: dict[str, Any] | None = None
@@ -347,11 +360,12 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
         raise ValueError(f"{train_spec}: {len(train_data)} images fill no batch of {cfg.batch_size}; lower it")
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+    dtype = autocast_dtype(cfg.dtype, ctx.device)
     schedule = warmup_cosine(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio)
     run = _Run(
         cfg, ctx, model, trained, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         sampler, train_loader, make_loader(val_data, max(1, cfg.batch_size // ctx.world_size), cfg.num_workers, ctx),
-        steps_per_epoch, autocast_dtype(cfg.dtype, ctx.device), JsonlLog(out / LOG_NAME, ctx.is_main),
+        steps_per_epoch, dtype, loss_scaler(dtype, ctx.device), JsonlLog(out / LOG_NAME, ctx.is_main),
         best={"top1": -1.0, "epoch": None},
     )  # fmt: skip
     first_epoch = 0
@@ -359,6 +373,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, first_epoch, run.best = state["step"], state["epoch"], state["best"]
+        if run.scaler.is_enabled() and "scaler" in state:  # a float16 run's loss scale continues too
+            run.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])  # last: building the model above drew from the generators
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -405,14 +421,19 @@ def _train_epoch(run: _Run, epoch: int) -> float:
                 logits = run.trained(pixels).logits
                 # the model's own loss (CrossEntropyLoss), with the targets' label smoothing
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing) / cfg.grad_accum
-            loss.backward()
+            run.scaler.scale(loss).backward()
         step_loss += loss.detach().float()
         images += len(labels)
         if micro < cfg.grad_accum:
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        run.optimizer.step()
-        run.scheduler.step()
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+        scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+        run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
+        run.scaler.update()
+        skipped = scale is not None and run.scaler.get_scale() < scale
+        if not skipped:  # an overflowing step changed no weight: the schedule waits for it, as in accelerate
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.step, steps, micro = run.step + 1, steps + 1, 0
         mean_loss = float(distributed.all_reduce_sum(step_loss, ctx).item()) / ctx.world_size
@@ -420,8 +441,9 @@ def _train_epoch(run: _Run, epoch: int) -> float:
         rate = images * ctx.world_size / seconds if seconds else 0.0
         lr = run.scheduler.get_last_lr()[0]
         loss_sum += mean_loss
-        run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr,
-                      grad_norm=float(grad_norm), images_per_s=rate)  # fmt: skip
+        fp16 = {"loss_scale": scale, "skipped": skipped} if scale is not None else {}
+        run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr, images_per_s=rate,
+                      grad_norm=grad_norm if math.isfinite(grad_norm) else None, **fp16)  # fmt: skip
         if bar is not None:
             batches.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         step_loss, images, started = torch.zeros(1, device=ctx.device), 0, time.perf_counter()
@@ -451,7 +473,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, started: float) -> dict
             save_checkpoint(run.model, run.processor, out / "best")
         state = {
             "epoch": epoch + 1, "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "rng": rng_state(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
             "config": {k: getattr(cfg, k) for k in RESUME_KEYS},
         }  # fmt: skip
         save_checkpoint(run.model, run.processor, out / "last", state)
@@ -505,8 +527,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--min-crop-scale", type=float, default=0.08,
                         help="crop-flip: smallest crop, as a fraction of the image area")  # fmt: skip
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="autocast dtype (auto: bfloat16 on GPUs that have it, else float32)")  # fmt: skip
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="autocast dtype (auto: bfloat16 on sm_80+ GPUs, float16 with loss scaling on "
+                        "sm_70/75, else float32)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     parser.add_argument("--max-epochs-this-run", type=_positive_int, default=None,
