@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,8 +206,24 @@ def test_open_dataset_dispatches_and_checks_classes(folder, pipeline):
     assert data.classes == list(CLASSES) and len(data) == 9
     item = data[0]
     assert item["pixels"].shape == (3, 72, 72) and item["label"] == 0
-    with pytest.raises(ValueError, match="differ from the expected"):
+    with pytest.raises(ValueError, match=r"class folders \['blue_vertical', 'green_checker', 'red_horizontal'\] "
+                       r"are not among the classes \['x', 'y', 'z'\]"):  # fmt: skip
         open_dataset(folder, pipeline, classes=["x", "y", "z"])
+
+
+def test_a_folder_read_with_given_classes_labels_by_name_and_may_lack_some(folder, pipeline, tmp_path):
+    """A validation folder without one of the training classes: its labels stay the training indices."""
+    subset = tmp_path / "val"
+    shutil.copytree(folder / "green_checker", subset / "green_checker")
+    shutil.copytree(folder / "red_horizontal", subset / "red_horizontal")
+    training_classes = ["red_horizontal", "blue_vertical", "green_checker"]  # not sorted: names decide
+    data = open_dataset(subset, pipeline, classes=training_classes)
+    assert data.classes == training_classes and len(data) == 6
+    by_folder = {Path(s.source).relative_to(subset).parts[0]: s.label for s in data.samples}
+    assert by_folder == {"green_checker": 2, "red_horizontal": 0}
+    (subset / "purple_dots").mkdir()
+    with pytest.raises(ValueError, match=r"class folders \['purple_dots'\] are not among the classes"):
+        open_dataset(subset, pipeline, classes=training_classes)
 
 
 def test_hugging_face_dataset_with_class_labels(pipeline, tmp_path):
@@ -231,3 +249,19 @@ def test_hugging_face_dataset_with_class_labels(pipeline, tmp_path):
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "toy"))
     opened = open_dataset(f"hf:{tmp_path / 'toy'}", pipeline, split="validation")
     assert opened.classes == names and opened.samples[2].source == f"{tmp_path / 'toy'}:validation[2]"
+
+
+def test_hugging_face_plain_labels_map_by_name_onto_given_classes(pipeline):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    ds = datasets.Dataset.from_dict(
+        {"image": [synthetic_image("red_horizontal", rng) for _ in range(2)], "label": ["dog", "cat"]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")}),
+    )
+    from vithybrid_fast.data import HFLabelledImages
+
+    assert HFLabelledImages(ds, pipeline, "toy", "image", "label").classes == ["cat", "dog"]  # sorted alone
+    data = HFLabelledImages(ds, pipeline, "toy", "image", "label", classes=["bird", "cat", "dog"])
+    assert data.classes == ["bird", "cat", "dog"] and [s.label for s in data.samples] == [2, 1]
+    with pytest.raises(ValueError, match=r"toy: labels \['dog'\] are not among the classes \['bird', 'cat'\]"):
+        HFLabelledImages(ds, pipeline, "toy", "image", "label", classes=["bird", "cat"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import stat
 import warnings
 
@@ -217,6 +218,30 @@ def test_float16_steps_that_overflow_change_nothing(trained, monkeypatch):
     start = load_file(root / "start" / "model.safetensors")
     saved = load_file(out / "last" / "model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in start.items() if k.startswith("vit."))
+
+
+def test_a_validation_folder_may_lack_a_training_class(trained, capsys):
+    root, _ = trained
+    data = root / "data-val-without-green"
+    shutil.copytree(root / "data", data)
+    shutil.rmtree(data / "val" / "green_checker")
+    out = root / "without-green"
+    finetune(config(root, out, data=str(data), epochs=1))
+    assert f"warning: {data / 'val'} has no images of the classes ['green_checker']" in capsys.readouterr().err
+    epoch = next(r for r in read_log(out / "train_log.jsonl") if r["type"] == "epoch")
+    assert epoch["val_images"] == 8
+    saved = json.loads((out / "last" / "config.json").read_text())
+    assert saved["id2label"] == {str(i): c for i, c in enumerate(CLASSES)}  # the training classes, all three
+    # the logged accuracy used the training indices (blue 0, red 2), recomputed here from the folder names
+    model = vf.load(out / "last", kernels="eager")
+    processor = vf.load_processor(out / "last")
+    files = sorted(p for p in (data / "val").rglob("*") if p.suffix in (".png", ".jpg"))
+    labels = torch.tensor([CLASSES.index(p.relative_to(data / "val").parts[0]) for p in files])
+    with torch.no_grad():
+        pixels = processor([vf.images.open_image(p) for p in files], return_tensors="pt")["pixel_values"]
+        predicted = model(pixels).logits.argmax(-1)
+    assert sorted(set(labels.tolist())) == [0, 2]
+    assert epoch["val_top1"] == pytest.approx((predicted == labels).float().mean().item(), abs=1e-6)
 
 
 def test_freeze_backbone_and_gradient_accumulation(trained):

@@ -2,7 +2,8 @@
 
 Sources (`open_dataset(spec, processor)`):
   * a directory of class subfolders, as torchvision's ImageFolder reads it: class index = position of
-    the subfolder in sorted order; image files (by extension Pillow knows) found recursively, sorted;
+    the subfolder in sorted order (or, given the training classes, of its name among them: a
+    validation folder may lack classes); image files (by extension Pillow knows) found recursively, sorted;
   * a `.csv` file of `path,label` rows (a first row `path,label` is a header; a first row with other
     column names, such as `file,label`, is an error, not data) or a `.jsonl` file of
     `{"path": ..., "label": ...}` objects; relative paths are relative to the list file; classes are
@@ -57,18 +58,30 @@ class Sample:
     label: int
 
 
-def image_folder_samples(root: str | os.PathLike) -> tuple[list[Sample], list[str]]:
-    """(samples, classes) of a directory of class subfolders; see the module docstring."""
+def image_folder_samples(
+    root: str | os.PathLike, classes: Sequence[str] | None = None
+) -> tuple[list[Sample], list[str]]:
+    """(samples, classes) of a directory of class subfolders; see the module docstring.
+
+    Given `classes` (a validation folder read with the training classes), each subfolder is labelled by
+    its name's position among them: the folder may lack some classes (a small validation set), but a
+    subfolder that is none of them is an error naming it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory (expected one subfolder per class)")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not folders:
         raise FileNotFoundError(f"{root}: no class subfolders (expected e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)")
+    classes = folders if classes is None else list(classes)
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in folders if name not in index]
+    if unknown:
+        raise ValueError(f"{root}: class folders {unknown} are not among the classes {classes}")
     samples = []
-    for index, name in enumerate(classes):
+    for name in folders:
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
-        samples.extend(Sample(str(p), index) for p in files)
+        samples.extend(Sample(str(p), index[name]) for p in files)
     if not samples:
         raise FileNotFoundError(f"{root}: the class subfolders hold no image files")
     return samples, classes
@@ -216,17 +229,24 @@ class LabelledImages(torch.utils.data.Dataset):
 class HFLabelledImages(LabelledImages):
     """Rows of a `datasets.Dataset` with an image column (PIL images) and a label column."""
 
-    def __init__(self, dataset: Any, pipeline: ImagePipeline, name: str, image_column: str, label_column: str):
+    def __init__(
+        self, dataset: Any, pipeline: ImagePipeline, name: str, image_column: str, label_column: str,
+        classes: Sequence[str] | None = None,
+    ):  # fmt: skip
         for column in (image_column, label_column):
             if column not in dataset.column_names:
                 raise ValueError(f"{name}: no column {column!r}; columns are {dataset.column_names}")
         feature = dataset.features[label_column]
         raw = dataset[label_column]
-        if hasattr(feature, "names"):  # a ClassLabel: its names in index order
+        if hasattr(feature, "names"):  # a ClassLabel: its names in index order (open_dataset checks them)
             classes, labels = list(feature.names), [int(v) for v in raw]
-        else:
-            classes = sorted({str(v) for v in raw})
+        else:  # plain values: sorted, or by name among the given classes (a split may lack some)
+            values = sorted({str(v) for v in raw})
+            classes = values if classes is None else list(classes)
             index = {c: i for i, c in enumerate(classes)}
+            unknown = [v for v in values if v not in index]
+            if unknown:
+                raise ValueError(f"{name}: labels {unknown} are not among the classes {classes}")
             labels = [index[str(v)] for v in raw]
         samples = [Sample(f"{name}[{row}]", label) for row, label in enumerate(labels)]
         super().__init__(samples, classes, pipeline, name)
@@ -262,16 +282,20 @@ def open_dataset(
     image_column: str = "image",
     label_column: str = "label",
 ) -> LabelledImages:
-    """An image folder, a .csv/.jsonl list or `hf:NAME[:SPLIT]` as a LabelledImages dataset."""
+    """An image folder, a .csv/.jsonl list or `hf:NAME[:SPLIT]` as a LabelledImages dataset.
+
+    `classes` (the training classes, for a validation set) fixes the label indices by class name; the
+    set may lack some of them, but a class outside them is an error (a datasets ClassLabel must list
+    exactly these names, in this order)."""
     text = str(spec)
     if text.startswith(HF_PREFIX):
         dataset, name = _load_hf(text, split)
-        data: LabelledImages = HFLabelledImages(dataset, pipeline, name, image_column, label_column)
+        data: LabelledImages = HFLabelledImages(dataset, pipeline, name, image_column, label_column, classes)
     elif Path(text).suffix in LIST_SUFFIXES and Path(text).is_file():
         samples, found = list_file_samples(text, classes)
         data = LabelledImages(samples, found, pipeline, text)
     else:
-        samples, found = image_folder_samples(text)
+        samples, found = image_folder_samples(text, classes)
         data = LabelledImages(samples, found, pipeline, text)
     if classes is not None and list(data.classes) != list(classes):
         raise ValueError(f"{text}: classes {data.classes} differ from the expected {list(classes)}")

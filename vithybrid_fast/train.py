@@ -328,6 +328,9 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     train_data = open_dataset(train_spec, pipeline, split=cfg.train_split)
     val_data = open_dataset(val_spec, pipeline, classes=train_data.classes, split=cfg.val_split)
     train_data.augment = TrainAugment(pipeline, cfg.augment, cfg.min_crop_scale, cfg.seed)
+    absent = sorted(set(train_data.classes) - {train_data.classes[s.label] for s in val_data.samples})
+    if absent and ctx.is_main:  # allowed (small validation sets), but its accuracy then says nothing of them
+        print(f"warning: {val_spec} has no images of the classes {absent}", file=sys.stderr)
 
     out = Path(cfg.output_dir)
     if state is not None:
