@@ -244,6 +244,23 @@ def test_a_validation_folder_may_lack_a_training_class(trained, capsys):
     assert epoch["val_top1"] == pytest.approx((predicted == labels).float().mean().item(), abs=1e-6)
 
 
+def test_a_checkpoint_of_the_same_classes_keeps_its_head(trained, capsys):
+    """Training a fine-tuned model further: its head already classifies these classes; re-creating it
+    would discard that training. Another class list (or order) still gets a new head."""
+    root, _ = trained
+    best = load_file(root / "out" / "best" / "model.safetensors")
+    kept = classifier_for_classes(str(root / "out" / "best"), list(CLASSES), seed=0)
+    assert torch.equal(kept.classifier.weight.detach(), best["classifier.weight"])
+    reordered = classifier_for_classes(str(root / "out" / "best"), list(reversed(CLASSES)), seed=0)
+    assert not torch.equal(reordered.classifier.weight.detach(), best["classifier.weight"])
+    assert reordered.config.id2label == dict(enumerate(reversed(CLASSES)))
+    out = root / "further"
+    finetune(config(root, out, model=str(root / "out" / "best"), epochs=1, lr=1e-5))
+    assert "its head is kept, not re-created" in capsys.readouterr().out
+    epoch = next(r for r in read_log(out / "train_log.jsonl") if r["type"] == "epoch")
+    assert epoch["val_top1"] >= 0.9  # a kept trained head scores from the first epoch at a tiny lr
+
+
 def test_freeze_backbone_and_gradient_accumulation(trained):
     root, _ = trained
     runs = {}

@@ -6,8 +6,9 @@
 
 DATA holds `train/` and `val/` (image folders, or train.csv / val.csv / .jsonl lists), or is `hf:NAME`
 (splits --train-split / --val-split). The classification head is re-created for the training classes
-(`id2label` = class names in sorted folder order); everything else comes from `--model` (any
-checkpoint `vf.load` reads; a headless ViTHybridModel checkpoint too).
+(`id2label` = class names in sorted folder order) unless `--model` already classifies exactly these
+classes (training a fine-tuned model further); everything else comes from `--model` (any checkpoint
+`vf.load` reads; a headless ViTHybridModel checkpoint too).
 
 Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), linear warm-up then cosine
 decay per optimizer step, gradient clipping, bf16 autocast on sm_80+ GPUs (float16 with dynamic loss
@@ -109,13 +110,33 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=dtype == torch.float16)
 
 
+def same_classes(model: nn.Module, classes: list[str]) -> bool:
+    """Whether `model` is a classifier of exactly `classes`, by name and in this index order."""
+    from .modeling import ViTHybridForImageClassification
+
+    if not isinstance(model, ViTHybridForImageClassification):
+        return False
+    labels = model.config.id2label
+    return len(labels) == len(classes) and [labels.get(i) for i in range(len(classes))] == list(classes)
+
+
 def classifier_for_classes(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> nn.Module:
-    """`model_name`'s weights with a new, seeded classification head for `classes` (float32, CPU)."""
+    """`model_name`'s weights with a new, seeded classification head for `classes` (float32, CPU).
+
+    A checkpoint that already classifies exactly these classes (a fine-tuned model trained further) keeps
+    its head: a new one would throw that training away."""
+    return _start_model(model_name, classes, seed, **hub_kwargs)[0]
+
+
+def _start_model(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> tuple[nn.Module, bool]:
+    """(`classifier_for_classes`'s model, whether the checkpoint's own head was kept)."""
     from .config import ViTHybridConfig
     from .loading import load_model
     from .modeling import ViTHybridForImageClassification
 
     base = load_model(model_name, dtype=torch.float32, device="cpu", **hub_kwargs)
+    if same_classes(base, classes):
+        return base, True
     encoder = base.vit if isinstance(base, ViTHybridForImageClassification) else base
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.") and "mask_token" not in k}
     data = base.config.to_dict()
@@ -129,7 +150,7 @@ def classifier_for_classes(model_name: str, classes: list[str], seed: int, **hub
     model.classifier = nn.Linear(config.hidden_size, len(classes))
     torch.manual_seed(seed)
     model.init_weights(model.classifier)
-    return model
+    return model, False
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -338,7 +359,9 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
         if [model.config.id2label[i] for i in range(model.config.num_labels)] != train_data.classes:
             raise ValueError(f"--resume: {out / 'last'} was trained on other classes than {train_data.classes}")
     else:
-        model = classifier_for_classes(cfg.model, train_data.classes, cfg.seed)
+        model, kept_head = _start_model(cfg.model, train_data.classes, cfg.seed)
+        if kept_head and ctx.is_main:
+            print(f"finetune: {cfg.model} already classifies these classes: its head is kept, not re-created")
     model.to(ctx.device).train()
     if cfg.freeze_backbone:
         model.vit.requires_grad_(False)
