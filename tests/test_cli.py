@@ -142,3 +142,24 @@ def test_classify_16_bit_warning_is_one_line(checkpoint, tmp_path):
         f"warning: {path}: a I;16 (16-bit or float) image; converting it to 8-bit RGB clips values above 255, so "
         "the model sees a destroyed image. Convert it to 8-bit yourself first (e.g. scale to 0–255)."
     ]
+
+
+def test_classify_runs_on_the_gpu_when_there_is_one(checkpoint, monkeypatch, capsys):
+    """Like demo, eval and finetune, classify defaults to cuda when torch sees a GPU (it took the CPU)."""
+    import vithybrid_fast.loading as loading
+
+    asked = {}
+
+    def load_spy(*args, **kwargs):
+        asked["device"] = kwargs["device"]
+        raise RuntimeError("stop here: the device is what this test checks")
+
+    monkeypatch.setattr(loading, "load", load_spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["classify", str(sample_image_path()), "--model", str(checkpoint)]) == 1
+    assert asked["device"] == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["classify", str(sample_image_path()), "--model", str(checkpoint)]) == 1
+    assert asked["device"] == torch.device("cpu")
+    assert main(["classify", str(sample_image_path()), "--model", str(checkpoint), "--device", "cuda:1"]) == 1
+    assert "--device cuda:1: no CUDA GPU is visible to torch" in capsys.readouterr().err

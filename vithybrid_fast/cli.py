@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .gpu_support import command_device
+
 HUB_ID = "google/vit-hybrid-base-bit-384"
 DESCRIPTION = (
     f"ViT Hybrid ({HUB_ID}) in PyTorch with Triton kernels: classify images, run the offline demo, "
@@ -113,7 +115,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     paths = expand_image_paths(args.images)  # before the model: a typo should not cost a 400 MB load
     model = load(
-        args.model, kernels=args.kernels, dtype=args.dtype, device=args.device,
+        args.model, kernels=args.kernels, dtype=args.dtype, device=command_device(args.device),
         model_class=ViTHybridForImageClassification,
     )  # fmt: skip
     processor = _processor_for(args.model, model.config.image_size_hw)
@@ -187,7 +189,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not image_path.exists():  # before the model: a typo should not cost a 400 MB build
         raise FileNotFoundError(f"{image_path}: no such file")
     _, images = _open_images([image_path])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = command_device(args.device)
     model, pretrained = _demo_model(device, _dtype(args.dtype))
     processor = ViTHybridImageProcessor.for_base_384()
     pixels = processor(images, return_tensors="pt")["pixel_values"].to(device, model.dtype)
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
     )  # fmt: skip
     classify.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="(default: %(default)s)")
-    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default cpu)")
+    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
     classify.add_argument("--top-k", type=_positive_int, default=5, help="labels per image (default: %(default)s)")
     classify.add_argument(
         "--batch-size", type=_positive_int, default=16, help="images per forward (default: %(default)s)"

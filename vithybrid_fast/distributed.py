@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .gpu_support import command_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -67,9 +69,7 @@ def setup(device: str | torch.device | None) -> DistContext:
     device: None → cuda when available, else cpu. Under torchrun a CUDA device becomes cuda:LOCAL_RANK
     (an explicit index is kept only for a single process).
     """
-    requested = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if requested.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested} requested but no CUDA GPU is available")
+    requested = command_device(device)
     if not launched_by_torchrun():
         return DistContext(0, 1, 0, requested)
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -122,15 +122,6 @@ def kernel_lines(device) -> tuple[list[str], str | None]:
 
 
 # -- the command ----------------------------------------------------------------------------------
-def _pick_device(name: str | None):
-    import torch
-
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible to torch")
-    return device
-
-
 def _build_model(args, device):
     import torch
 
@@ -170,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
             print("note: no CUDA GPU; TRITON_INTERPRET=1 set so the kernels run in the Triton interpreter")
     import torch
 
-    device = _pick_device(args.device)
+    from .gpu_support import command_device
+
+    device = command_device(args.device)
     dtypes = _dtypes(args.dtypes)
     print("\n".join(environment_lines(device)))
     print("kernels that can run here:")

@@ -29,6 +29,18 @@ class KernelFallbackWarning(UserWarning):
     """kernels="auto" chose a plain-PyTorch path on a CUDA GPU, and says why."""
 
 
+def command_device(name: str | torch.device | None) -> torch.device:
+    """A command's `--device`: the one named, else cuda when torch sees a GPU, else cpu.
+
+    The commands (classify, demo, eval, finetune, doctor) run where the work is fast by default; the
+    library's `vf.load` keeps cpu as its default, as transformers' from_pretrained does.
+    """
+    device = torch.device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    return device
+
+
 # Defined here, not in kernels/_runtime.py (which re-exports them): importing vithybrid_fast.kernels
 # imports triton, which must not happen before a caller had the chance to set TRITON_INTERPRET.
 def interpreter_enabled() -> bool:
