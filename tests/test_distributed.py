@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,34 @@ def test_eval_over_two_ranks_gives_exactly_the_single_process_counts(root, capsy
     )
     assert [(p["path"], p["label"]) for p in ddp_preds] == [(p["path"], p["label"]) for p in single_preds]
     assert [p["top_k"][0] for p in ddp_preds] == [p["top_k"][0] for p in single_preds]
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resume_finishes(root, tmp_path):
+    """torchrun forwards a SIGTERM to its workers: the ranks agree on one step, rank 0 saves it once."""
+    out = tmp_path / "stopped"
+    args = ["finetune", str(root / "data"), "--model", str(root / "start"), "--output-dir", str(out),
+            "--epochs", "4", "--batch-size", "8", "--lr", "1e-3", "--kernels", "sdpa", "--num-workers", "1",
+            "--device", "cpu"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "vithybrid_fast", *args]  # fmt: skip
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    log = out / "train_log.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and log.read_text().strip()):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGTERM)  # a scheduler's way: the agent, its workers and their loaders
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert stderr.count("stopped by SIGTERM after step") == 1, stderr[-3000:]  # rank 0 speaks, once
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"type": "step"' in line]
+    assert 1 <= state["step"] < 12 and steps == list(range(1, state["step"] + 1))  # no rank ran ahead
+    torchrun(*args, "--resume")
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"type": "step"' in line]
+    assert steps == list(range(1, 13))

@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 import vithybrid_fast as vf
 from tests.image_folders import CLASSES, write_dataset, write_start_checkpoint
-from vithybrid_fast import train as train_module
+from vithybrid_fast import train_setup
 from vithybrid_fast.cli import main
 from vithybrid_fast.data import ImagePipeline, collate, open_dataset
 from vithybrid_fast.patching import patched_modules
-from vithybrid_fast.train import FinetuneConfig, autocast_dtype, classifier_for_classes, finetune, warmup_cosine
+from vithybrid_fast.train import FinetuneConfig, finetune
+from vithybrid_fast.train_setup import autocast_dtype, classifier_for_classes, warmup_cosine
 
 transformers = pytest.importorskip("transformers")
 
@@ -206,7 +207,7 @@ def test_float16_steps_that_overflow_change_nothing(trained, monkeypatch):
     """A loss scale of 2^100 overflows every float16 gradient: each step is skipped and halves the scale;
     no weight moves, the schedule does not advance, and the log stays valid JSON (no Infinity)."""
     root, _ = trained
-    monkeypatch.setattr(train_module, "FP16_INIT_SCALE", 2.0**100)
+    monkeypatch.setattr(train_setup, "FP16_INIT_SCALE", 2.0**100)
     out = root / "fp16-overflow"
     finetune(config(root, out, epochs=1, dtype="float16", augment="none"))
     text = (out / "train_log.jsonl").read_text()
@@ -284,7 +285,7 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
     assert main([*argv, "--output-dir", str(root / "x"), "--batch-size", "6", "--grad-accum", "4"]) == 1
     assert "--batch-size 6 must be a multiple of ranks × --grad-accum (1 × 4)" in capsys.readouterr().err
     assert main([*argv, "--output-dir", str(root / "x"), "--resume"]) == 1
-    assert "no finished epoch to continue from" in capsys.readouterr().err
+    assert "no saved step to continue from" in capsys.readouterr().err
     assert (
         main(
             [*argv, "--output-dir", str(root / "out"), "--resume", "--lr", "0.5", "--batch-size", "8", "--epochs", "3"]

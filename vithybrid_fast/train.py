@@ -23,9 +23,12 @@ per micro-step, so W, accum and the batch are independent choices that give the 
 Every epoch: validation (exact counts over ranks), `OUT/last` and, when validation top-1 improves,
 `OUT/best`, each a `save_pretrained` directory (config.json, model.safetensors and the processor's
 preprocessor_config.json: transformers 4.47.1 and `vf.load` read it). `OUT/last/training_state.pt`
-holds the optimizer, scheduler, step and RNG states: `--resume` continues from the last finished epoch
-and ends with the weights an uninterrupted run gets (on a CPU, same seed; tests/test_finetune.py).
-`OUT/train_log.jsonl` gets one JSON line per optimizer step and per epoch.
+holds the optimizer, scheduler, loss-scale, step, RNG states and the position in the epoch; it is also
+written every `--save-every-steps` steps and when a stop signal (SIGTERM, Ctrl-C) ends the run at its
+next optimizer step (exit status 128 + the signal). `--resume` continues from there, mid-epoch too, and
+ends with the weights an uninterrupted run gets (on a CPU, same seed; tests/test_finetune.py,
+tests/test_preemption.py; see `train_state.py`). `OUT/train_log.jsonl` gets one JSON line per optimizer
+step, per epoch and per mid-epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -33,8 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
-import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -42,24 +44,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .distributed import default_num_workers
-
-TRAINING_STATE = "training_state.pt"
-DTYPES = ("float32", "bfloat16", "float16")
-FP16_INIT_SCALE = 2.0**16  # torch's default; halved on every overflowing step, doubled after 2000 clean ones
-LOG_NAME = "train_log.jsonl"
-# settings that must match for --resume to continue the same run
-RESUME_KEYS = (
-    "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "freeze_backbone",
-    "augment", "min_crop_scale", "label_smoothing",
-)  # fmt: skip
-# what a training state saved before a setting existed ran with
-RESUME_DEFAULTS_OF_OLDER_STATES = {"augment": "none", "label_smoothing": 0.0}
+from .train_setup import DTYPES, autocast_dtype, loss_scaler, parameter_groups, start_model, warmup_cosine
+from .train_state import (
+    LOG_NAME,
+    RESUME_KEYS,
+    ResumableSampler,
+    StopRequest,
+    load_resume_state,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    trim_log,
+    workers_ignore_stop_signals,
+)
 
 
 @dataclass
@@ -89,133 +92,7 @@ class FinetuneConfig:
     train_split: str = "train"
     val_split: str = "validation"
     max_epochs_this_run: int | None = None  # stop early (e.g. a job time limit); continue with resume=True
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' → bfloat16 on GPUs with bf16 tensor cores (sm_80+), float16 on sm_70/sm_75 (V100, T4: bf16
-    is emulated there, slower than float32), float32 (no autocast) elsewhere. float16 trains with a
-    GradScaler (`loss_scaler`)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        major = torch.cuda.get_device_capability(device)[0]
-        return torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: choose one of auto, {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
-def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
-    """Dynamic loss scaling for float16 (whose gradients underflow unscaled); a pass-through otherwise."""
-    return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=dtype == torch.float16)
-
-
-def same_classes(model: nn.Module, classes: list[str]) -> bool:
-    """Whether `model` is a classifier of exactly `classes`, by name and in this index order."""
-    from .modeling import ViTHybridForImageClassification
-
-    if not isinstance(model, ViTHybridForImageClassification):
-        return False
-    labels = model.config.id2label
-    return len(labels) == len(classes) and [labels.get(i) for i in range(len(classes))] == list(classes)
-
-
-def classifier_for_classes(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> nn.Module:
-    """`model_name`'s weights with a new, seeded classification head for `classes` (float32, CPU).
-
-    A checkpoint that already classifies exactly these classes (a fine-tuned model trained further) keeps
-    its head: a new one would throw that training away."""
-    return _start_model(model_name, classes, seed, **hub_kwargs)[0]
-
-
-def _start_model(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> tuple[nn.Module, bool]:
-    """(`classifier_for_classes`'s model, whether the checkpoint's own head was kept)."""
-    from .config import ViTHybridConfig
-    from .loading import load_model
-    from .modeling import ViTHybridForImageClassification
-
-    base = load_model(model_name, dtype=torch.float32, device="cpu", **hub_kwargs)
-    if same_classes(base, classes):
-        return base, True
-    encoder = base.vit if isinstance(base, ViTHybridForImageClassification) else base
-    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.") and "mask_token" not in k}
-    data = base.config.to_dict()
-    data.update(id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)})
-    data.pop("num_labels", None)
-    data["problem_type"] = "single_label_classification"
-    config = ViTHybridConfig.from_dict(data)
-    with torch.device("meta"):
-        model = ViTHybridForImageClassification(config)
-    model.vit.load_state_dict(state, strict=True, assign=True)
-    model.classifier = nn.Linear(config.hidden_size, len(classes))
-    torch.manual_seed(seed)
-    model.init_weights(model.classifier)
-    return model, False
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and conv kernels; not biases, norm affines, the [CLS] token or the position table."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or name.endswith(("cls_token", "position_embeddings", "mask_token"))
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
-    """lr multiplier per optimizer step: linear 1/w … 1 over `warmup_steps`, then cosine down to `min_ratio`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def save_checkpoint(model: nn.Module, processor: Any, directory: Path, training_state: dict | None = None) -> None:
-    """save_pretrained + preprocessor_config.json (+ training state), swapped in whole: never half-written."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
-    if training_state is not None:
-        torch.save(training_state, partial / TRAINING_STATE)
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    partial.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    save_every_steps: int | None = None  # also write OUT/last every N optimizer steps (long epochs)
 
 
 def data_specs(data: str) -> tuple[str, str]:
@@ -278,6 +155,9 @@ class _Run:
     log: JsonlLog
     step: int = 0
     best: dict[str, Any] | None = None
+    steps_into_epoch: int = 0  # a resumed epoch's finished optimizer steps (0: start the epoch afresh)
+    epoch_loss_sum: float = 0.0  # and the sum of their losses, for the epoch's mean
+    stop: StopRequest | None = None
 
 
 def _checked_batch_split(cfg: FinetuneConfig, ctx: Any) -> int:
@@ -302,29 +182,6 @@ def check_settings(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--label-smoothing {cfg.label_smoothing}: must lie in [0, 1)")
 
 
-def _resume_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share; the crop scale only matters when crops are drawn."""
-    settings = {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
-    if settings["augment"] != "crop-flip":
-        settings.pop("min_crop_scale")
-    return settings
-
-
-def _resume_state(cfg: FinetuneConfig) -> dict[str, Any] | None:
-    state_path = Path(cfg.output_dir) / "last" / TRAINING_STATE
-    if not cfg.resume:
-        return None
-    if not state_path.is_file():
-        raise FileNotFoundError(f"--resume: {state_path} does not exist (no finished epoch to continue from)")
-    state = torch.load(state_path, weights_only=True)
-    saved = _resume_settings(state["config"])
-    now = _resume_settings({k: getattr(cfg, k) for k in RESUME_KEYS})
-    changed = [f"{k}: {saved.get(k)} → {now.get(k)}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if changed:
-        raise ValueError(f"--resume with other settings than the interrupted run: {', '.join(changed)}")
-    return state
-
-
 def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     """Data, model, optimizer and schedule (restored with --resume); returns the run and its first epoch."""
     from .augment import TrainAugment
@@ -340,7 +197,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     validate_kernels(kernels, ctx.device)  # before any data or weights are read
     check_settings(cfg)
     per_rank = _checked_batch_split(cfg, ctx)
-    state = _resume_state(cfg)
+    resumed = load_resume_state(cfg)
+    state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
 
     processor = _processor_for(cfg.model, ViTHybridConfig.from_pretrained(cfg.model).image_size_hw)
@@ -355,11 +213,11 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
 
     out = Path(cfg.output_dir)
     if state is not None:
-        model = load_model(out / "last", dtype=torch.float32, device="cpu")
+        model = load_model(resume_dir, dtype=torch.float32, device="cpu")
         if [model.config.id2label[i] for i in range(model.config.num_labels)] != train_data.classes:
-            raise ValueError(f"--resume: {out / 'last'} was trained on other classes than {train_data.classes}")
+            raise ValueError(f"--resume: {resume_dir} was trained on other classes than {train_data.classes}")
     else:
-        model, kept_head = _start_model(cfg.model, train_data.classes, cfg.seed)
+        model, kept_head = start_model(cfg.model, train_data.classes, cfg.seed)
         if kept_head and ctx.is_main:
             print(f"finetune: {cfg.model} already classifies these classes: its head is kept, not re-created")
     model.to(ctx.device).train()
@@ -374,12 +232,15 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
 
     # every rank draws the same permutation (seed + epoch) and takes every world_size-th sample, so one
     # global batch holds the same images whatever the number of ranks
-    sampler = torch.utils.data.distributed.DistributedSampler(
+    sampler = ResumableSampler(torch.utils.data.distributed.DistributedSampler(
         train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
-    )
+    ))  # fmt: skip
     train_loader = torch.utils.data.DataLoader(
         train_data, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
         drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=False,  # see set_epoch
+        # its own generator: starting an iterator (mid-epoch after --resume too) draws no global random
+        # number, so dropout's stream is the same however the run was cut
+        generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=workers_ignore_stop_signals,
     )  # fmt: skip
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
@@ -399,82 +260,130 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         run.step, first_epoch, run.best = state["step"], state["epoch"], state["best"]
+        run.steps_into_epoch, run.epoch_loss_sum = state.get("steps_into_epoch", 0), state.get("epoch_loss_sum", 0.0)
         if run.scaler.is_enabled() and "scaler" in state:  # a float16 run's loss scale continues too
             run.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])  # last: building the model above drew from the generators
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            trim_log(out / LOG_NAME, run.step)
         print(
             f"finetune: {len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes, "
             f"{ctx.world_size} rank(s) on {ctx.device}, kernels {kernels}, "
             f"autocast {str(run.autocast_dtype).removeprefix('torch.')}, augment {train_data.augment.describe()}"
             + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
             + f", {steps_per_epoch} steps/epoch × {cfg.epochs} epochs"
-            + (f", resuming after epoch {first_epoch}" if first_epoch else "")
+            + (
+                f", resuming after step {run.step} (epoch {first_epoch + 1}, step {run.steps_into_epoch})"
+                if state is not None
+                else ""
+            )
         )
     return run, first_epoch
 
 
-def _train_epoch(run: _Run, epoch: int) -> float:
-    """One pass over the training shard; returns the mean loss of its optimizer steps (over all ranks)."""
+def _training_state(run: _Run, finished_epochs: int, steps_into_epoch: int, epoch_loss_sum: float) -> dict:
+    """What --resume needs to go on from here; taken at an optimizer step's end (the RNG states too)."""
+    return {
+        "epoch": finished_epochs, "steps_into_epoch": steps_into_epoch, "epoch_loss_sum": epoch_loss_sum,
+        "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
+        "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS},
+    }  # fmt: skip
+
+
+def _save_mid_epoch(run: _Run, epoch: int, steps: int, loss_sum: float) -> None:
+    """Write OUT/last at an optimizer step inside `epoch` (rank 0); every rank waits for it."""
+    from . import distributed
+
+    if run.ctx.is_main:
+        state = _training_state(run, epoch, steps, loss_sum)
+        save_checkpoint(run.model, run.processor, Path(run.cfg.output_dir) / "last", state)
+        run.log.write(type="checkpoint", epoch=epoch + 1, step=run.step, steps_into_epoch=steps)
+    distributed.barrier(run.ctx)
+
+
+def _stop_agreed(run: _Run) -> bool:
+    """Whether any rank was asked to stop: all ranks answer alike, so they stop at the same step."""
+    from . import distributed
+
+    asked = run.stop is not None and run.stop.signal is not None
+    if not run.ctx.enabled:
+        return asked
+    flag = torch.tensor([1.0 if asked else 0.0], device=run.ctx.device)
+    return bool(distributed.all_reduce_sum(flag, run.ctx).item() > 0)
+
+
+def _train_epoch(run: _Run, epoch: int) -> float | None:
+    """The epoch's optimizer steps (from the first unfinished one); the mean loss of its steps over all
+    ranks, or None when a stop signal ended it (OUT/last then holds its last whole step)."""
     from . import distributed
     from .data import split_errors
     from .evaluate import progress_bar
 
     cfg, ctx = run.cfg, run.ctx
-    run.sampler.set_epoch(epoch)
+    steps, loss_sum = run.steps_into_epoch, run.epoch_loss_sum
+    run.steps_into_epoch, run.epoch_loss_sum = 0, 0.0
+    run.sampler.set_epoch(epoch, skip=steps * cfg.grad_accum * run.train_loader.batch_size)
     run.train_loader.dataset.set_epoch(epoch)  # the augmentation's draws
-    bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch * cfg.grad_accum)
+    bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch * cfg.grad_accum,
+                       initial=steps * cfg.grad_accum)  # fmt: skip
     batches = bar(run.train_loader) if bar is not None else run.train_loader
     mixed = run.autocast_dtype != torch.float32
     autocast = torch.autocast(ctx.device.type, dtype=run.autocast_dtype) if mixed else nullcontext()
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if ctx.is_main else None
-    micro, steps, loss_sum, images = 0, 0, 0.0, 0
-    step_loss, started = torch.zeros(1, device=ctx.device), time.perf_counter()
-    for batch in batches:
-        if micro == 0 and steps == run.steps_per_epoch:
-            break  # micro-batches short of a whole accumulation at the end: dropped
-        split_errors(batch, cfg.on_error, warn)
-        if batch["pixels"] is None:
-            raise RuntimeError("every image of a micro-batch was unreadable; remove them from the data")
-        pixels = run.train_loader.dataset.pipeline.normalize(batch["pixels"].to(ctx.device, non_blocking=True))
-        labels = batch["labels"].to(ctx.device, non_blocking=True)
-        micro += 1
-        # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
-        with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
-            with autocast:
-                logits = run.trained(pixels).logits
-                # the model's own loss (CrossEntropyLoss), with the targets' label smoothing
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing) / cfg.grad_accum
-            run.scaler.scale(loss).backward()
-        step_loss += loss.detach().float()
-        images += len(labels)
-        if micro < cfg.grad_accum:
-            continue
-        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-        scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
-        run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
-        run.scaler.update()
-        skipped = scale is not None and run.scaler.get_scale() < scale
-        if not skipped:  # an overflowing step changed no weight: the schedule waits for it, as in accelerate
-            run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.step, steps, micro = run.step + 1, steps + 1, 0
-        mean_loss = float(distributed.all_reduce_sum(step_loss, ctx).item()) / ctx.world_size
-        seconds = time.perf_counter() - started
-        rate = images * ctx.world_size / seconds if seconds else 0.0
-        lr = run.scheduler.get_last_lr()[0]
-        loss_sum += mean_loss
-        fp16 = {"loss_scale": scale, "skipped": skipped} if scale is not None else {}
-        run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr, images_per_s=rate,
-                      grad_norm=grad_norm if math.isfinite(grad_norm) else None, **fp16)  # fmt: skip
+    batch_iter = iter(batches)
+    try:
+        # a step's micro-batches short of a whole accumulation at the epoch's end are not drawn
+        while steps < run.steps_per_epoch:
+            if _stop_agreed(run):  # between optimizer steps: weights, optimizer and RNGs are a whole step's
+                _save_mid_epoch(run, epoch, steps, loss_sum)
+                return None
+            step_loss, images, started = torch.zeros(1, device=ctx.device), 0, time.perf_counter()
+            for micro in range(1, cfg.grad_accum + 1):
+                batch = next(batch_iter)
+                split_errors(batch, cfg.on_error, warn)
+                if batch["pixels"] is None:
+                    raise RuntimeError("every image of a micro-batch was unreadable; remove them from the data")
+                pixels = run.train_loader.dataset.pipeline.normalize(batch["pixels"].to(ctx.device, non_blocking=True))
+                labels = batch["labels"].to(ctx.device, non_blocking=True)
+                # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
+                with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
+                    with autocast:
+                        logits = run.trained(pixels).logits
+                        # the model's own loss (CrossEntropyLoss), with the targets' label smoothing
+                        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing) / cfg.grad_accum
+                    run.scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+                images += len(labels)
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+            scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+            run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
+            run.scaler.update()
+            skipped = scale is not None and run.scaler.get_scale() < scale
+            if not skipped:  # an overflowing step changed no weight: the schedule waits for it, as in accelerate
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step, steps = run.step + 1, steps + 1
+            mean_loss = float(distributed.all_reduce_sum(step_loss, ctx).item()) / ctx.world_size
+            seconds = time.perf_counter() - started
+            rate = images * ctx.world_size / seconds if seconds else 0.0
+            lr = run.scheduler.get_last_lr()[0]
+            loss_sum += mean_loss
+            fp16 = {"loss_scale": scale, "skipped": skipped} if scale is not None else {}
+            run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr, images_per_s=rate,
+                          grad_norm=grad_norm if math.isfinite(grad_norm) else None, **fp16)  # fmt: skip
+            if bar is not None:
+                batches.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            every = cfg.save_every_steps
+            if every and run.step % every == 0 and steps < run.steps_per_epoch:  # the epoch's end saves anyway
+                _save_mid_epoch(run, epoch, steps, loss_sum)
+    finally:
         if bar is not None:
-            batches.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-        step_loss, images, started = torch.zeros(1, device=ctx.device), 0, time.perf_counter()
-    if bar is not None:
-        batches.close()
+            batches.close()
     return loss_sum / max(1, steps)
 
 
@@ -497,12 +406,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, started: float) -> dict
     if ctx.is_main:
         if improved:
             save_checkpoint(run.model, run.processor, out / "best")
-        state = {
-            "epoch": epoch + 1, "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
-            "config": {k: getattr(cfg, k) for k in RESUME_KEYS},
-        }  # fmt: skip
-        save_checkpoint(run.model, run.processor, out / "last", state)
+        save_checkpoint(run.model, run.processor, out / "last", _training_state(run, epoch + 1, 0, 0.0))
         print(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}  val loss {val.mean_loss:.4f}  "
             f"val top-1 {val.top1_accuracy:.4f}  top-5 {val.top5_accuracy:.4f}" + ("  (best)" if improved else "")
@@ -513,19 +417,34 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, started: float) -> dict
 
 def _finetune(cfg: FinetuneConfig, ctx: Any) -> dict[str, Any]:
     run, first_epoch = _prepare(cfg, ctx)
-    stop = cfg.epochs if cfg.max_epochs_this_run is None else min(cfg.epochs, first_epoch + cfg.max_epochs_this_run)
+    last = cfg.epochs if cfg.max_epochs_this_run is None else min(cfg.epochs, first_epoch + cfg.max_epochs_this_run)
     record: dict[str, Any] = {}
-    for epoch in range(first_epoch, stop):
-        started = time.perf_counter()
-        train_loss = _train_epoch(run, epoch)
-        record = _end_epoch(run, epoch, train_loss, started)
     out = Path(cfg.output_dir)
+    with StopRequest(announce=ctx.is_main) as run.stop:
+        for epoch in range(first_epoch, last):
+            started = time.perf_counter()
+            train_loss = _train_epoch(run, epoch)
+            if train_loss is None:
+                break
+            record = _end_epoch(run, epoch, train_loss, started)
+            if _stop_agreed(run):  # asked during validation: the epoch's checkpoint is the place to stop
+                break
+    stopped_by = run.stop.signal if run.stop.signal is not None else (signal.SIGTERM if _stop_agreed(run) else None)
     if ctx.is_main:
-        print(
-            f"val top-1: {record.get('val_top1', float('nan')):.4f}  best: {run.best['top1']:.4f} "
-            f"(epoch {run.best['epoch']})  saved: {out / 'best'}, {out / 'last'}"
-        )
-    return {"last_epoch": record.get("epoch", first_epoch), "best": run.best, "last": record, "output_dir": str(out)}
+        if stopped_by is not None:
+            print(
+                f"stopped by {signal.Signals(stopped_by).name} after step {run.step}: {out / 'last'} holds it; "
+                "run the same command with --resume to go on", file=sys.stderr,
+            )  # fmt: skip
+        else:
+            print(
+                f"val top-1: {record.get('val_top1', float('nan')):.4f}  best: {run.best['top1']:.4f} "
+                f"(epoch {run.best['epoch']})  saved: {out / 'best'}, {out / 'last'}"
+            )
+    return {
+        "last_epoch": record.get("epoch", first_epoch), "best": run.best, "last": record, "output_dir": str(out),
+        "step": run.step, "stopped_by": stopped_by,
+    }  # fmt: skip
 
 
 def register(subparsers: Any) -> None:
@@ -560,6 +479,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     parser.add_argument("--max-epochs-this-run", type=_positive_int, default=None,
                         help="stop after this many epochs (job time limits); continue with --resume")  # fmt: skip
+    parser.add_argument("--save-every-steps", type=_positive_int, default=None,
+                        help="also write OUT/last every N optimizer steps (--resume inside long epochs)")  # fmt: skip
     parser.add_argument("--train-split", default="train", help="hf: datasets only")
     parser.add_argument("--val-split", default="validation", help="hf: datasets only")
     parser.set_defaults(func=run)
@@ -568,5 +489,5 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     names = set(FinetuneConfig.__dataclass_fields__)
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
-    finetune(cfg)
-    return 0
+    summary = finetune(cfg)
+    return 0 if summary["stopped_by"] is None else 128 + int(summary["stopped_by"])  # the shell's convention

@@ -1,0 +1,186 @@
+"""Stopping and resuming `finetune` mid-epoch: stop signals, periodic saves, crashes (tiny config, CPU).
+
+Every scenario ends with the weights and the per-step losses of one uninterrupted run: the training
+state holds the position in the epoch, the RNG states at an optimizer step's end, and the loss scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.image_folders import write_dataset, write_start_checkpoint
+from vithybrid_fast import train as train_module
+from vithybrid_fast.train import FinetuneConfig, finetune
+from vithybrid_fast.train_state import StopRequest, find_resume_directory, workers_ignore_stop_signals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(root: Path, out: Path, **overrides) -> FinetuneConfig:
+    settings = dict(
+        data=str(root / "data"), model=str(root / "start"), output_dir=out, epochs=2, batch_size=8, lr=1e-3,
+        num_workers=0, kernels="sdpa", seed=0, device="cpu",
+    )  # fmt: skip
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+def steps_of(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["type"] == "step"]
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    done, expected = (load_file(p / "last" / "model.safetensors") for p in (out, reference))
+    assert done.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(done[key], expected[key]), key
+    assert [(r["step"], r["loss"]) for r in steps_of(out)] == [(r["step"], r["loss"]) for r in steps_of(reference)]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preemption")
+    write_dataset(root / "data", train_per_class=8, val_per_class=4)  # 24 images, batch 8: 3 steps an epoch
+    write_start_checkpoint(root / "start")
+    # dropout on: the resumed run's dropout masks must continue the uninterrupted run's random stream
+    settings = json.loads((root / "start" / "config.json").read_text())
+    settings.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (root / "start" / "config.json").write_text(json.dumps(settings))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """One uninterrupted run per setting the scenarios use."""
+    runs = {}
+    for name, overrides in {"plain": {}, "accum": {"grad_accum": 2, "num_workers": 2}}.items():
+        finetune(config(root, root / f"reference-{name}", **overrides))
+        runs[name] = root / f"reference-{name}"
+    return runs
+
+
+def signal_after_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Deliver `signum` to this process while step `step`'s log line is written (mid-epoch)."""
+    write = train_module.JsonlLog.write
+
+    def write_then_signal(self, **record):
+        write(self, **record)
+        if record.get("type") == "step" and record["step"] == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(train_module.JsonlLog, "write", write_then_signal)
+
+
+def test_a_stop_signal_saves_the_step_and_resume_ends_as_one_run(root, reference, monkeypatch, capsys):
+    out = root / "sigterm"
+    signal_after_step(monkeypatch, 4)  # epoch 2's first step
+    summary = finetune(config(root, out))
+    assert summary["stopped_by"] == signal.SIGTERM and summary["step"] == 4
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopping after this optimizer step" in err
+    assert f"stopped by SIGTERM after step 4: {out / 'last'} holds it" in err
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["steps_into_epoch"], state["step"]) == (1, 1, 4)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.undo()
+    resumed = finetune(config(root, out, resume=True))
+    assert resumed["stopped_by"] is None and resumed["step"] == 6
+    assert "resuming after step 4 (epoch 2, step 1)" in capsys.readouterr().out
+    assert_same_run(out, reference["plain"])
+
+
+def test_periodic_saves_let_a_crashed_run_resume_mid_epoch(root, reference, monkeypatch):
+    """A crash after step 5 (no handler runs): the save at step 4 holds; the log's step 5 is redone once."""
+    out = root / "crash"
+    write = train_module.JsonlLog.write
+
+    def crash_after_step_5(self, **record):
+        write(self, **record)
+        if record.get("type") == "step" and record["step"] == 5:
+            raise MemoryError("simulated crash")
+
+    monkeypatch.setattr(train_module.JsonlLog, "write", crash_after_step_5)
+    # grad_accum 2 with 2 workers: the resumed epoch skips whole accumulations of the rank's shard
+    settings = dict(grad_accum=2, num_workers=2, save_every_steps=2)
+    with pytest.raises(MemoryError):
+        finetune(config(root, out, **settings))
+    checkpoints = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["steps_into_epoch"]) for r in checkpoints if r["type"] == "checkpoint"] == [(2, 2), (4, 1)]
+    assert [r["step"] for r in steps_of(out)] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    finetune(config(root, out, resume=True, **settings))
+    assert_same_run(out, reference["accum"])  # step 5 logged once: the resumed run trimmed its line
+
+
+def test_sigterm_to_the_whole_job_from_the_command_line(root, tmp_path):
+    """A scheduler's SIGTERM reaches every process of the job, DataLoader workers too: the run still saves
+    its last step, exits 143, and --resume finishes it."""
+    out = tmp_path / "cli"
+    argv = [sys.executable, "-m", "vithybrid_fast", "finetune", str(root / "data"), "--model", str(root / "start"),
+            "--output-dir", str(out), "--epochs", "8", "--batch-size", "8", "--lr", "1e-3", "--kernels", "sdpa",
+            "--num-workers", "2", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "train_log.jsonl").is_file() and steps_of(out)):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGTERM)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr, stderr
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert 1 <= state["step"] < 24
+    assert [r["step"] for r in steps_of(out)] == list(range(1, state["step"] + 1))
+    finished = finetune(config(root, out, epochs=8, num_workers=2, resume=True))
+    assert finished["stopped_by"] is None and finished["step"] == 24
+    assert [r["step"] for r in steps_of(out)] == list(range(1, 25))
+
+
+def test_ctrl_c_twice_stops_at_once():
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequest(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+class _SignalDispositions(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> list[bool]:
+        return [signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGINT)]
+
+
+def test_dataloader_workers_ignore_stop_signals():
+    loader = torch.utils.data.DataLoader(_SignalDispositions(), num_workers=1, batch_size=None,
+                                         worker_init_fn=workers_ignore_stop_signals)  # fmt: skip
+    assert list(loader) == [[True, True], [True, True]]
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_after_a_kill_between_renames(tmp_path):
+    (tmp_path / "last.old").mkdir()
+    (tmp_path / "last.old" / "training_state.pt").write_bytes(b"")
+    assert find_resume_directory(tmp_path) == tmp_path / "last.old"
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "training_state.pt").write_bytes(b"")
+    assert find_resume_directory(tmp_path) == tmp_path / "last"

@@ -1,0 +1,180 @@
+"""What a fine-tuning run keeps so it can stop and go on: checkpoints, training state, RNG, stop signals.
+
+`OUT/last/` is a `save_pretrained` directory plus `training_state.pt`: optimizer, scheduler, loss scale,
+step, best result, RNG states, the settings a resumed run must share, and the position in the epoch
+(`steps_into_epoch`, 0 at an epoch's end). It is written at every epoch's end, every `--save-every-steps`
+optimizer steps, and when the run is asked to stop (SIGTERM from a scheduler or torchrun, or Ctrl-C):
+the run finishes nothing more, writes the state of its last whole optimizer step, and exits with
+128 + the signal's number. `--resume` continues from there, mid-epoch too, and ends with the weights an
+uninterrupted run gets (CPU, same seed: tests/test_finetune.py, tests/test_preemption.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+TRAINING_STATE = "training_state.pt"
+LOG_NAME = "train_log.jsonl"
+# settings that must match for --resume to continue the same run
+RESUME_KEYS = (
+    "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "freeze_backbone",
+    "augment", "min_crop_scale", "label_smoothing",
+)  # fmt: skip
+# what a training state saved before a setting existed ran with
+RESUME_DEFAULTS_OF_OLDER_STATES = {"augment": "none", "label_smoothing": 0.0}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(model: nn.Module, processor: Any, directory: Path, training_state: dict | None = None) -> None:
+    """save_pretrained + preprocessor_config.json (+ training state), swapped in whole: never half-written.
+
+    Killed between the two renames, the previous checkpoint survives as `<directory>.old`, which
+    `find_resume_directory` falls back to."""
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    if training_state is not None:
+        torch.save(training_state, partial / TRAINING_STATE)
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    partial.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """The rank's DistributedSampler order for an epoch, less its first `skip` indices: a resumed epoch
+    starts at its first unfinished step, without decoding the images of the finished ones."""
+
+    def __init__(self, inner: torch.utils.data.distributed.DistributedSampler) -> None:
+        self.inner, self.skip = inner, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.inner), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+def find_resume_directory(output_dir: Path) -> Path:
+    """OUT/last, or OUT/last.old when a kill fell between save_checkpoint's renames."""
+    last = Path(output_dir) / "last"
+    for candidate in (last, last.with_name("last.old")):
+        if (candidate / TRAINING_STATE).is_file():
+            return candidate
+    raise FileNotFoundError(f"--resume: {last / TRAINING_STATE} does not exist (no saved step to continue from)")
+
+
+def resume_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share; the crop scale only matters when crops are drawn."""
+    settings = {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
+    if settings["augment"] != "crop-flip":
+        settings.pop("min_crop_scale")
+    return settings
+
+
+def load_resume_state(cfg: Any) -> tuple[dict[str, Any], Path] | None:
+    """(training state, its directory) for `cfg.resume`, refused when the run's settings changed."""
+    if not cfg.resume:
+        return None
+    directory = find_resume_directory(Path(cfg.output_dir))
+    state = torch.load(directory / TRAINING_STATE, weights_only=True)
+    saved = resume_settings(state["config"])
+    now = resume_settings({k: getattr(cfg, k) for k in RESUME_KEYS})
+    changed = [f"{k}: {saved.get(k)} → {now.get(k)}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"--resume with other settings than the interrupted run: {', '.join(changed)}")
+    return state, directory
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the log records after `step`: a run killed after its last save had logged steps it redoes."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+class StopRequest:
+    """SIGTERM / SIGINT → a flag the training loop reads at each optimizer step; a second Ctrl-C stops at once.
+
+    Installed only in the main thread (signal handlers cannot be set elsewhere); restores the previous
+    handlers on exit."""
+
+    def __init__(self, announce: bool) -> None:
+        self.signal: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without saving
+        self.signal = signum
+        if self.announce:
+            name = signal.Signals(signum).name
+            print(f"\n{name}: stopping after this optimizer step, saving it to OUT/last "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def workers_ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a scheduler's SIGTERM (sent to every process of the job) or a terminal's
+    Ctrl-C (sent to the whole process group) must not kill the workers while the main process finishes
+    its step and saves; they end when the main process shuts its loader down, or dies."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
