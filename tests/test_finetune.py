@@ -262,6 +262,30 @@ def test_a_checkpoint_of_the_same_classes_keeps_its_head(trained, capsys):
     assert epoch["val_top1"] >= 0.9  # a kept trained head scores from the first epoch at a tiny lr
 
 
+def test_a_fresh_run_does_not_overwrite_an_earlier_one_unless_told(trained, capsys):
+    root, _ = trained
+    argv = ["finetune", str(root / "data"), "--model", str(root / "start"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu", "--epochs", "1", "--batch-size", "8"]  # fmt: skip
+    out = root / "rerun"
+    shutil.copytree(root / "out", out)
+    before = (out / "last" / "model.safetensors").read_bytes(), (out / "train_log.jsonl").read_text()
+    assert main([*argv, "--output-dir", str(out)]) == 1
+    assert (
+        f"--output-dir {out} holds a run (last, best, train_log.jsonl): pass --resume to continue it, --overwrite "
+        "to start over there, or choose another directory" in capsys.readouterr().err
+    )
+    assert ((out / "last" / "model.safetensors").read_bytes(), (out / "train_log.jsonl").read_text()) == before
+    assert main([*argv, "--output-dir", str(out), "--resume", "--overwrite"]) == 1
+    assert "choose one" in capsys.readouterr().err
+    (root / "a-file").write_text("")
+    assert main([*argv, "--output-dir", str(root / "a-file")]) == 1
+    assert "a file, not a directory" in capsys.readouterr().err
+    assert main([*argv, "--output-dir", str(out), "--overwrite"]) == 0
+    records = read_log(out / "train_log.jsonl")  # only the new run's: 1 epoch of 3 steps
+    assert [(r["type"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("step", 3), ("epoch", 3)]
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["config"]["epochs"] == 1
+
+
 def test_freeze_backbone_and_gradient_accumulation(trained):
     root, _ = trained
     runs = {}

@@ -55,6 +55,8 @@ from .train_state import (
     RESUME_KEYS,
     ResumableSampler,
     StopRequest,
+    check_output_dir,
+    clear_run,
     load_resume_state,
     rng_state,
     save_checkpoint,
@@ -88,6 +90,7 @@ class FinetuneConfig:
     num_workers: int = field(default_factory=default_num_workers)  # 4, or the usable CPUs if fewer
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # start afresh in an output directory that holds a run
     on_error: str = "fail"
     train_split: str = "train"
     val_split: str = "validation"
@@ -178,6 +181,8 @@ def check_settings(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--augment {cfg.augment!r}: choose one of {', '.join(MODES)}")
     if not 0.0 < cfg.min_crop_scale <= 1.0:
         raise ValueError(f"--min-crop-scale {cfg.min_crop_scale}: must lie in (0, 1] (a fraction of the image area)")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: choose one")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing {cfg.label_smoothing}: must lie in [0, 1)")
 
@@ -197,6 +202,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
     validate_kernels(kernels, ctx.device)  # before any data or weights are read
     check_settings(cfg)
     per_rank = _checked_batch_split(cfg, ctx)
+    check_output_dir(cfg)
     resumed = load_resume_state(cfg)
     state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
@@ -268,6 +274,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[_Run, int]:
         out.mkdir(parents=True, exist_ok=True)
         if state is not None:
             trim_log(out / LOG_NAME, run.step)
+        else:
+            clear_run(out)  # --overwrite: nothing of the earlier run may pass for this one's
         print(
             f"finetune: {len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes, "
             f"{ctx.world_size} rank(s) on {ctx.device}, kernels {kernels}, "
@@ -477,6 +485,8 @@ def register(subparsers: Any) -> None:
                         "sm_70/75, else float32)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an OUTPUT_DIR that holds a run (its checkpoints and log go)")  # fmt: skip
     parser.add_argument("--max-epochs-this-run", type=_positive_int, default=None,
                         help="stop after this many epochs (job time limits); continue with --resume")  # fmt: skip
     parser.add_argument("--save-every-steps", type=_positive_int, default=None,

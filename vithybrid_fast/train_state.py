@@ -109,6 +109,29 @@ def find_resume_directory(output_dir: Path) -> Path:
     raise FileNotFoundError(f"--resume: {last / TRAINING_STATE} does not exist (no saved step to continue from)")
 
 
+def check_output_dir(cfg: Any) -> None:
+    """Refuse to start afresh over a run: without --resume or --overwrite, its checkpoints would be
+    replaced and its log mixed with the new run's."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output-dir {out}: a file, not a directory")
+    if cfg.resume or cfg.overwrite:
+        return
+    held = [name for name in ("last", "last.old", "best", LOG_NAME) if (out / name).exists()]
+    if held:
+        raise FileExistsError(
+            f"--output-dir {out} holds a run ({', '.join(held)}): pass --resume to continue it, --overwrite to "
+            "start over there, or choose another directory"
+        )
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's checkpoints and log from `out` (only the names a run writes)."""
+    for name in ("last", "last.old", "last.partial", "best", "best.old", "best.partial"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / LOG_NAME).unlink(missing_ok=True)
+
+
 def resume_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed run must share; the crop scale only matters when crops are drawn."""
     settings = {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
