@@ -163,3 +163,14 @@ def test_classify_runs_on_the_gpu_when_there_is_one(checkpoint, monkeypatch, cap
     assert asked["device"] == torch.device("cpu")
     assert main(["classify", str(sample_image_path()), "--model", str(checkpoint), "--device", "cuda:1"]) == 1
     assert "--device cuda:1: no CUDA GPU is visible to torch" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_any_command_with_one_line_and_130(monkeypatch, capsys):
+    import vithybrid_fast.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_classify", interrupted)
+    assert main(["classify", str(sample_image_path())]) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"

@@ -265,3 +265,14 @@ def test_hugging_face_plain_labels_map_by_name_onto_given_classes(pipeline):
     assert data.classes == ["bird", "cat", "dog"] and [s.label for s in data.samples] == [2, 1]
     with pytest.raises(ValueError, match=r"toy: labels \['dog'\] are not among the classes \['bird', 'cat'\]"):
         HFLabelledImages(ds, pipeline, "toy", "image", "label", classes=["bird", "cat"])
+
+
+def test_hidden_folders_are_neither_classes_nor_samples(folder, tmp_path):
+    """Jupyter's .ipynb_checkpoints (copies of images) beside or inside class folders: no class, no sample."""
+    root = tmp_path / "with-hidden"
+    shutil.copytree(folder, root)
+    shutil.copytree(folder / "green_checker", root / ".ipynb_checkpoints")
+    shutil.copytree(folder / "red_horizontal", root / "red_horizontal" / ".ipynb_checkpoints")
+    samples, classes = image_folder_samples(root)
+    assert classes == list(CLASSES) and len(samples) == 9
+    assert not [s for s in samples if ".ipynb_checkpoints" in s.source]

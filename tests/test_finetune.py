@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import stat
@@ -57,6 +58,8 @@ def test_finetuning_reaches_90_percent_and_logs_every_step(trained):
     assert steps[-1]["loss"] < steps[0]["loss"]
     lrs = [r["lr"] for r in steps]
     assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)  # 1 warm-up step, then cosine
+    schedule = warmup_cosine(total_steps=9, warmup_steps=1)
+    assert lrs == pytest.approx([1e-3 * schedule(step) for step in range(9)])  # the rate each step used
     assert all(r["images_per_s"] > 0 and r["grad_norm"] > 0 for r in steps)
     for name in ("best", "last"):
         saved = json.loads((root / "out" / name / "config.json").read_text())
@@ -286,6 +289,43 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one_unless_told(trained, caps
     assert torch.load(out / "last" / "training_state.pt", weights_only=True)["config"]["epochs"] == 1
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(trained, capsys):
+    root, _ = trained
+    before = (root / "out" / "last" / "model.safetensors").read_bytes()
+    summary = finetune(config(root, root / "out", resume=True))
+    assert summary["stopped_by"] is None and summary["step"] == 9
+    assert f"nothing to do: {root / 'out' / 'last'} has finished all 3 epochs" in capsys.readouterr().out
+    assert (root / "out" / "last" / "model.safetensors").read_bytes() == before
+
+
+def test_unreadable_files_with_on_error_skip(trained, capsys):
+    """One garbage file: with a micro-batch of 1 image it empties a whole micro-batch, which still runs a
+    (zero) forward and backward, so every rank keeps in step; it is reported once, not every epoch."""
+    root, _ = trained
+    data = root / "data-with-garbage"
+    shutil.copytree(root / "data", data)
+    (data / "train" / "blue_vertical" / "garbage.jpg").write_bytes(b"not an image")
+    out = root / "garbage"
+    summary = finetune(config(root, out, data=str(data), epochs=2, batch_size=5, grad_accum=5, on_error="skip"))
+    assert summary["stopped_by"] is None and summary["step"] == 10  # 25 files / 5 = 5 steps × 2 epochs
+    err = capsys.readouterr().err
+    assert err.count("skipped unreadable image") == 1 and "garbage.jpg" in err
+    steps = [r for r in read_log(out / "train_log.jsonl") if r["type"] == "step"]
+    assert all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_training_classes_without_images_are_an_error_and_hidden_folders_no_classes(trained):
+    root, _ = trained
+    data = root / "data-with-extra-folders"
+    shutil.copytree(root / "data", data)
+    (data / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    (data / "train" / "zzz_empty" / "notes").mkdir(parents=True)
+    (data / "train" / "zzz_empty" / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"no images of the classes \['zzz_empty'\]: add images, or remove"):
+        finetune(config(root, root / "extra", data=str(data)))
+    assert not (root / "extra").exists()
+
+
 def test_freeze_backbone_and_gradient_accumulation(trained):
     root, _ = trained
     runs = {}
@@ -317,13 +357,25 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
         == 1
     )
     assert "other settings than the interrupted run: lr: 0.001 → 0.5" in capsys.readouterr().err
-    for flag, value, reason in (
-        ("--min-crop-scale", "0", "--min-crop-scale 0.0: must lie in (0, 1]"),
-        ("--label-smoothing", "1", "--label-smoothing 1.0: must lie in [0, 1)"),
-    ):
-        assert main([*argv, "--output-dir", str(root / "x"), flag, value]) == 1
-        assert reason in capsys.readouterr().err
+    # out-of-range numbers are usage errors (exit 2), as argparse's own checks are, saying the range
+    for flag, value, span in (
+        ("--min-crop-scale", "0", "(0, 1]"), ("--min-crop-scale", "2", "(0, 1]"), ("--label-smoothing", "1", "[0, 1)"),
+        ("--lr", "0", "(0, ∞)"), ("--lr", "inf", "(0, ∞)"), ("--weight-decay", "-1", "[0, ∞)"),
+        ("--warmup-ratio", "5", "[0, 1]"), ("--warmup-ratio", "nan", "[0, 1]"), ("--grad-clip", "-1", "[0, ∞)"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as usage:
+            main([*argv, "--output-dir", str(root / "x"), flag, value])
+        assert usage.value.code == 2, flag
+        assert f"argument {flag}: must lie in {span}, got {value}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--output-dir", str(root / "x"), "--seed", "-1"])
+    assert usage.value.code == 2
     assert not (root / "x").exists()  # refused before anything was written
+    # the Python API checks the same ranges
+    for field, value in (("grad_clip", -1.0), ("lr", float("nan")), ("label_smoothing", 1.0), ("seed", -1)):
+        with pytest.raises(ValueError, match=f"--{field.replace('_', '-')}"):
+            finetune(config(root, root / "x", **{field: value}))
+    assert not (root / "x").exists()
     with pytest.raises(SystemExit) as usage:
         main([*argv, "--output-dir", str(root / "x"), "--augment", "mixup"])
     assert usage.value.code == 2

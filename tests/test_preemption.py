@@ -19,9 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.image_folders import write_dataset, write_start_checkpoint
-from vithybrid_fast import train as train_module
+from vithybrid_fast.data import LabelledImages
 from vithybrid_fast.train import FinetuneConfig, finetune
-from vithybrid_fast.train_state import StopRequest, find_resume_directory, workers_ignore_stop_signals
+from vithybrid_fast.train_state import (
+    JsonlLog,
+    StopRequest,
+    find_resume_directory,
+    trim_log,
+    workers_ignore_stop_signals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,14 +78,14 @@ def reference(root):
 
 def signal_after_step(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
     """Deliver `signum` to this process while step `step`'s log line is written (mid-epoch)."""
-    write = train_module.JsonlLog.write
+    write = JsonlLog.write
 
     def write_then_signal(self, **record):
         write(self, **record)
         if record.get("type") == "step" and record["step"] == step:
             os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(train_module.JsonlLog, "write", write_then_signal)
+    monkeypatch.setattr(JsonlLog, "write", write_then_signal)
 
 
 def test_a_stop_signal_saves_the_step_and_resume_ends_as_one_run(root, reference, monkeypatch, capsys):
@@ -103,14 +109,14 @@ def test_a_stop_signal_saves_the_step_and_resume_ends_as_one_run(root, reference
 def test_periodic_saves_let_a_crashed_run_resume_mid_epoch(root, reference, monkeypatch):
     """A crash after step 5 (no handler runs): the save at step 4 holds; the log's step 5 is redone once."""
     out = root / "crash"
-    write = train_module.JsonlLog.write
+    write = JsonlLog.write
 
     def crash_after_step_5(self, **record):
         write(self, **record)
         if record.get("type") == "step" and record["step"] == 5:
             raise MemoryError("simulated crash")
 
-    monkeypatch.setattr(train_module.JsonlLog, "write", crash_after_step_5)
+    monkeypatch.setattr(JsonlLog, "write", crash_after_step_5)
     # grad_accum 2 with 2 workers: the resumed epoch skips whole accumulations of the rank's shard
     settings = dict(grad_accum=2, num_workers=2, save_every_steps=2)
     with pytest.raises(MemoryError):
@@ -151,6 +157,60 @@ def test_sigterm_to_the_whole_job_from_the_command_line(root, tmp_path):
     finished = finetune(config(root, out, epochs=8, num_workers=2, resume=True))
     assert finished["stopped_by"] is None and finished["step"] == 24
     assert [r["step"] for r in steps_of(out)] == list(range(1, 25))
+
+
+def test_a_stop_during_validation_abandons_it_and_resume_validates_first(root, reference, monkeypatch, capsys):
+    """Validation can outlast a scheduler's grace period: a stop there saves the epoch's trained, not yet
+    validated state at once; the resumed run validates it, then goes on as the uninterrupted run."""
+    out = root / "stopped-validating"
+    load = LabelledImages.__getitem__
+
+    def signal_while_validating(self, index):
+        if self.augment is None and not getattr(signal_while_validating, "sent", False):  # the val set
+            signal_while_validating.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return load(self, index)
+
+    monkeypatch.setattr(LabelledImages, "__getitem__", signal_while_validating)
+    summary = finetune(config(root, out))
+    assert summary["stopped_by"] == signal.SIGTERM and summary["step"] == 3
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["steps_into_epoch"]) == (0, 3)  # epoch 1 trained, not validated
+    assert not [line for line in (out / "train_log.jsonl").read_text().splitlines() if '"epoch", ' in line]
+    monkeypatch.undo()
+    capsys.readouterr()
+    finetune(config(root, out, resume=True))
+    assert_same_run(out, reference["plain"])
+    epochs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference["plain"] / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["val_top1"]) for r in epochs if r["type"] == "epoch"] == [
+        (r["epoch"], r["val_top1"]) for r in expected if r["type"] == "epoch"
+    ]
+
+
+def test_a_stop_right_after_a_periodic_save_does_not_save_again(root, monkeypatch):
+    out = root / "save-every-step"
+    signal_after_step(monkeypatch, 4)
+    finetune(config(root, out, save_every_steps=1))
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "checkpoint"] == [1, 2, 4]  # 3 ends epoch 1: saved there
+
+
+def test_resume_drops_a_torn_last_log_line(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"type": "step", "step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    log.write_text("\n".join(lines) + "\n" + lines[2][:17])  # killed while writing step 4
+    trim_log(log, 2)
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
+def test_validation_loader_workers_ignore_stop_signals_too():
+    from vithybrid_fast.distributed import DistContext
+    from vithybrid_fast.evaluate import make_loader
+
+    loader = make_loader(_SignalDispositions(), 1, 1, DistContext(0, 1, 0, torch.device("cpu")))
+    assert loader.worker_init_fn is workers_ignore_stop_signals
+    assert loader.generator is not None  # starting it draws nothing from the global generator
 
 
 def test_ctrl_c_twice_stops_at_once():

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -348,6 +350,25 @@ def int_at_least(minimum: int, meaning: str = ""):
 _positive_int = int_at_least(1)
 
 
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """An argparse `type`: a finite float in [low, high] (an end excluded where `*_open`); nan never passes."""
+    left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+    span = f"{left}{low:g}, {'∞' if high == math.inf else f'{high:g}'}{right}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        below = value < low or (low_open and value == low)
+        above = value > high or (high_open and value == high)
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"must lie in {span}, got {text}")
+        return value
+
+    return parse
+
+
 def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
@@ -362,12 +383,16 @@ def _run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 success, 1 the command failed (message on stderr), 2 usage error (argparse)."""
+    """Exit codes: 0 success, 1 the command failed (message on stderr), 2 usage error (argparse),
+    130 interrupted (Ctrl-C; `finetune` first saves its last step, see train_state.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = _run(argv)
         sys.stdout.flush()
         return code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         # the reader went away (`| head`): stop quietly. Point stdout at /dev/null so the interpreter's
         # final flush does not raise a second BrokenPipeError at exit.

@@ -3,7 +3,8 @@
 Sources (`open_dataset(spec, processor)`):
   * a directory of class subfolders, as torchvision's ImageFolder reads it: class index = position of
     the subfolder in sorted order (or, given the training classes, of its name among them: a
-    validation folder may lack classes); image files (by extension Pillow knows) found recursively, sorted;
+    validation folder may lack classes); hidden subfolders (.ipynb_checkpoints) are skipped; image files
+    (by extension Pillow knows) found recursively, sorted;
   * a `.csv` file of `path,label` rows (a first row `path,label` is a header; a first row with other
     column names, such as `file,label`, is an error, not data) or a `.jsonl` file of
     `{"path": ..., "label": ...}` objects; relative paths are relative to the list file; classes are
@@ -70,7 +71,9 @@ def image_folder_samples(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory (expected one subfolder per class)")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git, .cache) are no classes: taken as one, an empty
+    # .ipynb_checkpoints became class 0 and moved every real class's index
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"{root}: no class subfolders (expected e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)")
     classes = folders if classes is None else list(classes)
@@ -80,11 +83,16 @@ def image_folder_samples(
         raise ValueError(f"{root}: class folders {unknown} are not among the classes {classes}")
     samples = []
     for name in folders:
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p))
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p) and not _hidden(p, root))
         samples.extend(Sample(str(p), index[name]) for p in files)
     if not samples:
         raise FileNotFoundError(f"{root}: the class subfolders hold no image files")
     return samples, classes
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """Under a hidden folder or itself hidden, below `root` (a checkpoint copy, not a sample)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _csv_header_error(path: Path, line_no: int, row: list[str]) -> str | None:

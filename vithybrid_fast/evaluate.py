@@ -83,6 +83,7 @@ class EvalResult:
     class_top1: list[int] = field(default_factory=list)
     class_top5: list[int] = field(default_factory=list)
     predictions: list[dict[str, Any]] = field(default_factory=list)  # rank 0, when asked for
+    stopped: bool = False  # `should_stop` ended this rank's pass early: the counts are partial
 
     @property
     def top1_accuracy(self) -> float:
@@ -118,11 +119,15 @@ def evaluate(
     with_predictions: bool = False,
     id2label: dict[int, str] | None = None,
     progress: Callable[[Any], Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Run `model` over `loader` (a ShardSampler shard per rank) and sum the counts over ranks.
 
     targets: the model's label index per dataset class (None: the same indices). The returned counts
     and loss are global; `predictions` (rank 0) holds one dict per image, in dataset order.
+    should_stop: asked (locally, no collective: shards differ in length) before each batch; True ends
+    this rank's pass (`stopped`). report: where unreadable files are reported (default: rank 0's stderr).
     """
     from .data import split_errors
     from .distributed import all_reduce_sum, gather_objects
@@ -137,7 +142,9 @@ def evaluate(
     predictions: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
-    report = None if not ctx.is_main else (lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    if report is None and ctx.is_main:
+        report = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
+    stopped = False
     start = time.perf_counter()
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32) else None
@@ -145,6 +152,9 @@ def evaluate(
     batches = progress(loader) if progress is not None else loader
     with torch.inference_mode():
         for batch in batches:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
             counts[-1] += len(split_errors(batch, on_error, report))
             if batch["pixels"] is None:
                 continue
@@ -193,12 +203,14 @@ def evaluate(
         class_top1=[row[1] for row in per_class],
         class_top5=[row[2] for row in per_class],
         predictions=predictions if ctx.is_main else [],
+        stopped=stopped,
     )
 
 
 def make_loader(dataset: Any, batch_size: int, num_workers: int, ctx: Any, sampler: Any = None):
     from .data import collate
     from .distributed import ShardSampler
+    from .train_state import workers_ignore_stop_signals
 
     return torch.utils.data.DataLoader(
         dataset,
@@ -208,6 +220,10 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int, ctx: Any, sampl
         collate_fn=collate,
         pin_memory=ctx.device.type == "cuda",
         persistent_workers=False,
+        # no draw from the global generator when an iteration starts: validating inside a fine-tuning
+        # run leaves its random stream (dropout) as it found it, so a resumed run continues it exactly
+        generator=torch.Generator(),
+        worker_init_fn=workers_ignore_stop_signals,  # a job-wide SIGTERM must not break a saving run
     )
 
 
@@ -227,7 +243,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import _positive_int, int_at_least
     from .distributed import MAX_DEFAULT_WORKERS, default_num_workers
 
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per step, over all ranks")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="images per step, over all ranks (default: %(default)s)"
+    )
     workers = default_num_workers()
     parser.add_argument(
         "--num-workers",
@@ -236,7 +254,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"DataLoader worker processes per rank (default here: {workers} = min({MAX_DEFAULT_WORKERS}, "
         "CPUs usable))",
     )
-    parser.add_argument("--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"])
+    parser.add_argument(
+        "--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"],
+        help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
     parser.add_argument(
         "--on-error",

@@ -133,11 +133,15 @@ def clear_run(out: Path) -> None:
 
 
 def resume_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share; the crop scale only matters when crops are drawn."""
-    settings = {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
-    if settings["augment"] != "crop-flip":
-        settings.pop("min_crop_scale")
-    return settings
+    """The settings a resumed run must share (a state from before a setting existed: what it ran with)."""
+    return {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: saved → now' for each difference; the crop scale only when both runs draw crops."""
+    crops = saved["augment"] == now["augment"] == "crop-flip"
+    keys = [k for k in RESUME_KEYS if k != "min_crop_scale" or crops]
+    return [f"{k}: {saved[k]} → {now[k]}" for k in keys if saved[k] != now[k]]
 
 
 def load_resume_state(cfg: Any) -> tuple[dict[str, Any], Path] | None:
@@ -146,22 +150,44 @@ def load_resume_state(cfg: Any) -> tuple[dict[str, Any], Path] | None:
         return None
     directory = find_resume_directory(Path(cfg.output_dir))
     state = torch.load(directory / TRAINING_STATE, weights_only=True)
-    saved = resume_settings(state["config"])
-    now = resume_settings({k: getattr(cfg, k) for k in RESUME_KEYS})
-    changed = [f"{k}: {saved.get(k)} → {now.get(k)}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    changed = changed_settings(resume_settings(state["config"]), resume_settings(vars(cfg)))
     if changed:
-        raise ValueError(f"--resume with other settings than the interrupted run: {', '.join(changed)}")
+        raise ValueError(
+            f"--resume with other settings than the interrupted run: {', '.join(changed)}. Resume with its "
+            f"settings, or start a new run from its weights: --model {directory} --output-dir <another directory>"
+        )
     return state, directory
 
 
+class JsonlLog:
+    """Append-only JSON-lines log, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def trim_log(path: Path, step: int) -> None:
-    """Drop the log records after `step`: a run killed after its last save had logged steps it redoes."""
+    """Drop the log records after `step`: a run killed after its last save had logged steps it redoes,
+    and maybe a line it was writing when killed (not JSON: dropped too)."""
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (record := _record(line)) is not None and record.get("step", 0) <= step]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class StopRequest:

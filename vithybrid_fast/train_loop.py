@@ -1,0 +1,213 @@
+"""The fine-tuning loop: one epoch's optimizer steps, its validation and checkpoint, and the stops and
+saves inside it (see `train.py` for the run as a whole, `train_state.py` for what is saved)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .train_state import RESUME_KEYS, JsonlLog, StopRequest, rng_state, save_checkpoint
+
+
+@dataclass
+class Run:
+    """Everything one fine-tuning job holds while it runs."""
+
+    cfg: Any  # FinetuneConfig
+    ctx: Any
+    model: nn.Module  # the bare model (saved, validated)
+    trained: nn.Module  # what the forward runs through: the model, or DDP around it
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: torch.utils.data.distributed.DistributedSampler
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
+    autocast_dtype: torch.dtype
+    scaler: torch.amp.GradScaler  # float16 only; disabled (a pass-through) for bfloat16 / float32
+    log: JsonlLog
+    step: int = 0
+    best: dict[str, Any] | None = None
+    steps_into_epoch: int = 0  # a resumed epoch's finished optimizer steps (0: start the epoch afresh)
+    epoch_loss_sum: float = 0.0  # and the sum of their losses, for the epoch's mean
+    stop: StopRequest | None = None
+    saved_at: tuple[int, int] | None = None  # (finished epochs, steps into the next) of OUT/last's state
+    reported: set[str] = field(default_factory=set)  # unreadable files already reported (once per run)
+
+
+def _training_state(run: Run, finished_epochs: int, steps_into_epoch: int, epoch_loss_sum: float) -> dict:
+    """What --resume needs to go on from here; taken at an optimizer step's end (the RNG states too)."""
+    return {
+        "epoch": finished_epochs, "steps_into_epoch": steps_into_epoch, "epoch_loss_sum": epoch_loss_sum,
+        "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
+        "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS},
+    }  # fmt: skip
+
+
+def _save_mid_epoch(run: Run, epoch: int, steps: int, loss_sum: float) -> None:
+    """Write OUT/last at an optimizer step inside `epoch` (rank 0; not again when it holds this step);
+    every rank waits for it."""
+    from . import distributed
+
+    if run.saved_at == (epoch, steps):
+        return
+    if run.ctx.is_main:
+        state = _training_state(run, epoch, steps, loss_sum)
+        save_checkpoint(run.model, run.processor, Path(run.cfg.output_dir) / "last", state)
+        run.log.write(type="checkpoint", epoch=epoch + 1, step=run.step, steps_into_epoch=steps)
+    run.saved_at = (epoch, steps)
+    distributed.barrier(run.ctx)
+
+
+def stop_agreed(run: Run) -> bool:
+    """Whether any rank was asked to stop: all ranks answer alike, so they stop at the same step."""
+    from . import distributed
+
+    asked = run.stop is not None and run.stop.signal is not None
+    if not run.ctx.enabled:
+        return asked
+    flag = torch.tensor([1.0 if asked else 0.0], device=run.ctx.device)
+    return bool(distributed.all_reduce_sum(flag, run.ctx).item() > 0)
+
+
+def _report_once(run: Run, message: str) -> None:
+    """Each unreadable file once per run, not once per epoch (rank 0 of its shard's files)."""
+    if message not in run.reported:
+        run.reported.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _placeholder_loss(run: Run, autocast: Any) -> torch.Tensor:
+    """A zero loss through the whole model, for a micro-batch whose every file was unreadable (skipped):
+    under DDP every rank must run a forward and backward per micro-step, or the gradient all-reduce
+    waits forever. Its gradients are zeros."""
+    augment = run.train_loader.dataset.augment
+    pixels = torch.zeros(1, run.model.config.num_channels, augment.height, augment.width, device=run.ctx.device)
+    with autocast:
+        return run.trained(pixels).logits.float().sum() * 0.0
+
+
+def train_epoch(run: Run, epoch: int) -> float | None:
+    """The epoch's optimizer steps (from the first unfinished one); the sum of their losses (each the
+    mean over all ranks), or None when a stop signal ended it (OUT/last then holds its last whole step)."""
+    from . import distributed
+    from .data import split_errors
+    from .evaluate import progress_bar
+
+    cfg, ctx = run.cfg, run.ctx
+    steps, loss_sum = run.steps_into_epoch, run.epoch_loss_sum
+    run.steps_into_epoch, run.epoch_loss_sum = 0, 0.0
+    run.sampler.set_epoch(epoch, skip=steps * cfg.grad_accum * run.train_loader.batch_size)
+    run.train_loader.dataset.set_epoch(epoch)  # the augmentation's draws
+    bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch * cfg.grad_accum,
+                       initial=steps * cfg.grad_accum)  # fmt: skip
+    batches = bar(run.train_loader) if bar is not None else run.train_loader
+    mixed = run.autocast_dtype != torch.float32
+    autocast = torch.autocast(ctx.device.type, dtype=run.autocast_dtype) if mixed else nullcontext()
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    report = (lambda message: _report_once(run, message)) if ctx.is_main else None
+    batch_iter = iter(batches)
+    try:
+        # a step's micro-batches short of a whole accumulation at the epoch's end are not drawn
+        while steps < run.steps_per_epoch:
+            if stop_agreed(run):  # between optimizer steps: weights, optimizer and RNGs are a whole step's
+                _save_mid_epoch(run, epoch, steps, loss_sum)
+                return None
+            step_loss, images, started = torch.zeros(1, device=ctx.device), 0, time.perf_counter()
+            for micro in range(1, cfg.grad_accum + 1):
+                batch = next(batch_iter)
+                split_errors(batch, cfg.on_error, report)
+                # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
+                with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
+                    if batch["pixels"] is None:  # every file of it unreadable, and --on-error skip
+                        loss = _placeholder_loss(run, autocast)
+                    else:
+                        pixels = batch["pixels"].to(ctx.device, non_blocking=True)
+                        pixels = run.train_loader.dataset.pipeline.normalize(pixels)
+                        labels = batch["labels"].to(ctx.device, non_blocking=True)
+                        with autocast:
+                            logits = run.trained(pixels).logits
+                            # the model's own loss (CrossEntropyLoss), with the targets' label smoothing
+                            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                        loss = loss / cfg.grad_accum
+                        images += len(labels)
+                    run.scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+            # --grad-clip 0: no clipping (the norm is still measured and logged)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf))
+            scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+            run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
+            run.scaler.update()
+            skipped = scale is not None and run.scaler.get_scale() < scale
+            if not skipped:  # an overflowing step changed no weight: the schedule waits for it, as in accelerate
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step, steps = run.step + 1, steps + 1
+            mean_loss = float(distributed.all_reduce_sum(step_loss, ctx).item()) / ctx.world_size
+            seconds = time.perf_counter() - started
+            rate = images * ctx.world_size / seconds if seconds else 0.0
+            loss_sum += mean_loss
+            fp16 = {"loss_scale": scale, "skipped": skipped} if scale is not None else {}
+            run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr, images_per_s=rate,
+                          grad_norm=grad_norm if math.isfinite(grad_norm) else None, **fp16)  # fmt: skip
+            if bar is not None:
+                batches.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            every = cfg.save_every_steps
+            if every and run.step % every == 0 and steps < run.steps_per_epoch:  # the epoch's end saves anyway
+                _save_mid_epoch(run, epoch, steps, loss_sum)
+    finally:
+        if bar is not None:
+            batches.close()
+    return loss_sum
+
+
+def end_epoch(run: Run, epoch: int, loss_sum: float, started: float) -> dict[str, Any] | None:
+    """Validate, log, and (rank 0) write OUT/last and, when validation top-1 improved, OUT/best.
+
+    A stop signal during validation abandons it: OUT/last then holds the epoch's trained but unvalidated
+    state (a resumed run validates it first), and None is returned."""
+    from . import distributed
+    from .evaluate import evaluate
+
+    cfg, ctx, out = run.cfg, run.ctx, Path(run.cfg.output_dir)
+    asked = lambda: run.stop is not None and run.stop.signal is not None  # noqa: E731
+    report = (lambda message: _report_once(run, message)) if ctx.is_main else (lambda message: None)
+    val = evaluate(run.model, run.val_loader, ctx, on_error=cfg.on_error, autocast_dtype=run.autocast_dtype,
+                   should_stop=asked, report=report)  # fmt: skip
+    if stop_agreed(run):  # every rank leaves evaluate (and its all-reduce) before this collective
+        _save_mid_epoch(run, epoch, run.steps_per_epoch, loss_sum)
+        return None
+    train_loss = loss_sum / run.steps_per_epoch
+    improved = val.top1_accuracy > run.best["top1"]
+    if improved:
+        run.best = {"top1": val.top1_accuracy, "epoch": epoch + 1}
+    record = {
+        "type": "epoch", "epoch": epoch + 1, "step": run.step, "train_loss": train_loss, "val_loss": val.mean_loss,
+        "val_top1": val.top1_accuracy, "val_top5": val.top5_accuracy, "val_images": val.total,
+        "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    run.log.write(**record)
+    if ctx.is_main:
+        if improved:
+            save_checkpoint(run.model, run.processor, out / "best")
+        save_checkpoint(run.model, run.processor, out / "last", _training_state(run, epoch + 1, 0, 0.0))
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}  val loss {val.mean_loss:.4f}  "
+            f"val top-1 {val.top1_accuracy:.4f}  top-5 {val.top5_accuracy:.4f}" + ("  (best)" if improved else "")
+        )
+    run.saved_at = (epoch + 1, 0)
+    distributed.barrier(ctx)  # nobody starts the next epoch (or exits) before the checkpoint is written
+    return record
