@@ -80,7 +80,7 @@ def run_installed(site: Path, code: str, cwd: Path, extra_path: tuple[Path, ...]
 
 def test_wheel_ships_data_and_namespaced_packages(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "vithybrid_fast/data/imagenet1k_labels.json" in names
+    assert "vithybrid_fast/assets/imagenet1k_labels.json" in names
     assert "vithybrid_fast/assets/grace_hopper.jpg" in names
     assert "vithybrid_fast/kernels/configs/fused_linear.json" in names  # tuned-config tables
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # the Apache-2.0 text pyproject declares

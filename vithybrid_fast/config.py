@@ -450,7 +450,7 @@ def grid_after_backbone(bb: BitConfig, size: int) -> int:
 
 def imagenet_labels() -> list[str]:
     """The 1000 ImageNet-1k class names in the order of the hub checkpoint's id2label."""
-    text = resources.files("vithybrid_fast").joinpath("data/imagenet1k_labels.json").read_text()
+    text = resources.files("vithybrid_fast").joinpath("assets/imagenet1k_labels.json").read_text()
     return json.loads(text)
 
 
