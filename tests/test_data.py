@@ -276,3 +276,14 @@ def test_hidden_folders_are_neither_classes_nor_samples(folder, tmp_path):
     samples, classes = image_folder_samples(root)
     assert classes == list(CLASSES) and len(samples) == 9
     assert not [s for s in samples if ".ipynb_checkpoints" in s.source]
+
+
+def test_symlinked_folders_inside_class_folders_are_followed(folder, tmp_path):
+    """As torchvision's ImageFolder (os.walk followlinks=True): images kept elsewhere, linked in."""
+    root = tmp_path / "linked"
+    shutil.copytree(folder, root)
+    shutil.copytree(folder / "red_horizontal", tmp_path / "elsewhere")
+    (root / "red_horizontal" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    samples, classes = image_folder_samples(root)
+    assert classes == list(CLASSES) and len(samples) == 12
+    assert sum("/more/" in s.source for s in samples) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 
 import pytest
@@ -164,6 +165,12 @@ def test_eval_unreadable_file_fails_or_is_skipped(setup, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"skipped unreadable image {broken}" in err
     assert "skipped unreadable: 1" in out and out.splitlines()[-1].endswith("images: 6")
+    # nothing readable at all: an error, not a top-1 of 0 over no image
+    only_broken = tmp_path / "only-broken"
+    (only_broken / "green_checker").mkdir(parents=True)
+    shutil.copy(broken, only_broken / "green_checker" / broken.name)
+    assert main([*argv[:1], str(only_broken), *argv[2:], "--on-error", "skip"]) == 1
+    assert f"none of the 1 images of {only_broken} could be read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("affinity, expected", [({0}, 1), ({0, 1}, 2), (set(range(64)), 4)])

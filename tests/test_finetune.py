@@ -8,7 +8,10 @@ import math
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from vithybrid_fast.train import FinetuneConfig, finetune
 from vithybrid_fast.train_setup import autocast_dtype, classifier_for_classes, warmup_cosine
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(root, out, **overrides) -> FinetuneConfig:
@@ -106,12 +110,14 @@ def test_eval_on_the_best_checkpoint_reports_its_validation_accuracy(trained, ca
     assert last == f"top-1: {expected['val_top1']:.4f}  top-5: {expected['val_top5']:.4f}  images: 12"
 
 
-def test_resumed_run_ends_with_the_same_weights(trained):
+def test_resumed_run_ends_with_the_same_weights(trained, capsys):
     root, _ = trained
     out = root / "interrupted"
     first = finetune(config(root, out, max_epochs_this_run=1))
     assert first["last_epoch"] == 1 and not (out / "last" / "training_state.pt").is_dir()
-    finetune(config(root, out, resume=True))
+    assert "(1 of 3 epochs: --resume goes on)" in capsys.readouterr().out
+    # the resumed run reads its preprocessing and weights from OUT/last: --model may be gone by now
+    finetune(config(root, out, resume=True, model=str(root / "moved-away")))
     uninterrupted = load_file(root / "out" / "last" / "model.safetensors")
     resumed = load_file(out / "last" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
@@ -122,13 +128,15 @@ def test_resumed_run_ends_with_the_same_weights(trained):
     ]
 
 
-def first_step_loss(root, label_smoothing: float) -> torch.Tensor:
-    """The first optimizer step's loss, computed by hand: the new head, the sampler's first 8 images with
-    the evaluation preprocessing (no augmentation), the model's CrossEntropyLoss or a smoothed one."""
+def first_step_loss(root, label_smoothing: float, data=None, skip_unreadable=False) -> torch.Tensor:
+    """The first optimizer step's loss, computed by hand: the new head, the sampler's first images (8, or
+    the readable ones of the first 5) with the evaluation preprocessing, the model's CrossEntropyLoss or a
+    smoothed one."""
     processor = vf.load_processor(root / "start")
-    data = open_dataset(root / "data" / "train", ImagePipeline(processor))
+    data = open_dataset((data or root / "data") / "train", ImagePipeline(processor))
     sampler = torch.utils.data.distributed.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
-    batch = collate([data[i] for i in list(sampler)[:8]])
+    items = [data[i] for i in list(sampler)[: 5 if skip_unreadable else 8]]
+    batch = collate([item for item in items if "pixels" in item])
     model = classifier_for_classes(str(root / "start"), list(CLASSES), seed=0).train()
     pixels = data.pipeline.normalize(batch["pixels"])
     with torch.no_grad():
@@ -167,7 +175,7 @@ def test_resuming_a_state_saved_before_augmentation_existed(trained):
     for key in ("augment", "min_crop_scale", "label_smoothing"):
         del state["config"][key]
     torch.save(state, state_path)
-    with pytest.raises(ValueError, match="other settings than the interrupted run: augment: none → crop-flip"):
+    with pytest.raises(ValueError, match="other settings than the saved run: --augment: none → crop-flip"):
         finetune(config(root, out, epochs=2, resume=True))
     # the crop scale is no setting of a run without crops: another value does not block the resume
     assert finetune(config(root, out, epochs=2, resume=True, augment="none", min_crop_scale=0.5))["last_epoch"] == 2
@@ -274,7 +282,7 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one_unless_told(trained, caps
     before = (out / "last" / "model.safetensors").read_bytes(), (out / "train_log.jsonl").read_text()
     assert main([*argv, "--output-dir", str(out)]) == 1
     assert (
-        f"--output-dir {out} holds a run (last, best, train_log.jsonl): pass --resume to continue it, --overwrite "
+        f"--output-dir {out} holds a run (last, best): pass --resume to continue it, --overwrite "
         "to start over there, or choose another directory" in capsys.readouterr().err
     )
     assert ((out / "last" / "model.safetensors").read_bytes(), (out / "train_log.jsonl").read_text()) == before
@@ -299,19 +307,82 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(trained, capsys):
 
 
 def test_unreadable_files_with_on_error_skip(trained, capsys):
-    """One garbage file: with a micro-batch of 1 image it empties a whole micro-batch, which still runs a
-    (zero) forward and backward, so every rank keeps in step; it is reported once, not every epoch."""
+    """A garbage file among the first step's images: that step's loss is the mean over the 4 images read
+    (a micro-batch of 1 image, emptied, still runs a zero forward and backward so every rank keeps in
+    step); the file is reported once, not every epoch."""
     root, _ = trained
     data = root / "data-with-garbage"
     shutil.copytree(root / "data", data)
-    (data / "train" / "blue_vertical" / "garbage.jpg").write_bytes(b"not an image")
+    train = open_dataset(data / "train", ImagePipeline(vf.load_processor(root / "start")))
+    order = list(torch.utils.data.distributed.DistributedSampler(train, num_replicas=1, rank=0, seed=0))
+    garbage = Path(train.samples[order[2]].source)
+    garbage.write_bytes(b"not an image")  # the third image of the first step
+    expected = first_step_loss(root, 0.0, data=data, skip_unreadable=True)
     out = root / "garbage"
-    summary = finetune(config(root, out, data=str(data), epochs=2, batch_size=5, grad_accum=5, on_error="skip"))
-    assert summary["stopped_by"] is None and summary["step"] == 10  # 25 files / 5 = 5 steps × 2 epochs
+    settings = dict(data=str(data), epochs=2, batch_size=5, grad_accum=5, on_error="skip", augment="none")
+    summary = finetune(config(root, out, **settings))
+    assert summary["stopped_by"] is None and summary["step"] == 8  # 24 files / 5 = 4 steps × 2 epochs
     err = capsys.readouterr().err
-    assert err.count("skipped unreadable image") == 1 and "garbage.jpg" in err
+    assert err.count("skipped unreadable image") == 1 and garbage.name in err
     steps = [r for r in read_log(out / "train_log.jsonl") if r["type"] == "step"]
+    assert steps[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert all(math.isfinite(r["loss"]) for r in steps)
+
+
+def test_a_validation_set_without_one_readable_image_is_an_error_after_saving(trained):
+    root, _ = trained
+    data = root / "data-unreadable-val"
+    shutil.copytree(root / "data", data)
+    for path in (data / "val").rglob("*.*"):
+        path.write_bytes(b"garbage")
+    out = root / "unreadable-val"
+    with pytest.raises(RuntimeError, match=r"no validation image could be read \(12 skipped"):
+        finetune(config(root, out, data=str(data), on_error="skip"))
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1  # epoch 1 kept
+    assert not (out / "best").exists()  # no best chosen by a top-1 over no image
+
+
+def test_resume_refuses_another_training_set_or_changed_clip(trained):
+    root, _ = trained
+    data = root / "data-shrinking"
+    shutil.copytree(root / "data", data)
+    out = root / "shrinking"
+    finetune(config(root, out, data=str(data), max_epochs_this_run=1))
+    with pytest.raises(ValueError, match=r"--grad-clip: 1.0 → 0.5"):
+        finetune(config(root, out, data=str(data), resume=True, grad_clip=0.5))
+    for path in sorted((data / "train" / "red_horizontal").glob("*.png"))[:3]:
+        path.unlink()
+    with pytest.raises(
+        ValueError, match=r"trained on 24 image files \(3 steps an epoch\), this training set has 21 \(2\)"
+    ):
+        finetune(config(root, out, data=str(data), resume=True))
+
+
+def test_a_log_without_a_checkpoint_is_no_run_to_protect(trained):
+    """A run that failed before its first checkpoint left only its log: a new run may start there."""
+    root, _ = trained
+    out = root / "failed-early"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text('{"type": "step", "step": 1, "loss": 9.0}\n')
+    finetune(config(root, out, epochs=1))
+    assert [r["step"] for r in read_log(out / "train_log.jsonl") if r["type"] == "step"] == [1, 2, 3]
+    assert 9.0 not in [r.get("loss") for r in read_log(out / "train_log.jsonl")]
+
+
+def test_a_closed_stdout_does_not_end_training(trained, tmp_path):
+    """`finetune ... | head -1`: the reader goes away after the first line; training goes on to the end."""
+    root, _ = trained
+    out = tmp_path / "piped"
+    argv = [sys.executable, "-m", "vithybrid_fast", "finetune", str(root / "data"), "--model", str(root / "start"),
+            "--output-dir", str(out), "--epochs", "2", "--batch-size", "8", "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu"]  # fmt: skip
+    job = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert job.stdout.readline().startswith("finetune: ")
+    job.stdout.close()  # as head does after its line
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 2
 
 
 def test_training_classes_without_images_are_an_error_and_hidden_folders_no_classes(trained):
@@ -356,7 +427,7 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
         )
         == 1
     )
-    assert "other settings than the interrupted run: lr: 0.001 → 0.5" in capsys.readouterr().err
+    assert "other settings than the saved run: --lr: 0.001 → 0.5" in capsys.readouterr().err
     # out-of-range numbers are usage errors (exit 2), as argparse's own checks are, saying the range
     for flag, value, span in (
         ("--min-crop-scale", "0", "(0, 1]"), ("--min-crop-scale", "2", "(0, 1]"), ("--label-smoothing", "1", "[0, 1)"),
@@ -371,8 +442,10 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
         main([*argv, "--output-dir", str(root / "x"), "--seed", "-1"])
     assert usage.value.code == 2
     assert not (root / "x").exists()  # refused before anything was written
-    # the Python API checks the same ranges
-    for field, value in (("grad_clip", -1.0), ("lr", float("nan")), ("label_smoothing", 1.0), ("seed", -1)):
+    # the Python API checks the same ranges, and the counts argparse checks
+    wrong = (("grad_clip", -1.0), ("lr", float("nan")), ("label_smoothing", 1.0), ("seed", -1), ("grad_accum", 0),
+             ("epochs", 0), ("max_epochs_this_run", 0), ("batch_size", 2.5))  # fmt: skip
+    for field, value in wrong:
         with pytest.raises(ValueError, match=f"--{field.replace('_', '-')}"):
             finetune(config(root, root / "x", **{field: value}))
     assert not (root / "x").exists()

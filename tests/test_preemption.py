@@ -94,7 +94,7 @@ def test_a_stop_signal_saves_the_step_and_resume_ends_as_one_run(root, reference
     summary = finetune(config(root, out))
     assert summary["stopped_by"] == signal.SIGTERM and summary["step"] == 4
     err = capsys.readouterr().err
-    assert "SIGTERM: stopping after this optimizer step" in err
+    assert f"SIGTERM: stopping at the end of this optimizer step (at once if validating), saving to {out}" in err
     assert f"stopped by SIGTERM after step 4: {out / 'last'} holds it" in err
     state = torch.load(out / "last" / "training_state.pt", weights_only=True)
     assert (state["epoch"], state["steps_into_epoch"], state["step"]) == (1, 1, 4)

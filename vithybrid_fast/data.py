@@ -83,16 +83,21 @@ def image_folder_samples(
         raise ValueError(f"{root}: class folders {unknown} are not among the classes {classes}")
     samples = []
     for name in folders:
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and is_image_file(p) and not _hidden(p, root))
+        files = sorted(_image_files(root / name))
         samples.extend(Sample(str(p), index[name]) for p in files)
     if not samples:
         raise FileNotFoundError(f"{root}: the class subfolders hold no image files")
     return samples, classes
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    """Under a hidden folder or itself hidden, below `root` (a checkpoint copy, not a sample)."""
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, following symlinked folders as torchvision's ImageFolder
+    does; hidden files and folders (.ipynb_checkpoints copies) left out."""
+    found = []
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found.extend(Path(directory) / n for n in names if not n.startswith(".") and is_image_file(n))
+    return found
 
 
 def _csv_header_error(path: Path, line_no: int, row: list[str]) -> str | None:

@@ -263,7 +263,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--on-error",
         default="fail",
         choices=["fail", "skip"],
-        help="an unreadable image file: stop, or report it and skip it",
+        help="an unreadable image file: stop, or report it and skip it (default: %(default)s)",
     )
 
 
@@ -317,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
             model, loader, ctx, targets, on_error=args.on_error, with_predictions=args.output is not None,
             id2label=model.config.id2label, progress=progress_bar(ctx, "eval", unit="batch"),
         )  # fmt: skip
+        if result.total == 0:  # a top-1 of 0 over no image would pass for a result
+            raise RuntimeError(f"none of the {result.skipped} images of {args.data} could be read")
         if ctx.is_main:
             if args.output is not None:
                 args.output.parent.mkdir(parents=True, exist_ok=True)

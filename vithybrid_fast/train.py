@@ -53,8 +53,10 @@ from .train_state import (
     ResumableSampler,
     StopRequest,
     check_output_dir,
+    check_same_data,
     clear_run,
     load_resume_state,
+    say,
     seed_everything,
     set_rng_state,
     trim_log,
@@ -157,6 +159,12 @@ def check_settings(cfg: FinetuneConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {err}") from None
     if cfg.seed < 0:
         raise ValueError(f"--seed {cfg.seed}: must be at least 0")
+    counts = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "num_workers": 0, "max_epochs_this_run": 1,
+              "save_every_steps": 1}  # fmt: skip
+    for name, least in counts.items():
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least {least}")
 
 
 def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
@@ -179,7 +187,9 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
 
-    processor = _processor_for(cfg.model, ViTHybridConfig.from_pretrained(cfg.model).image_size_hw)
+    # resuming: the saved run's own preprocessing (saved beside its weights), not --model's
+    source = resume_dir if state is not None else cfg.model
+    processor = _processor_for(str(source), ViTHybridConfig.from_pretrained(source).image_size_hw)
     pipeline = ImagePipeline(processor)
     train_spec, val_spec = data_specs(cfg.data)
     train_data = open_dataset(train_spec, pipeline, split=cfg.train_split)
@@ -200,15 +210,16 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     else:
         model, kept_head = start_model(cfg.model, train_data.classes, cfg.seed)
         if kept_head and ctx.is_main:
-            print(f"finetune: {cfg.model} already classifies these classes: its head is kept, not re-created")
+            say(f"finetune: {cfg.model} already classifies these classes: its head is kept, not re-created")
     model.to(ctx.device).train()
     if cfg.freeze_backbone:
         model.vit.requires_grad_(False)
     patch(model, kernels)
     trained = model
     if ctx.enabled:
+        # the model has no buffers (GroupNorm, LayerNorm): nothing to broadcast, so torch's default stays
         trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, broadcast_buffers=False
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
         )
 
     # every rank draws the same permutation (seed + epoch) and takes every world_size-th sample, so one
@@ -226,6 +237,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"{train_spec}: {len(train_data)} images fill no batch of {cfg.batch_size}; lower it")
+    if state is not None:
+        check_same_data(state, len(train_data), steps_per_epoch, resume_dir)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
     dtype = autocast_dtype(cfg.dtype, ctx.device)
@@ -252,7 +265,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
             trim_log(out / LOG_NAME, run.step)
         else:
             clear_run(out)  # --overwrite: nothing of the earlier run may pass for this one's
-        print(
+        say(
             f"finetune: {len(train_data)} train / {len(val_data)} val image files, {len(train_data.classes)} classes, "
             f"{ctx.world_size} rank(s) on {ctx.device}, kernels {kernels}, "
             f"autocast {str(run.autocast_dtype).removeprefix('torch.')}, augment {train_data.augment.describe()}"
@@ -260,7 +273,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
             + f", {steps_per_epoch} steps/epoch × {cfg.epochs} epochs"
             + (
                 f", resuming after step {run.step} (epoch {first_epoch + 1}, step {run.steps_into_epoch})"
-                if state is not None
+                if state is not None and first_epoch < cfg.epochs
                 else ""
             )
         )
@@ -274,13 +287,13 @@ def _finetune(cfg: FinetuneConfig, ctx: Any) -> dict[str, Any]:
                "stopped_by": None}  # fmt: skip
     if first_epoch >= cfg.epochs:
         if ctx.is_main:
-            print(f"nothing to do: {out / 'last'} has finished all {cfg.epochs} epochs (best: epoch "
-                  f"{run.best['epoch']}, val top-1 {run.best['top1']:.4f})")  # fmt: skip
+            say(f"nothing to do: {out / 'last'} has finished all {cfg.epochs} epochs (best: epoch "
+                f"{run.best['epoch']}, val top-1 {run.best['top1']:.4f})")  # fmt: skip
         return summary
     last = cfg.epochs if cfg.max_epochs_this_run is None else min(cfg.epochs, first_epoch + cfg.max_epochs_this_run)
     record: dict[str, Any] = {}
     stopped = False
-    with StopRequest(announce=ctx.is_main) as run.stop:
+    with StopRequest(announce=ctx.is_main, where=out / "last") as run.stop:
         for epoch in range(first_epoch, last):
             started = time.perf_counter()
             loss_sum = train_epoch(run, epoch)
@@ -301,9 +314,11 @@ def _finetune(cfg: FinetuneConfig, ctx: Any) -> dict[str, Any]:
                 "run the same command with --resume to go on", file=sys.stderr,
             )  # fmt: skip
         else:
-            print(
+            done = record.get("epoch", first_epoch)
+            say(
                 f"val top-1: {record.get('val_top1', float('nan')):.4f}  best: {run.best['top1']:.4f} "
                 f"(epoch {run.best['epoch']})  saved: {out / 'best'}, {out / 'last'}"
+                + (f"  ({done} of {cfg.epochs} epochs: --resume goes on)" if done < cfg.epochs else "")
             )
     summary.update(last_epoch=record.get("epoch", first_epoch), best=run.best, last=record, step=run.step,
                    stopped_by=stopped_by)  # fmt: skip
@@ -343,7 +358,7 @@ def register(subparsers: Any) -> None:
         help="cross-entropy label smoothing (default: %(default)s)")  # fmt: skip
     add("--dtype", default="auto", choices=["auto", *DTYPES],
         help="autocast dtype (auto: bfloat16 on sm_80+ GPUs, float16 with loss scaling on sm_70/75, "
-        "else float32)")  # fmt: skip
+        "else float32) (default: %(default)s)")  # fmt: skip
     add("--seed", type=int_at_least(0), default=0, help="(default: %(default)s)")
     add("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     add("--overwrite", action="store_true",

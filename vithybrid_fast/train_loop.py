@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .train_state import RESUME_KEYS, JsonlLog, StopRequest, rng_state, save_checkpoint
+from .train_state import RESUME_KEYS, JsonlLog, StopRequest, rng_state, save_checkpoint, say
 
 
 @dataclass
@@ -52,6 +52,7 @@ def _training_state(run: Run, finished_epochs: int, steps_into_epoch: int, epoch
         "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
         "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS},
+        "train_files": len(run.train_loader.dataset), "steps_per_epoch": run.steps_per_epoch,
     }  # fmt: skip
 
 
@@ -110,24 +111,32 @@ def train_epoch(run: Run, epoch: int) -> float | None:
     run.steps_into_epoch, run.epoch_loss_sum = 0, 0.0
     run.sampler.set_epoch(epoch, skip=steps * cfg.grad_accum * run.train_loader.batch_size)
     run.train_loader.dataset.set_epoch(epoch)  # the augmentation's draws
-    bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch * cfg.grad_accum,
-                       initial=steps * cfg.grad_accum)  # fmt: skip
-    batches = bar(run.train_loader) if bar is not None else run.train_loader
+    # a bar advanced by hand, once per optimizer step: wrapped around the loader, it lagged behind the
+    # micro-batches drawn ahead and never reached its end (the loop stops before the loader is exhausted)
+    bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch, initial=steps)
+    bar = bar(None) if bar is not None else None
     mixed = run.autocast_dtype != torch.float32
     autocast = torch.autocast(ctx.device.type, dtype=run.autocast_dtype) if mixed else nullcontext()
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     report = (lambda message: _report_once(run, message)) if ctx.is_main else None
-    batch_iter = iter(batches)
+    batch_iter = iter(run.train_loader)
     try:
         # a step's micro-batches short of a whole accumulation at the epoch's end are not drawn
         while steps < run.steps_per_epoch:
             if stop_agreed(run):  # between optimizer steps: weights, optimizer and RNGs are a whole step's
                 _save_mid_epoch(run, epoch, steps, loss_sum)
                 return None
-            step_loss, images, started = torch.zeros(1, device=ctx.device), 0, time.perf_counter()
-            for micro in range(1, cfg.grad_accum + 1):
-                batch = next(batch_iter)
+            step_loss, started = torch.zeros(1, device=ctx.device), time.perf_counter()
+            micro_batches = [next(batch_iter) for _ in range(cfg.grad_accum)]  # uint8, on the host
+            for batch in micro_batches:
                 split_errors(batch, cfg.on_error, report)
+            images = sum(len(batch["labels"]) for batch in micro_batches)
+            # the step's loss is the mean over the images read on all ranks (unreadable ones skipped): each
+            # rank backpropagates its sum over that count × ranks, as DDP averages the ranks' gradients
+            read = torch.tensor([float(images)], device=ctx.device)
+            read = distributed.all_reduce_sum(read, ctx) if ctx.enabled else read
+            per_rank_mean = max(float(read.item()), 1.0) / ctx.world_size
+            for micro, batch in enumerate(micro_batches, 1):
                 # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
                 with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
                     if batch["pixels"] is None:  # every file of it unreadable, and --on-error skip
@@ -139,9 +148,8 @@ def train_epoch(run: Run, epoch: int) -> float | None:
                         with autocast:
                             logits = run.trained(pixels).logits
                             # the model's own loss (CrossEntropyLoss), with the targets' label smoothing
-                            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                        loss = loss / cfg.grad_accum
-                        images += len(labels)
+                            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, reduction="sum")
+                        loss = loss / per_rank_mean
                     run.scaler.scale(loss).backward()
                 step_loss += loss.detach().float()
             run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
@@ -164,13 +172,14 @@ def train_epoch(run: Run, epoch: int) -> float | None:
             run.log.write(type="step", epoch=epoch + 1, step=run.step, loss=mean_loss, lr=lr, images_per_s=rate,
                           grad_norm=grad_norm if math.isfinite(grad_norm) else None, **fp16)  # fmt: skip
             if bar is not None:
-                batches.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             every = cfg.save_every_steps
             if every and run.step % every == 0 and steps < run.steps_per_epoch:  # the epoch's end saves anyway
                 _save_mid_epoch(run, epoch, steps, loss_sum)
     finally:
         if bar is not None:
-            batches.close()
+            bar.close()
     return loss_sum
 
 
@@ -191,7 +200,7 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, started: float) -> dict[str
         _save_mid_epoch(run, epoch, run.steps_per_epoch, loss_sum)
         return None
     train_loss = loss_sum / run.steps_per_epoch
-    improved = val.top1_accuracy > run.best["top1"]
+    improved = val.total > 0 and val.top1_accuracy > run.best["top1"]
     if improved:
         run.best = {"top1": val.top1_accuracy, "epoch": epoch + 1}
     record = {
@@ -204,10 +213,15 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, started: float) -> dict[str
         if improved:
             save_checkpoint(run.model, run.processor, out / "best")
         save_checkpoint(run.model, run.processor, out / "last", _training_state(run, epoch + 1, 0, 0.0))
-        print(
+        say(
             f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}  val loss {val.mean_loss:.4f}  "
             f"val top-1 {val.top1_accuracy:.4f}  top-5 {val.top5_accuracy:.4f}" + ("  (best)" if improved else "")
         )
     run.saved_at = (epoch + 1, 0)
     distributed.barrier(ctx)  # nobody starts the next epoch (or exits) before the checkpoint is written
+    if val.total == 0:  # a top-1 of 0 would pass for a result, and best/ would be chosen by it
+        raise RuntimeError(
+            f"no validation image could be read ({val.skipped} skipped as unreadable): fix the validation set, "
+            f"then --resume ({out / 'last'} holds epoch {epoch + 1})"
+        )
     return record

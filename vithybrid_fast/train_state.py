@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import shutil
 import signal
@@ -30,7 +31,7 @@ LOG_NAME = "train_log.jsonl"
 # settings that must match for --resume to continue the same run
 RESUME_KEYS = (
     "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "seed", "freeze_backbone",
-    "augment", "min_crop_scale", "label_smoothing",
+    "augment", "min_crop_scale", "label_smoothing", "grad_clip", "dtype",
 )  # fmt: skip
 # what a training state saved before a setting existed ran with
 RESUME_DEFAULTS_OF_OLDER_STATES = {"augment": "none", "label_smoothing": 0.0}
@@ -117,7 +118,8 @@ def check_output_dir(cfg: Any) -> None:
         raise NotADirectoryError(f"--output-dir {out}: a file, not a directory")
     if cfg.resume or cfg.overwrite:
         return
-    held = [name for name in ("last", "last.old", "best", LOG_NAME) if (out / name).exists()]
+    # a log alone (a run that failed before its first checkpoint) holds nothing to keep or resume
+    held = [name for name in ("last", "last.old", "best") if (out / name).exists()]
     if held:
         raise FileExistsError(
             f"--output-dir {out} holds a run ({', '.join(held)}): pass --resume to continue it, --overwrite to "
@@ -133,15 +135,17 @@ def clear_run(out: Path) -> None:
 
 
 def resume_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed run must share (a state from before a setting existed: what it ran with)."""
-    return {k: settings.get(k, RESUME_DEFAULTS_OF_OLDER_STATES.get(k)) for k in RESUME_KEYS}
+    """The settings a resumed run must share. A state from before a setting existed: what it ran with
+    where that is known (RESUME_DEFAULTS_OF_OLDER_STATES), else the setting is left out (not compared)."""
+    known = {**RESUME_DEFAULTS_OF_OLDER_STATES, **settings}
+    return {k: known[k] for k in RESUME_KEYS if k in known}
 
 
 def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """'key: saved → now' for each difference; the crop scale only when both runs draw crops."""
-    crops = saved["augment"] == now["augment"] == "crop-flip"
-    keys = [k for k in RESUME_KEYS if k != "min_crop_scale" or crops]
-    return [f"{k}: {saved[k]} → {now[k]}" for k in keys if saved[k] != now[k]]
+    """'--flag: saved → now' for each difference; the crop scale only when both runs draw crops."""
+    crops = saved.get("augment") == now.get("augment") == "crop-flip"
+    keys = [k for k in RESUME_KEYS if k in saved and k in now and (k != "min_crop_scale" or crops)]
+    return [f"--{k.replace('_', '-')}: {saved[k]} → {now[k]}" for k in keys if saved[k] != now[k]]
 
 
 def load_resume_state(cfg: Any) -> tuple[dict[str, Any], Path] | None:
@@ -153,10 +157,31 @@ def load_resume_state(cfg: Any) -> tuple[dict[str, Any], Path] | None:
     changed = changed_settings(resume_settings(state["config"]), resume_settings(vars(cfg)))
     if changed:
         raise ValueError(
-            f"--resume with other settings than the interrupted run: {', '.join(changed)}. Resume with its "
+            f"--resume with other settings than the saved run: {', '.join(changed)}. Resume with its "
             f"settings, or start a new run from its weights: --model {directory} --output-dir <another directory>"
         )
     return state, directory
+
+
+def check_same_data(state: dict[str, Any], train_files: int, steps_per_epoch: int, directory: Path) -> None:
+    """A resumed run must see the training set the saved one saw: its step count sets the schedule."""
+    saved = state.get("train_files"), state.get("steps_per_epoch")
+    if saved[0] is not None and saved != (train_files, steps_per_epoch):
+        raise ValueError(
+            f"--resume: {directory} was trained on {saved[0]} image files ({saved[1]} steps an epoch), this "
+            f"training set has {train_files} ({steps_per_epoch}): the schedule and the epoch's position would "
+            "not fit. Resume with the same data, or start a new run from its weights: "
+            f"--model {directory} --output-dir <another directory>"
+        )
+
+
+def say(text: str) -> None:
+    """print to stdout, and carry on if its reader went away (`finetune ... | head`): a closed pipe must not
+    end a training run (cli.main would take the BrokenPipeError for a quiet, successful end)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class JsonlLog:
@@ -196,9 +221,9 @@ class StopRequest:
     Installed only in the main thread (signal handlers cannot be set elsewhere); restores the previous
     handlers on exit."""
 
-    def __init__(self, announce: bool) -> None:
+    def __init__(self, announce: bool, where: Path | str = "OUT/last") -> None:
         self.signal: int | None = None
-        self.announce = announce
+        self.announce, self.where = announce, where
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -217,8 +242,8 @@ class StopRequest:
         self.signal = signum
         if self.announce:
             name = signal.Signals(signum).name
-            print(f"\n{name}: stopping after this optimizer step, saving it to OUT/last "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"\n{name}: stopping at the end of this optimizer step (at once if validating), saving to "
+                  f"{self.where} (Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def workers_ignore_stop_signals(worker_id: int) -> None:
