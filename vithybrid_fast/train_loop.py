@@ -133,9 +133,10 @@ def train_epoch(run: Run, epoch: int) -> float | None:
             images = sum(len(batch["labels"]) for batch in micro_batches)
             # the step's loss is the mean over the images read on all ranks (unreadable ones skipped): each
             # rank backpropagates its sum over that count × ranks, as DDP averages the ranks' gradients
-            read = torch.tensor([float(images)], device=ctx.device)
-            read = distributed.all_reduce_sum(read, ctx) if ctx.enabled else read
-            per_rank_mean = max(float(read.item()), 1.0) / ctx.world_size
+            read = float(images)
+            if ctx.enabled:  # one process needs no device tensor (nor the sync of reading it back)
+                read = float(distributed.all_reduce_sum(torch.tensor([read], device=ctx.device), ctx).item())
+            per_rank_mean = max(read, 1.0) / ctx.world_size
             for micro, batch in enumerate(micro_batches, 1):
                 # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
                 with run.trained.no_sync() if ctx.enabled and micro < cfg.grad_accum else nullcontext():
