@@ -287,3 +287,5 @@ def test_symlinked_folders_inside_class_folders_are_followed(folder, tmp_path):
     samples, classes = image_folder_samples(root)
     assert classes == list(CLASSES) and len(samples) == 12
     assert sum("/more/" in s.source for s in samples) == 3
+    (root / "green_checker" / "loop").symlink_to(root / "green_checker", target_is_directory=True)
+    assert len(image_folder_samples(root)[0]) == 12  # a link back up is read once, not forever

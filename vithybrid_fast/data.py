@@ -93,8 +93,13 @@ def image_folder_samples(
 def _image_files(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, following symlinked folders as torchvision's ImageFolder
     does; hidden files and folders (.ipynb_checkpoints copies) left out."""
-    found = []
+    found, seen = [], set()
     for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a link back up the tree (or twice to one folder) is read once, not forever
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         found.extend(Path(directory) / n for n in names if not n.startswith(".") and is_image_file(n))
     return found

@@ -133,7 +133,12 @@ def _checked_batch_split(cfg: FinetuneConfig, ctx: Any) -> int:
     return per_rank
 
 
-# the ranges of the float settings: the CLI's argparse types, and check_settings for the Python API
+# the smallest value of each integer setting and the range of each float one: the CLI's argparse types,
+# and check_settings for the Python API
+INT_MINIMUMS = {
+    "epochs": 1, "batch_size": 1, "grad_accum": 1, "num_workers": 0, "max_epochs_this_run": 1,
+    "save_every_steps": 1, "seed": 0,
+}  # fmt: skip
 FLOAT_RANGES = {
     "lr": dict(low=0.0, low_open=True), "weight_decay": dict(low=0.0), "warmup_ratio": dict(low=0.0, high=1.0),
     "grad_clip": dict(low=0.0), "min_crop_scale": dict(low=0.0, high=1.0, low_open=True),
@@ -157,11 +162,7 @@ def check_settings(cfg: FinetuneConfig) -> None:
             float_in(**span)(repr(float(getattr(cfg, name))))
         except argparse.ArgumentTypeError as err:
             raise ValueError(f"--{name.replace('_', '-')} {err}") from None
-    if cfg.seed < 0:
-        raise ValueError(f"--seed {cfg.seed}: must be at least 0")
-    counts = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "num_workers": 0, "max_epochs_this_run": 1,
-              "save_every_steps": 1}  # fmt: skip
-    for name, least in counts.items():
+    for name, least in INT_MINIMUMS.items():
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or value < least):
             raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least {least}")
@@ -326,7 +327,7 @@ def _finetune(cfg: FinetuneConfig, ctx: Any) -> dict[str, Any]:
 
 
 def register(subparsers: Any) -> None:
-    from .cli import HUB_ID, _positive_int, float_in, int_at_least
+    from .cli import HUB_ID, float_in, int_at_least
     from .evaluate import add_common_arguments
 
     parser = subparsers.add_parser(
@@ -336,7 +337,7 @@ def register(subparsers: Any) -> None:
     add("data", help="folder with train/ and val/ (folders or .csv/.jsonl lists), or hf:NAME")
     add("--model", default=HUB_ID, help="hub repo id or checkpoint directory to start from (default: %(default)s)")
     add("--output-dir", type=Path, required=True, help="best/, last/ and train_log.jsonl go here")
-    add("--epochs", type=_positive_int, default=10, help="(default: %(default)s)")
+    add("--epochs", type=int_at_least(INT_MINIMUMS["epochs"]), default=10, help="(default: %(default)s)")
     add_common_arguments(parser)
     parser.set_defaults(batch_size=32)
     add("--lr", type=float_in(**FLOAT_RANGES["lr"]), default=1e-4,
@@ -347,7 +348,12 @@ def register(subparsers: Any) -> None:
         help="fraction of the steps spent warming up (default: %(default)s)")  # fmt: skip
     add("--grad-clip", type=float_in(**FLOAT_RANGES["grad_clip"]), default=1.0,
         help="max global gradient norm; 0: no clipping (default: %(default)s)")  # fmt: skip
-    add("--grad-accum", type=_positive_int, default=1, help="micro-steps per optimizer step (default: %(default)s)")
+    add(
+        "--grad-accum",
+        type=int_at_least(INT_MINIMUMS["grad_accum"]),
+        default=1,
+        help="micro-steps per optimizer step (default: %(default)s)",
+    )
     add("--freeze-backbone", action="store_true", help="train the classification head only")
     add("--augment", default="crop-flip", choices=["crop-flip", "flip", "none"],
         help="training images: random resized crop + horizontal flip, flip only, or none (the evaluation "
@@ -359,13 +365,13 @@ def register(subparsers: Any) -> None:
     add("--dtype", default="auto", choices=["auto", *DTYPES],
         help="autocast dtype (auto: bfloat16 on sm_80+ GPUs, float16 with loss scaling on sm_70/75, "
         "else float32) (default: %(default)s)")  # fmt: skip
-    add("--seed", type=int_at_least(0), default=0, help="(default: %(default)s)")
+    add("--seed", type=int_at_least(INT_MINIMUMS["seed"]), default=0, help="(default: %(default)s)")
     add("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     add("--overwrite", action="store_true",
         help="start afresh in an OUTPUT_DIR that holds a run (its checkpoints and log go)")  # fmt: skip
-    add("--max-epochs-this-run", type=_positive_int, default=None,
+    add("--max-epochs-this-run", type=int_at_least(INT_MINIMUMS["max_epochs_this_run"]), default=None,
         help="stop after this many epochs (job time limits); continue with --resume")  # fmt: skip
-    add("--save-every-steps", type=_positive_int, default=None,
+    add("--save-every-steps", type=int_at_least(INT_MINIMUMS["save_every_steps"]), default=None,
         help="also write OUT/last every N optimizer steps (--resume inside long epochs)")  # fmt: skip
     add("--train-split", default="train", help="hf: datasets only (default: %(default)s)")
     add("--val-split", default="validation", help="hf: datasets only (default: %(default)s)")

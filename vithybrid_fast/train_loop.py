@@ -71,15 +71,21 @@ def _save_mid_epoch(run: Run, epoch: int, steps: int, loss_sum: float) -> None:
     distributed.barrier(run.ctx)
 
 
-def stop_agreed(run: Run) -> bool:
-    """Whether any rank was asked to stop: all ranks answer alike, so they stop at the same step."""
+def agreement(run: Run, images: int = 0) -> tuple[bool, float]:
+    """(whether any rank was asked to stop, `images` summed over ranks): all ranks answer alike, so they
+    stop at the same step. One all-reduce (and one host sync) under DDP, none in a single process."""
     from . import distributed
 
     asked = run.stop is not None and run.stop.signal is not None
     if not run.ctx.enabled:
-        return asked
-    flag = torch.tensor([1.0 if asked else 0.0], device=run.ctx.device)
-    return bool(distributed.all_reduce_sum(flag, run.ctx).item() > 0)
+        return asked, float(images)
+    both = torch.tensor([float(asked), float(images)], device=run.ctx.device)
+    flag, total = distributed.all_reduce_sum(both, run.ctx).tolist()
+    return flag > 0, total
+
+
+def stop_agreed(run: Run) -> bool:
+    return agreement(run)[0]
 
 
 def _report_once(run: Run, message: str) -> None:
@@ -123,19 +129,17 @@ def train_epoch(run: Run, epoch: int) -> float | None:
     try:
         # a step's micro-batches short of a whole accumulation at the epoch's end are not drawn
         while steps < run.steps_per_epoch:
-            if stop_agreed(run):  # between optimizer steps: weights, optimizer and RNGs are a whole step's
-                _save_mid_epoch(run, epoch, steps, loss_sum)
-                return None
             step_loss, started = torch.zeros(1, device=ctx.device), time.perf_counter()
             micro_batches = [next(batch_iter) for _ in range(cfg.grad_accum)]  # uint8, on the host
             for batch in micro_batches:
                 split_errors(batch, cfg.on_error, report)
             images = sum(len(batch["labels"]) for batch in micro_batches)
+            stop, read = agreement(run, images)  # one collective per step for both
+            if stop:  # between optimizer steps: weights, optimizer and RNGs are a whole step's (the batches
+                _save_mid_epoch(run, epoch, steps, loss_sum)  # just drawn are drawn again on resume)
+                return None
             # the step's loss is the mean over the images read on all ranks (unreadable ones skipped): each
             # rank backpropagates its sum over that count × ranks, as DDP averages the ranks' gradients
-            read = float(images)
-            if ctx.enabled:  # one process needs no device tensor (nor the sync of reading it back)
-                read = float(distributed.all_reduce_sum(torch.tensor([read], device=ctx.device), ctx).item())
             per_rank_mean = max(read, 1.0) / ctx.world_size
             for micro, batch in enumerate(micro_batches, 1):
                 # DDP all-reduces gradients in backward; between the micro-batches of one step it must not
