@@ -181,6 +181,19 @@ def test_float64_loads_for_plain_torch_and_the_kernels_refuse_it_clearly(checkpo
         vf.load(checkpoint, kernels="triton", dtype=torch.float64)
 
 
+def test_float64_with_triton_names_the_dtype_on_a_machine_where_triton_cannot_run_either(checkpoint, monkeypatch):
+    """On a GPU machine a CPU model cannot run Triton (no interpreter) and float64 never can: the dtype,
+    wrong everywhere, is named first, and before any weight is read (found natively on an H200)."""
+    from vithybrid_fast import loading, patching
+
+    monkeypatch.setattr(patching, "triton_can_run", lambda device=None: False)
+    monkeypatch.setattr(loading, "read_state_dict", lambda *a, **k: pytest.fail("weights read before the check"))
+    with pytest.raises(TypeError, match=r"not torch\.float64"):
+        vf.load(checkpoint, kernels="triton", dtype="float64")
+    with pytest.raises(RuntimeError):  # a supported dtype still hears about the device
+        vf.load(checkpoint, kernels="triton", dtype="float32")
+
+
 def test_cuda_device_without_gpu_is_a_clear_error(checkpoint):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")

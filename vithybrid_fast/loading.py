@@ -342,7 +342,9 @@ def load(
     from .patching import apply_kernels, validate_kernels
 
     resolved_device = resolve_device(device)
-    validate_kernels(kernels, device=resolved_device)  # fail before reading 400 MB
+    # fail before reading 400 MB ("auto" needs the checkpoint's config: the model's own check runs then)
+    wanted_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, ViTHybridConfig())
+    validate_kernels(kernels, device=resolved_device, dtype=wanted_dtype)
     if cuda_graphs and resolved_device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs device='cuda', got {resolved_device}")
     model = load_model(

@@ -75,9 +75,18 @@ def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None =
     return choice
 
 
-def validate_kernels(kernels: str | dict[str, str], device: torch.device | None = None) -> dict[str, str]:
-    """Resolve `kernels` and fail clearly if it asks for Triton where Triton cannot run."""
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def validate_kernels(
+    kernels: str | dict[str, str], device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> dict[str, str]:
+    """Resolve `kernels` and fail clearly if it asks for Triton where Triton cannot run, or for weights
+    (dtype) it does not support. The dtype is checked first: it is wrong on every machine, the device only
+    on some (a float64 model on a GPU machine's CPU would otherwise hear only about the device)."""
     choice = resolve_kernels(kernels, device)
+    if "triton" in choice.values() and dtype is not None and dtype not in TRITON_DTYPES:
+        raise TypeError(f"Triton kernels support float32, float16 and bfloat16 weights, not {dtype}")
     # a meta model (built before its weights are loaded) may be patched; running it raises a clear error
     is_meta = device is not None and torch.device(device).type == "meta"
     if "triton" in choice.values() and not is_meta and not triton_can_run(device):
@@ -283,11 +292,8 @@ def _swap_family(model: nn.Module, family: str, table: dict[type, Callable[[nn.M
 def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Module:
     """Swap modules in place for the kernels chosen (see module docstring); returns `model`."""
     device = _model_device(model)
-    choice = validate_kernels(kernels, device)
-    if "triton" in choice.values():
-        dtype = next(model.parameters()).dtype
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"Triton kernels support float32, float16 and bfloat16 weights, not {dtype}")
+    param = next(model.parameters(), None)
+    choice = validate_kernels(kernels, device, dtype=None if param is None else param.dtype)
     frozen = is_frozen(model)
     _undo(model, set(choice))
     registry = _registry(model)
