@@ -97,10 +97,12 @@ bench_step() {  # bench_step NAME BENCH-ARGS...: the bench into $OUT; a report e
   return "$rc"
 }
 
-pytest_step() {  # pytest_step NAME FILES...: verbose, so the log says test by test what passed so far
+pytest_step() {  # pytest_step NAME FILES...: verbose, so the log says test by test what passed so far;
+  # each failure's traceback goes to $OUT/NAME-failures.log at once (a run stopped at its budget prints no summary)
   local name=$1
   shift
-  within_budget "$OUT/$name.log" "$PYTHON" -m pytest "$@" -v -p no:cacheprovider --tb=short -rfEs \
+  VITHYBRID_TEST_FAILURES="$OUT/$name-failures.log" \
+    within_budget "$OUT/$name.log" "$PYTHON" -m pytest "$@" -v -p no:cacheprovider --tb=short -rfEs \
     ${WORKERS:+-n "$WORKERS"} --junitxml="$OUT/$name.xml"
 }
 

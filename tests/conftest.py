@@ -45,3 +45,16 @@ def _float32_without_tf32():
 
     with true_fp32():
         yield
+
+
+# -- failures written as they happen ----------------------------------------------------------------
+# A device call stops pytest at its time budget; xdist then often needs SIGKILL, and the end-of-run
+# summary with the tracebacks is never printed (a GPU run lost two failures' causes that way). With
+# VITHYBRID_TEST_FAILURES=FILE each failure's traceback and captured output are appended to FILE at once.
+def pytest_runtest_logreport(report):
+    path = os.environ.get("VITHYBRID_TEST_FAILURES")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist the controller gets every worker's report: write there only, once
+    sections = "".join(f"\n--- {name} ---\n{text}" for name, text in report.sections)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}{sections}\n\n")

@@ -44,12 +44,23 @@ def test_triton_finetuning_learns_under_autocast(folders, dtype):
     assert steps[-1]["loss"] < steps[0]["loss"]
     if dtype == "float16":  # the loss scale is logged, and at most the first steps may overflow
         assert all(r["loss_scale"] > 0 for r in steps) and sum(r["skipped"] for r in steps) <= 2, steps
-    assert summary["best"]["top1"] >= 0.9, summary  # the CPU float32 run reaches 90 % on the same data
+    # the CPU runs reach 90 % on the same data by epoch 2 (float32 with sdpa; bfloat16 autocast with the
+    # Triton kernels under the interpreter: 0.67, then 1.0)
+    assert summary["best"]["top1"] >= 0.9, summary
 
-    # the saved model, run with the Triton kernels on the GPU, agrees with the float32 reference on the CPU
+
+def test_finetuned_checkpoint_runs_with_triton_on_the_gpu(folders):
+    """What a user does next: the trained checkpoint, with the kernels on the GPU, classifies as the
+    float32 reference does on the CPU. (Separate from the training test, so its name says which broke.)"""
+    out = folders / "out-reference"
+    cfg = FinetuneConfig(
+        data=str(folders / "data"), model=str(folders / "start"), output_dir=out, epochs=1, batch_size=8,
+        lr=1e-3, num_workers=0, kernels="sdpa", dtype="float32", device="cuda", seed=0,
+    )  # fmt: skip
+    finetune(cfg)
     fast = vf.load(out / "best", kernels="triton", device="cuda", dtype=torch.bfloat16)
     assert patched_modules(fast), "kernels='triton' swapped in no module"
-    reference = vf.load(out / "best", kernels="reference", device="cpu", dtype=torch.float32)
+    reference = vf.load(out / "best", kernels="eager", device="cpu", dtype=torch.float32)
     pixels = torch.randn(4, 3, 72, 72, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(pixel_values=pixels).logits
