@@ -18,6 +18,8 @@
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
 #   bash bench/gpu_session.sh step sweep-gemm [DTYPE]   fused-GEMM tiles vs cuBLAS + ops (SWEEP_BATCH, default 64)
 #   bash bench/gpu_session.sh step tune [DTYPES]    autotune; the winning configs into $OUT/configs
+#   bash bench/gpu_session.sh step train [DTYPES]   training steps/s: ours-triton vs ref-sdpa vs compile (bench_train)
+#   bash bench/gpu_session.sh step input            the host's decode + preprocessing images/s per worker count
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
 # Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
@@ -33,7 +35,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tests-list profile sweep-gemm tune kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile sweep-gemm tune train input kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -137,6 +139,12 @@ run_step() {
     tune)  # winners into $OUT/configs/<kernel>.json, to be merged into kernels/configs and committed
       within_budget "$OUT/tune.log" "$PYTHON" -m vithybrid_fast tune --dtypes "${arg:-bfloat16}" --batches "$BATCHES" \
         --no-backward --out "$OUT/configs" ;;
+    train)  # one optimizer step (fwd, bwd, clip, AdamW) per provider; fp16 with loss scaling as finetune
+      within_budget "$OUT/train.log" "$PYTHON" -m vithybrid_fast.bench.bench_train --batches "${TRAIN_BATCHES:-32,64}" \
+        --dtypes "${arg:-bfloat16,float16}" --out "$OUT/train.json" ;;
+    input)  # CPU side: can the DataLoader workers feed the GPU's images/s? (no GPU used)
+      within_budget "$OUT/input.log" "$PYTHON" -m vithybrid_fast.bench.bench_input --workers "${INPUT_WORKERS:-0,1,4,8,14}" \
+        --out "$OUT/input.json" ;;
     kernels-attention) bench_step kernels-attention --no-e2e --kernels --kernel-benches attention ;;
     kernels-backbone) bench_step kernels-backbone --no-e2e --kernels --kernel-benches backbone ;;
     kernels-mlp) bench_step kernels-mlp --no-e2e --kernels --kernel-benches layer_norm_mlp ;;

@@ -520,3 +520,23 @@ def test_training_benchmark_runs_on_the_cpu_smoke_config():
     assert [r["provider"] for r in records] == ["ref-sdpa"] and "error" not in records[0], records
     assert records[0]["images_per_s"] > 0 and records[0]["speedup_vs_ref_sdpa"] == 1.0
     assert "ref-sdpa" in table(records)
+
+
+def test_training_benchmark_float16_step_scales_the_loss_as_finetune_does():
+    """bench_train's float16 step pays for what `finetune`'s does: a GradScaler, unscaled before clipping."""
+    from vithybrid_fast.bench.bench_train import build, make_step
+    from vithybrid_fast.bench.e2e import CONFIGS, random_state_dict
+
+    config = CONFIGS["tiny"]()
+    model = build("ref-sdpa", config, random_state_dict(config, torch.device("cpu")), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pixels = torch.randn(2, 3, *config.image_size_hw, generator=torch.Generator().manual_seed(0))
+    step = make_step(model, pixels, torch.tensor([0, 1]), torch.float16)
+    step()
+    assert step.scaler.is_enabled() and step.scaler.get_scale() == 2.0**8 and step.skipped == 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the step was taken
+    assert not make_step(model, pixels, torch.tensor([0, 1]), torch.bfloat16).scaler.is_enabled()
+    from vithybrid_fast.bench.bench_train import run
+
+    (record,) = run(device="cpu", batches=(2,), dtypes=("float16",), config_name="tiny", reps=1)
+    assert "error" not in record and record["fp16_skipped_steps"] == 0 and record["images_per_s"] > 0, record
