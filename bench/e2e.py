@@ -411,8 +411,9 @@ def _run_provider(
         if provider.startswith("ours-auto"):  # what the measured dispatch chose, per op: {"op choice": count}
             from vithybrid_fast import dispatch
 
+            timing = "graph" if provider.endswith("-cudagraphs") else "eager"  # graphs decide by replay timing
             chosen = [f"{key[0]} {choice}" for key, choice in dispatch.decisions().items()
-                      if key[0] != "weight_standardize" and key[1][0][0][0] == batch]  # fmt: skip
+                      if key[0] != "weight_standardize" and key[1][0][0][0] == batch and key[4] == timing]  # fmt: skip
             log(f"{tag} b={batch:<4d} dispatch: {', '.join(sorted(set(chosen)))}")
             fields["dispatch"] = {name: chosen.count(name) for name in sorted(set(chosen))}
         if out.flops is not None:

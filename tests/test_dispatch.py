@@ -121,3 +121,58 @@ def test_auto_on_a_gpu_measures_and_matches_the_reference(tiny_model):
         first, second = model(pixels).logits, model(pixels).logits
     assert {key[0] for key in dispatch.decisions()} == OPS
     assert (first - reference).abs().max().item() <= 1e-4 and torch.equal(first, second)
+
+
+def test_ops_decided_for_cuda_graphs_are_timed_as_graphs_and_kept_apart(monkeypatch):
+    """Eager timing at small batches measures the host's launch time, which a replayed graph does not pay:
+    the CUDA-graph runner decides its ops under timing_for_graphs, and those decisions are separate."""
+    asked = []
+
+    def fake_measure(kernel, reference, device, graphed=False):
+        asked.append(graphed)
+        return {"triton": 1.0, "torch": 2.0} if graphed else {"triton": 2.0, "torch": 1.0}
+
+    monkeypatch.setattr(dispatch, "measure", fake_measure)
+    kernel, reference, x = Counted("k"), Counted("r"), torch.zeros(3, 4)
+    assert dispatch.run("op", True, kernel, reference, (x,)) == "r"  # eager: the host-bound timing
+    with dispatch.timing_for_graphs():
+        assert dispatch.run("op", True, kernel, reference, (x,)) == "k"  # same op and shape, graph timing
+        assert dispatch.run("op", True, kernel, reference, (x,)) == "k"  # remembered
+    assert dispatch.run("op", True, kernel, reference, (x,)) == "r"  # the eager decision is untouched
+    assert asked == [False, True]
+    assert sorted((key[4], choice) for key, choice in dispatch.decisions().items()) == [
+        ("eager", "torch"),
+        ("graph", "triton"),
+    ]
+
+
+def test_cuda_graph_runner_decides_and_captures_under_graph_timing():
+    import inspect
+
+    from vithybrid_fast import cuda_graphs
+
+    source = inspect.getsource(cuda_graphs.CUDAGraphRunner._capture)
+    # both the warm-up (where ops are measured) and the capture (where decisions are looked up)
+    assert source.count("dispatch.timing_for_graphs()") == 2, source
+
+
+@pytest.mark.gpu
+def test_graph_timing_times_replays_on_a_gpu():
+    x = torch.randn(64, 577, 768, device="cuda", dtype=torch.bfloat16)
+    ms = dispatch.measure(lambda: x * 2, lambda: (x + x) * 1, torch.device("cuda"), graphed=True)
+    assert set(ms) == {"triton", "torch"} and all(0 < v < 100 for v in ms.values()), ms
+
+
+@pytest.mark.gpu
+def test_auto_with_cuda_graphs_decides_by_replay_and_matches_the_reference(tiny_model):
+    model = copy.deepcopy(tiny_model).cuda()
+    pixels = pixels_for(model, device="cuda")
+    with torch.no_grad():
+        reference = model(pixels).logits
+    from vithybrid_fast.cuda_graphs import enable_cuda_graphs
+
+    runner = enable_cuda_graphs(vf.patch(model, "auto"))
+    first, second = runner(pixels).logits, runner(pixels).logits
+    timed = {key[4] for key in dispatch.decisions()}
+    assert timed == {"graph"}, dispatch.decisions()
+    assert (first - reference).abs().max().item() <= 1e-4 and torch.equal(first, second)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dispatch
 from .weight_cache import derived_weight_caches, generation
 
 # Warm-up runs before capture: the first runs autotune Triton kernels and pick cuDNN algorithms,
@@ -190,7 +191,8 @@ class CUDAGraphRunner(nn.Module):
         static_input.copy_(pixel_values)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        # kernels="auto" decides its ops in the first warm-up run: timed as graph replays, as they will run
+        with torch.cuda.stream(side), dispatch.timing_for_graphs():
             for _ in range(self.warmup_runs):
                 out = self.model(static_input)
         torch.cuda.current_stream(device).wait_stream(side)
@@ -198,7 +200,7 @@ class CUDAGraphRunner(nn.Module):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool), dispatch.timing_for_graphs():  # the graph-timed choices
             out = self.model(static_input)
         logits = getattr(out, "logits", None)
         if not isinstance(logits, torch.Tensor):

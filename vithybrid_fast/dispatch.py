@@ -12,14 +12,20 @@ remembers the faster for the process; every later call runs that one. Both paths
 inputs, so timing them on real data changes nothing. No timing happens while a CUDA graph is captured (the kernel path
 runs unless the op was decided before: warm the model up first, as the CUDA-graph runner does), and a
 torch.compile graph always holds the kernel path. `kernels="triton"` never measures: it always runs the kernels.
+
+Ops that will run replayed from a CUDA graph are timed as graphs (`timing_for_graphs`, which the CUDA-graph
+runner holds over its warm-up): eager timing at small batches measures the host's launch time, which a
+graph does not pay, and chose torch's ops where the kernels were faster replayed (the second H200 run:
+"auto" + graphs 2.30 ms at batch 1, "triton" + graphs 1.83 ms). Those decisions are kept apart from eager ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -28,18 +34,33 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 WARMUP, REPS = 2, 5
+CALLS_PER_GRAPH = 5  # graph timing: calls captured in one graph, so a replay is long enough to time
 _DECISIONS: dict[tuple, str] = {}
+_GRAPH_TIMING = [False]
+
+
+@contextlib.contextmanager
+def timing_for_graphs() -> Iterator[None]:
+    """Ops decided inside will be replayed from a CUDA graph: time each path as a graph replay (device
+    time, no host launch cost), and keep these decisions apart from eager ones."""
+    previous = _GRAPH_TIMING[0]
+    _GRAPH_TIMING[0] = True
+    try:
+        yield
+    finally:
+        _GRAPH_TIMING[0] = previous
 
 
 def decisions() -> dict[tuple, str]:
-    """What was chosen so far: {(op, ((shape, dtype name) | None, ...), extra, device name): "triton" | "torch"}."""
+    """What was chosen so far: {(op, ((shape, dtype name) | None, ...), extra, device name, timing):
+    "triton" | "torch"}, timing "eager" or "graph" (see `timing_for_graphs`)."""
     return {_readable(key): choice for key, choice in _DECISIONS.items()}
 
 
 def _readable(key: tuple) -> tuple:
-    op, shapes, extra, device = key
+    op, shapes, extra, device, graphed = key
     named = tuple(None if s is None else (tuple(s[0]), str(s[1]).removeprefix("torch.")) for s in shapes)
-    return (op, named, extra, str(device))
+    return (op, named, extra, str(device), "graph" if graphed else "eager")
 
 
 def reset() -> None:
@@ -50,7 +71,7 @@ def reset() -> None:
 def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple, device: torch.device) -> tuple:
     # Built on every call of a measured op, so from hashable objects as they are (torch.Size, dtype,
     # device): formatting them as strings took half of dispatch's per-call host time. decisions() names them.
-    return (op, tuple(None if t is None else (t.shape, t.dtype) for t in tensors), extra, device)
+    return (op, tuple(None if t is None else (t.shape, t.dtype) for t in tensors), extra, device, _GRAPH_TIMING[0])
 
 
 def _can_measure(device: torch.device) -> bool:
@@ -59,18 +80,27 @@ def _can_measure(device: torch.device) -> bool:
     return True
 
 
-def measure(kernel: Callable[[], object], reference: Callable[[], object], device: torch.device) -> dict[str, float]:
+def measure(
+    kernel: Callable[[], object], reference: Callable[[], object], device: torch.device, graphed: bool = False
+) -> dict[str, float]:
     """Median ms of each path: warm-up first (compile, autotune), then interleaved timed runs.
 
     On a GPU the runs are queued with one synchronization at the end, so a sample is the GPU's time for
     the call where the GPU is the bottleneck and includes the host's launch time where the host is — what
     the op costs inside a model running eagerly. (Synchronizing after each call would add launch overhead
-    to every sample and favour the op with the lighter Python path even where the GPU is the bottleneck.)"""
+    to every sample and favour the op with the lighter Python path even where the GPU is the bottleneck.)
+    `graphed` (a GPU): each path is captured into a CUDA graph and its replays are timed instead: what the
+    op costs inside a replayed model."""
     paths = {"triton": kernel, "torch": reference}
     with torch.no_grad():
         for _ in range(WARMUP):
             for fn in paths.values():
                 fn()
+        if device.type == "cuda" and graphed:
+            try:
+                return _graph_times(paths, device)
+            except RuntimeError as err:  # a path that cannot be captured: eager timing still decides
+                logger.warning("graph timing failed (%s); timing eagerly", err)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             events = {name: [] for name in paths}
@@ -93,6 +123,38 @@ def measure(kernel: Callable[[], object], reference: Callable[[], object], devic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _graph_times(paths: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
+    """Median ms per call of each path, replayed from a CUDA graph of CALLS_PER_GRAPH calls."""
+    torch.cuda.synchronize(device)
+    graphs = {}
+    stream = torch.cuda.Stream(device)
+    for name, fn in paths.items():
+        graph = torch.cuda.CUDAGraph()  # its own memory pool, freed with the graph
+        # capture_begin/end rather than torch.cuda.graph(), which runs gc.collect() and empty_cache()
+        # before every capture: seconds over a model's ~100 measured ops
+        with torch.cuda.stream(stream):
+            graph.capture_begin()
+            try:
+                for _ in range(CALLS_PER_GRAPH):
+                    fn()
+            finally:
+                graph.capture_end()
+        graphs[name] = graph
+    torch.cuda.current_stream(device).wait_stream(stream)
+    events: dict[str, list] = {name: [] for name in paths}
+    for _ in range(REPS):
+        for name, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            events[name].append((start, end))
+    torch.cuda.synchronize(device)
+    return {
+        name: statistics.median(s.elapsed_time(e) for s, e in pairs) / CALLS_PER_GRAPH for name, pairs in events.items()
+    }
+
+
 def run(
     op: str,
     measured: bool,
@@ -111,11 +173,12 @@ def run(
     if choice is None:
         if not _can_measure(device):
             return kernel()
-        ms = measure(kernel, reference, device)
+        graphed = _GRAPH_TIMING[0]
+        ms = measure(kernel, reference, device, graphed=graphed) if graphed else measure(kernel, reference, device)
         choice = "triton" if ms["triton"] <= ms["torch"] else "torch"
         _DECISIONS[key] = choice
-        logger.info("%s %s: triton %.4f ms, torch %.4f ms -> %s", op, _readable(key)[1], ms["triton"], ms["torch"],
-                    choice)  # fmt: skip
+        logger.info("%s %s (%s timing): triton %.4f ms, torch %.4f ms -> %s", op, _readable(key)[1],
+                    _readable(key)[4], ms["triton"], ms["torch"], choice)  # fmt: skip
     return kernel() if choice == "triton" else reference()
 
 
