@@ -44,10 +44,13 @@ class CheckpointError(ValueError):
     """A checkpoint file is corrupt, truncated, or does not match the model's architecture."""
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, config: ViTHybridConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, config: ViTHybridConfig | None) -> torch.dtype:
+    """`dtype` as a torch dtype; "auto" reads `config.torch_dtype` (only "auto" needs the config)."""
     if dtype is None:
         return torch.float32  # like transformers: the checkpoint's torch_dtype is used only if asked ("auto")
     if dtype == "auto":
+        if config is None:
+            raise ValueError('dtype="auto" reads the checkpoint\'s config.json: pass the config')
         dtype = config.torch_dtype or "float32"
     # float64 is served too (plain-torch paths; the Triton kernels refuse it): the upcast reference of checks
     if isinstance(dtype, str):
@@ -343,7 +346,7 @@ def load(
 
     resolved_device = resolve_device(device)
     # fail before reading 400 MB ("auto" needs the checkpoint's config: the model's own check runs then)
-    wanted_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, ViTHybridConfig())
+    wanted_dtype = None if dtype in (None, "auto") else resolve_dtype(dtype, None)
     validate_kernels(kernels, device=resolved_device, dtype=wanted_dtype)
     if cuda_graphs and resolved_device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs device='cuda', got {resolved_device}")
