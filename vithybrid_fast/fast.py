@@ -6,6 +6,9 @@ patched model trains and saves like the original. Calls the kernels cannot serve
 reference path for that call: `output_attentions=True` (a flash kernel never forms the
 probabilities), `head_mask`, attention dropout in training, an activation the kernel lacks.
 
+Under torch.autocast the encoder's fused GEMMs run as torch's ops, which autocast casts (`_autocasting`);
+flash attention and the backbone kernels still run.
+
 Each module's `measured` flag (set by `patch(model, "auto")` on a GPU) makes every fused op pick, by
 timing, between its kernel and the torch ops it replaces (dispatch.py); off, the kernels always run.
 """
@@ -34,6 +37,19 @@ def _is_exact_gelu(module: nn.Module) -> bool:
 
 def _is_relu(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU)
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    """Under torch.autocast the fused GEMMs step aside for torch's ops, which autocast casts.
+
+    Autocast casts the inputs of torch's ops, not of our custom ops: without this, the fused LayerNorm+GEMM
+    kernels received the float32 residual stream and float32 weights and ran their GEMMs in IEEE float32
+    (no tensor cores; `finetune`'s bf16 autocast then trained the encoder at float32 speed), or refused a
+    bf16 input beside float32 weights. torch's LayerNorm (float32) → cuBLAS GEMM (bf16/fp16) → float32
+    residual add is autocast's own recipe; the flash-attention kernel still runs, on the bf16/fp16 q, k, v
+    the projection gives. (A fused kernel taking autocast's mixed dtypes is future work; on the H200 the
+    fused GEMMs lost to cuBLAS anyway.)"""
+    return torch.is_autocast_enabled(x.device.type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +163,17 @@ class FastViTLayer(nn.Module):
                 normed = nn.functional.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, ln.eps)
                 return nn.functional.linear(normed, weight, bias)
 
-            qkv = dispatch.run("layer_norm_linear", self.measured, ln_qkv_kernel, ln_qkv_torch, (x, weight))
+            autocasting = _autocasting(x)
+            if autocasting:
+                qkv = ln_qkv_torch()
+            else:
+                qkv = dispatch.run("layer_norm_linear", self.measured, ln_qkv_kernel, ln_qkv_torch, (x, weight))
             context = self_attention.attend_packed(qkv)
             dense = self.attention.output.dense
             if self.training and self.attention.output.dropout.p > 0:
                 return self.attention.output.dropout(nn.functional.linear(context, dense.weight, dense.bias)) + x, None
+            if autocasting:
+                return nn.functional.linear(context, dense.weight, dense.bias) + x, None
             out = dispatch.run(
                 "linear_residual",
                 self.measured,
@@ -166,7 +188,7 @@ class FastViTLayer(nn.Module):
 
     def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
         dropout_active = self.training and self.output.dropout.p > 0
-        if dropout_active or not _is_exact_gelu(self.intermediate.intermediate_act_fn):
+        if dropout_active or not _is_exact_gelu(self.intermediate.intermediate_act_fn) or _autocasting(h):
             return self.output(self.intermediate(self.layernorm_after(h)), h)
         ln, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
         return dispatch.run(
