@@ -132,11 +132,11 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         root = folder or write_jpegs(Path(tmp) / "jpegs", images)
         sizes = [p.stat().st_size for p in root.rglob("*.jpg")]
+        env["mean_jpeg_kib"] = sum(sizes) / len(sizes) / 1024 if sizes else None  # --folder may hold PNGs
         for mode in modes:
             data = make_dataset(root, mode)
             for count in workers:
-                record = {"kind": "input", "mode": mode, "workers": count, "images": len(data),
-                          "mean_jpeg_kib": sum(sizes) / len(sizes) / 1024, **env}  # fmt: skip
+                record = {"kind": "input", "mode": mode, "workers": count, "images": len(data), **env}
                 try:
                     record.update(measure(data, count, reps))
                     record["ms_per_image"] = 1e3 / record["images_per_s"]

@@ -65,3 +65,11 @@ def write_start_checkpoint(path: Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(path)
     return path
+
+
+def write_finetune_inputs(root: Path, val_per_class: int = 4) -> Path:
+    """What a fine-tuning test reads: root/data (8 training images per class: 24, 3 steps of batch 8 an
+    epoch; `val_per_class` validation images) and root/start (a tiny random checkpoint)."""
+    write_dataset(root / "data", train_per_class=8, val_per_class=val_per_class)
+    write_start_checkpoint(root / "start")
+    return root

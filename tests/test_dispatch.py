@@ -91,7 +91,7 @@ def test_model_computes_the_reference_whichever_path_each_op_takes(tiny_model, d
     assert not any(getattr(m, "measured", False) for m in model.modules())  # "triton" never measures
     dispatch.set_measured(model, True)
     loser = "torch" if winner == "triton" else "triton"
-    monkeypatch.setattr(dispatch, "measure", lambda kernel, ref, device: {winner: 1.0, loser: 2.0})
+    monkeypatch.setattr(dispatch, "measure", lambda kernel, ref, device, graphed: {winner: 1.0, loser: 2.0})
     with torch.no_grad():
         out = model(pixels).logits
     assert {key[0] for key in dispatch.decisions()} == OPS
@@ -109,12 +109,17 @@ def test_a_dict_patch_leaves_the_other_families_measuring(tiny_model, device):
     assert not any(m.measured for m in model.modules() if hasattr(m, "measured"))
 
 
-@pytest.mark.gpu
-def test_auto_on_a_gpu_measures_and_matches_the_reference(tiny_model):
+def on_the_gpu_with_reference_logits(tiny_model):
+    """A CUDA copy of the tiny model, its pixels, and its unpatched logits."""
     model = copy.deepcopy(tiny_model).cuda()
     pixels = pixels_for(model, device="cuda")
     with torch.no_grad():
-        reference = model(pixels).logits
+        return model, pixels, model(pixels).logits
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_measures_and_matches_the_reference(tiny_model):
+    model, pixels, reference = on_the_gpu_with_reference_logits(tiny_model)
     vf.patch(model, "auto")
     assert all(m.measured for m in model.modules() if hasattr(m, "measured"))
     with torch.no_grad():
@@ -165,11 +170,9 @@ def test_graph_timing_times_replays_on_a_gpu():
 
 @pytest.mark.gpu
 def test_auto_with_cuda_graphs_decides_by_replay_and_matches_the_reference(tiny_model):
-    model = copy.deepcopy(tiny_model).cuda()
-    pixels = pixels_for(model, device="cuda")
-    with torch.no_grad():
-        reference = model(pixels).logits
     from vithybrid_fast.cuda_graphs import enable_cuda_graphs
+
+    model, pixels, reference = on_the_gpu_with_reference_logits(tiny_model)
 
     runner = enable_cuda_graphs(vf.patch(model, "auto"))
     first, second = runner(pixels).logits, runner(pixels).logits

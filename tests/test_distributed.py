@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.image_folders import write_dataset, write_start_checkpoint
+from tests.image_folders import write_finetune_inputs
 from vithybrid_fast.cli import main
 from vithybrid_fast.distributed import DistContext, ShardSampler
 
@@ -23,10 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    write_dataset(root / "data", train_per_class=8, val_per_class=5)
-    write_start_checkpoint(root / "start")
-    return root
+    return write_finetune_inputs(tmp_path_factory.mktemp("ddp"), val_per_class=5)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

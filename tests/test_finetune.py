@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import vithybrid_fast as vf
-from tests.image_folders import CLASSES, write_dataset, write_start_checkpoint
+from tests.image_folders import CLASSES, write_finetune_inputs
 from vithybrid_fast import train_setup
 from vithybrid_fast.cli import main
 from vithybrid_fast.data import ImagePipeline, collate, open_dataset
@@ -42,8 +42,7 @@ def config(root, out, **overrides) -> FinetuneConfig:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    write_dataset(root / "data", train_per_class=8, val_per_class=4)
-    write_start_checkpoint(root / "start")
+    write_finetune_inputs(root)
     summary = finetune(config(root, root / "out"))
     return root, summary
 

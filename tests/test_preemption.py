@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.image_folders import write_dataset, write_start_checkpoint
+from tests.image_folders import write_finetune_inputs
 from vithybrid_fast.data import LabelledImages
 from vithybrid_fast.train import FinetuneConfig, finetune
 from vithybrid_fast.train_state import (
@@ -57,8 +57,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("preemption")
-    write_dataset(root / "data", train_per_class=8, val_per_class=4)  # 24 images, batch 8: 3 steps an epoch
-    write_start_checkpoint(root / "start")
+    write_finetune_inputs(root)  # 24 images, batch 8: 3 steps an epoch
     # dropout on: the resumed run's dropout masks must continue the uninterrupted run's random stream
     settings = json.loads((root / "start" / "config.json").read_text())
     settings.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)

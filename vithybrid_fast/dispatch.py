@@ -133,6 +133,7 @@ def _graph_times(paths: dict[str, Callable[[], object]], device: torch.device) -
         # capture_begin/end rather than torch.cuda.graph(), which runs gc.collect() and empty_cache()
         # before every capture: seconds over a model's ~100 measured ops
         with torch.cuda.stream(stream):
+            fn()  # once on the capture stream first: per-stream lazy set-up (cuBLAS workspace) stays outside
             graph.capture_begin()
             try:
                 for _ in range(CALLS_PER_GRAPH):
@@ -173,8 +174,7 @@ def run(
     if choice is None:
         if not _can_measure(device):
             return kernel()
-        graphed = _GRAPH_TIMING[0]
-        ms = measure(kernel, reference, device, graphed=graphed) if graphed else measure(kernel, reference, device)
+        ms = measure(kernel, reference, device, graphed=_GRAPH_TIMING[0])
         choice = "triton" if ms["triton"] <= ms["torch"] else "torch"
         _DECISIONS[key] = choice
         logger.info("%s %s (%s timing): triton %.4f ms, torch %.4f ms -> %s", op, _readable(key)[1],
