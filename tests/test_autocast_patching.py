@@ -1,8 +1,8 @@
 """The patched model under torch.autocast, as `finetune` runs it (bf16, or fp16 on older GPUs).
 
 Autocast casts the inputs of torch's ops, not of custom ops. Before, the fused LayerNorm+GEMM kernels got
-the float32 residual stream and float32 weights and ran IEEE-float32 GEMMs (the encoder trained at float32
-speed), or refused a bf16 input beside float32 weights (a model whose attention falls back to SDPA). Now
+the float32 residual stream and float32 weights and ran IEEE-float32 GEMMs (no tensor cores; read from the
+code, never timed), or refused a bf16 input beside float32 weights (a model whose attention falls back to SDPA). Now
 the encoder's GEMMs run as torch's ops under autocast; flash attention and the backbone kernels still run.
 """
 

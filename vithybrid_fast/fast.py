@@ -44,7 +44,7 @@ def _autocasting(x: torch.Tensor) -> bool:
 
     Autocast casts the inputs of torch's ops, not of our custom ops: without this, the fused LayerNorm+GEMM
     kernels received the float32 residual stream and float32 weights and ran their GEMMs in IEEE float32
-    (no tensor cores; `finetune`'s bf16 autocast then trained the encoder at float32 speed), or refused a
+    (no tensor cores, under `finetune`'s bf16 autocast; read from the code, never timed), or refused a
     bf16 input beside float32 weights. torch's LayerNorm (float32) → cuBLAS GEMM (bf16/fp16) → float32
     residual add is autocast's own recipe; the flash-attention kernel still runs, on the bf16/fp16 q, k, v
     the projection gives. (A fused kernel taking autocast's mixed dtypes is future work; on the H200 the
