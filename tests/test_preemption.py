@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from vithybrid_fast.train import FinetuneConfig, finetune
 from vithybrid_fast.train_state import (
     JsonlLog,
     StopRequest,
+    StopSafeLoader,
     find_resume_directory,
+    stop_signals_deferred,
     trim_log,
     workers_ignore_stop_signals,
 )
@@ -208,7 +211,7 @@ def test_validation_loader_workers_ignore_stop_signals_too():
     from vithybrid_fast.evaluate import make_loader
 
     loader = make_loader(_SignalDispositions(), 1, 1, DistContext(0, 1, 0, torch.device("cpu")))
-    assert loader.worker_init_fn is workers_ignore_stop_signals
+    assert isinstance(loader, StopSafeLoader) and loader.worker_init_fn is workers_ignore_stop_signals
     assert loader.generator is not None  # starting it draws nothing from the global generator
 
 
@@ -231,9 +234,38 @@ class _SignalDispositions(torch.utils.data.Dataset):
 
 
 def test_dataloader_workers_ignore_stop_signals():
-    loader = torch.utils.data.DataLoader(_SignalDispositions(), num_workers=1, batch_size=None,
-                                         worker_init_fn=workers_ignore_stop_signals)  # fmt: skip
+    loader = StopSafeLoader(_SignalDispositions(), num_workers=1, batch_size=None)
     assert list(loader) == [[True, True], [True, True]]
+
+
+def _stopped_while_starting(worker_id: int) -> None:
+    """A job-wide SIGTERM that reaches a worker before its worker_init_fn has made it ignore the signal."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    workers_ignore_stop_signals(worker_id)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX")
+def test_a_stop_signal_sent_while_workers_start_does_not_kill_them():
+    """The CI failure of a torchrun SIGTERM test: the signal came as a validation's workers started."""
+    plain = torch.utils.data.DataLoader(list(range(3)), num_workers=1, batch_size=None,
+                                        worker_init_fn=_stopped_while_starting)  # fmt: skip
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # what happened without the mask
+        list(plain)
+    safe = StopSafeLoader(list(range(3)), num_workers=1, batch_size=None)
+    safe.worker_init_fn = _stopped_while_starting  # the same timing, under StopSafeLoader's mask
+    assert list(safe) == [0, 1, 2]
+    assert not set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & {signal.SIGTERM, signal.SIGINT}  # restored
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX")
+def test_a_stop_signal_deferred_while_workers_start_reaches_the_main_process_after():
+    with StopRequest(announce=False) as stop:
+        with stop_signals_deferred():
+            # sent to this thread: a signal sent to the process may reach another thread, which is
+            # harmless (only the forking thread is copied into a worker) but not what is tested here
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            assert stop.signal is None  # held while the workers fork
+        assert stop.signal == signal.SIGTERM  # then delivered, not lost
 
 
 def test_resume_falls_back_to_the_previous_checkpoint_after_a_kill_between_renames(tmp_path):

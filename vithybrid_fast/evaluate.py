@@ -210,9 +210,10 @@ def evaluate(
 def make_loader(dataset: Any, batch_size: int, num_workers: int, ctx: Any, sampler: Any = None):
     from .data import collate
     from .distributed import ShardSampler
-    from .train_state import workers_ignore_stop_signals
+    from .train_state import StopSafeLoader
 
-    return torch.utils.data.DataLoader(
+    # its workers outlive a job-wide SIGTERM, so a run that is stopping can save
+    return StopSafeLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler if sampler is not None else ShardSampler(len(dataset), ctx),
@@ -223,7 +224,6 @@ def make_loader(dataset: Any, batch_size: int, num_workers: int, ctx: Any, sampl
         # no draw from the global generator when an iteration starts: validating inside a fine-tuning
         # run leaves its random stream (dropout) as it found it, so a resumed run continues it exactly
         generator=torch.Generator(),
-        worker_init_fn=workers_ignore_stop_signals,  # a job-wide SIGTERM must not break a saving run
     )
 
 

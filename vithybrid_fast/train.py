@@ -52,6 +52,7 @@ from .train_state import (
     JsonlLog,
     ResumableSampler,
     StopRequest,
+    StopSafeLoader,
     check_output_dir,
     check_same_data,
     clear_run,
@@ -60,7 +61,6 @@ from .train_state import (
     seed_everything,
     set_rng_state,
     trim_log,
-    workers_ignore_stop_signals,
 )
 
 
@@ -228,12 +228,12 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     sampler = ResumableSampler(torch.utils.data.distributed.DistributedSampler(
         train_data, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
     ))  # fmt: skip
-    train_loader = torch.utils.data.DataLoader(
+    train_loader = StopSafeLoader(
         train_data, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
         drop_last=True, pin_memory=ctx.device.type == "cuda", persistent_workers=False,  # see set_epoch
         # its own generator: starting an iterator (mid-epoch after --resume too) draws no global random
         # number, so dropout's stream is the same however the run was cut
-        generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=workers_ignore_stop_signals,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )  # fmt: skip
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:

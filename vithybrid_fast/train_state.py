@@ -11,6 +11,7 @@ uninterrupted run gets (CPU, same seed: tests/test_finetune.py, tests/test_preem
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +251,42 @@ class StopRequest:
 def workers_ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: a scheduler's SIGTERM (sent to every process of the job) or a terminal's
     Ctrl-C (sent to the whole process group) must not kill the workers while the main process finishes
-    its step and saves; they end when the main process shuts its loader down, or dies."""
+    its step and saves; they end when the main process shuts its loader down, or dies.
+
+    A worker of a StopSafeLoader starts with both signals blocked: one sent while it started is pending
+    here, and setting SIG_IGN discards it before the unblock."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Block SIGTERM and SIGINT in this thread for the block: processes forked meanwhile inherit the mask,
+    and a signal sent to this process waits, then reaches its handler at the block's end."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and no fork either
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class StopSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers survive a job-wide stop signal, also one sent while they start.
+
+    Its workers ignore SIGTERM and SIGINT from their worker_init_fn on. Before that, torch's own SIGTERM
+    handler in the worker re-raises any SIGTERM not sent by the main process, and the worker died: a
+    torchrun job stopped just as an epoch or a validation began lost its loader ("DataLoader worker
+    exited unexpectedly") instead of saving. So the workers are started with both signals blocked
+    (stop_signals_deferred), and unblock them once they ignore them."""
+
+    def __init__(self, dataset: Any, **kwargs: Any) -> None:
+        super().__init__(dataset, worker_init_fn=workers_ignore_stop_signals, **kwargs)
+
+    def __iter__(self):
+        with stop_signals_deferred():  # the workers start here (persistent_workers=False: every epoch)
+            return super().__iter__()
