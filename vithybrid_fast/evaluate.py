@@ -131,6 +131,7 @@ def evaluate(
     """
     from .data import split_errors
     from .distributed import all_reduce_sum, gather_objects
+    from .train_state import lost_to_stop
 
     dataset = loader.dataset
     classes = list(dataset.classes)
@@ -151,39 +152,44 @@ def evaluate(
     )
     batches = progress(loader) if progress is not None else loader
     with torch.inference_mode():
-        for batch in batches:
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            counts[-1] += len(split_errors(batch, on_error, report))
-            if batch["pixels"] is None:
-                continue
-            pixels = dataset.pipeline.normalize(batch["pixels"].to(device, non_blocking=True))
-            labels = batch["labels"]
-            with autocast or nullcontext():
-                logits = model(pixels.to(next(model.parameters()).dtype)).logits.float().cpu()
-            model_labels = target_of[labels]
-            loss_sum += torch.nn.functional.cross_entropy(logits, model_labels, reduction="sum").double()
-            ranked = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
-            hit1 = ranked[:, 0] == model_labels
-            hit5 = (ranked == model_labels[:, None]).any(dim=-1)
-            for column, hits in enumerate((torch.ones_like(hit1), hit1, hit5)):
-                counts[: 3 * len(classes)].view(len(classes), 3)[:, column] += torch.bincount(
-                    labels[hits], minlength=len(classes)
-                )
-            if with_predictions:
-                probs = logits.softmax(dim=-1).gather(1, ranked)
-                names = id2label or {}
-                for i, label, idx_row, prob_row in zip(batch["indices"], labels, ranked, probs):
-                    predictions.append(
-                        {
-                            "index": int(i),
-                            "path": dataset.samples[int(i)].source,
-                            "label": classes[int(label)],
-                            "top_k": [names.get(int(j), str(int(j))) for j in idx_row],
-                            "probs": [round(float(p), 6) for p in prob_row],
-                        }
+        try:
+            for batch in batches:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                counts[-1] += len(split_errors(batch, on_error, report))
+                if batch["pixels"] is None:
+                    continue
+                pixels = dataset.pipeline.normalize(batch["pixels"].to(device, non_blocking=True))
+                labels = batch["labels"]
+                with autocast or nullcontext():
+                    logits = model(pixels.to(next(model.parameters()).dtype)).logits.float().cpu()
+                model_labels = target_of[labels]
+                loss_sum += torch.nn.functional.cross_entropy(logits, model_labels, reduction="sum").double()
+                ranked = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices
+                hit1 = ranked[:, 0] == model_labels
+                hit5 = (ranked == model_labels[:, None]).any(dim=-1)
+                for column, hits in enumerate((torch.ones_like(hit1), hit1, hit5)):
+                    counts[: 3 * len(classes)].view(len(classes), 3)[:, column] += torch.bincount(
+                        labels[hits], minlength=len(classes)
                     )
+                if with_predictions:
+                    probs = logits.softmax(dim=-1).gather(1, ranked)
+                    names = id2label or {}
+                    for i, label, idx_row, prob_row in zip(batch["indices"], labels, ranked, probs):
+                        predictions.append(
+                            {
+                                "index": int(i),
+                                "path": dataset.samples[int(i)].source,
+                                "label": classes[int(label)],
+                                "top_k": [names.get(int(j), str(int(j))) for j in idx_row],
+                                "probs": [round(float(p), 6) for p in prob_row],
+                            }
+                        )
+        except RuntimeError as error:
+            if not lost_to_stop(error, should_stop is not None and should_stop()):
+                raise
+            stopped = True  # a worker the stop signal killed as it started: abandoned as asked
     all_reduce_sum(counts, ctx)
     all_reduce_sum(loss_sum, ctx)
     if with_predictions:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .train_state import RESUME_KEYS, JsonlLog, StopRequest, rng_state, save_checkpoint, say
+from .train_state import RESUME_KEYS, JsonlLog, StopRequest, lost_to_stop, rng_state, save_checkpoint, say
 
 
 @dataclass
@@ -130,7 +130,12 @@ def train_epoch(run: Run, epoch: int) -> float | None:
         # a step's micro-batches short of a whole accumulation at the epoch's end are not drawn
         while steps < run.steps_per_epoch:
             step_loss, started = torch.zeros(1, device=ctx.device), time.perf_counter()
-            micro_batches = [next(batch_iter) for _ in range(cfg.grad_accum)]  # uint8, on the host
+            try:
+                micro_batches = [next(batch_iter) for _ in range(cfg.grad_accum)]  # uint8, on the host
+            except RuntimeError as error:
+                if not lost_to_stop(error, run.stop is not None and run.stop.signal is not None):
+                    raise
+                micro_batches = []  # a worker the stop signal killed as it started: the agreement stops
             for batch in micro_batches:
                 split_errors(batch, cfg.on_error, report)
             images = sum(len(batch["labels"]) for batch in micro_batches)

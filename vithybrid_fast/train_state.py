@@ -282,7 +282,12 @@ class StopSafeLoader(torch.utils.data.DataLoader):
     handler in the worker re-raises any SIGTERM not sent by the main process, and the worker died: a
     torchrun job stopped just as an epoch or a validation began lost its loader ("DataLoader worker
     exited unexpectedly") instead of saving. So the workers are started with both signals blocked
-    (stop_signals_deferred), and unblock them once they ignore them."""
+    (stop_signals_deferred), and unblock them once they ignore them.
+
+    That covers the fork start method (Linux's default to Python 3.13). A forkserver worker (3.14's
+    default) inherits the server's mask, and a spawned one (macOS's default) starts a new interpreter:
+    both start with no signal blocked and keep the window. There, lost_to_stop lets the run stop as
+    asked when it finds such a worker dead."""
 
     def __init__(self, dataset: Any, **kwargs: Any) -> None:
         super().__init__(dataset, worker_init_fn=workers_ignore_stop_signals, **kwargs)
@@ -290,3 +295,10 @@ class StopSafeLoader(torch.utils.data.DataLoader):
     def __iter__(self):
         with stop_signals_deferred():  # the workers start here (persistent_workers=False: every epoch)
             return super().__iter__()
+
+
+def lost_to_stop(error: BaseException, stopping: bool) -> bool:
+    """Whether `error` is a DataLoader worker found dead while the run is stopping: a worker the job-wide
+    signal reached before it ignored it (a spawned one: see StopSafeLoader). The run then stops as asked,
+    and saves; any other error, or this one without a stop, is raised."""
+    return stopping and isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")
