@@ -71,12 +71,17 @@ def _save_mid_epoch(run: Run, epoch: int, steps: int, loss_sum: float) -> None:
     distributed.barrier(run.ctx)
 
 
+def stop_asked(run: Run) -> bool:
+    """Whether this rank got a stop signal (the ranks agree on it at the next step: see agreement)."""
+    return run.stop is not None and run.stop.signal is not None
+
+
 def agreement(run: Run, images: int = 0) -> tuple[bool, float]:
     """(whether any rank was asked to stop, `images` summed over ranks): all ranks answer alike, so they
     stop at the same step. One all-reduce (and one host sync) under DDP, none in a single process."""
     from . import distributed
 
-    asked = run.stop is not None and run.stop.signal is not None
+    asked = stop_asked(run)
     if not run.ctx.enabled:
         return asked, float(images)
     both = torch.tensor([float(asked), float(images)], device=run.ctx.device)
@@ -133,7 +138,7 @@ def train_epoch(run: Run, epoch: int) -> float | None:
             try:
                 micro_batches = [next(batch_iter) for _ in range(cfg.grad_accum)]  # uint8, on the host
             except RuntimeError as error:
-                if not lost_to_stop(error, run.stop is not None and run.stop.signal is not None):
+                if not lost_to_stop(error, stop_asked(run)):
                     raise
                 micro_batches = []  # a worker the stop signal killed as it started: the agreement stops
             for batch in micro_batches:
@@ -202,10 +207,9 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, started: float) -> dict[str
     from .evaluate import evaluate
 
     cfg, ctx, out = run.cfg, run.ctx, Path(run.cfg.output_dir)
-    asked = lambda: run.stop is not None and run.stop.signal is not None  # noqa: E731
     report = (lambda message: _report_once(run, message)) if ctx.is_main else (lambda message: None)
     val = evaluate(run.model, run.val_loader, ctx, on_error=cfg.on_error, autocast_dtype=run.autocast_dtype,
-                   should_stop=asked, report=report)  # fmt: skip
+                   should_stop=lambda: stop_asked(run), report=report)  # fmt: skip
     if stop_agreed(run):  # every rank leaves evaluate (and its all-reduce) before this collective
         _save_mid_epoch(run, epoch, run.steps_per_epoch, loss_sum)
         return None
