@@ -176,6 +176,23 @@ def test_batched_pipeline_is_bit_identical_to_the_processor(tmp_path, processor_
     assert torch.equal(ours, expected), (ours - expected).abs().max()
 
 
+def test_grey_rgba_and_palette_files_batch_whatever_the_checkpoint_says_of_rgb(tmp_path):
+    """do_convert_rgb false (some checkpoints' preprocessor_config.json): a grey file failed with "image_mean
+    has 3 values but the image has 1 channels", and eval's batches with "stack expects each tensor to be
+    equal size". Files open as transformers' load_image opens them, in RGB, so both flags agree."""
+    kwargs = {"size": {"shortest_edge": 72}, "crop_size": 72}
+    converting = vf.ViTHybridImageProcessor.for_base_384(**kwargs)
+    as_given = vf.ViTHybridImageProcessor.for_base_384(**kwargs, do_convert_rgb=False)
+    paths = _odd_images(tmp_path)
+    opened = [open_image(p) for p in paths]
+    assert {image.mode for image in opened} == {"RGB"}
+    expected = converting(opened, return_tensors="pt")["pixel_values"]
+    assert torch.equal(as_given(opened, return_tensors="pt")["pixel_values"], expected)
+    pipeline = ImagePipeline(as_given)
+    batch = collate([{"index": i, "label": 0, "pixels": pipeline.to_uint8(im)} for i, im in enumerate(opened)])
+    assert torch.equal(pipeline.normalize(batch["pixels"]), expected)
+
+
 def test_pipeline_needs_a_fixed_size():
     processor = vf.ViTHybridImageProcessor(do_center_crop=False, size={"shortest_edge": 72})
     with pytest.raises(ValueError, match="fixed image size"):
@@ -249,6 +266,26 @@ def test_hugging_face_dataset_with_class_labels(pipeline, tmp_path):
     datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "toy"))
     opened = open_dataset(f"hf:{tmp_path / 'toy'}", pipeline, split="validation")
     assert opened.classes == names and opened.samples[2].source == f"{tmp_path / 'toy'}:validation[2]"
+
+
+def test_hugging_face_rows_in_grey_or_rgba_batch_with_rgb_ones(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from vithybrid_fast.data import HFLabelledImages
+
+    rng = np.random.default_rng(2)
+    rgb = synthetic_image("red_horizontal", rng)
+    rows = [rgb, rgb.convert("L"), rgb.convert("RGBA")]
+    ds = datasets.Dataset.from_dict(
+        {"image": rows, "label": ["a", "b", "c"]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")}),
+    )
+    processor = vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size=72, do_convert_rgb=False)
+    pipeline = ImagePipeline(processor)
+    data = HFLabelledImages(ds, pipeline, "toy", "image", "label")
+    batch = collate([data[i] for i in range(3)])
+    assert batch["errors"] == [] and batch["pixels"].shape == (3, 3, 72, 72)
+    expected = processor([image.convert("RGB") for image in ds["image"]], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pipeline.normalize(batch["pixels"]), expected)
 
 
 def test_hugging_face_plain_labels_map_by_name_onto_given_classes(pipeline):

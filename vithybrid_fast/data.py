@@ -49,6 +49,11 @@ LIST_SUFFIXES = (".csv", ".jsonl")
 HF_PREFIX = "hf:"
 
 
+def is_list_file(spec: str | os.PathLike) -> bool:
+    """Whether a data spec names a .csv / .jsonl list (by its extension, in any case)."""
+    return Path(spec).suffix.lower() in LIST_SUFFIXES
+
+
 class UnreadableImageError(RuntimeError):
     """An image file could not be decoded or preprocessed (the message names it)."""
 
@@ -126,7 +131,7 @@ def _list_rows(path: Path) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of the first cell
     with open(path, encoding="utf-8-sig", newline="") as f:
-        if path.suffix == ".csv":
+        if path.suffix.lower() == ".csv":
             first = True
             for line_no, row in enumerate(csv.reader(f), 1):
                 if not row:
@@ -157,7 +162,7 @@ def _list_rows(path: Path) -> list[tuple[str, str]]:
 def list_file_samples(path: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
     """(samples, classes) of a `path,label` CSV or JSON-lines list; see the module docstring."""
     path = Path(path)
-    if path.suffix not in LIST_SUFFIXES:
+    if path.suffix.lower() not in LIST_SUFFIXES:
         raise ValueError(f"{path}: a list must be a .csv or .jsonl file")
     rows = _list_rows(path)
     classes = sorted({label for _, label in rows}) if classes is None else list(classes)
@@ -274,7 +279,9 @@ class HFLabelledImages(LabelledImages):
         image = self.dataset[index][self.image_column]
         if not isinstance(image, Image.Image):
             raise ValueError(f"column {self.image_column!r} holds {type(image).__name__}, not a PIL image")
-        return image
+        # RGB, as transformers' image-classification example converts a dataset's images (and as
+        # open_image converts files): grey and RGBA rows batch with the rest whatever do_convert_rgb says
+        return image.convert("RGB")
 
 
 def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
@@ -309,7 +316,9 @@ def open_dataset(
     if text.startswith(HF_PREFIX):
         dataset, name = _load_hf(text, split)
         data: LabelledImages = HFLabelledImages(dataset, pipeline, name, image_column, label_column, classes)
-    elif Path(text).suffix in LIST_SUFFIXES and Path(text).is_file():
+    elif is_list_file(text) and not Path(text).is_dir():
+        if not Path(text).is_file():  # a mistyped list name, not "not a directory"
+            raise FileNotFoundError(f"{text}: no such file")
         samples, found = list_file_samples(text, classes)
         data = LabelledImages(samples, found, pipeline, text)
     else:

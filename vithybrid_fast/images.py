@@ -1,9 +1,16 @@
 """Image files in: which paths are images, and opening one the way transformers' `load_image` does.
 
-`open_image` applies the EXIF orientation (a phone photo stored sideways with an "rotate 90°" tag
-is classified upright, as transformers' `load_image` does) and warns when the conversion to 8-bit RGB
-will destroy the image: 16-bit and float images (PIL modes I;16*, I, F) are clipped to 0–255 by
-Pillow's RGB conversion, so a 16-bit scan comes out mostly white.
+`open_image` does what transformers' `load_image` does: it applies the EXIF orientation (a phone photo
+stored sideways with a "rotate 90°" tag is classified upright) and converts to RGB, so grey, palette,
+RGBA and CMYK files reach the processor as the 3 channels it normalizes, whatever the checkpoint's
+`do_convert_rgb`. It warns when that conversion destroys the image: Pillow clips 16-bit and float
+images (PIL modes I;16*, I, F) to 0–255 and drops fractions, so a 16-bit scan comes out mostly white
+and a float image in 0–1 black.
+
+Which files are images: the extensions Pillow registers, less those it cannot decode by itself
+(write-only PDF and Palm, identify-only MPEG, stub HDF5/GRIB/BUFR/WMF plugins, EPS without Ghostscript);
+inside a directory, hidden files and folders (`._IMG_1.jpg`, `.ipynb_checkpoints/`) are left out, as
+`eval` leaves them out of class folders.
 """
 
 from __future__ import annotations
@@ -16,8 +23,19 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-# the extensions Pillow can open (its own registry), lower-case with the dot
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+# formats Pillow registers extensions for but cannot decode without help: a folder's .pdf or .h5 taken
+# for an image stopped `classify` (and counted as an unreadable image in `eval`)
+_UNDECODABLE_FORMATS = frozenset({"PDF", "PALM", "MPEG", "HDF5", "GRIB", "BUFR", "WMF", "EPS"})
+
+
+def _readable_extensions() -> frozenset[str]:
+    Image.init()  # every plugin registered, not only the common ones Pillow preloads
+    registered = Image.registered_extensions()
+    return frozenset(ext.lower() for ext, fmt in registered.items() if fmt not in _UNDECODABLE_FORMATS)
+
+
+# the extensions of the formats Pillow decodes, lower-case with the dot
+IMAGE_EXTENSIONS = _readable_extensions()
 _LOSSY_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
@@ -25,8 +43,19 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _images_below(directory: Path) -> list[Path]:
+    """Image files under `directory`, recursively and sorted, hidden files and folders left out."""
+    found = []
+    for path in directory.rglob("*"):
+        hidden = any(part.startswith(".") for part in path.relative_to(directory).parts)
+        if not hidden and path.is_file() and is_image_file(path):
+            found.append(path)
+    return sorted(found)
+
+
 def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given; directories searched recursively for image files (sorted); glob patterns expanded.
+    """Files as given; directories searched recursively for image files (sorted, hidden ones left out); glob
+    patterns expanded.
 
     A pattern the shell did not expand (quoted, or on Windows) is expanded here. Each file comes once, in
     first-seen order, however many inputs name it (a directory and a glob over it, `a.jpg` and `./a.jpg`).
@@ -37,7 +66,7 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found = _images_below(path)
             if not found:
                 raise FileNotFoundError(f"{path}: no image files in this directory (or below it)")
             paths.extend(found)
@@ -58,17 +87,17 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """The decoded image, upright per its EXIF orientation; warns if RGB conversion will destroy it."""
+    """The decoded image as RGB, upright per its EXIF orientation; warns if the RGB conversion destroys it."""
     with Image.open(path) as image:
         image.load()
         upright = ImageOps.exif_transpose(image)
         if upright is None:  # Pillow < 9.4 returns None for in_place; ours is a copy either way
             upright = image
-        upright = upright.copy()
-    if upright.mode in _LOSSY_MODES:
-        warnings.warn(
-            f"{path}: a {upright.mode} (16-bit or float) image; converting it to 8-bit RGB clips values above "
-            "255, so the model sees a destroyed image. Convert it to 8-bit yourself first (e.g. scale to 0–255).",
-            stacklevel=2,
-        )
-    return upright
+        if upright.mode in _LOSSY_MODES:
+            warnings.warn(
+                f"{path}: a {upright.mode} (16-bit or float) image; converting it to 8-bit RGB clips its values to "
+                "0–255 and drops fractions (a 16-bit image turns mostly white, a 0–1 float image black), so the "
+                "model sees a destroyed image. Convert it to 8-bit yourself first (e.g. scale to 0–255).",
+                stacklevel=2,
+            )
+        return upright.convert("RGB")  # a new image in every case (also for RGB), so the file can close
