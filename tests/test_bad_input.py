@@ -201,6 +201,68 @@ def test_classify_directory_and_quoted_glob(checkpoint, image_tree, capsys):
     assert printed == [str(image_tree / "b" / "y.jpg"), str(image_tree / "x.png")]
 
 
+def _png_broken_after_its_header(path):
+    """A PNG whose second data chunk has a garbled type: Pillow opens it, then raises SyntaxError (no
+    OSError) while decoding."""
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path)  # incompressible: two IDAT chunks
+    data = bytearray(path.read_bytes())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)
+    data[second : second + 4] = b"\x19\x12dH"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_classify_any_decoding_error_is_one_line_or_skipped(checkpoint, image_tree, capsys, monkeypatch):
+    """A broken PNG (SyntaxError) and an image over Pillow's pixel limit (DecompressionBombError) are no
+    OSErrors: they ended classify with a traceback, --on-error skip or not."""
+    broken = _png_broken_after_its_header(image_tree / "broken.png")
+    bomb = image_tree / "bomb.png"
+    Image.new("L", (400, 300)).save(bomb)
+    # 120,000 pixels > 2 × the limit: an error, not a warning (the broken PNG's 40,000 stay below the limit)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    argv = ["classify", "--model", str(checkpoint), "--kernels", "sdpa", "--top-k", "1"]
+    for path, error in ((broken, "SyntaxError: broken PNG file"), (bomb, "DecompressionBombError: Image size")):
+        assert main([*argv, str(path)]) == 1
+        assert capsys.readouterr().err.startswith(f"error: cannot read image {path}: {error}")
+    assert main([*argv, str(image_tree), "--on-error", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if not line.startswith(" ")] == [
+        str(image_tree / "b" / "y.jpg"), str(image_tree / "x.png")
+    ]  # fmt: skip
+    assert f"warning: skipped unreadable image {bomb}: DecompressionBombError" in err
+    assert f"warning: skipped unreadable image {broken}: SyntaxError" in err
+    assert err.splitlines()[-1] == "skipped unreadable: 2 of 4 images"
+
+
+def test_a_directory_yields_neither_hidden_files_nor_files_pillow_cannot_decode(image_tree):
+    """A macOS `._x.jpg`, a `.ipynb_checkpoints/` copy, a PDF and an HDF5 file stopped classify (or were
+    classified twice): Pillow registers .pdf (write-only) and .h5 (a stub without a decoder)."""
+    (image_tree / "._x.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (image_tree / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(image_tree / ".ipynb_checkpoints" / "x-checkpoint.png")
+    (image_tree / "scan.pdf").write_bytes(b"%PDF-1.4")
+    (image_tree / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    assert expand_image_paths([image_tree]) == [image_tree / "b" / "y.jpg", image_tree / "x.png"]
+    assert expand_image_paths([image_tree / "._x.jpg"]) == [image_tree / "._x.jpg"]  # named: taken as given
+
+
+def test_classify_preprocesses_each_image_as_it_is_read(checkpoint, image_tree, monkeypatch, capsys):
+    """A batch decoded whole before any image was shrunk held 16 full-size photos (5.9 GB for 48 MP ones)."""
+    from vithybrid_fast import images, processing
+
+    events = []
+    opened, preprocess = images.open_image, processing.ViTHybridImageProcessor.__call__
+    monkeypatch.setattr(images, "open_image", lambda path: events.append("open") or opened(path))
+    monkeypatch.setattr(
+        processing.ViTHybridImageProcessor, "__call__",
+        lambda self, batch, **kw: events.append(f"preprocess {len(batch)}") or preprocess(self, batch, **kw),
+    )  # fmt: skip
+    assert main(["classify", str(image_tree), "--model", str(checkpoint), "--kernels", "sdpa"]) == 0
+    assert events == ["open", "preprocess 1", "open", "preprocess 1"]
+    assert capsys.readouterr().out.count(str(image_tree)) == 2
+
+
 def test_classify_headless_checkpoint_is_a_clear_error(tmp_path, capsys):
     model = build_hf_model(TINY_CASES["bottleneck-same"]).vit
     model.save_pretrained(tmp_path)

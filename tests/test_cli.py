@@ -139,8 +139,9 @@ def test_classify_16_bit_warning_is_one_line(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == str(path)
     assert done.stderr.splitlines() == [
-        f"warning: {path}: a I;16 (16-bit or float) image; converting it to 8-bit RGB clips values above 255, so "
-        "the model sees a destroyed image. Convert it to 8-bit yourself first (e.g. scale to 0–255)."
+        f"warning: {path}: a I;16 (16-bit or float) image; converting it to 8-bit RGB clips its values to 0–255 and "
+        "drops fractions (a 16-bit image turns mostly white, a 0–1 float image black), so the model sees a "
+        "destroyed image. Convert it to 8-bit yourself first (e.g. scale to 0–255)."
     ]
 
 

@@ -17,7 +17,9 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,13 +75,17 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _open_images(paths: list[Path], on_error: str | None = None) -> tuple[list[Path], list]:
-    """(the paths read, their images). An unreadable file raises RuntimeError — its message hints at
-    `--on-error skip` when `on_error` is "fail" (None: the command has no such option) — or, with
-    "skip", is reported on stderr and left out. open_image's warnings (16-bit and float images) print as
-    one `warning: …` line each on stderr, not as Python's two-line warning with source context."""
-    from PIL import UnidentifiedImageError
+def _open_images(
+    paths: list[Path], on_error: str | None = None, prepare: Callable[[Any], Any] | None = None
+) -> tuple[list[Path], list]:
+    """(the paths read, their images — or what `prepare` made of each). An unreadable file raises
+    RuntimeError — its message hints at `--on-error skip` when `on_error` is "fail" (None: the command
+    has no such option) — or, with "skip", is reported on stderr and left out. open_image's warnings
+    (16-bit and float images) print as one `warning: …` line each on stderr, not as Python's two-line
+    warning with source context.
 
+    `prepare` runs on each image as it is read, so only one decoded image is held at a time: a batch of
+    16 phone photos (48 MP) decoded before any was shrunk peaked at 5.9 GB."""
     from .images import open_image
 
     kept, images = [], []
@@ -88,12 +94,15 @@ def _open_images(paths: list[Path], on_error: str | None = None) -> tuple[list[P
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 image = open_image(path)
-        except (OSError, UnidentifiedImageError) as err:
+                image = prepare(image) if prepare is not None else image
+        # Pillow's errors are not all OSErrors: a broken PNG raises SyntaxError, an image over its pixel
+        # limit (a decompression bomb) DecompressionBombError; whatever a file does, it is that file's fault
+        except Exception as err:
             if on_error == "skip":
-                _warn(f"skipped unreadable image {path}: {err}")
+                _warn(f"skipped unreadable image {path}: {type(err).__name__}: {err}")
                 continue
             hint = " (pass --on-error skip to leave such files out)" if on_error == "fail" else ""
-            raise RuntimeError(f"cannot read image {path}: {err}{hint}") from None
+            raise RuntimeError(f"cannot read image {path}: {type(err).__name__}: {err}{hint}") from None
         for record in caught:
             _warn(str(record.message))
         kept.append(path)
@@ -122,11 +131,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     )  # fmt: skip
     processor = _processor_for(args.model, model.config.image_size_hw)
     classified = 0
+
+    def prepare(image):  # each image preprocessed as it is read: a batch never holds full-size photos
+        return processor([image], return_tensors="pt")["pixel_values"][0]
+
     for start in range(0, len(paths), args.batch_size):
-        chunk, images = _open_images(paths[start : start + args.batch_size], args.on_error)
-        if not images:
+        chunk, prepared = _open_images(paths[start : start + args.batch_size], args.on_error, prepare)
+        if not prepared:
             continue
-        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        pixels = torch.stack(prepared)
         with torch.inference_mode():
             logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits
         for path, ranked in zip(chunk, top_k(logits, model.config.id2label, args.top_k)):
@@ -382,10 +395,23 @@ def _run(argv: list[str]) -> int:
         return 1
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None, _python=warnings.formatwarning) -> str:
+    """Our warnings (a 16-bit image, a fallback) as one `warning: …` line, as `classify` prints them; other
+    libraries' warnings keep Python's form, whose source line says where they come from. Set by `main`,
+    so DataLoader workers forked by eval and finetune print theirs the same way."""
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return _python(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 success, 1 the command failed (message on stderr), 2 usage error (argparse),
     130 interrupted (Ctrl-C; `finetune` first saves its last step, see train_state.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    python_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         code = _run(argv)
         sys.stdout.flush()
@@ -398,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         # final flush does not raise a second BrokenPipeError at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = python_format  # main() called in a process that goes on (tests, notebooks)
 
 
 if __name__ == "__main__":
