@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -62,6 +64,29 @@ def test_match_labels_exact_map_and_errors():
         ValueError, match=r"2 class\(es\) match no label of the model: 'Cat', 'hund' \(mapped to 'wolf'\)"
     ):
         match_labels(["Cat", "hund"], id2label, {"hund": "wolf"})
+
+
+def test_a_label_the_model_names_twice_needs_a_label_map_index():
+    """ImageNet-1k names "crane" twice (134 the bird, 517 the machine): by name the last index won, and
+    every image of the other crane counted as wrong, without a word."""
+    imagenet = vf.ViTHybridConfig.base_384().id2label
+    assert [i for i, name in imagenet.items() if name == "crane"] == [134, 517]
+    goldfish = imagenet[1]  # "goldfish, Carassius auratus"
+    with pytest.raises(ValueError) as error:
+        match_labels(["crane", goldfish], imagenet, source="./val")
+    assert str(error.value) == (
+        "the model has more than one label named 'crane' (indices 134, 517): pass --label-map map.json mapping "
+        'each such folder name to the label index it means ({"folder name": index})'
+    )
+    assert match_labels(["crane", goldfish], imagenet, {"crane": 517}) == [517, 1]
+    assert match_labels(["bird", goldfish], imagenet, {"bird": 134}) == [134, 1]
+
+
+def test_a_label_map_index_outside_the_model_says_so():
+    """It said "match no label … pass --label-map", to a user who had passed one."""
+    with pytest.raises(ValueError) as error:
+        match_labels(["x", "cat"], dict(enumerate(MODEL_LABELS)), {"x": 99})
+    assert str(error.value) == "--label-map maps 'x' (mapped to 99) to no label index of the model: its indices are 0–5"
 
 
 def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
@@ -171,6 +196,70 @@ def test_eval_unreadable_file_fails_or_is_skipped(setup, tmp_path, capsys):
     shutil.copy(broken, only_broken / "green_checker" / broken.name)
     assert main([*argv[:1], str(only_broken), *argv[2:], "--on-error", "skip"]) == 1
     assert f"none of the 1 images of {only_broken} could be read" in capsys.readouterr().err
+
+
+def test_a_bad_output_path_fails_before_the_evaluation(setup, tmp_path, capsys, monkeypatch):
+    """A directory given as --output failed only after the whole run, and its results were not printed."""
+    root, data, _, _ = setup
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu"]  # fmt: skip
+    monkeypatch.setattr("vithybrid_fast.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    assert main([*argv, "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: --output {tmp_path} is a directory; give a file path\n"
+    (tmp_path / "afile").write_text("x")
+    assert main([*argv, "--output", str(tmp_path / "afile" / "preds.jsonl")]) == 1
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_predictions_replace_an_earlier_file_whole(setup, tmp_path, capsys, monkeypatch):
+    """Results print before the predictions are written; a failed write leaves the earlier file as it was."""
+    root, data, _, _ = setup
+    preds = tmp_path / "new" / "preds.jsonl"
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu", "--output", str(preds)]  # fmt: skip
+    preds.parent.mkdir()
+    preds.write_text("earlier\n")
+    monkeypatch.setattr("json.dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["class", "images", "top-1", "top-5"] and "images/s:" in out
+    assert err == "error: disk full\n"
+    assert preds.read_text() == "earlier\n" and sorted(p.name for p in preds.parent.iterdir()) == ["preds.jsonl"]
+    monkeypatch.undo()
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == f"predictions: {preds}" and out[-1].endswith("images: 15")
+    assert len(preds.read_text().splitlines()) == 15
+
+
+def test_a_16_bit_image_read_by_a_worker_warns_in_one_line(setup, tmp_path):
+    """eval's workers printed open_image's warning as Python's two-line UserWarning, classify as one line.
+    A process of its own: pytest records warnings, and a forked worker inherits its recorder."""
+    from PIL import Image
+
+    root, data, _, _ = setup
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    deep = folder / "green_checker" / "deep.tiff"
+    Image.new("I;16", (80, 80), 40000).save(deep)
+    argv = [sys.executable, "-m", "vithybrid_fast", "eval", str(folder), "--model", str(root / "ckpt"),
+            "--kernels", "sdpa", "--num-workers", "1", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {deep}: a I;16 (16-bit or float) image; converting it to 8-bit RGB clips" in done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_list_files_by_extension_in_any_case_and_a_missing_one_is_no_folder(setup, tmp_path, capsys):
+    """LIST.CSV was read as a folder ("not a directory"), and so was a mistyped list name."""
+    root, data, _, _ = setup
+    rows = "".join(f"{p},{p.relative_to(data).parts[0]}\n" for p in sorted(data.rglob("*.png")))
+    argv = ["--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu"]
+    (tmp_path / "VAL.CSV").write_text("path,label\n" + rows)
+    assert main(["eval", str(tmp_path / "VAL.CSV"), *argv]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"images: {rows.count(chr(10))}")
+    assert main(["eval", str(tmp_path / "vall.csv"), *argv]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'vall.csv'}: no such file\n"
 
 
 @pytest.mark.parametrize("affinity, expected", [({0}, 1), ({0, 1}, 2), (set(range(64)), 4)])

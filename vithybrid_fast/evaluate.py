@@ -31,7 +31,7 @@ def _rename_advice(source: str | None) -> tuple[str, str]:
     """(what to rename, what --label-map's keys are) for the kind of data `source` names."""
     if source is not None and source.startswith("hf:"):
         return "the dataset's labels", "dataset label"
-    if source is not None and Path(source).suffix in (".csv", ".jsonl"):
+    if source is not None and Path(source).suffix.lower() in (".csv", ".jsonl"):
         return f"the labels in {source}", "label in the list"
     return "the folders", "folder name"
 
@@ -46,17 +46,37 @@ def match_labels(
 
     source: the data spec (a folder, a .csv/.jsonl list or hf:NAME); the error's advice speaks of it.
     """
-    by_name = {name: index for index, name in id2label.items()}
+    indices_of: dict[str, list[int]] = {}
+    for index, name in sorted(id2label.items()):
+        indices_of.setdefault(name, []).append(index)
     label_map = label_map or {}
-    targets, unmatched = [], []
+    targets, unmatched, ambiguous, out_of_range = [], [], [], []
     for name in classes:
         target = label_map.get(name, name)
-        if isinstance(target, int) and not isinstance(target, bool) and target in id2label:
-            targets.append(target)
-        elif isinstance(target, str) and target in by_name:
-            targets.append(by_name[target])
+        if isinstance(target, int) and not isinstance(target, bool):
+            if target in id2label:
+                targets.append(target)
+            else:
+                out_of_range.append(f"{name!r} (mapped to {target})")
+        elif isinstance(target, str) and len(indices_of.get(target, ())) > 1:
+            # ImageNet-1k names "crane" twice (134, the bird; 517, the machine): which one a class means
+            # cannot be read from the name, and picking either scored every image of the other as wrong
+            ambiguous.append(f"{target!r} (indices {', '.join(map(str, indices_of[target]))})")
+        elif isinstance(target, str) and target in indices_of:
+            targets.append(indices_of[target][0])
         else:
             unmatched.append(repr(name) if target == name else f"{name!r} (mapped to {target!r})")
+    if out_of_range:
+        raise ValueError(
+            f"--label-map maps {', '.join(out_of_range)} to no label index of the model: its indices are "
+            f"0–{len(id2label) - 1}"
+        )
+    if ambiguous:
+        _, key = _rename_advice(source)
+        raise ValueError(
+            f"the model has more than one label named {', '.join(ambiguous)}: pass --label-map map.json "
+            f'mapping each such {key} to the label index it means ({{"{key}": index}})'
+        )
     if unmatched:
         sample = ", ".join(repr(v) for v in list(id2label.values())[:3])
         rename, key = _rename_advice(source)
@@ -279,12 +299,20 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval", help="top-1/top-5 accuracy on labelled images", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("data", help="image folder (class subfolders), .csv/.jsonl list, or hf:NAME[:SPLIT]")
-    parser.add_argument("--model", default=HUB_ID, help="hub repo id or local checkpoint directory")
+    parser.add_argument(
+        "data",
+        help="image folder (class subfolders), .csv/.jsonl list (relative paths in it are relative to the list "
+        "file's folder), or hf:NAME[:SPLIT]",
+    )
+    parser.add_argument(
+        "--model", default=HUB_ID, help="hub repo id or local checkpoint directory (default: %(default)s)"
+    )
     add_common_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
     parser.add_argument("--label-map", type=Path, help='JSON {"folder name or list label": "model label" or index}')
-    parser.add_argument("--output", type=Path, help="write one JSON line per image (path, label, top-5, probs)")
+    parser.add_argument(
+        "--output", type=Path, help="write one JSON line per image (path, label, top-5, probs); checked before the run"
+    )
     parser.set_defaults(func=run)
 
 
@@ -304,12 +332,15 @@ def run(args: argparse.Namespace) -> int:
     from . import distributed
     from .cli import _processor_for
     from .data import ImagePipeline, open_dataset
+    from .files import check_writable_file, write_atomic
     from .loading import load
     from .modeling import ViTHybridForImageClassification
 
     ctx = distributed.setup(args.device)
     try:
         label_map = _read_label_map(args.label_map)
+        if ctx.is_main and args.output is not None:  # before the run: a bad path must not cost an evaluation
+            check_writable_file(args.output, "--output")
         model = load(
             args.model, kernels=args.kernels, dtype=args.dtype, device=ctx.device,
             model_class=ViTHybridForImageClassification,
@@ -326,15 +357,14 @@ def run(args: argparse.Namespace) -> int:
         if result.total == 0:  # a top-1 of 0 over no image would pass for a result
             raise RuntimeError(f"none of the {result.skipped} images of {args.data} could be read")
         if ctx.is_main:
-            if args.output is not None:
-                args.output.parent.mkdir(parents=True, exist_ok=True)
-                with open(args.output, "w", encoding="utf-8") as f:
-                    for pred in result.predictions:
-                        f.write(json.dumps({k: v for k, v in pred.items() if k != "index"}) + "\n")
             print(result.table())
             print(f"model: {args.model}  kernels: {args.kernels}  dtype: {args.dtype}  ranks: {ctx.world_size}")
             rate = result.total / result.seconds if result.seconds else 0.0
             print(f"images/s: {rate:.1f}  loss: {result.mean_loss:.4f}  skipped unreadable: {result.skipped}")
+            if args.output is not None:  # after the results are printed: a failed write cannot lose them
+                lines = [json.dumps({k: v for k, v in p.items() if k != "index"}) + "\n" for p in result.predictions]
+                write_atomic(args.output, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+                print(f"predictions: {args.output}")
             print(result.summary_line())
         return 0
     finally:

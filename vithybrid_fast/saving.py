@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import write_atomic
 
 _SIZE_UNITS = {
     "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -76,33 +77,13 @@ def _checked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def _write_atomic(path: Path, write) -> None:
-    """`write(tmp)`, then rename onto `path`: a reader never sees half a file.
-
-    The file gets the mode any new file gets here (0o666 less the umask, as config.json does), not
-    the 0o600 safetensors' `save_file` gives its output. The mode comes from creating the temporary
-    file ourselves with 0o666 and reading what the kernel made of it: the umask is only readable by
-    setting it (`os.umask`), which is process-wide and would race with other threads creating files.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # a leftover keeps its old mode through O_CREAT
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_weights(path: Path, shard: dict[str, torch.Tensor], safe: bool) -> None:
     if safe:
         from safetensors.torch import save_file
 
-        _write_atomic(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "pt"}))
+        write_atomic(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "pt"}))
     else:
-        _write_atomic(path, lambda tmp: torch.save(shard, tmp))
+        write_atomic(path, lambda tmp: torch.save(shard, tmp))
 
 
 def save_pretrained(
@@ -135,13 +116,13 @@ def save_pretrained(
             "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
         }
         index_name = f"{stem}.{ext}.index.json"
-        _write_atomic(directory / index_name, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+        write_atomic(directory / index_name, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
         written.add(index_name)
 
     config = model.config
     config.architectures = [type(model).__name__]
     config.torch_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else None
-    _write_atomic(directory / "config.json", lambda tmp: tmp.write_text(config.to_json_string()))
+    write_atomic(directory / "config.json", lambda tmp: tmp.write_text(config.to_json_string()))
     for stale in directory.iterdir():
         if stale.is_file() and _WEIGHT_FILE.match(stale.name) and stale.name not in written:
             stale.unlink()

@@ -1,0 +1,48 @@
+"""Output files: written whole or not at all, and their paths checked before the long work that fills them."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)`, then rename onto `path` (its folders made first): a reader never sees half a file, and
+    a failed write leaves an earlier file at `path` as it was.
+
+    The file gets the mode any new file gets here (0o666 less the umask, as config.json does), not
+    the 0o600 safetensors' `save_file` gives its output. The mode comes from creating the temporary
+    file ourselves with 0o666 and reading what the kernel made of it: the umask is only readable by
+    setting it (`os.umask`), which is process-wide and would race with other threads creating files.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)  # a leftover keeps its old mode through O_CREAT
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """Raise ValueError (naming `what`, e.g. "--output") unless a file can be written at `path` later:
+    not a directory, below no existing file, in a folder this process may write (or may create)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path}: {folder} is a file, not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path}: the file is not writable")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: the folder {folder} is not writable")
