@@ -25,6 +25,8 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .cli import _positive_int
+
     parser = subparsers.add_parser(
         "doctor",
         help="versions, GPU, which kernels run here; --check / --drift verify them on this device",
@@ -37,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--drift-dtype", default=None, help="dtype of --drift (default: bfloat16 on a GPU, else float32)"
     )
-    parser.add_argument("--batch", type=int, default=None, help="batch of the checks (default: 2 on a GPU, 1 on a CPU)")
+    parser.add_argument(
+        "--batch", type=_positive_int, default=None, help="batch of the checks (default: 2 on a GPU, 1 on a CPU)"
+    )
     parser.add_argument(
         "--config", choices=("base", "tiny"), default=None, help="default: base on a GPU, tiny on a CPU"
     )

@@ -34,6 +34,8 @@ def _batches(text: str) -> list[int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .cli import _positive_int
+
     parser = subparsers.add_parser(
         "warmup",
         help="precompile the inference kernels for a GPU, without one",
@@ -43,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", default="sm_90", choices=ARCH_NAMES, help="target GPU architecture (default: sm_90)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="(default: bfloat16)")
     parser.add_argument("--batches", type=_batches, default=[1, 8, 64], help="e.g. 1,8,64 (the default)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--list", action="store_true", help="print one line per compiled kernel")
     parser.set_defaults(func=run)
 
