@@ -279,6 +279,20 @@ def test_usage_errors_exit_2(checkpoint, flags):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["doctor", "--batch", "0"], "argument --batch: must be at least 1, got 0"),  # ran with the default
+        (["doctor", "--batch", "-1"], "argument --batch: must be at least 1, got -1"),  # failed inside torch
+        (["warmup", "--workers", "-3"], "argument --workers: must be at least 1, got -3"),  # was accepted
+    ],
+)
+def test_counts_out_of_range_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_closed_pipe_is_not_a_traceback(checkpoint, image_tree):
     command = (
         f"{sys.executable} -m vithybrid_fast classify {image_tree} {image_tree} {image_tree} {image_tree} "
