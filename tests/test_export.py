@@ -7,8 +7,10 @@ compared with the PyTorch model's own interpolate_pos_encoding path (F.interpola
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -19,7 +21,8 @@ import torch
 import vithybrid_fast as vf
 from tests.hf_reference import randomize_, tiny_config
 from vithybrid_fast import export as vf_export
-from vithybrid_fast.export import OnnxVerificationError, bicubic_matrix, export_onnx, export_program
+from vithybrid_fast.export import OnnxVerificationError, export_onnx, export_program
+from vithybrid_fast.export_dynamic_size import bicubic_matrix
 
 onnx = pytest.importorskip("onnx", reason="the [export] extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
@@ -82,8 +85,6 @@ def test_dynamic_size_matches_pytorch_at_other_sizes(tiny_model, tmp_path):
 
 
 def test_patched_model_exports_its_reference_path(tiny_model, tmp_path):
-    import copy
-
     patched = vf.patch(copy.deepcopy(tiny_model), {"backbone": "triton", "mlp": "triton"})
     path = tmp_path / "patched.onnx"
     report = export_onnx(patched, path, batch=2, image_size=(80, 64), hidden_states=True)
@@ -138,6 +139,111 @@ def test_bad_arguments_fail_before_exporting(tiny_model, tmp_path, kwargs, error
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_opset_range_is_what_onnxscript_converts_to(tiny_model, tmp_path):
+    """Opset 26 only logged a failed conversion and wrote an opset-18 file ONNX Runtime rejects."""
+    from onnxscript.version_converter import _version_converter as converter
+
+    low, high = converter.SUPPORTED_MIN_ONNX_OPSET, converter.SUPPORTED_MAX_ONNX_OPSET
+    assert vf_export._opset_range() == (low, high)
+    assert high == vf_export.FALLBACK_MAX_OPSET, "update the documented fallback to the installed onnxscript"
+    for opset in (low - 1, high + 1):
+        with pytest.raises(ValueError, match=f"opset must be an int from {low} to {high}"):
+            export_onnx(tiny_model, tmp_path / "x.onnx", opset=opset)
+    assert not os.listdir(tmp_path)
+
+
+def test_opset_the_exporter_did_not_write_fails_and_keeps_the_earlier_file(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(vf_export, "_opset_range", lambda: (18, 99))  # let 26 reach the exporter
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an earlier export")
+    with pytest.raises(OnnxVerificationError, match="the exporter wrote opset 18, not 26"):
+        export_onnx(tiny_model, path, batch=1, opset=26)
+    assert path.read_bytes() == b"an earlier export"
+    assert os.listdir(tmp_path) == ["model.onnx"], "the staging directory must go"
+
+
+def test_onnxruntime_errors_are_verification_errors(tiny_model, tmp_path, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph
+
+    def reject(*args, **kwargs):
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : This is an invalid model.")
+
+    monkeypatch.setattr(ort, "InferenceSession", reject)
+    with pytest.raises(OnnxVerificationError, match=r"ONNX Runtime cannot load the exported file: .*INVALID") as err:
+        export_onnx(tiny_model, tmp_path / "new" / "dir" / "model.onnx", batch=1)
+    assert isinstance(err.value.__cause__, InvalidGraph)
+    assert not os.listdir(tmp_path), "directories made for the output must go on failure"
+
+
+def test_export_is_atomic_with_external_data(tiny_model, tmp_path, monkeypatch):
+    from torch.onnx._internal.exporter import _onnx_program
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)  # weights go to model.onnx.data (>2 GB path)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an earlier export")
+    monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-12)
+    with pytest.raises(OnnxVerificationError, match="was not written"):
+        export_onnx(tiny_model, path, batch=1)
+    assert path.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.onnx"]
+
+    monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-4)
+    report = export_onnx(tiny_model, path, batch=1)
+    assert report.path == path and report.max_abs_diff <= 1e-4, report.checks
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    pixels = _uniform(1, 3, 72, 72, seed=2)
+    with torch.no_grad():
+        expected = tiny_model(pixels).logits
+    assert (_ort_logits(path, pixels) - expected).abs().max().item() <= 1e-4
+
+
+def test_one_channel_model_exports_and_skips_the_photo(tmp_path):
+    torch.manual_seed(0)
+    config = vf.ViTHybridConfig.from_dict(tiny_config(num_channels=1, backbone_config={"num_channels": 1}))
+    model = vf.ViTHybridForImageClassification(config).eval()
+    randomize_(model)
+    path = tmp_path / "gray.onnx"
+    report = export_onnx(model, path)
+    assert [what for what, _ in report.checks] == ["random batch 1 (1 image)", "random batch 3 (3 images)"]
+    assert report.inputs == 4 and report.max_abs_diff <= 1e-4, report.checks
+    assert report.summary().endswith(" over 4 inputs (photo not checked: the model takes 1-channel input, not RGB)")
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
+    pixels = _uniform(2, 1, 72, 72, seed=3)
+    with torch.no_grad():
+        expected = model(pixels).logits
+    assert (_ort_logits(path, pixels) - expected).abs().max().item() <= 1e-4
+
+
+def test_model_errors_surface_before_torch_wrapping(tiny_model, tmp_path):
+    broken = copy.deepcopy(tiny_model)
+    broken.config.num_channels = 2  # the embeddings accept 2 channels, the backbone (built for 3) refuses
+    with pytest.raises(ValueError, match=r"^pixel_values has 2 channels; the backbone expects 3") as err:
+        export_onnx(broken, tmp_path / "x.onnx")
+    assert "submit a PR" not in str(err.value)
+    assert isinstance(err.value.__cause__, torch.onnx.errors.OnnxExporterError)
+    assert not os.listdir(tmp_path)
+
+
+def test_unwritable_output_fails_before_exporting(tiny_model, tmp_path, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(ValueError, match="a_file is a file, not a folder"):
+        export_onnx(tiny_model, tmp_path / "a_file" / "sub" / "x.onnx")
+    with pytest.raises(ValueError, match=r"^output .*a_dir is a directory; give a file path$"):
+        export_onnx(tiny_model, tmp_path / "a_dir")
+
+
+def test_unsupported_dtype_message_fits_the_dtype(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="choose float32 or float16") as err:
+        export_onnx(tiny_model, tmp_path / "x.onnx", dtype=torch.float64)
+    assert "bfloat16" not in str(err.value)
+    with pytest.raises(ValueError, match="no bfloat16 convolutions"):
+        export_onnx(tiny_model, tmp_path / "x.onnx", dtype=torch.bfloat16)
+
+
 def test_missing_onnxruntime_names_the_extra(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
     with pytest.raises(ImportError, match=r"pip install vithybrid-fast\[export\]"):
@@ -165,8 +271,6 @@ def test_bicubic_matrix_is_f_interpolate(out_size, in_size):
 
 
 def test_torch_export_reference_and_patched_dynamic_batch(tiny_model, device):
-    import copy
-
     reference = copy.deepcopy(tiny_model).to(device)
     config = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=64, num_attention_heads=2))
     torch.manual_seed(1)
@@ -187,6 +291,15 @@ def test_torch_export_reference_and_patched_dynamic_batch(tiny_model, device):
                 expected = model(pixels).logits
             assert got.shape == (batch, 7)
             assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_export_program_keeps_the_callers_modes(tiny_model):
+    model = copy.deepcopy(tiny_model).train()
+    model.vit.embeddings.dropout.eval()  # a mixed state comes back as it was, not as train(True)
+    export_program(model, dynamic_batch=False)
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert modes.pop("vit.embeddings.dropout") is False
+    assert all(modes.values()), [name for name, training in modes.items() if not training]
 
 
 def test_cli_export_writes_a_verified_file(tiny_model, tmp_path, capsys):

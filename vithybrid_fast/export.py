@@ -6,9 +6,9 @@
 
 ONNX exports the *reference* computation: a patched model is deep-copied and unpatched (Triton
 custom ops never reach the graph), with explicit-softmax attention. Input `pixel_values`
-(B, 3, H, W); output `logits` (B, num_labels), plus `hidden_states` (layers+1, B, tokens, hidden)
-when asked. The label map (`id2label`, `label2id`), the image size and the package version go into
-the model's metadata_props.
+(B, config.num_channels, H, W); output `logits` (B, num_labels), plus `hidden_states`
+(layers+1, B, tokens, hidden) when asked. The label map (`id2label`, `label2id`), the image size and
+the package version go into the model's metadata_props.
 
 Exporter: `torch.onnx.export(..., dynamo=True)` — it traces through `torch.export`, so shapes stay
 symbolic. The TorchScript exporter (dynamo=False) traces Python shape arithmetic (SAME padding,
@@ -24,13 +24,16 @@ shapes small enough for torch.export (with the original code it spends minutes i
   from the feature map). Same bicubic (a = −0.75, half-pixel, clamped) as F.interpolate, and
   exactly the identity at the trained grid. Verification checks a second size against PyTorch.
 
-Verification (on by default): the file runs in ONNX Runtime on the CPU on the bundled photo and on
-random inputs at two batch sizes (and a second image size when dynamic) against the PyTorch
-reference; float32 fails above 1e-4 max |Δlogit|. float16 follows the project's tolerance idiom
-(DESIGN.md): ONNX Runtime's fp16 error against the fp32 reference may be at most twice PyTorch's own
-fp16 error on the same inputs plus 2e-3 × max(1, max|logit|) — fp16 keeps 11 significant bits
-(relative rounding 4.9e-4), and ~30 layers of rounding in a different operation order differ
-by a few units of that.
+Verification (on by default): the file runs in ONNX Runtime on the CPU on the bundled photo (RGB
+models only) and on random inputs at two batch sizes (and a second image size when dynamic) against
+the PyTorch reference; float32 fails above 1e-4 max |Δlogit|. float16 follows the project's
+tolerance idiom (DESIGN.md): ONNX Runtime's fp16 error against the fp32 reference may be at most
+twice PyTorch's own fp16 error on the same inputs plus 2e-3 × max(1, max|logit|) — fp16 keeps 11
+significant bits (relative rounding 4.9e-4), and ~30 layers of rounding in a different operation
+order differ by a few units of that.
+
+The file is written and verified in a staging directory beside `path` and only then moved into
+place, so a failed export leaves whatever was at `path` as it was.
 """
 
 from __future__ import annotations
@@ -44,20 +47,26 @@ import logging
 import math
 import os
 import sys
-import types
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .export_dynamic_size import install_dynamic_size_twins
+from .files import check_writable_file, staged_output
+
 FP32_BOUND = 1e-4
 FP16_ATOL = 2e-3  # tests/tolerance.py's float16 atol
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 INSTALL_HINT = "pip install vithybrid-fast[export]"
+# The newest opset onnxscript 0.7.2's version converter writes, for an onnxscript without the constant
+# (see _opset_range); tests/test_export.py checks it against the installed one.
+FALLBACK_MAX_OPSET = 25
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 # What torch's dynamo ONNX exporter prints on every export that is not about the model: its op registry
@@ -88,7 +97,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 class OnnxVerificationError(RuntimeError):
-    """ONNX Runtime's logits differ from PyTorch's by more than the bound; the file is removed."""
+    """The exported file fails verification (wrong opset, ONNX Runtime cannot run it, or its logits miss
+    PyTorch's by more than the bound); nothing is written to the output path."""
 
 
 @dataclass
@@ -99,9 +109,11 @@ class OnnxExportReport:
     inputs: int  # images compared
     opset: int
     checks: list[tuple[str, float]]  # (what was run, its max |Δlogit|)
+    skipped: list[str] = field(default_factory=list)  # checks not run, and why
 
     def summary(self) -> str:
-        return f"onnx: max|Δlogit| {self.max_abs_diff:.2e} over {self.inputs} inputs"
+        skipped = f" ({'; '.join(self.skipped)})" if self.skipped else ""
+        return f"onnx: max|Δlogit| {self.max_abs_diff:.2e} over {self.inputs} inputs{skipped}"
 
 
 def _require(module: str) -> Any:
@@ -117,11 +129,36 @@ def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     by_value = {v: v for v in SUPPORTED_DTYPES.values()}
     resolved = SUPPORTED_DTYPES.get(dtype) if isinstance(dtype, str) else by_value.get(dtype)
     if resolved is None:
-        raise ValueError(
-            f"dtype {dtype!r} is not supported for ONNX export: choose float32 or float16 "
-            "(ONNX Runtime's CPU provider has no bfloat16 convolutions)"
-        )
+        bf16 = dtype in (torch.bfloat16, "bfloat16")
+        why = " (ONNX Runtime's CPU provider, which verifies the file, has no bfloat16 convolutions)" if bf16 else ""
+        raise ValueError(f"dtype {dtype!r} is not supported for ONNX export: choose float32 or float16{why}")
     return resolved
+
+
+def _opset_range() -> tuple[int, int]:
+    """The opsets torch's dynamo exporter really writes: (18, onnxscript's converter maximum).
+
+    torchlib emits opset 18 and torch converts to the requested opset with onnxscript's version
+    converter. Above the converter's maximum torch falls back to ONNX's C converter, which fails on
+    these graphs (no Gelu adapter), only logs it and keeps an opset-18 stamp over newer nodes: a file
+    ONNX Runtime rejects. The maximum is a module constant of onnxscript's, not public API, hence
+    the fallback.
+    """
+    try:
+        from onnxscript.version_converter import _version_converter as converter
+
+        return converter.SUPPORTED_MIN_ONNX_OPSET, converter.SUPPORTED_MAX_ONNX_OPSET
+    except (ImportError, AttributeError):
+        return 18, FALLBACK_MAX_OPSET
+
+
+def _check_opset(opset: int | None) -> None:
+    low, high = _opset_range()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high):
+        raise ValueError(
+            f"opset must be an int from {low} to {high} (the opsets torch's dynamo exporter can write with "
+            f"the installed onnxscript), got {opset!r}"
+        )
 
 
 def _check_batch(batch: int | str) -> int | None:
@@ -158,68 +195,6 @@ def reference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     unpatch(clone)
     clone.set_attn_implementation("eager")
     return clone.eval().to(device="cpu", dtype=dtype)
-
-
-def _integer_same_pad_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """DynamicPad2d's padding in integer arithmetic: ceil(x/s) = (x + s − 1) // s.
-
-    Every operand stays non-negative: ONNX's integer Div truncates toward zero, so the shorter
-    -(-x // s) would floor instead of ceil there. When (k−1)·d + 1 ≥ s the unclamped total is never
-    negative, so max(·, 0) (which blocks the symbolic simplification) is dropped; the values are the
-    reference's for every size, and each stage's size becomes a short expression, (x + 1) // 2.
-    """
-    span = (self.kernel_size - 1) * self.dilation + 1
-
-    def total(size: Any) -> Any:
-        pad = ((size + self.stride - 1) // self.stride - 1) * self.stride + span - size
-        return pad if span >= self.stride else max(pad, 0)
-
-    pad_h, pad_w = total(x.shape[-2]), total(x.shape[-1])
-    return nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2], value=self.value)
-
-
-def bicubic_matrix(out_size: Any, in_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(out, in) matrix M with M @ v = F.interpolate(v, out, mode="bicubic", align_corners=False) on one axis."""
-    a = -0.75  # PyTorch's (and ONNX Resize's default) cubic coefficient
-    dst = torch.arange(out_size, dtype=dtype)
-    src = (dst + 0.5) * (in_size / out_size) - 0.5
-    left = torch.floor(src)
-    t = src - left
-
-    def near(x: torch.Tensor) -> torch.Tensor:  # |x| ≤ 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)  # (out, 4)
-    taps = (left.long().unsqueeze(-1) + torch.arange(-1, 3)).clamp(0, in_size - 1)  # border samples repeat
-    one_hot = (taps.unsqueeze(-1) == torch.arange(in_size)).to(dtype)  # (out, 4, in)
-    return (weights.unsqueeze(-1) * one_hot).sum(dim=1)
-
-
-def _matrix_interpolate_pos_encoding(embeddings: nn.Module, grid: tuple[Any, Any]) -> torch.Tensor:
-    """The position table resized to `grid` (always, so no size is special-cased in the graph)."""
-    table = embeddings.position_embeddings
-    gh, gw = embeddings.patch_embeddings.grid_size
-    dim = table.shape[-1]
-    patch_table = table[0, 1:].reshape(gh, gw, dim).permute(2, 0, 1).float()  # (D, gh, gw)
-    resized = bicubic_matrix(grid[0], gh) @ patch_table @ bicubic_matrix(grid[1], gw).T  # (D, GH, GW)
-    resized = resized.permute(1, 2, 0).reshape(1, -1, dim).to(table.dtype)
-    return torch.cat((table[:, :1], resized), dim=1)
-
-
-def install_dynamic_size_twins(model: nn.Module) -> nn.Module:
-    """Give a (copied) model the export-friendly padding and position interpolation; returns it."""
-    from .backbone import DynamicPad2d
-    from .modeling import ViTHybridEmbeddings
-
-    for module in model.modules():
-        if isinstance(module, DynamicPad2d):
-            module.forward = types.MethodType(_integer_same_pad_forward, module)
-        elif isinstance(module, ViTHybridEmbeddings):
-            module.interpolate_pos_encoding = types.MethodType(_matrix_interpolate_pos_encoding, module)
-    return model
 
 
 class LogitsModule(nn.Module):
@@ -278,8 +253,15 @@ def export_program(
     if dynamic_batch and example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()  # batch 1 would specialize the dimension
     dynamic_shapes = {"pixel_values": {0: _batch_dim()}} if dynamic_batch else None
-    with torch.no_grad():
-        return torch.export.export(LogitsModule(model.eval(), False).eval(), (example,), dynamic_shapes=dynamic_shapes)
+    # eval() for the trace, then each module's own flag back: the caller's model is not ours to switch
+    modes = {module: module.training for module in model.modules()}
+    try:
+        with torch.no_grad():
+            wrapper = LogitsModule(model.eval(), False).eval()
+            return torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +282,9 @@ def export_onnx(
 
     batch: "dynamic" or a fixed size. image_size: None (the model's config size), (H, W) (fixed;
     the position table is interpolated to the real token grid) or "dynamic" (any H, W ≥ 17).
-    dtype: float32 (default) or float16. Raises OnnxVerificationError (and deletes the file) when
-    ONNX Runtime's logits miss PyTorch's by more than the bound (see the module docstring).
+    dtype: float32 (default) or float16. opset: 18 to onnxscript's converter maximum (25 for
+    onnxscript 0.7), default torch's (20). Raises OnnxVerificationError, leaving `path` as it was,
+    when the file fails verification (see the module docstring).
     """
     _check_model(model)
     for module in ("onnx", "onnxscript", "onnxruntime"):
@@ -310,43 +293,72 @@ def export_onnx(
     dtype = _check_dtype(dtype)
     trained = model.config.image_size_hw
     size, dynamic_size = _check_image_size(image_size, trained)
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 18):
-        raise ValueError(f"opset must be an int ≥ 18 (the dynamo exporter's minimum), got {opset!r}")
+    _check_opset(opset)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_file(path, "output")
 
     interpolate = dynamic_size or size != trained
     exported = reference_copy(model, dtype)
     if dynamic_size:
         install_dynamic_size_twins(exported)
-    example = torch.rand(fixed_batch or 2, 3, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    channels = model.config.num_channels
+    example = torch.rand(fixed_batch or 2, channels, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
     dims: dict[int, Any] = {} if fixed_batch else {0: _batch_dim()}
     if dynamic_size:
         dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
     outputs = ["logits", "hidden_states"] if hidden_states else ["logits"]
-    with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(
-            LogitsModule(exported, interpolate, hidden_states).eval(), (example,), dynamo=True, verbose=False,
-            opset_version=opset, input_names=["pixel_values"], output_names=outputs,
-            dynamic_shapes={"pixel_values": dims} if dims else None,
-        )  # fmt: skip
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                LogitsModule(exported, interpolate, hidden_states).eval(), (example,), dynamo=True, verbose=False,
+                opset_version=opset, input_names=["pixel_values"], output_names=outputs,
+                dynamic_shapes={"pixel_values": dims} if dims else None,
+            )  # fmt: skip
+    except torch.onnx.errors.OnnxExporterError as err:
+        _raise_own_error(err)
+        raise
     program.model.metadata_props.update(_metadata(model, size, dynamic_size, fixed_batch, dtype))
-    program.save(str(path))
-    del program, exported
-    used_opset = _opset_of(path)
-    if not verify:
-        return OnnxExportReport(path, math.nan, math.nan, 0, used_opset, [])
-    report = verify_onnx(
-        path, model, batch=fixed_batch, image_size=size, dynamic_size=dynamic_size, dtype=dtype, opset=used_opset
-    )
-    if not report.max_abs_diff <= report.bound:  # NaN fails too
-        path.unlink(missing_ok=True)
-        details = "; ".join(f"{what}: {diff:.2e}" for what, diff in report.checks)
-        raise OnnxVerificationError(
-            f"ONNX Runtime's logits differ from PyTorch's by {report.max_abs_diff:.2e} > bound {report.bound:.2e} "
-            f"({details}); {path} was removed"
+    with staged_output(path) as staged:
+        program.save(str(staged))
+        del program, exported
+        used_opset = _opset_of(staged)
+        if opset is not None and used_opset != opset:  # the exporter only logs a failed conversion
+            raise OnnxVerificationError(f"the exporter wrote opset {used_opset}, not {opset}; {path} was not written")
+        if not verify:
+            return OnnxExportReport(path, math.nan, math.nan, 0, used_opset, [])
+        report = verify_onnx(
+            staged, model, batch=fixed_batch, image_size=size, dynamic_size=dynamic_size, dtype=dtype, opset=used_opset
         )
+        if not report.max_abs_diff <= report.bound:  # NaN fails too
+            details = "; ".join(f"{what}: {diff:.2e}" for what, diff in report.checks)
+            raise OnnxVerificationError(
+                f"ONNX Runtime's logits differ from PyTorch's by {report.max_abs_diff:.2e} > bound "
+                f"{report.bound:.2e} ({details}); {path} was not written"
+            )
+    report.path = path
     return report
+
+
+def _raise_own_error(err: BaseException) -> None:
+    """Re-raise a ValueError/TypeError that vithybrid_fast raised inside torch's export, message first.
+
+    torch wraps whatever the traced model raises in TorchExportError, whose text asks for a PyTorch
+    PR; when the cause is one of our own argument/config errors, that message is the one to read.
+    """
+    cause, seen = err.__cause__ or err.__context__, set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (ValueError, TypeError)) and _raised_by_us(cause):
+            kind = ValueError if isinstance(cause, ValueError) else TypeError
+            raise kind(f"{cause} (raised by the model while torch.export traced it for ONNX)") from err
+        cause = cause.__cause__ or cause.__context__
+
+
+def _raised_by_us(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
 
 
 def _metadata(model: nn.Module, size: tuple[int, int], dynamic_size: bool, batch: int | None, dtype) -> dict:
@@ -372,24 +384,27 @@ def _opset_of(path: Path) -> int:
 
 
 def verification_inputs(
-    size: tuple[int, int], batch: int | None, dynamic_size: bool, stride: int
+    size: tuple[int, int], batch: int | None, dynamic_size: bool, stride: int, channels: int = 3
 ) -> list[tuple[str, torch.Tensor]]:
-    """The bundled photo, random pixels at two batch sizes, and a second size when dynamic (float32)."""
+    """The bundled photo (RGB models only), random pixels at two batch sizes, and a second size when
+    dynamic (float32)."""
     from .images import open_image
     from .processing import ViTHybridImageProcessor, sample_image_path
 
     height, width = size
-    processor = ViTHybridImageProcessor.for_base_384(
-        size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
-    )
-    photo = processor([open_image(sample_image_path())], return_tensors="pt")["pixel_values"]
     gen = torch.Generator().manual_seed(13)
 
     def uniform(n: int, h: int, w: int) -> torch.Tensor:  # the processor's output range [-1, 1]
-        return torch.rand(n, 3, h, w, generator=gen) * 2 - 1
+        return torch.rand(n, channels, h, w, generator=gen) * 2 - 1
 
     batches = (1, 3) if batch is None else (batch, batch)
-    inputs = [("photo", photo.expand(batches[0], -1, -1, -1).contiguous())]
+    inputs = []
+    if channels == 3:  # the processor makes RGB pixels; another channel count has no photo to offer
+        processor = ViTHybridImageProcessor.for_base_384(
+            size={"shortest_edge": min(height, width)}, crop_size={"height": height, "width": width}
+        )
+        photo = processor([open_image(sample_image_path())], return_tensors="pt")["pixel_values"]
+        inputs.append(("photo", photo.expand(batches[0], -1, -1, -1).contiguous()))
     for i, n in enumerate(batches):
         repeat = ", second draw" if i and batches[0] == batches[1] else ""
         inputs.append((f"random batch {n}{repeat}", uniform(n, height, width)))
@@ -417,9 +432,14 @@ def verify_onnx(
     same_dtype = reference_copy(model, dtype) if dtype != torch.float32 else None
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's errors (InvalidGraph, Fail, …) derive from Exception only
+        raise OnnxVerificationError(f"ONNX Runtime cannot load the exported file: {err}") from err
+    channels = model.config.num_channels
+    skipped = [] if channels == 3 else [f"photo not checked: the model takes {channels}-channel input, not RGB"]
     checks, worst, worst_torch, largest, images = [], 0.0, 0.0, 0.0, 0
-    for what, pixels in verification_inputs(size, batch, dynamic_size, _backbone_stride(model)):
+    for what, pixels in verification_inputs(size, batch, dynamic_size, _backbone_stride(model), channels):
         interpolate = dynamic_size or tuple(pixels.shape[-2:]) != trained
         with torch.no_grad():
             expected = reference(pixels, interpolate_pos_encoding=interpolate).logits.double()
@@ -427,14 +447,17 @@ def verify_onnx(
                 torch_logits = same_dtype(pixels.to(dtype), interpolate_pos_encoding=interpolate).logits.double()
                 worst_torch = max(worst_torch, (torch_logits - expected).abs().max().item())
         feed = {"pixel_values": pixels.to(dtype).numpy()}
-        got = torch.from_numpy(session.run(["logits"], feed)[0]).double()
+        try:
+            got = torch.from_numpy(session.run(["logits"], feed)[0]).double()
+        except Exception as err:  # as above
+            raise OnnxVerificationError(f"ONNX Runtime cannot run the exported file on {what}: {err}") from err
         diff = (got - expected).abs().max().item()
         checks.append((f"{what} ({pixels.shape[0]} image{'s' if pixels.shape[0] > 1 else ''})", diff))
         worst = max(worst, diff) if not math.isnan(diff) else math.nan
         largest = max(largest, expected.abs().max().item())
         images += pixels.shape[0]
     bound = FP32_BOUND if dtype == torch.float32 else 2 * worst_torch + FP16_ATOL * max(1.0, largest)
-    return OnnxExportReport(Path(path), worst, bound, images, opset, checks)
+    return OnnxExportReport(Path(path), worst, bound, images, opset, checks, skipped)
 
 
 def _backbone_stride(model: nn.Module) -> int:

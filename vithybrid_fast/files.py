@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -46,3 +49,30 @@ def check_writable_file(path: Path, what: str) -> None:
         raise ValueError(f"{what} {path}: the file is not writable")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: the folder {folder} is not writable")
+
+
+@contextlib.contextmanager
+def staged_output(path: Path) -> Iterator[Path]:
+    """Where to write (and check) `path`: the same name in a fresh directory beside it; everything written
+    there is moved into place only if the block succeeds, `path` itself last.
+
+    The staged file keeps the final name because a file may name its companions: the ONNX exporter
+    writes a model over 2 GB with its weights in `<name>.data` and records that name inside the file.
+    On failure `path` is untouched, and directories made for it are removed when empty.
+    """
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    staging = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        yield staging / path.name
+        for name in sorted(os.listdir(staging), key=lambda name: name == path.name):
+            os.replace(staging / name, path.parent / name)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for directory in made:
+            with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
+                directory.rmdir()
+        raise
+    staging.rmdir()
