@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
 
 import vithybrid_fast as vf
-from tests.hf_reference import tiny_config
+from tests.hf_reference import TINY_CASES, tiny_config
 
 
 def test_base_384_preset_is_the_hub_architecture():
@@ -78,6 +79,127 @@ def test_transformers_default_config_reads_with_its_defaults():
 def test_contradictory_or_invalid_fields_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         vf.ViTHybridConfig.from_dict(tiny_config(**overrides))
+
+
+def bb(**fields) -> dict:
+    return {"backbone_config": fields}
+
+
+HW = "must be a positive int or [h, w] of positive ints, got "
+# Values of the right JSON syntax and the wrong kind (each once crashed later with an error naming no field,
+# or loaded silently wrong): (overrides of tiny_config, the message naming the field).
+MALFORMED = [
+    ({"patch_size": "1"}, f"patch_size {HW}'1'"),  # once an IndexError from indexing the string
+    ({"patch_size": 0}, f"patch_size {HW}0"),  # once a ZeroDivisionError
+    ({"patch_size": 6}, "patch_size 6 is larger than the (5, 5) feature map"),  # no patch fits a 5×5 map
+    ({"image_size": None}, f"image_size {HW}None"),  # once a TypeError: not subscriptable
+    ({"image_size": 72.0}, f"image_size {HW}72.0"),
+    ({"image_size": "72"}, f"image_size {HW}'72'"),  # once read silently as 7×2
+    ({"image_size": [72]}, f"image_size {HW}[72]"),
+    ({"image_size": True}, f"image_size {HW}True"),  # a bool is an int to Python, never a size
+    ({"hidden_size": True}, "hidden_size must be a positive int, got True"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers must be a positive int, got '2'"),
+    ({"layer_norm_eps": None}, "layer_norm_eps must be a positive number, got None"),  # once float(None)
+    ({"layer_norm_eps": "1e-12"}, "layer_norm_eps must be a positive number, got '1e-12'"),  # once failed in forward
+    ({"layer_norm_eps": float("nan")}, "layer_norm_eps must be a positive number, got nan"),
+    ({"hidden_dropout_prob": None}, "hidden_dropout_prob must be a number in [0, 1), got None"),
+    ({"attention_probs_dropout_prob": 1.0}, "attention_probs_dropout_prob must be a number in [0, 1), got 1.0"),
+    ({"initializer_range": "0.02"}, "initializer_range must be a number >= 0, got '0.02'"),
+    ({"qkv_bias": "false"}, "qkv_bias must be true or false, got 'false'"),  # a non-empty string was truthy
+    ({"qkv_bias": 0}, "qkv_bias must be true or false, got 0"),
+    ({"return_dict": "yes"}, "return_dict must be true or false, got 'yes'"),
+    ({"num_labels": "7"}, "num_labels must be an int >= 0, got '7'"),
+    ({"id2label": ["a"] * 7}, "id2label must be an object of class index → name, got list"),
+    ({"label2id": {"class_0": None}}, "label2id['class_0']=None is not a valid class index"),
+    ({"backbone_featmap_shape": [1, 96, 5, True]}, "backbone_featmap_shape must be a list of positive ints"),
+    (bb(drop_path_rate="x"), "backbone_config.drop_path_rate must be a number in [0, 1), got 'x'"),
+    (bb(drop_path_rate=1), "backbone_config.drop_path_rate must be a number in [0, 1), got 1"),
+    (bb(num_groups=None), "backbone_config.num_groups must be a positive int, got None"),
+    (bb(num_groups=True), "backbone_config.num_groups must be a positive int, got True"),
+    # 3 divides none of the stem's 16, stage1's 32 (bottleneck 8) or stage2's 64 (bottleneck 16) channels
+    (bb(num_groups=3), "backbone_config.num_groups must divide the channels of every GroupNorm, got 3, "
+                       "which does not divide [8, 16, 32, 64]"),
+    # pre-activation: the final norm over hidden_sizes[-1] exists even past the last stage used
+    (bb(layer_type="preactivation", hidden_sizes=[32, 64, 96, 100]),
+     "backbone_config.num_groups must divide the channels of every GroupNorm, got 8, which does not divide [100]"),
+    (bb(output_stride=7), "backbone_config.output_stride must be a power of two from 4 up, got 7"),
+    (bb(output_stride=2), "backbone_config.output_stride must be a power of two from 4 up, got 2"),
+    (bb(width_factor=1.5), "backbone_config.width_factor must be a positive int, got 1.5"),
+    (bb(embedding_dynamic_padding="true"),
+     "backbone_config.embedding_dynamic_padding must be true or false, got 'true'"),
+    (bb(depths="121"), "backbone_config.depths must be a list of positive ints, got '121'"),
+    (bb(depths=[True, 2, 1]), "backbone_config.depths must be a list of positive ints"),
+    (bb(out_features="stage3"), "backbone_config.out_features must be a list of stage names or null, got 'stage3'"),
+    (bb(out_features=None, out_indices=3),
+     "backbone_config.out_indices must be a list of stage indices or null, got 3"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "message"), MALFORMED)
+def test_malformed_values_are_rejected_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        vf.ViTHybridConfig.from_dict(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), MALFORMED)
+def test_malformed_values_in_a_file_name_the_file_and_the_field(tmp_path, overrides, message):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(**overrides)))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: .*{re.escape(message)}"):
+        vf.ViTHybridConfig.from_pretrained(tmp_path)
+
+
+def test_an_unforeseen_type_error_still_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(self=1)))  # a key that is a parameter name
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: .*'self'"):
+        vf.ViTHybridConfig.from_json_file(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(("overrides", "field", "value"), [
+    ({"image_size": [72, 56]}, "image_size_hw", (72, 56)),  # [h, w], as transformers takes it
+    ({"image_size": (72, 72), "patch_size": (1, 1)}, "patch_size_hw", (1, 1)),
+    ({"hidden_dropout_prob": 0, "layer_norm_eps": 1}, "layer_norm_eps", 1),  # an int where a float is meant
+    ({"backbone_config": {"drop_path_rate": 0}}, "backbone_config.drop_path_rate", 0),
+    ({"backbone_config": {"output_stride": 64}}, "backbone_config.output_stride", 64),  # beyond the net's stride
+    ({"backbone_featmap_shape": [1, 96, 9, 9], "backbone_config": {"output_stride": 8}},
+     "backbone_config.output_stride", 8),  # stage3 dilated
+    ({"label2id": {"class_0": "0"}}, "label2id", {"class_0": 0}),
+    ({"num_labels": 7}, "num_labels", 7),
+])  # fmt: skip
+def test_values_transformers_takes_are_accepted(overrides, field, value):
+    config = vf.ViTHybridConfig.from_dict(tiny_config(**overrides))
+    for attribute in field.split("."):
+        config = getattr(config, attribute)
+    assert config == value
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_configs_transformers_writes_are_accepted(tmp_path, case):
+    from transformers import ViTHybridConfig as HFConfig
+
+    HFConfig(**TINY_CASES[case]).save_pretrained(tmp_path)
+    config = vf.ViTHybridConfig.from_pretrained(tmp_path)
+    assert config.defaulted_fields.keys() <= {f"backbone_config.{key}" for key in vf.BitConfig._DEFAULTS}
+
+
+def test_a_left_out_field_no_weight_shape_shows_is_warned_about(tmp_path, caplog):
+    data = tiny_config(hidden_act="gelu")  # hidden_size 48: 12 heads divide it, so only the outputs go wrong
+    data.pop("num_attention_heads")
+    data.pop("layer_norm_eps")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="vithybrid_fast.config"):
+        config = vf.ViTHybridConfig.from_json_file(path)
+    assert config.num_attention_heads == 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(
+        f"{path} does not set num_attention_heads (default 12), layer_norm_eps (default 1e-12)"
+    )
+    caplog.clear()
+    vf.ViTHybridConfig.base_384().save_pretrained(tmp_path)  # every field set: nothing to say
+    with caplog.at_level(logging.WARNING, logger="vithybrid_fast.config"):
+        vf.ViTHybridConfig.from_json_file(path)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_invalid_json_is_a_clear_error(tmp_path):

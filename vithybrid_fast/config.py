@@ -17,6 +17,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .config_checks import (
+    FLAG,
+    NON_NEGATIVE,
+    OUTPUT_STRIDE,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    as_hw,
+    as_int_list,
+    check_fields,
+    is_int,
+    is_list_of,
+)
+
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = (
@@ -25,6 +39,8 @@ ACTIVATIONS = (
 )  # fmt: skip
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+# Left out of config.json, these take transformers' default unseen: no weight has a shape they decide.
+_UNSEEN_IN_WEIGHTS = ("num_attention_heads", "layer_norm_eps", "hidden_act")
 
 # Generic PretrainedConfig fields that a transformers config.json carries; we keep them on round-trip.
 _GENERIC_DEFAULTS: dict[str, Any] = {
@@ -41,12 +57,6 @@ def _check_activation(name: Any, field: str) -> str:
     if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"{field}={name!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
     return name
-
-
-def _as_int_list(value: Any, field: str) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ValueError(f"{field} must be a list of positive integers, got {value!r}")
-    return list(value)
 
 
 class _ConfigBase:
@@ -102,25 +112,46 @@ class BitConfig(_ConfigBase):
         "out_indices": None,
     }
 
+    _RULES = {
+        **dict.fromkeys(("num_channels", "embedding_size", "num_groups", "width_factor"), POSITIVE_INT),
+        "output_stride": OUTPUT_STRIDE,
+        "drop_path_rate": PROBABILITY,
+        "embedding_dynamic_padding": FLAG,
+    }
+
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("stage_names", None)  # derived from depths; recomputed below
         super().__init__(**kwargs)
         if self.layer_type not in ("preactivation", "bottleneck"):
-            raise ValueError(f"layer_type={self.layer_type!r} is not one of preactivation, bottleneck")
+            raise ValueError(f"backbone_config.layer_type={self.layer_type!r} is not one of preactivation, bottleneck")
         if self.global_padding is not None:
             if not isinstance(self.global_padding, str) or self.global_padding.upper() not in ("SAME", "VALID"):
-                raise ValueError(f"global_padding={self.global_padding!r}: use 'SAME', 'VALID' or null")
+                raise ValueError(f"backbone_config.global_padding={self.global_padding!r}: use 'SAME', 'VALID' or null")
             self.global_padding = self.global_padding.upper()
-        self.depths = _as_int_list(self.depths, "depths")
-        self.hidden_sizes = _as_int_list(self.hidden_sizes, "hidden_sizes")
+        self.depths = as_int_list(self.depths, "backbone_config.depths")
+        self.hidden_sizes = as_int_list(self.hidden_sizes, "backbone_config.hidden_sizes")
         if len(self.hidden_sizes) < len(self.depths):
-            raise ValueError(f"hidden_sizes {self.hidden_sizes} has fewer entries than depths {self.depths}")
-        _check_activation(self.hidden_act, "backbone hidden_act")
-        for field in ("num_channels", "embedding_size", "num_groups", "output_stride", "width_factor"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"backbone {field} must be a positive integer, got {value!r}")
+            raise ValueError(
+                f"backbone_config.hidden_sizes {self.hidden_sizes} has fewer entries than depths {self.depths}"
+            )
+        _check_activation(self.hidden_act, "backbone_config.hidden_act")
+        check_fields(self, self._RULES, prefix="backbone_config.")
         self.out_features, self.out_indices = self._align_outputs(self.out_features, self.out_indices)
+        self._check_num_groups()
+
+    def _check_num_groups(self) -> None:
+        """Every GroupNorm splits its channels into num_groups: the stem's, each stage's output and its
+        bottleneck's (a quarter), and the pre-activation model's final norm over hidden_sizes[-1]."""
+        stages = [channels for channels, _, _ in self.stage_plan()]
+        normed = {self.embedding_size, *stages, *(make_div(channels * 0.25) for channels in stages)}
+        if self.layer_type == "preactivation":
+            normed.add(self.hidden_sizes[-1])
+        indivisible = sorted(channels for channels in normed if channels % self.num_groups)
+        if indivisible:
+            raise ValueError(
+                f"backbone_config.num_groups must divide the channels of every GroupNorm, got {self.num_groups}, "
+                f"which does not divide {indivisible}"
+            )
 
     @property
     def stage_names(self) -> list[str]:
@@ -130,12 +161,16 @@ class BitConfig(_ConfigBase):
         names = self.stage_names
         if features is None and indices is None:
             return [names[-1]], [len(names) - 1]
+        if features is not None and not is_list_of(features, lambda f: isinstance(f, str)):
+            raise ValueError(f"backbone_config.out_features must be a list of stage names or null, got {features!r}")
+        if indices is not None and not is_list_of(indices, is_int):
+            raise ValueError(f"backbone_config.out_indices must be a list of stage indices or null, got {indices!r}")
         if features is not None:
             unknown = [f for f in features if f not in names]
             if unknown:
                 raise ValueError(f"out_features {unknown} are not stages; stages are {names}")
         if indices is not None:
-            bad = [i for i in indices if not isinstance(i, int) or not -len(names) <= i < len(names)]
+            bad = [i for i in indices if not -len(names) <= i < len(names)]
             if bad:
                 raise ValueError(f"out_indices {bad} are out of range for stages {names}")
             indices = [i % len(names) for i in indices]
@@ -244,11 +279,15 @@ class ViTHybridConfig(_ConfigBase):
 
     # -- labels ---------------------------------------------------------------------------------
     def _set_labels(self, id2label: Any, label2id: Any, num_labels: int | None) -> None:
+        if num_labels is not None and not (is_int(num_labels) and num_labels >= 0):
+            raise ValueError(f"num_labels must be an int >= 0, got {num_labels!r}")
         if id2label is None:
             count = 2 if num_labels is None else num_labels
             id2label = {i: f"LABEL_{i}" for i in range(count)}
+        if not isinstance(id2label, dict):
+            raise ValueError(f"id2label must be an object of class index → name, got {type(id2label).__name__}")
         try:
-            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
+            id2label = {int(k): str(v) for k, v in id2label.items()}
         except (TypeError, ValueError) as err:
             raise ValueError(f"id2label keys must be integers: {err}") from None
         if sorted(id2label) != list(range(len(id2label))):
@@ -257,10 +296,12 @@ class ViTHybridConfig(_ConfigBase):
             raise ValueError(f"num_labels={num_labels} contradicts id2label with {len(id2label)} entries")
         if label2id is None:
             label2id = {name: i for i, name in sorted(id2label.items())}
-        label2id = {str(k): int(v) for k, v in dict(label2id).items()}
+        if not isinstance(label2id, dict):
+            raise ValueError(f"label2id must be an object of name → class index, got {type(label2id).__name__}")
         for name, index in label2id.items():
-            if index not in id2label:
-                raise ValueError(f"label2id[{name!r}]={index} is not a valid class index")
+            if not (is_int(index) or str(index).isdigit()) or int(index) not in id2label:
+                raise ValueError(f"label2id[{name!r}]={index!r} is not a valid class index")
+        label2id = {str(k): int(v) for k, v in label2id.items()}
         self.id2label, self.label2id = id2label, label2id
 
     @property
@@ -272,12 +313,20 @@ class ViTHybridConfig(_ConfigBase):
         self._set_labels(None, None, value)
 
     # -- validation -----------------------------------------------------------------------------
+    _RULES = {
+        **dict.fromkeys(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                         "num_channels"), POSITIVE_INT),
+        "layer_norm_eps": POSITIVE,
+        "hidden_dropout_prob": PROBABILITY,
+        "attention_probs_dropout_prob": PROBABILITY,
+        "initializer_range": NON_NEGATIVE,
+        **dict.fromkeys(("qkv_bias", "output_hidden_states", "output_attentions", "return_dict"), FLAG),
+    }  # fmt: skip
+
     def _validate(self) -> None:
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "num_channels"):  # fmt: skip
-            value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        check_fields(self, self._RULES)
+        as_hw(self.image_size, "image_size")
+        as_hw(self.patch_size, "patch_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
@@ -287,11 +336,6 @@ class ViTHybridConfig(_ConfigBase):
             raise ValueError(f"problem_type={self.problem_type!r}; choose one of {PROBLEM_TYPES[1:]} or null")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation={self.attn_implementation!r}; choose one of {ATTN_IMPLEMENTATIONS}")
-        for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= float(getattr(self, field)) < 1.0:
-                raise ValueError(f"{field} must be in [0, 1), got {getattr(self, field)!r}")
-        if not float(self.layer_norm_eps) > 0:
-            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.backbone_config.num_channels != self.num_channels:
             raise ValueError(
                 f"num_channels={self.num_channels} contradicts backbone_config.num_channels="
@@ -300,12 +344,17 @@ class ViTHybridConfig(_ConfigBase):
         shape = self.backbone_featmap_shape
         if not isinstance(shape, (list, tuple)) or len(shape) != 4:
             raise ValueError(f"backbone_featmap_shape must be [batch, channels, height, width], got {shape!r}")
-        self.backbone_featmap_shape = _as_int_list(shape, "backbone_featmap_shape")
+        self.backbone_featmap_shape = as_int_list(shape, "backbone_featmap_shape")
         backbone_channels = self.backbone_config.stage_channels()[self.backbone_config.out_indices[-1]]
         if self.backbone_featmap_shape[1] != backbone_channels:
             raise ValueError(
                 f"backbone_featmap_shape channels {self.backbone_featmap_shape[1]} contradict the backbone's "
                 f"{self.backbone_config.out_features[-1]} output of {backbone_channels} channels"
+            )
+        if 0 in self.position_grid:
+            raise ValueError(
+                f"patch_size {self.patch_size!r} is larger than the {self.feature_grid} feature map "
+                "of backbone_featmap_shape: no patch would fit"
             )
         if self.backbone_grid(*self.image_size_hw) != tuple(self.feature_grid):
             logger.warning(
@@ -316,13 +365,11 @@ class ViTHybridConfig(_ConfigBase):
 
     @property
     def image_size_hw(self) -> tuple[int, int]:
-        size = self.image_size
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return as_hw(self.image_size, "image_size")
 
     @property
     def patch_size_hw(self) -> tuple[int, int]:
-        size = self.patch_size
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return as_hw(self.patch_size, "patch_size")
 
     @property
     def feature_grid(self) -> tuple[int, int]:
@@ -361,13 +408,13 @@ class ViTHybridConfig(_ConfigBase):
     def from_json_file(cls, path: str | os.PathLike) -> ViTHybridConfig:
         try:
             data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         try:
             config = cls.from_dict(data)
-        except ValueError as err:
+        except (TypeError, ValueError) as err:  # TypeError: a value of a kind no check above foresaw
             # A field missing from a hand-edited file takes its default, and the error then names the
             # contradiction, not the missing field: say both, and which file.
             own = [key for key in cls._DEFAULTS if key not in _GENERIC_DEFAULTS]
@@ -376,6 +423,13 @@ class ViTHybridConfig(_ConfigBase):
             raise ValueError(f"{path}: {err}{hint}") from err
         config.config_file = str(path)
         config.defaulted_fields = config._defaulted_in(data)
+        unseen = {key: value for key, value in config.defaulted_fields.items() if key in _UNSEEN_IN_WEIGHTS}
+        if unseen:
+            logger.warning(
+                "%s does not set %s: transformers' defaults are used, which no weight shape can confirm (the "
+                "outputs are wrong if the checkpoint was trained with other values)",
+                path, ", ".join(f"{key} (default {json.dumps(value)})" for key, value in unseen.items()),
+            )  # fmt: skip
         return config
 
     def _defaulted_in(self, data: dict[str, Any]) -> dict[str, Any]:
