@@ -23,9 +23,11 @@ idempotent: each family named is first restored, then given its new choice. A fr
 
 from __future__ import annotations
 
+import functools
+import itertools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -137,6 +139,11 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 # -- what patch changed, so that unpatch can undo it, one family at a time -------------------------
+# Each change gets a number from one counter, so changes recorded by different patch calls — on a model
+# and on one of its submodules (`patch(model.vit, ...)`) — are undone newest first together.
+_SEQUENCE = itertools.count()
+
+
 @dataclass
 class _Swap:
     """`parent.name` was `original`; now a module built from it."""
@@ -145,6 +152,7 @@ class _Swap:
     parent: nn.Module
     name: str
     original: nn.Module
+    seq: int = field(default_factory=lambda: next(_SEQUENCE))
 
 
 @dataclass
@@ -155,10 +163,17 @@ class _Setting:
     target: Any
     attribute: str
     original: Any
+    seq: int = field(default_factory=lambda: next(_SEQUENCE))
 
 
 def _record(model: nn.Module) -> list[_Swap | _Setting]:
     return model.__dict__.setdefault(_PATCH_RECORD, [])
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    """`model` and every module inside it holding changes of a patch call: one made on `model.vit` is
+    `model`'s too (unpatch(model), export's unpatched copy and a new patch(model) all see it)."""
+    return [m for m in model.modules() if vars(m).get(_PATCH_RECORD)]
 
 
 def _carry_state(replacement: nn.Module, original: nn.Module) -> None:
@@ -180,21 +195,50 @@ def _carry_state(replacement: nn.Module, original: nn.Module) -> None:
     original.training = replacement.training  # its children are shared, so already in their own mode
 
 
-def _undo(model: nn.Module, families: set[str]) -> None:
-    """Undo, newest first, what patch did to `families`; the other families' changes stay."""
-    record = _record(model)
-    kept = []
-    for entry in reversed(record):
+def _undo(model: nn.Module, families: set[str]) -> list[Callable[[], None]]:
+    """Undo, newest first, what patch calls on `model` or inside it did to `families`; the other
+    families' changes stay. Returns the steps that redo it (run them in reverse order)."""
+    changes = [(holder, entry) for holder in _holders(model) for entry in _record(holder)]
+    redo: list[Callable[[], None]] = []
+    for holder, entry in sorted(changes, key=lambda change: change[1].seq, reverse=True):
         if entry.family not in families:
-            kept.append(entry)
-        elif isinstance(entry, _Swap):
-            _carry_state(getattr(entry.parent, entry.name), entry.original)
+            continue
+        if isinstance(entry, _Swap):
+            replacement = getattr(entry.parent, entry.name)
+            _carry_state(replacement, entry.original)
             setattr(entry.parent, entry.name, entry.original)
             for cache in derived_weight_caches(entry.original):
                 cache.unfreeze()  # held since before the patch; the caller freezes again if the model is
+            redo.append(functools.partial(setattr, entry.parent, entry.name, replacement))
+        else:
+            redo.append(
+                functools.partial(setattr, entry.target, entry.attribute, getattr(entry.target, entry.attribute))
+            )
+            setattr(entry.target, entry.attribute, entry.original)
+        record = _record(holder)
+        record[:] = [kept for kept in record if kept is not entry]
+        redo.append(functools.partial(record.append, entry))
+    return redo
+
+
+def _revert(changes: list[_Swap | _Setting]) -> None:
+    """Undo `changes` (this call's, not recorded yet), newest first."""
+    for entry in reversed(changes):
+        if isinstance(entry, _Swap):
+            setattr(entry.parent, entry.name, entry.original)
         else:
             setattr(entry.target, entry.attribute, entry.original)
-    record[:] = reversed(kept)
+
+
+def _patched_from_outside(model: nn.Module, fast_classes: Any) -> str:
+    """A hint for a family with nothing to act on because a patch of an enclosing model swapped its
+    modules for `fast_classes` (patch on `model` itself undid its own swaps before looking)."""
+    if any(isinstance(m, tuple(fast_classes)) for m in model.modules()):
+        return (
+            "; its fast modules were put in by vf.patch on a model enclosing it: patch or unpatch that model, "
+            "or unpatch it first"
+        )
+    return ""
 
 
 # -- attention implementation (eager / sdpa) -----------------------------------------------------
@@ -214,12 +258,13 @@ def _twin(original: nn.Module, cls: type) -> nn.Module:
     return twin
 
 
-def _switch_attention(model: nn.Module, implementation: str) -> list[_Swap | _Setting]:
-    """Put every reference self-attention of `model` on `implementation` ("eager" or "sdpa")."""
+def _switch_attention(model: nn.Module, implementation: str, changes: list[_Swap | _Setting]) -> None:
+    """Put every reference self-attention of `model` on `implementation` ("eager" or "sdpa"); each change
+    joins `changes` as it is made, so a failure part-way can be reverted."""
     from .config import ViTHybridConfig
+    from .fast import FastSelfAttention
     from .modeling import ViTHybridSelfAttention
 
-    changes: list[_Swap | _Setting] = []
     found = 0
     for module in model.modules():
         if isinstance(module, ViTHybridSelfAttention):
@@ -231,20 +276,18 @@ def _switch_attention(model: nn.Module, implementation: str) -> list[_Swap | _Se
         changes.append(_Setting("attention", config, "attn_implementation", config.attn_implementation))
         config.attn_implementation = implementation
     if "transformers" in sys.modules and any(type(m).__module__.startswith("transformers.") for m in model.modules()):
-        hf_found, hf_changes = _switch_transformers_attention(model, implementation)
-        found += hf_found
-        changes += hf_changes
+        found += _switch_transformers_attention(model, implementation, changes)
     if not found:
         raise ValueError(
             f"kernels asks for {implementation!r} attention, but {type(model).__name__} has no ViT Hybrid "
             "self-attention module (ours or transformers') to switch; name only the families it has, e.g. "
-            "{'backbone': 'triton'}"
+            "{'backbone': 'triton'}" + _patched_from_outside(model, [FastSelfAttention])
         )
-    return changes
 
 
-def _switch_transformers_attention(model: nn.Module, implementation: str) -> tuple[int, list[_Swap | _Setting]]:
-    """transformers picks eager or SDPA attention by class at construction: swap in the other class."""
+def _switch_transformers_attention(model: nn.Module, implementation: str, changes: list[_Swap | _Setting]) -> int:
+    """transformers picks eager or SDPA attention by class at construction: swap in the other class.
+    Returns how many self-attention modules it found."""
     import transformers
 
     hf = _transformers_vit_hybrid()
@@ -252,14 +295,13 @@ def _switch_transformers_attention(model: nn.Module, implementation: str) -> tup
     slots = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) in (eager, sdpa)]  # fmt: skip
     if not slots:
-        return 0, []
+        return 0
     if implementation == "sdpa" and sdpa is None:
         raise ValueError(
             f"transformers {transformers.__version__} has no SDPA attention for ViT Hybrid (added in 4.41): "
             "choose kernels 'eager' or 'triton' for this model"
         )
     target = sdpa if implementation == "sdpa" else eager
-    changes: list[_Swap | _Setting] = []
     for parent, name, child in slots:
         if type(child) is not target:
             setattr(parent, name, _twin(child, target))
@@ -269,11 +311,13 @@ def _switch_transformers_attention(model: nn.Module, implementation: str) -> tup
         changes.append(_Setting("attention", config, "_attn_implementation_internal",
                                 config._attn_implementation_internal))  # fmt: skip
         config._attn_implementation_internal = implementation
-    return len(slots), changes
+    return len(slots)
 
 
 # -- patch / unpatch -------------------------------------------------------------------------------
-def _swap_family(model: nn.Module, family: str, table: dict[type, Callable[[nn.Module], nn.Module]]) -> list[_Swap]:
+def _swap_family(
+    model: nn.Module, family: str, table: dict[type, Callable[[nn.Module], nn.Module]], changes: list[_Swap | _Setting]
+) -> None:
     swaps = []
     # descendants before ancestors (reversed pre-order): a fast block is built from a parent whose
     # children were already swapped, so it holds the fast children
@@ -283,10 +327,13 @@ def _swap_family(model: nn.Module, family: str, table: dict[type, Callable[[nn.M
             if builder is not None:
                 setattr(parent, name, builder(child))
                 swaps.append(_Swap(family, parent, name, child))
+                changes.append(swaps[-1])
     if not swaps:
         known = ", ".join(sorted(cls.__name__ for cls in table))
-        raise ValueError(f"kernels[{family!r}]='triton': {type(model).__name__} has no module of that family ({known})")
-    return swaps
+        raise ValueError(
+            f"kernels[{family!r}]='triton': {type(model).__name__} has no module of that family ({known})"
+            + _patched_from_outside(model, table.values())
+        )
 
 
 def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Module:
@@ -295,17 +342,28 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
     param = next(model.parameters(), None)
     choice = validate_kernels(kernels, device, dtype=None if param is None else param.dtype)
     frozen = is_frozen(model)
-    _undo(model, set(choice))
+    redo = _undo(model, set(choice))
     registry = _registry(model)
-    record = _record(model)
-    # attention first: the fast ViT layer then finds a fused-QKV attention module inside it
-    for family in FAMILIES:
-        if family not in choice or choice[family] == "torch":
-            continue
-        if choice[family] == "triton":
-            record += _swap_family(model, family, registry[family])
-        else:
-            record += _switch_attention(model, choice[family])
+    changes: list[_Swap | _Setting] = []
+    try:
+        # attention first: the fast ViT layer then finds a fused-QKV attention module inside it
+        for family in FAMILIES:
+            if family not in choice or choice[family] == "torch":
+                continue
+            if choice[family] == "triton":
+                _swap_family(model, family, registry[family], changes)
+            else:
+                _switch_attention(model, choice[family], changes)
+    except BaseException:
+        # a failed call leaves the model as it was: a config switched to "eager" while its modules still
+        # ran SDPA, and families restored before the failure, were what it left before
+        _revert(changes)
+        for step in reversed(redo):
+            step()
+        if frozen:
+            freeze(model)
+        raise
+    _record(model).extend(changes)
     # "auto" on a GPU: every fused op runs its kernel or the torch ops it replaces, whichever measures faster.
     # A preset speaks for every family; a dict leaves the families it does not name as they were.
     if isinstance(kernels, str):
@@ -323,7 +381,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     """
     frozen = is_frozen(model)
     _undo(model, set(FAMILIES))
-    model.__dict__.pop(_PATCH_RECORD, None)
+    for module in model.modules():
+        module.__dict__.pop(_PATCH_RECORD, None)
     if frozen:
         freeze(model)
     return model
@@ -337,6 +396,7 @@ def apply_kernels(model: nn.Module, kernels: str | dict[str, str]) -> nn.Module:
 def patched_modules(model: nn.Module) -> list[tuple[str, Any]]:
     """(qualified name, class name) of every module patch put in — for reports and tests."""
     names = {id(m): n for n, m in model.named_modules()}
-    swaps = [entry for entry in _record(model) if isinstance(entry, _Swap)] if _PATCH_RECORD in vars(model) else []
+    entries = sorted((e for holder in _holders(model) for e in _record(holder)), key=lambda e: e.seq)
+    swaps = [entry for entry in entries if isinstance(entry, _Swap)]
     return [(f"{names.get(id(s.parent), '?')}.{s.name}".lstrip("."), type(getattr(s.parent, s.name)).__name__)
             for s in swaps]  # fmt: skip
