@@ -293,6 +293,31 @@ def test_torch_export_reference_and_patched_dynamic_batch(tiny_model, device):
             assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_a_saved_program_of_a_patched_model_loads_in_a_new_process(tmp_path):
+    """torch.export.load after `import vithybrid_fast` failed: "failed to resolve
+    torch.ops.vithybrid.weight_standardize" (the ops register with the kernel modules)."""
+    torch.manual_seed(1)
+    config = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=64, num_attention_heads=2))  # flash: head size 32
+    model = vf.ViTHybridForImageClassification(config).eval()
+    randomize_(model)
+    patched = vf.patch(model, "triton")
+    torch.export.save(export_program(patched), tmp_path / "patched.pt2")
+    pixels = _uniform(3, 3, 72, 72, seed=5)
+    torch.save({"pixels": pixels, "logits": patched(pixels).logits.detach()}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch, vithybrid_fast as vf\n"
+        "program = vf.load_program(sys.argv[1])\n"
+        "io = torch.load(sys.argv[2])\n"
+        "print((program.module()(io['pixels']) - io['logits']).abs().max().item())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "patched.pt2"), str(tmp_path / "io.pt")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) <= 1e-5
+
+
 def test_export_program_keeps_the_callers_modes(tiny_model):
     model = copy.deepcopy(tiny_model).train()
     model.vit.embeddings.dropout.eval()  # a mixed state comes back as it was, not as train(True)

@@ -18,7 +18,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_repo_root)
 
 from .config import BitConfig, ViTHybridConfig
-from .export import export_onnx, export_program
+from .export import export_onnx, export_program, load_program
 from .hub import CheckpointNotFoundError
 from .loading import CheckpointError, load
 from .modeling import ViTHybridForImageClassification, ViTHybridModel
@@ -42,6 +42,7 @@ __all__ = [
     "freeze",
     "load",
     "load_processor",
+    "load_program",
     "patch",
     "unfreeze",
     "unpatch",

@@ -264,6 +264,19 @@ def export_program(
             module.training = training
 
 
+def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """`torch.export.load(path)` with this package's `vithybrid::` custom ops registered first.
+
+    A patched model's program names them, and `import vithybrid_fast` alone does not register them:
+    they live in the kernel modules, which import triton — and triton reads TRITON_INTERPRET when a
+    kernel is defined, so importing them eagerly with the package would fix that choice at import
+    time. Where triton is missing (macOS) a reference model's program still loads.
+    """
+    with contextlib.suppress(ImportError):
+        from . import kernels  # noqa: F401  (registers the custom ops)
+    return torch.export.load(str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX
 # ---------------------------------------------------------------------------------------------
