@@ -448,3 +448,17 @@ def test_sample_image():
     with Image.open(path) as image:
         assert image.format == "JPEG" and image.mode == "RGB" and image.size == (512, 600)
     assert (path.parent / "README.md").is_file()
+
+
+def test_a_sliver_whose_resize_would_be_a_bomb_is_refused():
+    """A 95-byte 1×3000 PNG, resized by its short edge to 384, became 384×1,152,000 pixels (4.5 GB)."""
+    processor = ViTHybridImageProcessor.for_base_384()
+    with pytest.raises(ValueError, match=r"would make 384×1152000 pixels, over Pillow's limit of 89,478,485"):
+        processor(Image.new("RGB", (1, 3000)), return_tensors="pt")
+    panorama = processor(Image.new("RGB", (8000, 600)), return_tensors="pt")["pixel_values"]  # 13:1 is fine
+    assert panorama.shape == (1, 3, 384, 384)
+    # classify and eval read a file this way: it is one unreadable image, skipped with --on-error skip
+    from vithybrid_fast.data import ImagePipeline
+
+    with pytest.raises(ValueError, match="aspect ratio is too extreme"):
+        ImagePipeline(processor).to_uint8(Image.new("RGB", (3000, 1)))

@@ -215,6 +215,15 @@ def _output_size(height: int, width: int, size: dict[str, int]) -> tuple[int, in
 
 def _resize(array: np.ndarray, size: dict[str, int], resample: int) -> np.ndarray:
     height, width = _output_size(array.shape[0], array.shape[1], size)
+    # A sliver resized by its short edge grows without bound (a 95-byte 1×3000 PNG became 384×1,152,000
+    # and took 4.5 GB); transformers would do the same. Pillow's decompression-bomb limit, applied to
+    # what the resize would make, stops only such aspect ratios (> ~600:1 at 384 px).
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > limit:
+        raise ValueError(
+            f"resizing this {array.shape[1]}×{array.shape[0]} image to {size} would make {width}×{height} pixels, "
+            f"over Pillow's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): its aspect ratio is too extreme"
+        )
     scaled = _needs_255_scaling(array)
     pixels = _rescale(array, 255) if scaled else array
     pixels = pixels.astype(np.uint8)  # truncates, like transformers' to_pil_image
