@@ -95,6 +95,31 @@ def test_eval_over_two_ranks_gives_exactly_the_single_process_counts(root, capsy
     assert [p["top_k"][0] for p in ddp_preds] == [p["top_k"][0] for p in single_preds]
 
 
+def test_unreadable_files_of_every_rank_are_named_once_by_rank_0(tmp_path):
+    """Under torchrun only rank 0 reported: the files of the other ranks' shards went unnamed (7 of 8 on
+    8 GPUs), in eval and in finetune's validation alike."""
+    from vithybrid_fast.data import image_folder_samples
+
+    inputs = write_finetune_inputs(tmp_path, val_per_class=5)
+    val = inputs / "data" / "val"
+    last_class = sorted(p.name for p in val.iterdir())[-1]
+    broken = val / last_class / "zz-broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    sources = [s.source for s in image_folder_samples(val)[0]]
+    assert sources.index(str(broken)) % 2 == 1  # the second rank's shard (ShardSampler: every other sample)
+    common = ["--model", str(inputs / "start"), "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu",
+              "--on-error", "skip"]  # fmt: skip
+    labels = json.loads((inputs / "start" / "config.json").read_text())["id2label"]
+    classes = sorted(p.name for p in val.iterdir())
+    (tmp_path / "map.json").write_text(json.dumps({c: int(i) for i, c in zip(sorted(labels, key=int), classes)}))
+    done = torchrun("eval", str(val), "--batch-size", "4", "--label-map", str(tmp_path / "map.json"), *common)
+    assert done.stderr.count(f"warning: skipped unreadable image {broken}: ") == 1, done.stderr[-2000:]
+    assert "skipped unreadable: 1" in done.stdout and done.stdout.splitlines()[-1].endswith("images: 15")
+    done = torchrun("finetune", str(inputs / "data"), "--output-dir", str(tmp_path / "run"), "--epochs", "1",
+                    "--batch-size", "8", *common)  # fmt: skip
+    assert done.stderr.count(f"warning: skipped unreadable image {broken}: ") == 1, done.stderr[-2000:]
+
+
 def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resume_finishes(root, tmp_path):
     """torchrun forwards a SIGTERM to its workers: the ranks agree on one step, rank 0 saves it once."""
     out = tmp_path / "stopped"

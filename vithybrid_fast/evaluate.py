@@ -88,6 +88,10 @@ def match_labels(
     return targets
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 @dataclass
 class EvalResult:
     """Counts summed over every rank; per-class rows are indexed by dataset class."""
@@ -147,7 +151,8 @@ def evaluate(
     targets: the model's label index per dataset class (None: the same indices). The returned counts
     and loss are global; `predictions` (rank 0) holds one dict per image, in dataset order.
     should_stop: asked (locally, no collective: shards differ in length) before each batch; True ends
-    this rank's pass (`stopped`). report: where unreadable files are reported (default: rank 0's stderr).
+    this rank's pass (`stopped`). report: where unreadable files are reported (called on every rank);
+    by default rank 0 prints its own at once and the other ranks' when the pass ends.
     """
     from .data import split_errors
     from .distributed import all_reduce_sum, gather_objects
@@ -163,8 +168,10 @@ def evaluate(
     predictions: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
-    if report is None and ctx.is_main:
-        report = lambda msg: print(f"warning: {msg}", file=sys.stderr)  # noqa: E731
+    deferred: list[str] = []  # a rank > 0's unreadable files, for rank 0 to name after the pass
+    own_report = report is None  # alike on every rank, so all or none join the gather below
+    if own_report:
+        report = _warn if ctx.is_main else deferred.append
     stopped = False
     start = time.perf_counter()
     autocast = (
@@ -212,6 +219,10 @@ def evaluate(
             stopped = True  # a worker the stop signal killed as it started: abandoned as asked
     all_reduce_sum(counts, ctx)
     all_reduce_sum(loss_sum, ctx)
+    if own_report and ctx.enabled:
+        for messages in gather_objects(deferred, ctx)[1:]:
+            for message in messages if ctx.is_main else ():
+                _warn(message)
     if with_predictions:
         gathered = gather_objects(predictions, ctx)
         predictions = sorted((p for rank_preds in gathered for p in rank_preds), key=lambda p: p["index"])

@@ -43,6 +43,7 @@ class Run:
     stop: StopRequest | None = None
     saved_at: tuple[int, int] | None = None  # (finished epochs, steps into the next) of OUT/last's state
     reported: set[str] = field(default_factory=set)  # unreadable files already reported (once per run)
+    unreported: list[str] = field(default_factory=list)  # a rank > 0's, until rank 0 gathers them
 
 
 def _training_state(run: Run, finished_epochs: int, steps_into_epoch: int, epoch_loss_sum: float) -> dict:
@@ -61,6 +62,7 @@ def _save_mid_epoch(run: Run, epoch: int, steps: int, loss_sum: float) -> None:
     every rank waits for it."""
     from . import distributed
 
+    report_gathered(run)
     if run.saved_at == (epoch, steps):
         return
     if run.ctx.is_main:
@@ -94,10 +96,27 @@ def stop_agreed(run: Run) -> bool:
 
 
 def _report_once(run: Run, message: str) -> None:
-    """Each unreadable file once per run, not once per epoch (rank 0 of its shard's files)."""
-    if message not in run.reported:
+    """Each unreadable file once per run, not once per epoch: rank 0 prints it, another rank keeps it
+    for `report_gathered` (a collective per step just for these would cost every step a sync)."""
+    if not run.ctx.is_main:
+        run.unreported.append(message)
+    elif message not in run.reported:
         run.reported.add(message)
         print(f"warning: {message}", file=sys.stderr)
+
+
+def report_gathered(run: Run) -> None:
+    """Rank 0 reports the other ranks' unreadable files (under torchrun 7 of 8 went unnamed). Called by
+    every rank at the same points: a save inside an epoch, and an epoch's end."""
+    from . import distributed
+
+    if not run.ctx.enabled:
+        return
+    gathered = distributed.gather_objects(run.unreported, run.ctx)
+    run.unreported = []
+    if run.ctx.is_main:
+        for message in (m for messages in gathered[1:] for m in messages):
+            _report_once(run, message)
 
 
 def _placeholder_loss(run: Run, autocast: Any) -> torch.Tensor:
@@ -129,7 +148,7 @@ def train_epoch(run: Run, epoch: int) -> float | None:
     mixed = run.autocast_dtype != torch.float32
     autocast = torch.autocast(ctx.device.type, dtype=run.autocast_dtype) if mixed else nullcontext()
     trainable = [p for p in run.model.parameters() if p.requires_grad]
-    report = (lambda message: _report_once(run, message)) if ctx.is_main else None
+    report = lambda message: _report_once(run, message)  # noqa: E731
     batch_iter = iter(run.train_loader)
     try:
         # a step's micro-batches short of a whole accumulation at the epoch's end are not drawn
@@ -207,12 +226,13 @@ def end_epoch(run: Run, epoch: int, loss_sum: float, started: float) -> dict[str
     from .evaluate import evaluate
 
     cfg, ctx, out = run.cfg, run.ctx, Path(run.cfg.output_dir)
-    report = (lambda message: _report_once(run, message)) if ctx.is_main else (lambda message: None)
+    report = lambda message: _report_once(run, message)  # noqa: E731
     val = evaluate(run.model, run.val_loader, ctx, on_error=cfg.on_error, autocast_dtype=run.autocast_dtype,
                    should_stop=lambda: stop_asked(run), report=report)  # fmt: skip
     if stop_agreed(run):  # every rank leaves evaluate (and its all-reduce) before this collective
         _save_mid_epoch(run, epoch, run.steps_per_epoch, loss_sum)
         return None
+    report_gathered(run)
     train_loss = loss_sum / run.steps_per_epoch
     improved = val.total > 0 and val.top1_accuracy > run.best["top1"]
     if improved:
