@@ -288,6 +288,62 @@ def test_hugging_face_rows_in_grey_or_rgba_batch_with_rgb_ones(tmp_path):
     assert torch.equal(pipeline.normalize(batch["pixels"]), expected)
 
 
+def _toy_hf(datasets, names, column="image"):
+    rng = np.random.default_rng(0)
+    features = datasets.Features({column: datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    images = [synthetic_image(n, rng) for n in names]
+    return datasets.Dataset.from_dict({column: images, "label": list(range(len(names)))}, features=features)
+
+
+def test_hugging_face_directory_splits_are_checked(pipeline, tmp_path):
+    """A DatasetDict without the split asked for raised a bare KeyError (a traceback in the CLI); a
+    Dataset saved alone answered every split with itself, so finetune validated on its training images."""
+    datasets = pytest.importorskip("datasets")
+    names = ["red_horizontal", "blue_vertical", "green_checker"]
+    datasets.DatasetDict({"train": _toy_hf(datasets, names), "test": _toy_hf(datasets, names)}).save_to_disk(
+        str(tmp_path / "splits")
+    )
+    with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['train', 'test'\]"):
+        open_dataset(f"hf:{tmp_path / 'splits'}", pipeline, split="validation")
+    assert open_dataset(f"hf:{tmp_path / 'splits'}:test", pipeline, split="validation").name.endswith(":test")
+    _toy_hf(datasets, names).save_to_disk(str(tmp_path / "one"))
+    assert open_dataset(f"hf:{tmp_path / 'one'}", pipeline, split="validation").name == str(tmp_path / "one")
+    with pytest.raises(ValueError, match="holds one dataset without splits"):
+        open_dataset(f"hf:{tmp_path / 'one'}:train", pipeline)
+
+
+def test_finetune_refuses_to_validate_on_its_training_images(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    from tests.image_folders import write_start_checkpoint
+    from vithybrid_fast.cli import main
+
+    _toy_hf(datasets, ["red_horizontal", "blue_vertical"]).save_to_disk(str(tmp_path / "one"))
+    write_start_checkpoint(tmp_path / "start")
+    argv = ["finetune", f"hf:{tmp_path / 'one'}", "--model", str(tmp_path / "start"), "--output-dir",
+            str(tmp_path / "run"), "--device", "cpu", "--kernels", "sdpa", "--num-workers", "0"]  # fmt: skip
+    assert main(argv) == 1
+    assert "the training and the validation data are both" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_hugging_face_columns_are_named_on_the_command_line(tmp_path, capsys):
+    """A CIFAR-style dataset keeps its images in "img": eval had no way to say so."""
+    datasets = pytest.importorskip("datasets")
+    from tests.image_folders import write_start_checkpoint
+    from vithybrid_fast.cli import main
+
+    names = ["red_horizontal", "blue_vertical"]
+    datasets.DatasetDict({"validation": _toy_hf(datasets, names, column="img")}).save_to_disk(str(tmp_path / "c"))
+    write_start_checkpoint(tmp_path / "start")
+    (tmp_path / "map.json").write_text(json.dumps({name: i for i, name in enumerate(names)}))
+    argv = ["eval", f"hf:{tmp_path / 'c'}", "--model", str(tmp_path / "start"), "--device", "cpu", "--kernels",
+            "sdpa", "--num-workers", "0", "--label-map", str(tmp_path / "map.json")]  # fmt: skip
+    assert main(argv) == 1
+    assert "no column 'image'; columns are ['img', 'label'] (--image-column" in capsys.readouterr().err
+    assert main([*argv, "--image-column", "img"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("images: 2")
+
+
 def test_hugging_face_plain_labels_map_by_name_onto_given_classes(pipeline):
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(1)

@@ -258,7 +258,10 @@ class HFLabelledImages(LabelledImages):
     ):  # fmt: skip
         for column in (image_column, label_column):
             if column not in dataset.column_names:
-                raise ValueError(f"{name}: no column {column!r}; columns are {dataset.column_names}")
+                raise ValueError(
+                    f"{name}: no column {column!r}; columns are {dataset.column_names} "
+                    "(--image-column / --label-column name them)"
+                )
         feature = dataset.features[label_column]
         raw = dataset[label_column]
         if hasattr(feature, "names"):  # a ClassLabel: its names in index order (open_dataset checks them)
@@ -293,7 +296,15 @@ def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
     split = spec_split or split or "train"
     if Path(name).is_dir():
         loaded = datasets.load_from_disk(name)
-        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if not isinstance(loaded, datasets.DatasetDict):
+            # one Dataset saved alone has no splits: it is the data whatever split was asked, and its
+            # name says so (finetune refuses to validate on its training images: see train.py)
+            if spec_split:
+                raise ValueError(f"{spec}: {name} holds one dataset without splits; name it as hf:{name}")
+            return loaded, name
+        if split not in loaded:  # a KeyError here ended the command with a traceback
+            raise ValueError(f"{spec}: {name} has no split {split!r}; its splits are {list(loaded)}")
+        dataset = loaded[split]
     else:
         dataset = datasets.load_dataset(name, split=split)
     return dataset, f"{name}:{split}"

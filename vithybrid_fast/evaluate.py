@@ -296,6 +296,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
+    parser.add_argument("--image-column", default="image", help="hf: datasets only (default: %(default)s)")
+    parser.add_argument("--label-column", default="label", help="hf: datasets only (default: %(default)s)")
     parser.add_argument(
         "--on-error",
         default="fail",
@@ -357,7 +359,9 @@ def run(args: argparse.Namespace) -> int:
             model_class=ViTHybridForImageClassification,
         )  # fmt: skip
         pipeline = ImagePipeline(_processor_for(args.model, model.config.image_size_hw))
-        dataset = open_dataset(args.data, pipeline, split="validation")
+        dataset = open_dataset(
+            args.data, pipeline, split="validation", image_column=args.image_column, label_column=args.label_column
+        )
         targets = match_labels(dataset.classes, model.config.id2label, label_map, source=str(args.data))
         per_rank = max(1, args.batch_size // ctx.world_size)
         loader = make_loader(dataset, per_rank, args.num_workers, ctx)

@@ -91,6 +91,8 @@ class FinetuneConfig:
     on_error: str = "fail"
     train_split: str = "train"
     val_split: str = "validation"
+    image_column: str = "image"  # hf: datasets' columns (CIFAR's is "img")
+    label_column: str = "label"
     max_epochs_this_run: int | None = None  # stop early (e.g. a job time limit); continue with resume=True
     save_every_steps: int | None = None  # also write OUT/last every N optimizer steps (long epochs)
 
@@ -193,8 +195,15 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     processor = _processor_for(str(source), ViTHybridConfig.from_pretrained(source).image_size_hw)
     pipeline = ImagePipeline(processor)
     train_spec, val_spec = data_specs(cfg.data)
-    train_data = open_dataset(train_spec, pipeline, split=cfg.train_split)
-    val_data = open_dataset(val_spec, pipeline, classes=train_data.classes, split=cfg.val_split)
+    columns = {"image_column": cfg.image_column, "label_column": cfg.label_column}
+    train_data = open_dataset(train_spec, pipeline, split=cfg.train_split, **columns)
+    val_data = open_dataset(val_spec, pipeline, classes=train_data.classes, split=cfg.val_split, **columns)
+    if train_data.name == val_data.name:  # hf:DIR of one dataset, or hf:NAME:SPLIT naming one split for both
+        raise ValueError(
+            f"{cfg.data}: the training and the validation data are both {train_data.name}, so best/ would be "
+            "chosen by accuracy on the training images: give a dataset with train and validation splits "
+            "(hf:NAME, or a save_to_disk DatasetDict; --train-split / --val-split name them)"
+        )
     train_data.augment = TrainAugment(pipeline, cfg.augment, cfg.min_crop_scale, cfg.seed)
     empty = sorted(set(train_data.classes) - {train_data.classes[s.label] for s in train_data.samples})
     if empty:  # a class without a training image would still get a head row and an index
