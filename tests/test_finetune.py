@@ -257,17 +257,23 @@ def test_a_validation_folder_may_lack_a_training_class(trained, capsys):
 
 def test_a_checkpoint_of_the_same_classes_keeps_its_head(trained, capsys):
     """Training a fine-tuned model further: its head already classifies these classes; re-creating it
-    would discard that training. Another class list (or order) still gets a new head."""
+    would discard that training. The same classes in another order (a checkpoint from another tool) keep
+    it too, its rows put in the data's order; another class list gets a new head."""
     root, _ = trained
     best = load_file(root / "out" / "best" / "model.safetensors")
     kept = classifier_for_classes(str(root / "out" / "best"), list(CLASSES), seed=0)
     assert torch.equal(kept.classifier.weight.detach(), best["classifier.weight"])
     reordered = classifier_for_classes(str(root / "out" / "best"), list(reversed(CLASSES)), seed=0)
-    assert not torch.equal(reordered.classifier.weight.detach(), best["classifier.weight"])
+    assert torch.equal(reordered.classifier.weight.detach(), best["classifier.weight"].flip(0))
+    assert torch.equal(reordered.classifier.bias.detach(), best["classifier.bias"].flip(0))
     assert reordered.config.id2label == dict(enumerate(reversed(CLASSES)))
+    assert reordered.config.label2id == {name: i for i, name in enumerate(reversed(CLASSES))}
+    other = classifier_for_classes(str(root / "out" / "best"), [*CLASSES[:2], "purple_dots"], seed=0)
+    assert other.classifier.weight.shape == best["classifier.weight"].shape
+    assert not torch.equal(other.classifier.weight.detach(), best["classifier.weight"])
     out = root / "further"
     finetune(config(root, out, model=str(root / "out" / "best"), epochs=1, lr=1e-5))
-    assert "its head is kept, not re-created" in capsys.readouterr().out
+    assert "its head is kept (in the data's class order), not re-created" in capsys.readouterr().out
     epoch = next(r for r in read_log(out / "train_log.jsonl") if r["type"] == "epoch")
     assert epoch["val_top1"] >= 0.9  # a kept trained head scores from the first epoch at a tiny lr
 
@@ -289,7 +295,10 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one_unless_told(trained, caps
     assert "choose one" in capsys.readouterr().err
     (root / "a-file").write_text("")
     assert main([*argv, "--output-dir", str(root / "a-file")]) == 1
-    assert "a file, not a directory" in capsys.readouterr().err
+    assert f"--output-dir {root / 'a-file'}: a file, not a folder" in capsys.readouterr().err
+    # a path below a file fails before the data and the model are read, naming the flag
+    assert main([*argv, "--output-dir", str(root / "a-file" / "run")]) == 1
+    assert f"--output-dir {root / 'a-file' / 'run'}: {root / 'a-file'} is a file" in capsys.readouterr().err
     assert main([*argv, "--output-dir", str(out), "--overwrite"]) == 0
     records = read_log(out / "train_log.jsonl")  # only the new run's: 1 epoch of 3 steps
     assert [(r["type"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("step", 3), ("epoch", 3)]
@@ -427,6 +436,12 @@ def test_bad_settings_are_errors_with_reasons(trained, capsys):
         == 1
     )
     assert "other settings than the saved run: --lr: 0.001 → 0.5" in capsys.readouterr().err
+    # dtypes are compared by what they mean here: auto is float32 on a CPU (the saved run said auto)
+    resume = [*argv, "--output-dir", str(root / "out"), "--resume", "--batch-size", "8", "--epochs", "3"]
+    assert main([*resume, "--lr", "0.5", "--dtype", "float32"]) == 1
+    assert "other settings than the saved run: --lr: 0.001 → 0.5. Resume" in capsys.readouterr().err
+    assert main([*resume, "--lr", "0.001", "--dtype", "bfloat16"]) == 1
+    assert "other settings than the saved run: --dtype: float32 → bfloat16. Resume" in capsys.readouterr().err
     # out-of-range numbers are usage errors (exit 2), as argparse's own checks are, saying the range
     for flag, value, span in (
         ("--min-crop-scale", "0", "(0, 1]"), ("--min-crop-scale", "2", "(0, 1]"), ("--label-smoothing", "1", "[0, 1)"),

@@ -40,13 +40,25 @@ def check_writable_file(path: Path, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a directory; give a file path")
-    folder = path.parent
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path}: the file is not writable")
+    _check_creatable(path.parent, path, what)
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Raise ValueError (naming `what`, e.g. "--output-dir") unless files can be written in the folder
+    `path` later: a folder this process may write, or one it may create."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: a file, not a folder")
+    _check_creatable(path, path, what)
+
+
+def _check_creatable(folder: Path, path: Path, what: str) -> None:
     while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"{what} {path}: {folder} is a file, not a folder")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path}: the file is not writable")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: the folder {folder} is not writable")
 

@@ -186,7 +186,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     check_settings(cfg)
     per_rank = _checked_batch_split(cfg, ctx)
     check_output_dir(cfg)
-    resumed = load_resume_state(cfg)
+    resumed = load_resume_state(cfg, str(autocast_dtype(cfg.dtype, ctx.device)).removeprefix("torch."))
     state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
 
@@ -220,7 +220,10 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     else:
         model, kept_head = start_model(cfg.model, train_data.classes, cfg.seed)
         if kept_head and ctx.is_main:
-            say(f"finetune: {cfg.model} already classifies these classes: its head is kept, not re-created")
+            say(
+                f"finetune: {cfg.model} already classifies these classes: its head is kept (in the data's class "
+                "order), not re-created"
+            )
     model.to(ctx.device).train()
     if cfg.freeze_backbone:
         model.vit.requires_grad_(False)

@@ -42,6 +42,26 @@ def same_classes(model: nn.Module, classes: list[str]) -> bool:
     return len(labels) == len(classes) and [labels.get(i) for i in range(len(classes))] == list(classes)
 
 
+def _head_reordered(model: nn.Module, classes: list[str]) -> bool:
+    """Put the head's rows in `classes`' order when `model` classifies exactly these classes in another
+    one (a checkpoint from another tool sorts them its own way); False, untouched, otherwise. The
+    trained head was thrown away for a new one, without a word."""
+    from .modeling import ViTHybridForImageClassification
+
+    if not isinstance(model, ViTHybridForImageClassification) or len(set(classes)) != len(classes):
+        return False
+    labels = [model.config.id2label.get(i) for i in range(model.config.num_labels)]
+    if sorted(labels, key=str) != sorted(classes, key=str):
+        return False
+    order = torch.tensor([labels.index(name) for name in classes])
+    with torch.no_grad():
+        model.classifier.weight.copy_(model.classifier.weight[order])
+        model.classifier.bias.copy_(model.classifier.bias[order])
+    model.config.id2label = dict(enumerate(classes))
+    model.config.label2id = {name: i for i, name in enumerate(classes)}
+    return True
+
+
 def classifier_for_classes(model_name: str, classes: list[str], seed: int, **hub_kwargs: Any) -> nn.Module:
     """`model_name`'s weights with a new, seeded classification head for `classes` (float32, CPU).
 
@@ -57,7 +77,7 @@ def start_model(model_name: str, classes: list[str], seed: int, **hub_kwargs: An
     from .modeling import ViTHybridForImageClassification
 
     base = load_model(model_name, dtype=torch.float32, device="cpu", **hub_kwargs)
-    if same_classes(base, classes):
+    if same_classes(base, classes) or _head_reordered(base, classes):
         return base, True
     encoder = base.vit if isinstance(base, ViTHybridForImageClassification) else base
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.") and "mask_token" not in k}

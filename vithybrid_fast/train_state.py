@@ -115,9 +115,10 @@ def find_resume_directory(output_dir: Path) -> Path:
 def check_output_dir(cfg: Any) -> None:
     """Refuse to start afresh over a run: without --resume or --overwrite, its checkpoints would be
     replaced and its log mixed with the new run's."""
+    from .files import check_writable_dir
+
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output-dir {out}: a file, not a directory")
+    check_writable_dir(out, "--output-dir")  # before the data and the model are read
     if cfg.resume or cfg.overwrite:
         return
     # a log alone (a run that failed before its first checkpoint) holds nothing to keep or resume
@@ -150,13 +151,20 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"--{k.replace('_', '-')}: {saved[k]} → {now[k]}" for k in keys if saved[k] != now[k]]
 
 
-def load_resume_state(cfg: Any) -> tuple[dict[str, Any], Path] | None:
-    """(training state, its directory) for `cfg.resume`, refused when the run's settings changed."""
+def load_resume_state(cfg: Any, dtype_here: str | None = None) -> tuple[dict[str, Any], Path] | None:
+    """(training state, its directory) for `cfg.resume`, refused when the run's settings changed.
+
+    dtype_here: what cfg.dtype means on this device ("auto" → "float32" on a CPU). A state that says
+    what its dtype meant is compared by meaning: `auto` → `float32` on a CPU is the same run, `auto` on
+    an A100 (bfloat16) → `auto` on a V100 (float16) is not."""
     if not cfg.resume:
         return None
     directory = find_resume_directory(Path(cfg.output_dir))
     state = torch.load(directory / TRAINING_STATE, weights_only=True)
-    changed = changed_settings(resume_settings(state["config"]), resume_settings(vars(cfg)))
+    saved, now = resume_settings(state["config"]), resume_settings(vars(cfg))
+    if "autocast_dtype" in state["config"] and dtype_here is not None:
+        saved["dtype"], now["dtype"] = state["config"]["autocast_dtype"], dtype_here
+    changed = changed_settings(saved, now)
     if changed:
         raise ValueError(
             f"--resume with other settings than the saved run: {', '.join(changed)}. Resume with its "
