@@ -105,6 +105,9 @@ def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
     for name, (n, t1, t5) in rows.items():
         assert table[name] == [str(n), f"{t1 / n:.4f}", f"{t5 / n:.4f}"]
     assert any(line.startswith("images/s: ") for line in lines)
+    assert f"model: {root / 'ckpt'}  kernels: sdpa  dtype: float32  ranks: 1" in lines
+    assert main([*argv[:5], "auto", *argv[6:], "--num-workers", "0"]) == 0  # what "auto" ran is said
+    assert f"model: {root / 'ckpt'}  kernels: auto (sdpa here)  dtype: float32  ranks: 1" in capsys.readouterr().out
 
     records = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(records) == total

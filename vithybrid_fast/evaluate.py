@@ -348,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
     from .files import check_writable_file, write_atomic
     from .loading import load
     from .modeling import ViTHybridForImageClassification
+    from .patching import patched_modules
 
     ctx = distributed.setup(args.device)
     try:
@@ -373,7 +374,10 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"none of the {result.skipped} images of {args.data} could be read")
         if ctx.is_main:
             print(result.table())
-            print(f"model: {args.model}  kernels: {args.kernels}  dtype: {args.dtype}  ranks: {ctx.world_size}")
+            kernels = args.kernels
+            if kernels == "auto":  # say what ran, as finetune does
+                kernels += " (per op the faster of triton and torch)" if patched_modules(model) else " (sdpa here)"
+            print(f"model: {args.model}  kernels: {kernels}  dtype: {args.dtype}  ranks: {ctx.world_size}")
             rate = result.total / result.seconds if result.seconds else 0.0
             print(f"images/s: {rate:.1f}  loss: {result.mean_loss:.4f}  skipped unreadable: {result.skipped}")
             if args.output is not None:  # after the results are printed: a failed write cannot lose them
