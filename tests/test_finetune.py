@@ -554,3 +554,15 @@ def test_training_benchmark_float16_step_scales_the_loss_as_finetune_does():
 
     (record,) = run(device="cpu", batches=(2,), dtypes=("float16",), config_name="tiny", reps=1)
     assert "error" not in record and record["fp16_skipped_steps"] == 0 and record["images_per_s"] > 0, record
+
+
+def test_the_hub_model_offline_and_uncached_fails_first_and_plainly(trained, tmp_path):
+    """It printed two notes promising built-in presets, scanned the data, then failed on the weights."""
+    root, _ = trained
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache
+    argv = [sys.executable, "-m", "vithybrid_fast", "finetune", str(root / "data"), "--output-dir",
+            str(tmp_path / "run"), "--device", "cpu", "--kernels", "sdpa"]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and "is not in the local Hugging Face cache" in done.stderr
+    assert "preset" not in done.stderr and done.stdout == ""

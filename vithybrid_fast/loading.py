@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .config import ViTHybridConfig
-from .hub import CheckpointNotFoundError, resolve_file
+from .hub import CheckpointNotFoundError, hub_offline, hub_unreachable_reason, resolve_file
 from .modeling import ViTHybridForImageClassification, ViTHybridModel, ViTHybridPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Wei
         files = WeightFiles(resolve_file(name_or_path, shard, required=True, **hub_kwargs) for shard in shards)
         files.weight_map = weight_map
         return files
+    offline = hub_kwargs.get("local_files_only") or hub_offline() or hub_unreachable_reason() is not None
+    if offline and not Path(name_or_path).is_dir():
+        # not "has none of": the hub was not asked. resolve_file says what was searched and what to do
+        resolve_file(name_or_path, WEIGHT_FILES[0], required=True, **hub_kwargs)
     raise CheckpointNotFoundError(f"{name_or_path!s} has none of {', '.join(WEIGHT_FILES)}")
 
 

@@ -177,7 +177,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     from .config import ViTHybridConfig
     from .data import ImagePipeline, collate, open_dataset
     from .evaluate import make_loader
-    from .loading import load_model
+    from .loading import find_weight_files, load_model
     from .patching import patch, validate_kernels
 
     kernels = "triton" if cfg.kernels == "auto" and ctx.device.type == "cuda" else cfg.kernels
@@ -190,6 +190,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
 
+    if state is None:  # offline and uncached: said before the data is scanned, not after a preset's notes
+        find_weight_files(cfg.model)
     # resuming: the saved run's own preprocessing (saved beside its weights), not --model's
     source = resume_dir if state is not None else cfg.model
     processor = _processor_for(str(source), ViTHybridConfig.from_pretrained(source).image_size_hw)
