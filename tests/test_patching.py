@@ -389,6 +389,11 @@ def test_a_patch_of_a_submodule_is_the_models_too(tiny_model):
     vf.patch(model.vit.encoder, {"mlp": "triton"})
     vf.unpatch(model)
     assert module_tree(model) == original
+    # a layer patched alone, then swapped out by its model's patch: its record comes back with it
+    vf.patch(model.vit.encoder.layer[0], {"attention": "triton"})
+    vf.patch(model, {"mlp": "triton"})
+    vf.unpatch(model)
+    assert module_tree(model) == original and patched_modules(model) == []
 
 
 def test_a_failed_patch_leaves_the_model_as_it_was(tiny_model):

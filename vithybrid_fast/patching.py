@@ -198,11 +198,19 @@ def _carry_state(replacement: nn.Module, original: nn.Module) -> None:
 def _undo(model: nn.Module, families: set[str]) -> list[Callable[[], None]]:
     """Undo, newest first, what patch calls on `model` or inside it did to `families`; the other
     families' changes stay. Returns the steps that redo it (run them in reverse order)."""
-    changes = [(holder, entry) for holder in _holders(model) for entry in _record(holder)]
     redo: list[Callable[[], None]] = []
-    for holder, entry in sorted(changes, key=lambda change: change[1].seq, reverse=True):
-        if entry.family not in families:
-            continue
+    while pending := sorted(
+        ((holder, entry) for holder in _holders(model) for entry in _record(holder) if entry.family in families),
+        key=lambda change: change[1].seq, reverse=True,
+    ):  # fmt: skip
+        # again until none is left: a module patched on its own and then swapped out by a patch of its
+        # model (patch(layer), then patch(model, mlp)) is back in the tree, with its record, only now
+        _undo_changes(pending, redo)
+    return redo
+
+
+def _undo_changes(pending: list[tuple[nn.Module, _Swap | _Setting]], redo: list[Callable[[], None]]) -> None:
+    for holder, entry in pending:
         if isinstance(entry, _Swap):
             replacement = getattr(entry.parent, entry.name)
             _carry_state(replacement, entry.original)
@@ -218,7 +226,6 @@ def _undo(model: nn.Module, families: set[str]) -> list[Callable[[], None]]:
         record = _record(holder)
         record[:] = [kept for kept in record if kept is not entry]
         redo.append(functools.partial(record.append, entry))
-    return redo
 
 
 def _revert(changes: list[_Swap | _Setting]) -> None:
