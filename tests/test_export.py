@@ -84,8 +84,9 @@ def test_dynamic_size_matches_pytorch_at_other_sizes(tiny_model, tmp_path):
         assert diff <= 1e-4, f"{height}×{width}: max |Δlogit| {diff:.2e}"
 
 
-def test_patched_model_exports_its_reference_path(tiny_model, tmp_path):
-    patched = vf.patch(copy.deepcopy(tiny_model), {"backbone": "triton", "mlp": "triton"})
+def test_patched_model_exports_its_reference_path(tiny_model, tmp_path, device):
+    # on the device the kernels run on: natively a GPU (Triton does not run CPU tensors there)
+    patched = vf.patch(copy.deepcopy(tiny_model).to(device), {"backbone": "triton", "mlp": "triton"})
     path = tmp_path / "patched.onnx"
     report = export_onnx(patched, path, batch=2, image_size=(80, 64), hidden_states=True)
     assert report.max_abs_diff <= 1e-4, report.checks
@@ -293,16 +294,16 @@ def test_torch_export_reference_and_patched_dynamic_batch(tiny_model, device):
             assert (got - expected).abs().max().item() <= 1e-5
 
 
-def test_a_saved_program_of_a_patched_model_loads_in_a_new_process(tmp_path):
+def test_a_saved_program_of_a_patched_model_loads_in_a_new_process(tmp_path, device):
     """torch.export.load after `import vithybrid_fast` failed: "failed to resolve
     torch.ops.vithybrid.weight_standardize" (the ops register with the kernel modules)."""
     torch.manual_seed(1)
     config = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=64, num_attention_heads=2))  # flash: head size 32
     model = vf.ViTHybridForImageClassification(config).eval()
     randomize_(model)
-    patched = vf.patch(model, "triton")
+    patched = vf.patch(model.to(device), "triton")
     torch.export.save(export_program(patched), tmp_path / "patched.pt2")
-    pixels = _uniform(3, 3, 72, 72, seed=5)
+    pixels = _uniform(3, 3, 72, 72, seed=5).to(device)
     torch.save({"pixels": pixels, "logits": patched(pixels).logits.detach()}, tmp_path / "io.pt")
     script = (
         "import sys, torch, vithybrid_fast as vf\n"
@@ -310,9 +311,10 @@ def test_a_saved_program_of_a_patched_model_loads_in_a_new_process(tmp_path):
         "io = torch.load(sys.argv[2])\n"
         "print((program.module()(io['pixels']) - io['logits']).abs().max().item())\n"
     )
+    # the environment, with conftest's TRITON_INTERPRET where there is no GPU, passes on
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "patched.pt2"), str(tmp_path / "io.pt")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) <= 1e-5

@@ -369,12 +369,12 @@ def test_families_not_named_keep_their_patches(tiny_model, device):
     assert patched_modules(model) == [] and attention_implementations(model) == {tiny_model.config.attn_implementation}
 
 
-def test_a_patch_of_a_submodule_is_the_models_too(tiny_model):
+def test_a_patch_of_a_submodule_is_the_models_too(tiny_model, device):
     """patch(model.vit) kept its record on model.vit: unpatch(model) did nothing, export's unpatched copy
     still held the fast modules, and patch(model) found no reference module left to swap."""
     from vithybrid_fast.export import reference_copy
 
-    model = copy.deepcopy(tiny_model)
+    model = copy.deepcopy(tiny_model).to(device)
     original = module_tree(model)
     vf.patch(model.vit, "triton")
     encoder_swaps = patched_modules(model)
@@ -396,17 +396,17 @@ def test_a_patch_of_a_submodule_is_the_models_too(tiny_model):
     assert module_tree(model) == original and patched_modules(model) == []
 
 
-def test_a_failed_patch_leaves_the_model_as_it_was(tiny_model):
+def test_a_failed_patch_leaves_the_model_as_it_was(tiny_model, device):
     """A failure part-way switched the config to "eager" while the modules still ran SDPA, and the
     families restored before the failure stayed restored."""
-    model = vf.patch(copy.deepcopy(tiny_model), "triton")
+    model = vf.patch(copy.deepcopy(tiny_model).to(device), "triton")
     implementation, tree, swaps = model.config.attn_implementation, module_tree(model), patched_modules(model)
     with pytest.raises(ValueError, match=r"put in by vf\.patch on a model enclosing it"):
         vf.patch(model.vit, {"attention": "eager"})  # its attention is model's patch
     assert model.config.attn_implementation == implementation
     assert module_tree(model) == tree and patched_modules(model) == swaps
     # the attention family switches, then the backbone family finds nothing in the encoder: both undone
-    encoder = copy.deepcopy(tiny_model).vit.encoder
+    encoder = copy.deepcopy(tiny_model).vit.encoder.to(device)
     before = attention_implementations(encoder)
     with pytest.raises(ValueError, match=r"kernels\['backbone'\]='triton': ViTHybridEncoder has no module"):
         vf.patch(encoder, {"attention": "eager" if before == {"sdpa"} else "sdpa", "backbone": "triton"})
