@@ -330,8 +330,9 @@ def test_unreadable_files_with_on_error_skip(trained, capsys):
     settings = dict(data=str(data), epochs=2, batch_size=5, grad_accum=5, on_error="skip", augment="none")
     summary = finetune(config(root, out, **settings))
     assert summary["stopped_by"] is None and summary["step"] == 8  # 24 files / 5 = 4 steps × 2 epochs
-    err = capsys.readouterr().err
+    out_text, err = capsys.readouterr()
     assert err.count("skipped unreadable image") == 1 and garbage.name in err
+    assert out_text.splitlines()[-1].endswith("  skipped unreadable: 1")  # the last line says it, as eval's does
     steps = [r for r in read_log(out / "train_log.jsonl") if r["type"] == "step"]
     assert steps[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert all(math.isfinite(r["loss"]) for r in steps)

@@ -334,6 +334,7 @@ def _finetune(cfg: FinetuneConfig, ctx: Any) -> dict[str, Any]:
                 f"val top-1: {record.get('val_top1', float('nan')):.4f}  best: {run.best['top1']:.4f} "
                 f"(epoch {run.best['epoch']})  saved: {out / 'best'}, {out / 'last'}"
                 + (f"  ({done} of {cfg.epochs} epochs: --resume goes on)" if done < cfg.epochs else "")
+                + (f"  skipped unreadable: {len(run.reported)}" if run.reported else "")
             )
     summary.update(last_epoch=record.get("epoch", first_epoch), best=run.best, last=record, step=run.step,
                    stopped_by=stopped_by)  # fmt: skip
