@@ -101,11 +101,12 @@ def test_half_precision_save_records_its_dtype(tmp_path):
     assert vf.load(tmp_path, kernels="eager", dtype="auto").dtype == torch.bfloat16
 
 
-def test_patched_model_saves_the_same_state(tmp_path, pixels):
-    model = ours_tiny()
+def test_patched_model_saves_the_same_state(tmp_path, pixels, device):
+    model = ours_tiny().to(device)  # patched on the device the kernels run on: natively a GPU
     vf.patch(model, "triton")
     model.save_pretrained(tmp_path)
     vf.unpatch(model)
+    model.cpu()  # beside the checkpoint loaded on the CPU
     with torch.no_grad():
         assert torch.allclose(vf.load(tmp_path, kernels="eager")(pixels).logits, model(pixels).logits, atol=1e-5)
 

@@ -2,7 +2,8 @@
 
 A tiny Triton kernel with three configs stands in for ours; the GPU is faked by name, the autotuner's
 timings by a `do_bench` that returns prepared numbers, and the interpreter step of the lookup is turned
-off so the table/cache path runs (the kernel itself still runs in the interpreter).
+off so the table/cache path runs (the kernel itself still runs: in the interpreter on a CPU, natively
+on a GPU, on the test device).
 """
 
 from __future__ import annotations
@@ -54,20 +55,21 @@ def env(tmp_path, monkeypatch):
     _tuning.REGISTRY.pop("test_scale", None)
 
 
-def _launch(kernel, n=100):
-    x = torch.arange(n, dtype=torch.float32)
+def _launch(kernel, device, n=100):
+    # on the test device: natively on a GPU, Triton does not run CPU tensors
+    x = torch.arange(n, dtype=torch.float32, device=device)
     out = torch.empty_like(x)
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, n, triton.next_power_of_2(n))
     torch.testing.assert_close(out, x * 2)
     return kernel.autotuner.best_config
 
 
-def test_unknown_gpu_autotunes_once_and_caches_the_winner_on_disk(env):
+def test_unknown_gpu_autotunes_once_and_caches_the_winner_on_disk(env, device):
     kernel, bench, tmp = env
     with fake_gpu(GPU):
-        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert config_id(_launch(kernel, device)) == config_id(CONFIGS[1])
         assert bench.calls == 3
-        _launch(kernel)  # same key in this process: Triton's in-memory cache, no benchmark
+        _launch(kernel, device)  # same key in this process: Triton's in-memory cache, no benchmark
         assert bench.calls == 3
         key = "128,torch.float32,torch.float32"  # N_BUCKET, then each tensor argument's dtype
         assert kernel.tuned == {key: config_id(CONFIGS[1])}
@@ -79,68 +81,68 @@ def test_unknown_gpu_autotunes_once_and_caches_the_winner_on_disk(env):
         # A second process (simulated: this process's choices forgotten) neither benchmarks nor picks another.
         kernel.reset()
         kernel.tuned.clear()
-        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert config_id(_launch(kernel, device)) == config_id(CONFIGS[1])
         assert bench.calls == 3 and kernel.tuned == {}
 
 
-def test_another_gpu_or_kernel_source_does_not_reuse_the_cache(env, monkeypatch):
+def test_another_gpu_or_kernel_source_does_not_reuse_the_cache(env, monkeypatch, device):
     kernel, bench, _ = env
     with fake_gpu(GPU):
-        _launch(kernel)
+        _launch(kernel, device)
     with fake_gpu("NVIDIA Other GPU"):
-        _launch(kernel)
+        _launch(kernel, device)
         assert bench.calls == 6  # tuned again for the other GPU
     monkeypatch.setattr(kernel, "_source_hash", lambda: "edited-source")
     with fake_gpu(GPU):
-        _launch(kernel)
+        _launch(kernel, device)
         assert bench.calls == 9  # the kernel changed: its old winner may be wrong now
 
 
-def test_shipped_table_wins_without_benchmarking(env):
+def test_shipped_table_wins_without_benchmarking(env, device):
     kernel, bench, _ = env
     _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
     with fake_gpu(GPU):
-        assert config_id(_launch(kernel)) == config_id(CONFIGS[2])
+        assert config_id(_launch(kernel, device)) == config_id(CONFIGS[2])
         assert bench.calls == 0 and not kernel.disk_cache_path(GPU).exists()
         # Another size bucket has no entry: that one autotunes.
-        _launch(kernel, n=1000)
+        _launch(kernel, device, n=1000)
         assert bench.calls == 3
 
 
-def test_table_entry_naming_an_unknown_config_is_ignored(env):
+def test_table_entry_naming_an_unknown_config_is_ignored(env, device):
     kernel, bench, _ = env
     _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": "BLOCK=8,num_warps=1,num_stages=1"})
     with fake_gpu(GPU):
-        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert config_id(_launch(kernel, device)) == config_id(CONFIGS[1])
         assert bench.calls == 3
 
 
-def test_tuning_mode_ignores_tables_and_cache(env, monkeypatch):
+def test_tuning_mode_ignores_tables_and_cache(env, monkeypatch, device):
     kernel, bench, _ = env
     _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
     monkeypatch.setenv("VITHYBRID_TUNING", "autotune")
     with fake_gpu(GPU):
-        assert config_id(_launch(kernel)) == config_id(CONFIGS[1])
+        assert config_id(_launch(kernel, device)) == config_id(CONFIGS[1])
         assert bench.calls == 3
 
 
-def test_forced_config_beats_table_and_interpreter(env, monkeypatch):
+def test_forced_config_beats_table_and_interpreter(env, monkeypatch, device):
     kernel, bench, _ = env
     _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
     with fake_gpu(GPU), force_config("test_scale", CONFIGS[0]):
-        assert _launch(kernel) is CONFIGS[0]
+        assert _launch(kernel, device) is CONFIGS[0]
     monkeypatch.setenv("VITHYBRID_FORCE_CONFIG", f"test_scale={config_id(CONFIGS[0])}")
     kernel.reset()
-    assert _launch(kernel) is CONFIGS[0]
+    assert _launch(kernel, device) is CONFIGS[0]
     assert bench.calls == 0
 
 
-def test_tune_command_writes_a_table_the_next_run_reads(env):
+def test_tune_command_writes_a_table_the_next_run_reads(env, device):
     from vithybrid_fast.tune import write_tables
 
     kernel, _, tmp = env
     with fake_gpu(GPU):
-        _launch(kernel)
+        _launch(kernel, device)
         written = write_tables(GPU, tmp / "tables")
         assert written["test_scale"] == 1
         table = json.loads((tmp / "tables" / "test_scale.json").read_text())
@@ -162,9 +164,10 @@ def test_tune_without_a_gpu_fails_clearly(capsys):
     assert code == 1 and "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_tune_exercises_every_kernel_family(monkeypatch):
-    # The model run `tune` times the kernels with, here on the tiny config under the interpreter: a
-    # forward and a backward reach attention (forward and both backward kernels) and the GEMMs.
+def test_tune_exercises_every_kernel_family(monkeypatch, device):
+    # The model run `tune` times the kernels with, here on the tiny config on the test device (under the
+    # interpreter on a CPU): a forward and a backward reach attention (forward and both backward kernels)
+    # and the GEMMs.
     from hf_reference import tiny_config
 
     from vithybrid_fast import ViTHybridConfig
@@ -180,7 +183,7 @@ def test_tune_exercises_every_kernel_family(monkeypatch):
 
         monkeypatch.setattr(kernel, "run", spy)
     config = ViTHybridConfig.from_dict(tiny_config(hidden_size=96))  # head dim 32: flash attention serves it
-    exercise(["float32"], [1], backward=True, config=config, device="cpu")
+    exercise(["float32"], [1], backward=True, config=config, device=device)  # natively: the GPU
     assert {"fused_linear", "attention_fwd", "attention_dkdv", "attention_dq"} <= launched
 
 
@@ -188,13 +191,12 @@ def test_importing_the_package_registers_every_tuned_kernel():
     # A fresh process that imports only the package knows every tuned kernel with a table: before, the
     # group_norm_act backward's was registered only once a backward had run, so force_config on it failed
     # when a test ran alone (KeyError: no tuned kernel named 'group_norm_act_bwd_apply').
-    import os
     import subprocess
     import sys
 
     code = "import vithybrid_fast.kernels, vithybrid_fast.kernels._tuning as t; print(' '.join(sorted(t.REGISTRY)))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # the environment, with conftest's TRITON_INTERPRET where there is no GPU, passes on (natively on a GPU)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == sorted(p.stem for p in _tuning.TABLE_DIR.glob("*.json"))
 

@@ -263,8 +263,8 @@ def test_copies_of_a_frozen_model_do_not_share_its_caches(old_model, new_state, 
 
 def test_load_frozen(tmp_path, old_model, pixels):
     old_model.save_pretrained(tmp_path)
-    frozen = vf.load(tmp_path, kernels="sdpa", frozen=True)
-    plain = vf.load(tmp_path, kernels="sdpa")
+    frozen = vf.load(tmp_path, kernels="sdpa", frozen=True, device=DEVICE)  # beside `pixels`
+    plain = vf.load(tmp_path, kernels="sdpa", device=DEVICE)
     assert is_frozen(frozen) and not is_frozen(plain)
     torch.testing.assert_close(logits(frozen, pixels), logits(plain, pixels), rtol=0, atol=0)
     assert cached_bytes(frozen) > 0 and cached_bytes(plain) == 0
