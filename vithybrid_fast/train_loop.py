@@ -52,13 +52,11 @@ def _training_state(run: Run, finished_epochs: int, steps_into_epoch: int, epoch
         "epoch": finished_epochs, "steps_into_epoch": steps_into_epoch, "epoch_loss_sum": epoch_loss_sum,
         "step": run.step, "best": run.best, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng_state(),
-        "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS} | {"autocast_dtype": _dtype_name(run.autocast_dtype)},
+        # what --dtype meant here ("auto" → "float32" on a CPU): --resume compares meanings (load_resume_state)
+        "config": {k: getattr(run.cfg, k) for k in RESUME_KEYS}
+        | {"autocast_dtype": str(run.autocast_dtype).removeprefix("torch.")},
         "train_files": len(run.train_loader.dataset), "steps_per_epoch": run.steps_per_epoch,
     }  # fmt: skip
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _save_mid_epoch(run: Run, epoch: int, steps: int, loss_sum: float) -> None:
