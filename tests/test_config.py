@@ -62,7 +62,6 @@ def test_transformers_default_config_reads_with_its_defaults():
     [
         ({"hidden_size": 50}, "not a multiple of num_attention_heads"),
         ({"hidden_act": "swishy"}, "hidden_act='swishy' is not supported"),
-        ({"num_labels": 3}, "contradicts id2label"),
         ({"backbone_featmap_shape": [1, 512, 5, 5]}, "contradict the backbone"),
         ({"backbone_config": {"global_padding": "reflect"}}, "global_padding"),
         ({"backbone_config": {"layer_type": "basic"}}, "layer_type"),
@@ -73,7 +72,6 @@ def test_transformers_default_config_reads_with_its_defaults():
         ({"use_timm_backbone": True}, "not supported"),
         ({"problem_type": "ranking"}, "problem_type"),
         ({"num_channels": 1}, "contradicts backbone_config.num_channels"),
-        ({"label2id": {"x": 42}}, "not a valid class index"),
     ],
 )
 def test_contradictory_or_invalid_fields_raise(overrides, message):
@@ -162,7 +160,7 @@ def test_an_unforeseen_type_error_still_names_the_file(tmp_path):
     ({"backbone_config": {"output_stride": 64}}, "backbone_config.output_stride", 64),  # beyond the net's stride
     ({"backbone_featmap_shape": [1, 96, 9, 9], "backbone_config": {"output_stride": 8}},
      "backbone_config.output_stride", 8),  # stage3 dilated
-    ({"label2id": {"class_0": "0"}}, "label2id", {"class_0": 0}),
+    ({"label2id": {f"class_{i}": str(i) for i in range(7)}}, "label2id", {f"class_{i}": i for i in range(7)}),
     ({"num_labels": 7}, "num_labels", 7),
 ])  # fmt: skip
 def test_values_transformers_takes_are_accepted(overrides, field, value):
@@ -211,8 +209,6 @@ def test_invalid_json_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(("dropped", "message"), [
     # a hand-edited file without its backbone: the default BiT backbone contradicts the featmap shape
     ("backbone_config", r"contradict the backbone's stage3 .*\(not in the file, so defaulted: backbone_config\)"),
-    # label2id kept, id2label gone: the default two labels cannot hold label2id's indices
-    ("id2label", r"is not a valid class index \(not in the file, so defaulted: id2label\)"),
 ])  # fmt: skip
 def test_config_file_errors_name_the_file_and_the_missing_fields(tmp_path, dropped, message):
     data = vf.ViTHybridConfig.from_dict(tiny_config()).to_dict()
@@ -224,6 +220,38 @@ def test_config_file_errors_name_the_file_and_the_missing_fields(tmp_path, dropp
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{message}"):
         vf.ViTHybridConfig.from_json_file(path)
+
+
+def test_label2id_follows_id2label_as_transformers_lets_it(tmp_path, caplog):
+    """transformers never checks label2id: `from_pretrained(base, id2label={2 new classes})` then
+    `save_pretrained` writes the base model's whole label2id, and a config whose id2label was assigned
+    keeps its old label2id. Such files were refused ("label2id['class_2']=2 is not a valid class index")."""
+    config = vf.ViTHybridConfig.from_dict(tiny_config())
+    config.id2label = {0: "cat", 1: "dog"}  # label2id still names the 7 old classes
+    assert config.to_dict()["label2id"] == {"cat": 0, "dog": 1}  # what is written agrees with id2label
+    stale = dict(config.to_dict(), label2id={f"class_{i}": i for i in range(7)}, num_labels=7)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(stale))
+    with caplog.at_level(logging.WARNING, logger="vithybrid_fast.config"):
+        read = vf.ViTHybridConfig.from_json_file(path)
+    assert read.id2label == {0: "cat", 1: "dog"} and read.label2id == {"cat": 0, "dog": 1} and read.num_labels == 2
+    assert "label2id does not match id2label: rebuilt from id2label" in caplog.text
+    assert "num_labels=7 contradicts id2label with 2 entries: id2label's 2 labels are used" in caplog.text
+    # a name given twice (ImageNet-1k's "crane", 134 and 517) agrees at either index: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vithybrid_fast.config"):
+        twice = vf.ViTHybridConfig.from_dict(tiny_config(id2label={"0": "crane", "1": "crane", "2": "ox"},
+                                                         label2id={"crane": 0, "ox": 2}))  # fmt: skip
+    assert twice.label2id == {"crane": 0, "ox": 2} and caplog.text == ""
+
+
+def test_a_checkpoint_whose_labels_were_reassigned_loads(tmp_path):
+    config = vf.ViTHybridConfig.from_dict(tiny_config())
+    config.id2label = {0: "cat", 1: "dog"}
+    model = vf.ViTHybridForImageClassification(config)
+    model.save_pretrained(tmp_path)
+    loaded = vf.load(tmp_path, kernels="eager")
+    assert loaded.config.id2label == {0: "cat", 1: "dog"} and loaded.config.label2id == {"cat": 0, "dog": 1}
 
 
 def test_case_insensitive_padding_and_out_indices_derivation():

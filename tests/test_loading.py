@@ -215,3 +215,20 @@ def test_load_with_a_dtype_logs_no_warning_about_a_config_it_never_loads(checkpo
     with caplog.at_level(logging.WARNING):
         vf.load(checkpoint, kernels="sdpa", dtype="float32")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_transformers_relabelled_checkpoint_loads(tmp_path, checkpoint):
+    """The usual start of a transformers fine-tune: from_pretrained(base, id2label={new classes},
+    ignore_mismatched_sizes=True), then save_pretrained. Its config.json keeps the base model's whole
+    label2id, which transformers never checks; we refused it."""
+    from transformers import ViTHybridForImageClassification as HFModel
+
+    base = vf.load(checkpoint, kernels="eager")
+    base.save_pretrained(tmp_path / "base")  # a config.json with its label2id, as the hub's has
+    relabelled = HFModel.from_pretrained(tmp_path / "base", id2label={0: "cat", 1: "dog"}, ignore_mismatched_sizes=True)
+    relabelled.save_pretrained(tmp_path / "relabelled")
+    written = json.loads((tmp_path / "relabelled" / "config.json").read_text())
+    assert len(written["id2label"]) == 2 and len(written["label2id"]) > 2  # what transformers writes
+    ours = vf.load(tmp_path / "relabelled", kernels="eager")
+    assert ours.config.id2label == {0: "cat", 1: "dog"} and ours.config.label2id == {"cat": 0, "dog": 1}
+    assert torch.allclose(logits_of(ours), logits_of(relabelled.eval()), atol=1e-5)

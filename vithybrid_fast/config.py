@@ -59,6 +59,17 @@ def _check_activation(name: Any, field: str) -> str:
     return name
 
 
+def inverse_labels(id2label: dict[int, str]) -> dict[str, int]:
+    """name → index; a name given twice (ImageNet-1k's "crane") maps to its last index, as a dict built
+    the obvious way (transformers') does."""
+    return {name: index for index, name in sorted(id2label.items())}
+
+
+def labels_agree(id2label: dict[int, str], label2id: dict[str, int]) -> bool:
+    """Whether label2id names exactly id2label's names, each at an index id2label gives that name."""
+    return set(label2id) == set(id2label.values()) and all(id2label.get(i) == n for n, i in label2id.items())
+
+
 class _ConfigBase:
     """Shared JSON plumbing: known fields are attributes, unknown ones are kept in `extra`."""
 
@@ -292,16 +303,24 @@ class ViTHybridConfig(_ConfigBase):
             raise ValueError(f"id2label keys must be integers: {err}") from None
         if sorted(id2label) != list(range(len(id2label))):
             raise ValueError("id2label keys must be 0..num_labels-1 without gaps")
-        if num_labels is not None and num_labels != len(id2label):
-            raise ValueError(f"num_labels={num_labels} contradicts id2label with {len(id2label)} entries")
+        if num_labels is not None and num_labels != len(id2label):  # transformers warns and keeps id2label
+            logger.warning(
+                "num_labels=%s contradicts id2label with %s entries: id2label's %s labels are used",
+                num_labels, len(id2label), len(id2label),
+            )  # fmt: skip
         if label2id is None:
-            label2id = {name: i for i, name in sorted(id2label.items())}
+            label2id = inverse_labels(id2label)
         if not isinstance(label2id, dict):
             raise ValueError(f"label2id must be an object of name → class index, got {type(label2id).__name__}")
         for name, index in label2id.items():
-            if not (is_int(index) or str(index).isdigit()) or int(index) not in id2label:
+            if not (is_int(index) or str(index).isdigit()):
                 raise ValueError(f"label2id[{name!r}]={index!r} is not a valid class index")
         label2id = {str(k): int(v) for k, v in label2id.items()}
+        if not labels_agree(id2label, label2id):
+            # id2label decides (the head's size, every name shown); transformers never checks label2id, so
+            # its saves after `from_pretrained(base, id2label=...)` carry the base model's whole label2id
+            logger.warning("label2id does not match id2label: rebuilt from id2label")
+            label2id = inverse_labels(id2label)
         self.id2label, self.label2id = id2label, label2id
 
     @property
@@ -391,7 +410,9 @@ class ViTHybridConfig(_ConfigBase):
         out = super().to_dict()
         out["backbone_config"] = self.backbone_config.to_dict()
         out["id2label"] = {str(k): v for k, v in sorted(self.id2label.items())}
-        out["label2id"] = dict(sorted(self.label2id.items()))
+        # `config.id2label = {...}` leaves label2id as it was: what is written agrees with id2label
+        label2id = self.label2id if labels_agree(self.id2label, self.label2id) else inverse_labels(self.id2label)
+        out["label2id"] = dict(sorted(label2id.items()))
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:
