@@ -108,6 +108,22 @@ def test_tuple_outputs_and_indexing(model):
     assert torch.allclose(out.attentions[0].sum(-1), torch.ones(1, 3, 26))
 
 
+def test_outputs_answer_mapping_questions_as_transformers_model_output(model):
+    """ModelOutput is an OrderedDict of the fields that are set: `"loss" in out` was False here even with
+    the loss set (iteration went over the values), and len/items/values/get were missing."""
+    from transformers.modeling_outputs import ImageClassifierOutput as HFOutput
+
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 72, 72), labels=torch.tensor([1, 2]))
+    theirs = HFOutput(loss=out.loss, logits=out.logits)
+    assert ("loss" in out, "logits" in out, "attentions" in out) == (True, True, False)
+    assert list(out) == list(theirs) == ["loss", "logits"] and len(out) == len(theirs) == 2
+    assert [name for name, _ in out.items()] == list(theirs.keys())
+    assert all(a is b for a, b in zip(out.values(), theirs.values()))
+    assert out.get("logits") is out.logits and out.get("attentions", "absent") == "absent"
+    assert torch.equal(out[1], theirs[1]) and torch.equal(out["loss"], theirs["loss"])
+
+
 def test_eager_and_sdpa_agree(model):
     pixels = torch.randn(2, 3, 72, 72)
     with torch.no_grad():

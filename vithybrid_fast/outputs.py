@@ -1,8 +1,11 @@
-"""Model outputs: attribute access like transformers' ModelOutput, and tuple-style indexing
-over the fields that are set (so `out[0]` is the logits, or the loss when labels were given)."""
+"""Model outputs: attribute access like transformers' ModelOutput, tuple-style indexing over the fields
+that are set (so `out[0]` is the logits, or the loss when labels were given), and ModelOutput's
+mapping face over those fields: `"loss" in out`, iteration over names, len, items, values, get.
+ModelOutput is an OrderedDict; ported code asking `if "loss" in outputs:` took the wrong branch here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -20,6 +23,24 @@ class _Output:
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 @dataclass
