@@ -232,3 +232,18 @@ def test_transformers_relabelled_checkpoint_loads(tmp_path, checkpoint):
     ours = vf.load(tmp_path / "relabelled", kernels="eager")
     assert ours.config.id2label == {0: "cat", 1: "dog"} and ours.config.label2id == {"cat": 0, "dog": 1}
     assert torch.allclose(logits_of(ours), logits_of(relabelled.eval()), atol=1e-5)
+
+
+def test_argument_mistakes_fail_before_the_weights_are_read(checkpoint, monkeypatch):
+    """model_class="ViTHybridModel" (a string) failed only after every weight was read, in isinstance;
+    device=0 without a GPU raised torch's "Cannot access accelerator device"."""
+    from vithybrid_fast import loading
+
+    monkeypatch.setattr(loading, "read_state_dict", lambda *a, **k: pytest.fail("the weights were read"))
+    with pytest.raises(TypeError, match="model_class must be ViTHybridModel or ViTHybridForImageClassification"):
+        vf.load(checkpoint, model_class="ViTHybridModel")
+    if torch.cuda.is_available():
+        assert loading.resolve_device(0) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ValueError, match="device cuda:0 requested but no CUDA GPU is available"):
+            vf.load(checkpoint, device=0)

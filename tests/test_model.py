@@ -134,6 +134,16 @@ def test_eager_and_sdpa_agree(model):
     assert (eager - sdpa).abs().max().item() < 1e-5
 
 
+def test_a_five_dimensional_head_mask_is_taken_as_transformers_takes_it(model):
+    """(layers, 1, heads, 1, 1), what transformers' get_head_mask makes, was refused here."""
+    pixels = torch.randn(2, 3, 72, 72)
+    per_layer = torch.rand(model.config.num_hidden_layers, model.config.num_attention_heads)
+    with torch.no_grad():
+        expected = model(pixels, head_mask=per_layer).logits
+        five = model(pixels, head_mask=per_layer[:, None, :, None, None]).logits
+    assert torch.equal(five, expected)
+
+
 def test_bad_head_mask_shape(model):
     with pytest.raises(ValueError, match="head_mask must be"):
         model(torch.randn(1, 3, 72, 72), head_mask=torch.ones(4))

@@ -64,7 +64,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ViTHybridConfig | Non
     return dtype
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
+def resolve_device(device: torch.device | str | int | None) -> torch.device:
+    if isinstance(device, int) and not isinstance(device, bool):  # torch's index of the accelerator: a GPU
+        device = f"cuda:{device}"
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but no CUDA GPU is available")
@@ -296,25 +298,27 @@ def check_state_dict(
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | int | None = None,
     model_class: type[ViTHybridPreTrainedModel] | None = None,
     **hub_kwargs: Any,
 ) -> ViTHybridPreTrainedModel:
     """Config + weights → model in eval mode, with reference (plain PyTorch) modules."""
+    if model_class is not None and not (
+        isinstance(model_class, type) and issubclass(model_class, ViTHybridPreTrainedModel)
+    ):
+        # before the weights are read (a string such as "ViTHybridModel" failed only after, in isinstance)
+        raise TypeError(f"model_class must be ViTHybridModel or ViTHybridForImageClassification, got {model_class!r}")
     config = ViTHybridConfig.from_json_file(resolve_file(name_or_path, "config.json", required=True, **hub_kwargs))
     dtype, device = resolve_dtype(dtype, config), resolve_device(device)
     files = find_weight_files(name_or_path, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
     state = read_state_dict(files, dtype, device)
     model = build_for_keys(config, set(state))
-    if model_class is not None and not isinstance(model, model_class):
-        if model_class is ViTHybridForImageClassification:
-            raise CheckpointError(
-                f"{name_or_path} holds a ViTHybridModel without a classification head; load it with "
-                "ViTHybridModel.from_pretrained (or vf.load), or train a head with `vithybrid-fast finetune`"
-            )
-        if not issubclass(model_class, ViTHybridPreTrainedModel):
-            raise TypeError(f"model_class must be one of our ViTHybrid classes, got {model_class!r}")
+    if model_class is ViTHybridForImageClassification and not isinstance(model, model_class):
+        raise CheckpointError(
+            f"{name_or_path} holds a ViTHybridModel without a classification head; load it with "
+            "ViTHybridModel.from_pretrained (or vf.load), or train a head with `vithybrid-fast finetune`"
+        )
     check_state_dict(model, state, str(name_or_path), config)
     model.load_state_dict(state, strict=True, assign=True)
     if model_class is ViTHybridModel and isinstance(model, ViTHybridForImageClassification):
@@ -327,7 +331,7 @@ def load(
     name_or_path: str | os.PathLike,
     kernels: str | dict[str, str] = "auto",
     dtype: torch.dtype | str | None = None,
-    device: torch.device | str | None = None,
+    device: torch.device | str | int | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,

@@ -328,14 +328,21 @@ class ViTHybridPreTrainedModel(nn.Module):
         return next(self.parameters()).device
 
     def expand_head_mask(self, head_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """(heads,) or (layers, heads) → (layers, 1, heads, 1, 1), multiplied into the probabilities."""
+        """(heads,) or (layers, heads) → (layers, 1, heads, 1, 1), multiplied into the probabilities; a
+        5-D mask (layers, batch or 1, heads or 1, tokens or 1, tokens or 1) is taken as it is, as
+        transformers takes it."""
         if head_mask is None:
             return None
         layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
+        if head_mask.dim() == 5 and head_mask.shape[0] == layers:
+            return head_mask.to(self.dtype)
         if head_mask.shape == (heads,):
             head_mask = head_mask.expand(layers, heads)
         if head_mask.shape != (layers, heads):
-            raise ValueError(f"head_mask must be ({heads},) or ({layers}, {heads}), got {tuple(head_mask.shape)}")
+            raise ValueError(
+                f"head_mask must be ({heads},), ({layers}, {heads}) or ({layers}, …) with 5 dimensions, got "
+                f"{tuple(head_mask.shape)}"
+            )
         return head_mask[:, None, :, None, None].to(self.dtype)
 
 
