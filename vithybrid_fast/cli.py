@@ -402,7 +402,7 @@ def _one_line_warning(message, category, filename, lineno, line=None, _python=wa
     """Our warnings (a 16-bit image, a fallback) as one `warning: …` line, as `classify` prints them; other
     libraries' warnings keep Python's form, whose source line says where they come from. Set by `main`,
     so DataLoader workers forked by eval and finetune print theirs the same way."""
-    if os.path.abspath(filename).startswith(_PACKAGE_DIR):
+    if os.path.abspath(filename).startswith(_PACKAGE_DIR + os.sep):  # not a sibling vithybrid_fast_x/
         return f"warning: {message}\n"
     return _python(message, category, filename, lineno, line)
 
