@@ -162,7 +162,7 @@ def _list_rows(path: Path) -> list[tuple[str, str]]:
 def list_file_samples(path: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
     """(samples, classes) of a `path,label` CSV or JSON-lines list; see the module docstring."""
     path = Path(path)
-    if path.suffix.lower() not in LIST_SUFFIXES:
+    if not is_list_file(path):
         raise ValueError(f"{path}: a list must be a .csv or .jsonl file")
     rows = _list_rows(path)
     classes = sorted({label for _, label in rows}) if classes is None else list(classes)

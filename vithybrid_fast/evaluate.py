@@ -29,9 +29,11 @@ TOP_K = 5
 
 def _rename_advice(source: str | None) -> tuple[str, str]:
     """(what to rename, what --label-map's keys are) for the kind of data `source` names."""
+    from .data import is_list_file
+
     if source is not None and source.startswith("hf:"):
         return "the dataset's labels", "dataset label"
-    if source is not None and Path(source).suffix.lower() in (".csv", ".jsonl"):
+    if source is not None and is_list_file(source):
         return f"the labels in {source}", "label in the list"
     return "the folders", "folder name"
 

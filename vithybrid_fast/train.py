@@ -186,7 +186,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     check_settings(cfg)
     per_rank = _checked_batch_split(cfg, ctx)
     check_output_dir(cfg)
-    resumed = load_resume_state(cfg, str(autocast_dtype(cfg.dtype, ctx.device)).removeprefix("torch."))
+    dtype = autocast_dtype(cfg.dtype, ctx.device)
+    resumed = load_resume_state(cfg, str(dtype).removeprefix("torch."))
     state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
 
@@ -256,7 +257,6 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
         check_same_data(state, len(train_data), steps_per_epoch, resume_dir)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
-    dtype = autocast_dtype(cfg.dtype, ctx.device)
     schedule = warmup_cosine(total_steps, max(1, round(cfg.warmup_ratio * total_steps)), cfg.min_lr_ratio)
     run = Run(
         cfg, ctx, model, trained, processor, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),

@@ -32,25 +32,18 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=dtype == torch.float16)
 
 
-def same_classes(model: nn.Module, classes: list[str]) -> bool:
-    """Whether `model` is a classifier of exactly `classes`, by name and in this index order."""
-    from .modeling import ViTHybridForImageClassification
-
-    if not isinstance(model, ViTHybridForImageClassification):
-        return False
-    labels = model.config.id2label
-    return len(labels) == len(classes) and [labels.get(i) for i in range(len(classes))] == list(classes)
-
-
-def _head_reordered(model: nn.Module, classes: list[str]) -> bool:
-    """Put the head's rows in `classes`' order when `model` classifies exactly these classes in another
-    one (a checkpoint from another tool sorts them its own way); False, untouched, otherwise. The
-    trained head was thrown away for a new one, without a word."""
+def head_fits(model: nn.Module, classes: list[str]) -> bool:
+    """Whether `model`'s head classifies exactly `classes`. In another order (a checkpoint from another
+    tool sorts them its own way) its rows are put in `classes`' order first: that trained head was once
+    thrown away for a new one, without a word."""
+    from .config import inverse_labels
     from .modeling import ViTHybridForImageClassification
 
     if not isinstance(model, ViTHybridForImageClassification) or len(set(classes)) != len(classes):
         return False
     labels = [model.config.id2label.get(i) for i in range(model.config.num_labels)]
+    if labels == list(classes):
+        return True
     if sorted(labels, key=str) != sorted(classes, key=str):
         return False
     order = torch.tensor([labels.index(name) for name in classes])
@@ -58,7 +51,7 @@ def _head_reordered(model: nn.Module, classes: list[str]) -> bool:
         model.classifier.weight.copy_(model.classifier.weight[order])
         model.classifier.bias.copy_(model.classifier.bias[order])
     model.config.id2label = dict(enumerate(classes))
-    model.config.label2id = {name: i for i, name in enumerate(classes)}
+    model.config.label2id = inverse_labels(model.config.id2label)
     return True
 
 
@@ -77,7 +70,7 @@ def start_model(model_name: str, classes: list[str], seed: int, **hub_kwargs: An
     from .modeling import ViTHybridForImageClassification
 
     base = load_model(model_name, dtype=torch.float32, device="cpu", **hub_kwargs)
-    if same_classes(base, classes) or _head_reordered(base, classes):
+    if head_fits(base, classes):
         return base, True
     encoder = base.vit if isinstance(base, ViTHybridForImageClassification) else base
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.") and "mask_token" not in k}
