@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import is_image_file, open_image
+from .images import image_files_below, is_image_file, open_image
 from .processing import ViTHybridImageProcessor, _center_crop, _resize, _to_hwc
 
 ON_ERROR = ("fail", "skip")
@@ -88,26 +88,11 @@ def image_folder_samples(
         raise ValueError(f"{root}: class folders {unknown} are not among the classes {classes}")
     samples = []
     for name in folders:
-        files = sorted(_image_files(root / name))
+        files = image_files_below(root / name)
         samples.extend(Sample(str(p), index[name]) for p in files)
     if not samples:
         raise FileNotFoundError(f"{root}: the class subfolders hold no image files")
     return samples, classes
-
-
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, following symlinked folders as torchvision's ImageFolder
-    does; hidden files and folders (.ipynb_checkpoints copies) left out."""
-    found, seen = [], set()
-    for directory, subfolders, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in seen:  # a link back up the tree (or twice to one folder) is read once, not forever
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        found.extend(Path(directory) / n for n in names if not n.startswith(".") and is_image_file(n))
-    return found
 
 
 def _csv_header_error(path: Path, line_no: int, row: list[str]) -> str | None:

@@ -43,13 +43,19 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _images_below(directory: Path) -> list[Path]:
-    """Image files under `directory`, recursively and sorted, hidden files and folders left out."""
-    found = []
-    for path in directory.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(directory).parts)
-        if not hidden and path.is_file() and is_image_file(path):
-            found.append(path)
+def image_files_below(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively and sorted, following symlinked folders as torchvision's
+    ImageFolder does; hidden files and folders (`._IMG_1.jpg`, `.ipynb_checkpoints` copies) left out.
+    The one walk behind `classify`'s directories and `eval`'s class folders."""
+    found, seen = [], set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a link back up the tree (or twice to one folder) is read once, not forever
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found.extend(Path(directory) / n for n in names if not n.startswith(".") and is_image_file(n))
     return sorted(found)
 
 
@@ -66,7 +72,7 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = _images_below(path)
+            found = image_files_below(path)
             if not found:
                 raise FileNotFoundError(f"{path}: no image files in this directory (or below it)")
             paths.extend(found)
