@@ -179,7 +179,7 @@ def test_onnxruntime_errors_are_verification_errors(tiny_model, tmp_path, monkey
 def test_export_is_atomic_with_external_data(tiny_model, tmp_path, monkeypatch):
     from torch.onnx._internal.exporter import _onnx_program
 
-    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)  # weights go to model.onnx.data (>2 GB path)
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)  # weights go to model.onnx.data (the >1.5 GB path)
     path = tmp_path / "model.onnx"
     path.write_bytes(b"an earlier export")
     monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-12)
@@ -194,6 +194,11 @@ def test_export_is_atomic_with_external_data(tiny_model, tmp_path, monkeypatch):
     pixels = _uniform(1, 3, 72, 72, seed=2)
     with torch.no_grad():
         expected = tiny_model(pixels).logits
+    assert (_ort_logits(path, pixels) - expected).abs().max().item() <= 1e-4
+
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 1 << 40)
+    export_onnx(tiny_model, path, batch=1)
+    assert os.listdir(tmp_path) == ["model.onnx"], "the earlier export's weights must not stay beside the new one"
     assert (_ort_logits(path, pixels) - expected).abs().max().item() <= 1e-4
 
 

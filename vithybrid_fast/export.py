@@ -331,7 +331,8 @@ def export_onnx(
         _raise_own_error(err)
         raise
     program.model.metadata_props.update(_metadata(model, size, dynamic_size, fixed_batch, dtype))
-    with staged_output(path) as staged:
+    # the exporter puts the weights of a model over 1.5 GB in `<name>.data`, named inside the file
+    with staged_output(path, companions=(path.name + ".data",)) as staged:
         program.save(str(staged))
         del program, exported
         used_opset = _opset_of(staged)

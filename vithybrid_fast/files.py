@@ -64,13 +64,16 @@ def _check_creatable(folder: Path, path: Path, what: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(path: Path) -> Iterator[Path]:
+def staged_output(path: Path, companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """Where to write (and check) `path`: the same name in a fresh directory beside it; everything written
     there is moved into place only if the block succeeds, `path` itself last.
 
     The staged file keeps the final name because a file may name its companions: the ONNX exporter
-    writes a model over 2 GB with its weights in `<name>.data` and records that name inside the file.
-    On failure `path` is untouched, and directories made for it are removed when empty.
+    writes a large model (over 1.5 GB of weights) with them in `<name>.data` and records that name inside the file.
+    `companions` names the files an earlier `path` may have had beside it; those the new one does not
+    write are removed once it is in place, so a small export does not leave a stale `.data` behind.
+    On failure, the block's or a move's, `path` and its companions are as they were, and directories
+    made for them are removed when empty.
     """
     made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     staging = None
@@ -78,8 +81,9 @@ def staged_output(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
         yield staging / path.name
-        for name in sorted(os.listdir(staging), key=lambda name: name == path.name):
-            os.replace(staging / name, path.parent / name)
+        written = sorted(os.listdir(staging), key=lambda name: name == path.name)
+        stale = [name for name in companions if name not in written]
+        _move_into_place(staging, path.parent, written, stale)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -87,4 +91,40 @@ def staged_output(path: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
                 directory.rmdir()
         raise
-    staging.rmdir()
+    shutil.rmtree(staging)
+
+
+def _move_into_place(staging: Path, folder: Path, written: list[str], stale: list[str]) -> None:
+    """Move `written` from `staging` into `folder` (in that order) and drop the files named `stale` there,
+    or leave `folder` as it was: the files replaced are kept in `staging/.replaced` until all moved.
+
+    A hard link keeps each replaced file where it is while the new one replaces it atomically, so a
+    reader never finds `path` missing; where links are refused (some network or FAT file systems) the
+    old file is moved aside instead.
+    """
+    kept = staging / ".replaced"
+    kept.mkdir()
+    replaced, moved = [], []
+    try:
+        for name in [*written, *stale]:
+            if os.path.lexists(folder / name):
+                try:
+                    os.link(folder / name, kept / name, follow_symlinks=False)
+                except OSError:
+                    os.replace(folder / name, kept / name)
+                replaced.append(name)
+        for name in written:
+            os.replace(staging / name, folder / name)
+            moved.append(name)
+        for name in stale:
+            if os.path.lexists(folder / name):
+                os.unlink(folder / name)
+    except BaseException:
+        for name in moved:
+            if name not in replaced:
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / name)
+        for name in replaced:
+            with contextlib.suppress(OSError):
+                os.replace(kept / name, folder / name)
+        raise

@@ -1,0 +1,94 @@
+"""files.staged_output: the new file and its companions land together, or nothing changes."""
+
+import os
+
+import pytest
+
+from vithybrid_fast import files
+from vithybrid_fast.files import staged_output
+
+
+def _existing_export(folder):
+    (folder / "model.onnx").write_text("old model")
+    (folder / "model.onnx.data").write_text("old weights")
+
+
+def _staged_export(folder):
+    return staged_output(folder / "model.onnx", companions=("model.onnx.data",))
+
+
+def _contents(folder):
+    return {name: (folder / name).read_text() for name in sorted(os.listdir(folder))}
+
+
+def test_new_file_and_companion_replace_the_old_ones(tmp_path):
+    _existing_export(tmp_path)
+    with _staged_export(tmp_path) as staged:
+        staged.write_text("new model")
+        staged.with_name("model.onnx.data").write_text("new weights")
+    assert _contents(tmp_path) == {"model.onnx": "new model", "model.onnx.data": "new weights"}
+
+
+def test_a_companion_the_new_file_lacks_is_removed(tmp_path):
+    _existing_export(tmp_path)
+    with _staged_export(tmp_path) as staged:
+        staged.write_text("new model")
+    assert _contents(tmp_path) == {"model.onnx": "new model"}
+
+
+def test_a_file_not_named_a_companion_is_left_alone(tmp_path):
+    _existing_export(tmp_path)
+    with staged_output(tmp_path / "model.onnx") as staged:
+        staged.write_text("new model")
+    assert _contents(tmp_path) == {"model.onnx": "new model", "model.onnx.data": "old weights"}
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+@pytest.mark.parametrize("failing", ["model.onnx", "model.onnx.data"])
+def test_a_failed_move_puts_the_old_files_back(tmp_path, monkeypatch, failing, links):
+    """The main file moves last: when its rename fails, the companion already moved must be undone too."""
+    _existing_export(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):  # the new file's move fails; moving the old one back works
+        if os.fspath(dst) == os.fspath(tmp_path / failing) and ".replaced" not in os.fspath(src):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    def no_link(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    if links == "no hard links":
+        monkeypatch.setattr(files.os, "link", no_link)
+    with pytest.raises(OSError, match="No space left"), _staged_export(tmp_path) as staged:
+        staged.write_text("new model")
+        staged.with_name("model.onnx.data").write_text("new weights")
+    assert _contents(tmp_path) == {"model.onnx": "old model", "model.onnx.data": "old weights"}
+
+
+def test_a_failed_move_removes_a_companion_that_was_new(tmp_path, monkeypatch):
+    (tmp_path / "model.onnx").write_text("old model")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst) == os.fspath(tmp_path / "model.onnx"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError), _staged_export(tmp_path) as staged:
+        staged.write_text("new model")
+        staged.with_name("model.onnx.data").write_text("new weights")
+    assert _contents(tmp_path) == {"model.onnx": "old model"}
+
+
+def test_a_failed_block_changes_nothing_and_removes_the_folders_it_made(tmp_path):
+    _existing_export(tmp_path)
+    with pytest.raises(RuntimeError), _staged_export(tmp_path) as staged:
+        staged.write_text("half")
+        raise RuntimeError("verification failed")
+    assert _contents(tmp_path) == {"model.onnx": "old model", "model.onnx.data": "old weights"}
+    with pytest.raises(RuntimeError), staged_output(tmp_path / "new" / "dir" / "model.onnx"):
+        raise RuntimeError("verification failed")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
