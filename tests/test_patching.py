@@ -92,6 +92,22 @@ def test_patch_twice_then_unpatch_restores_exact_modules(tiny_model, device):
     assert patched_modules(model) == []
 
 
+def test_a_module_the_user_put_in_after_patch_is_neither_listed_nor_undone(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    vf.patch(model, "triton")
+    before = patched_modules(model)
+    users_layer = copy.deepcopy(tiny_model.vit.encoder.layer[0])
+    model.vit.encoder.layer[0] = users_layer  # the fast layer and the attention inside it leave the model
+    after = patched_modules(model)
+    gone = {"vit.encoder.layer.0", "vit.encoder.layer.0.attention.attention"}
+    assert gone <= {name for name, _ in before}
+    assert after == [(name, kind) for name, kind in before if name not in gone]
+    vf.unpatch(model)
+    assert patched_modules(model) == []
+    assert model.vit.encoder.layer[0] is users_layer, "unpatch must not put the old layer back over the user's"
+    assert type(model.vit.encoder.layer[1]) is type(users_layer)
+
+
 @pytest.mark.parametrize(
     ("kernels", "expected"),
     [

@@ -146,12 +146,13 @@ _SEQUENCE = itertools.count()
 
 @dataclass
 class _Swap:
-    """`parent.name` was `original`; now a module built from it."""
+    """`parent.name` was `original`; patch put `replacement`, a module built from it, there."""
 
     family: str
     parent: nn.Module
     name: str
     original: nn.Module
+    replacement: nn.Module
     seq: int = field(default_factory=lambda: next(_SEQUENCE))
 
 
@@ -212,12 +213,12 @@ def _undo(model: nn.Module, families: set[str]) -> list[Callable[[], None]]:
 def _undo_changes(pending: list[tuple[nn.Module, _Swap | _Setting]], redo: list[Callable[[], None]]) -> None:
     for holder, entry in pending:
         if isinstance(entry, _Swap):
-            replacement = getattr(entry.parent, entry.name)
-            _carry_state(replacement, entry.original)
-            setattr(entry.parent, entry.name, entry.original)
-            for cache in derived_weight_caches(entry.original):
-                cache.unfreeze()  # held since before the patch; the caller freezes again if the model is
-            redo.append(functools.partial(setattr, entry.parent, entry.name, replacement))
+            if _still_in_place(entry):  # else the user has put another module there since: theirs stays
+                _carry_state(entry.replacement, entry.original)
+                setattr(entry.parent, entry.name, entry.original)
+                for cache in derived_weight_caches(entry.original):
+                    cache.unfreeze()  # held since before the patch; the caller freezes again if the model is
+                redo.append(functools.partial(setattr, entry.parent, entry.name, entry.replacement))
         else:
             redo.append(
                 functools.partial(setattr, entry.target, entry.attribute, getattr(entry.target, entry.attribute))
@@ -226,6 +227,10 @@ def _undo_changes(pending: list[tuple[nn.Module, _Swap | _Setting]], redo: list[
         record = _record(holder)
         record[:] = [kept for kept in record if kept is not entry]
         redo.append(functools.partial(record.append, entry))
+
+
+def _still_in_place(swap: _Swap) -> bool:
+    return getattr(swap.parent, swap.name, None) is swap.replacement
 
 
 def _revert(changes: list[_Swap | _Setting]) -> None:
@@ -311,8 +316,8 @@ def _switch_transformers_attention(model: nn.Module, implementation: str, change
     target = sdpa if implementation == "sdpa" else eager
     for parent, name, child in slots:
         if type(child) is not target:
-            setattr(parent, name, _twin(child, target))
-            changes.append(_Swap("attention", parent, name, child))
+            setattr(parent, name, twin := _twin(child, target))
+            changes.append(_Swap("attention", parent, name, child, twin))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "_attn_implementation_internal"):
         changes.append(_Setting("attention", config, "_attn_implementation_internal",
@@ -332,8 +337,8 @@ def _swap_family(
         for name, child in list(parent.named_children()):
             builder = table.get(type(child))
             if builder is not None:
-                setattr(parent, name, builder(child))
-                swaps.append(_Swap(family, parent, name, child))
+                setattr(parent, name, fast_module := builder(child))
+                swaps.append(_Swap(family, parent, name, child, fast_module))
                 changes.append(swaps[-1])
     if not swaps:
         known = ", ".join(sorted(cls.__name__ for cls in table))
@@ -401,9 +406,11 @@ def apply_kernels(model: nn.Module, kernels: str | dict[str, str]) -> nn.Module:
 
 
 def patched_modules(model: nn.Module) -> list[tuple[str, Any]]:
-    """(qualified name, class name) of every module patch put in — for reports and tests."""
+    """(qualified name, class name) of every module patch put in that is still in `model` — for reports
+    and tests. One the user has since replaced, or whose parent they replaced (say a whole encoder
+    layer), is not part of the model, so it is not listed; unpatch leaves the user's module in place."""
     names = {id(m): n for n, m in model.named_modules()}
     entries = sorted((e for holder in _holders(model) for e in _record(holder)), key=lambda e: e.seq)
-    swaps = [entry for entry in entries if isinstance(entry, _Swap)]
-    return [(f"{names.get(id(s.parent), '?')}.{s.name}".lstrip("."), type(getattr(s.parent, s.name)).__name__)
+    swaps = [e for e in entries if isinstance(e, _Swap) and id(e.parent) in names and _still_in_place(e)]
+    return [(f"{names[id(s.parent)]}.{s.name}".lstrip("."), type(getattr(s.parent, s.name)).__name__)
             for s in swaps]  # fmt: skip
