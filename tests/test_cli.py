@@ -120,6 +120,21 @@ def test_classify_on_error_skip_goes_on_and_counts(checkpoint, photos, capsys):
     assert err.startswith(f"error: cannot read image {bad}: ") and "--on-error skip" in err
 
 
+def test_max_image_pixels_sets_pillows_limit_for_the_command_only(checkpoint, photos, capsys):
+    """An 80×60 photo (4,800 px) is over twice a 2,000 px limit: Pillow refuses it as a decompression bomb."""
+    default = Image.MAX_IMAGE_PIXELS
+    argv = ["classify", str(photos / "a.jpg"), "--model", str(checkpoint), "--kernels", "sdpa", "--top-k", "1"]
+    assert main([*argv, "--max-image-pixels", "2,000"]) == 1
+    assert "DecompressionBombError" in capsys.readouterr().err and default == Image.MAX_IMAGE_PIXELS
+    assert main([*argv, "--max-image-pixels", "none"]) == 0
+    assert _printed_paths(capsys.readouterr().out) == [str(photos / "a.jpg")] and default == Image.MAX_IMAGE_PIXELS
+    for bad in ("0", "lots"):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--max-image-pixels", bad])
+        assert stop.value.code == 2
+    assert "argument --max-image-pixels: 'lots' is neither a number of pixels nor 'none'" in capsys.readouterr().err
+
+
 def test_classify_on_error_skip_with_nothing_readable_fails(checkpoint, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_text("not a PNG")

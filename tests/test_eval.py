@@ -253,6 +253,29 @@ def test_a_16_bit_image_read_by_a_worker_warns_in_one_line(setup, tmp_path):
     assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr
 
 
+def test_max_image_pixels_reaches_the_dataset_and_its_workers(setup, capsys):
+    """The synthetic images are 72–110 px a side (over 5,000 px), over twice a 2,000 px limit. A worker
+    started by forkserver or spawn imports Pillow afresh, with its default: the dataset carries the limit."""
+    import pickle
+
+    from PIL import Image
+
+    from vithybrid_fast.data import ImagePipeline, open_dataset
+    from vithybrid_fast.images import pixel_limit
+
+    root, data, _, processor = setup
+    default = Image.MAX_IMAGE_PIXELS
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "1",
+            "--device", "cpu", "--max-image-pixels", "2000"]  # fmt: skip
+    assert main(argv) == 1
+    assert "DecompressionBombError" in capsys.readouterr().err and default == Image.MAX_IMAGE_PIXELS
+    with pixel_limit(2000):
+        dataset = open_dataset(str(data), ImagePipeline(processor))
+    with pixel_limit(default):  # what a fresh worker has; the dataset's read sets its own
+        assert "DecompressionBombError" in pickle.loads(pickle.dumps(dataset))[0]["error"]
+        assert "pixels" in open_dataset(str(data), ImagePipeline(processor))[0]
+
+
 def test_list_files_by_extension_in_any_case_and_a_missing_one_is_no_folder(setup, tmp_path, capsys):
     """LIST.CSV was read as a folder ("not a directory"), and so was a mistyped list name."""
     root, data, _, _ = setup

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .gpu_support import command_device
+from .images import add_pixel_limit_argument, pixel_limit
 
 HUB_ID = "google/vit-hybrid-base-bit-384"
 DESCRIPTION = (
@@ -321,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-error", default="fail", choices=["fail", "skip"],
         help="an unreadable image file: stop, or report it on stderr and skip it (default: %(default)s)",
     )  # fmt: skip
+    add_pixel_limit_argument(classify)
     classify.set_defaults(func=cmd_classify)
 
     demo = sub.add_parser(
@@ -387,7 +390,8 @@ def _run(argv: list[str]) -> int:
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)  # usage errors exit 2 here
     try:
-        return args.func(args)
+        with pixel_limit(getattr(args, "max_image_pixels", Image.MAX_IMAGE_PIXELS)):
+            return args.func(args)
     except BrokenPipeError:
         raise  # an OSError, but not a failure: main() ends quietly with 0 (the reader went away)
     except (ValueError, TypeError, RuntimeError, OSError) as err:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import image_files_below, is_image_file, open_image
+from .images import image_files_below, is_image_file, open_image, pixel_limit
 from .processing import ViTHybridImageProcessor, _center_crop, _resize, _to_hwc
 
 ON_ERROR = ("fail", "skip")
@@ -208,6 +208,9 @@ class LabelledImages(torch.utils.data.Dataset):
         self.samples, self.classes, self.pipeline, self.name = samples, classes, pipeline, name
         self.augment: Any = None  # a TrainAugment for training data (see `augment.py`), else None
         self.epoch = 0
+        # Pillow's decompression-bomb limit as set when the data was opened (by --max-image-pixels, or by
+        # the user): a DataLoader worker started by forkserver or spawn imports PIL afresh, with the default
+        self.pixel_limit = Image.MAX_IMAGE_PIXELS
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the augmentation draws for. DataLoader workers copy the dataset when an epoch's
@@ -224,11 +227,12 @@ class LabelledImages(torch.utils.data.Dataset):
         sample = self.samples[index]
         item: dict[str, Any] = {"index": index, "label": sample.label}
         try:
-            image = self.load_image(index)
-            if self.augment is None:
-                item["pixels"] = self.pipeline.to_uint8(image)
-            else:
-                item["pixels"] = self.augment.to_uint8(image, index, self.epoch)
+            with pixel_limit(self.pixel_limit):  # the processor's resize check reads it too
+                image = self.load_image(index)
+                if self.augment is None:
+                    item["pixels"] = self.pipeline.to_uint8(image)
+                else:
+                    item["pixels"] = self.augment.to_uint8(image, index, self.epoch)
         except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError…
             item["error"] = f"{sample.source}: {type(err).__name__}: {err}"
         return item

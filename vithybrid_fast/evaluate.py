@@ -281,6 +281,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags `eval` and `finetune` share."""
     from .cli import _positive_int, int_at_least
     from .distributed import MAX_DEFAULT_WORKERS, default_num_workers
+    from .images import add_pixel_limit_argument
 
     parser.add_argument(
         "--batch-size", type=_positive_int, default=64, help="images per step, over all ranks (default: %(default)s)"
@@ -298,6 +299,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
+    add_pixel_limit_argument(parser)
     parser.add_argument("--image-column", default="image", help="hf: datasets only (default: %(default)s)")
     parser.add_argument("--label-column", default="label", help="hf: datasets only (default: %(default)s)")
     parser.add_argument(

@@ -11,14 +11,19 @@ Which files are images: the extensions Pillow registers, less those it cannot de
 (write-only PDF and Palm, identify-only MPEG, stub HDF5/GRIB/BUFR/WMF plugins, EPS without Ghostscript);
 inside a directory, hidden files and folders (`._IMG_1.jpg`, `.ipynb_checkpoints/`) are left out, as
 `eval` leaves them out of class folders.
+
+Pillow refuses images over `PIL.Image.MAX_IMAGE_PIXELS` (a decompression-bomb guard, 89.5 MP, an
+error over twice that); `classify`, `eval` and `finetune` set it with `--max-image-pixels` (`pixel_limit`).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import glob
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -107,3 +112,36 @@ def open_image(path: str | os.PathLike) -> Image.Image:
                 stacklevel=2,
             )
         return upright.convert("RGB")  # a new image in every case (also for RGB), so the file can close
+
+
+def parse_pixel_limit(text: str) -> int | None:
+    """An argparse `type` for `--max-image-pixels`: a positive integer (commas and underscores allowed:
+    200,000,000), or `none` for no limit."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text.replace(",", "").replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of pixels nor 'none'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or 'none' for no limit), got {value}")
+    return value
+
+
+def add_pixel_limit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-image-pixels", type=parse_pixel_limit, default=Image.MAX_IMAGE_PIXELS, metavar="N",
+        help="Pillow's decompression-bomb limit: a larger image is an error over 2 × N pixels (and warns over "
+        "N); 'none' lifts it, for large scans from a source you trust (default: %(default)s)",
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's limit set to `limit` for the block, then as it was (a command run by `cli.main` in a
+    process that goes on: tests, notebooks). DataLoader workers get it from the dataset (data.py)."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
