@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import write_atomic
 from .hub import CheckpointNotFoundError, resolve_file
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ _SIZE_KEY_SETS += [{"longest_edge"}, {"max_height", "max_width"}]
 _RESAMPLE_FILTERS = frozenset(int(f) for f in Image.Resampling)  # whatever this Pillow can do
 _CHANNEL_FORMATS = ("channels_first", "channels_last")
 _RETURN_TENSORS = (None, "np", "pt")
+# PIL modes whose arrays are not intensities: unusable unless converted to RGB
+_NOT_INTENSITY_MODES = {"P": "palette indices", "PA": "palette indices", "1": "0/1 bits"}
+# Keys a config may hold that are no processing options: an obsolete one, and a private attribute older
+# transformers versions wrote out; transformers 4.47.1 drops both, so we neither keep nor write them back.
+_DROPPED_KEYS = ("feature_extractor_type", "_valid_processor_keys")
 
 
 def sample_image_path() -> Path:
@@ -154,13 +160,24 @@ def _channel_format(shape: tuple[int, ...], allow_rgba: bool) -> str:
     )
 
 
+def _pil_to_array(image: Image.Image, do_convert_rgb: bool) -> np.ndarray:
+    """A PIL image's pixels, converted to RGB by PIL itself where transformers converts."""
+    if do_convert_rgb and image.mode != "RGB":
+        return np.asarray(image.convert("RGB"))  # as transformers: alpha is dropped, not composited
+    if image.mode in _NOT_INTENSITY_MODES:
+        # Unconverted, a palette image's array holds palette indices and a bilevel one 0/1: read as grey
+        # intensities they gave a wrong (or a near-black) picture. transformers rejects both (a 2-D array).
+        raise ValueError(
+            f"a PIL image of mode {image.mode} holds {_NOT_INTENSITY_MODES[image.mode]}, not pixel intensities: "
+            "pass do_convert_rgb=True or convert it first (image.convert('RGB'))"
+        )
+    return np.asarray(image)
+
+
 def _to_hwc(image: Any, do_convert_rgb: bool, input_data_format: str | None) -> np.ndarray:
     """One image as an (H, W, C) array, converted to RGB like transformers where it converts."""
     if isinstance(image, Image.Image):
-        # transformers converts only PIL images, with PIL itself: alpha is dropped, not composited.
-        if do_convert_rgb and image.mode != "RGB":
-            image = image.convert("RGB")
-        array, input_data_format = np.asarray(image), "channels_last"
+        array, input_data_format = _pil_to_array(image, do_convert_rgb), "channels_last"
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()  # numpy has no bf16
@@ -306,9 +323,9 @@ class ViTHybridImageProcessor:
         )
         for name in _OPTIONS:
             setattr(self, name, options[name])
-        # Written by us on save; an obsolete key transformers drops too.
-        kind = extra.pop("image_processor_type", None)
-        extra.pop("feature_extractor_type", None)
+        kind = extra.pop("image_processor_type", None)  # written by us on save
+        for key in _DROPPED_KEYS:
+            extra.pop(key, None)
         if kind not in (None, type(self).__name__):
             warnings.warn(f"Config is for a {kind}, read as a {type(self).__name__}", stacklevel=2)
         self.extra: dict[str, Any] = extra
@@ -376,7 +393,10 @@ class ViTHybridImageProcessor:
             raise NotADirectoryError(f"{directory} is a file; save_pretrained needs a directory")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / CONFIG_NAME
-        path.write_text(self.to_json_string(), encoding="utf-8")
+        # Renamed into place, as the model's files are: a reader never sees half a file, and a symlink
+        # there (a hub cache snapshot points into its blobs) is replaced, not written through.
+        text = self.to_json_string()
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return path
 
     def preprocess(
@@ -397,9 +417,11 @@ class ViTHybridImageProcessor:
         """
         if return_tensors not in _RETURN_TENSORS:
             raise ValueError(f"return_tensors must be one of {_RETURN_TENSORS}, got {return_tensors!r}")
-        for name, fmt in (("data_format", data_format), ("input_data_format", input_data_format)):
-            if fmt is not None and fmt not in _CHANNEL_FORMATS:
-                raise ValueError(f"{name} must be one of {_CHANNEL_FORMATS}, got {fmt!r}")
+        # data_format has no "same as the input" (None): transformers 4.47.1 rejects None too
+        if data_format not in _CHANNEL_FORMATS:
+            raise ValueError(f"data_format must be one of {_CHANNEL_FORMATS}, got {data_format!r}")
+        if input_data_format is not None and input_data_format not in _CHANNEL_FORMATS:
+            raise ValueError(f"input_data_format must be one of {_CHANNEL_FORMATS} or None, got {input_data_format!r}")
         unknown = sorted(set(overrides) - set(_OPTIONS))
         if unknown:  # transformers logs and ignores these; a warning is harder to miss
             warnings.warn(f"Unused or unrecognized kwargs: {', '.join(unknown)}", stacklevel=2)
