@@ -131,3 +131,47 @@ def test_bad_modes_and_scales_are_errors(pipeline):
     for scale in (0.0, -0.1, 1.5, math.nan):
         with pytest.raises(ValueError, match=r"smallest crop scale must lie in \(0, 1\]"):
             TrainAugment(pipeline, min_scale=scale)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3", None])
+def test_bad_seeds_are_refused_when_the_augmentation_is_made(pipeline, seed):
+    # a negative seed was accepted here and refused by numpy at the first draw, inside the dataset, where
+    # the error marked every training image unreadable; 1.5 was truncated to 1 without a word
+    with pytest.raises(ValueError, match="seed must be an integer ≥ 0"):
+        TrainAugment(pipeline, seed=seed)
+    assert TrainAugment(pipeline, seed=np.int64(7)).seed == 7  # numpy integers are integers
+
+
+@pytest.mark.parametrize("scale", [True, "0.5", None, math.inf])
+def test_min_scales_that_are_not_numbers_in_range_are_refused(pipeline, scale):
+    with pytest.raises(ValueError, match=r"smallest crop scale must lie in \(0, 1\]"):
+        TrainAugment(pipeline, min_scale=scale)
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.0, -1.0, math.nan])
+def test_crop_box_names_a_scale_out_of_range(scale):
+    # numpy's uniform said only "high - low < 0" (2.0), or drew boxes of any size (0, NaN)
+    with pytest.raises(ValueError, match=r"smallest crop scale must lie in \(0, 1\]"):
+        crop_box(np.random.default_rng(0), 90, 120, scale)
+
+
+ODD_IMAGES = {
+    "grey_L": lambda: halves().convert("L"),
+    "palette_P": lambda: halves().convert("P"),
+    "rgba": lambda: halves().convert("RGBA"),
+    "cmyk": lambda: halves().convert("CMYK"),
+    "16_bit": lambda: Image.fromarray(np.asarray(halves().convert("L")).astype(np.uint16)),
+    "bilevel_1": lambda: halves().convert("1"),
+    "one_pixel": lambda: halves(1, 1),
+    "two_by_three": lambda: halves(3, 2),
+    "sliver_1x3000": lambda: halves(3000, 1),
+}
+
+
+@pytest.mark.parametrize("mode", ["crop-flip", "flip", "none"])
+@pytest.mark.parametrize("image", list(ODD_IMAGES))
+def test_every_mode_gives_a_repeatable_rgb_uint8_tensor_of_the_output_size(pipeline, mode, image):
+    augment = TrainAugment(pipeline, mode, min_scale=0.08, seed=3)
+    pixels = augment.to_uint8(ODD_IMAGES[image](), 5, epoch=1)
+    assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.uint8 and pixels.is_contiguous()
+    assert torch.equal(augment.to_uint8(ODD_IMAGES[image](), 5, epoch=1), pixels)

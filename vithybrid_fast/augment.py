@@ -20,6 +20,7 @@ batched on the model's device.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -32,12 +33,29 @@ RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
 ATTEMPTS = 10  # boxes drawn before falling back to the central crop, as torchvision
 
 
+def checked_min_scale(min_scale: float) -> float:
+    """`min_scale` as a float, or a ValueError: a real number in (0, 1] (NaN and bools are not)."""
+    if isinstance(min_scale, bool) or not isinstance(min_scale, numbers.Real) or not 0.0 < min_scale <= 1.0:
+        raise ValueError(f"the smallest crop scale must lie in (0, 1], got {min_scale!r}")
+    return float(min_scale)
+
+
+def checked_seed(seed: int) -> int:
+    """`seed` as an int, or a ValueError. numpy's SeedSequence takes non-negative integers only, and it
+    would refuse a negative seed at the first draw, inside a DataLoader worker, where the error marks every
+    training image unreadable; a float seed would be truncated silently."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"the augmentation seed must be an integer ≥ 0, got {seed!r}")
+    return int(seed)
+
+
 def crop_box(rng: np.random.Generator, height: int, width: int, min_scale: float) -> tuple[int, int, int, int]:
     """(top, left, box height, box width) of a random crop: area min_scale…1 of the image, ratio 3/4…4/3.
 
     A draw that does not fit the image is redrawn; after ATTEMPTS misses (very long or tall images), the
     largest central box whose ratio is clamped to 3/4…4/3 is taken, as torchvision does.
     """
+    min_scale = checked_min_scale(min_scale)  # numpy's uniform(2.0, 1.0) said only "high - low < 0"
     area = height * width
     log_low, log_high = math.log(RATIO[0]), math.log(RATIO[1])
     for _ in range(ATTEMPTS):
@@ -62,9 +80,8 @@ class TrainAugment:
     def __init__(self, pipeline, mode: str = "crop-flip", min_scale: float = 0.08, seed: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"augment mode {mode!r}: choose one of {', '.join(MODES)}")
-        if not 0.0 < min_scale <= 1.0:
-            raise ValueError(f"the smallest crop scale must lie in (0, 1], got {min_scale}")
-        self.pipeline, self.mode, self.min_scale, self.seed = pipeline, mode, float(min_scale), int(seed)
+        self.pipeline, self.mode = pipeline, mode
+        self.min_scale, self.seed = checked_min_scale(min_scale), checked_seed(seed)
         p = pipeline.processor
         fixed = p.crop_size if p.do_center_crop else p.size  # ImagePipeline checked that one of them is fixed
         self.height, self.width = fixed["height"], fixed["width"]
