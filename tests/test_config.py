@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -47,6 +48,20 @@ def test_unknown_fields_are_kept_on_roundtrip(tmp_path):
     config.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["custom_field"] == {"a": 1} and written["transformers_version"] == "4.26.0.dev0"
+
+
+def test_save_replaces_a_symlinked_config_instead_of_writing_through_it(tmp_path):
+    """A hub cache snapshot's config.json is a symlink into the cache's blobs: saving into the snapshot
+    wrote through it, changing the cached file every other user reads."""
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    blob.write_text(original := vf.ViTHybridConfig.from_dict(tiny_config()).to_json_string())
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").symlink_to(blob)
+    path = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=48)).save_pretrained(snapshot)
+    assert blob.read_text() == original and not path.is_symlink()
+    assert json.loads(path.read_text())["hidden_size"] == 48 and os.listdir(snapshot) == ["config.json"]
 
 
 def test_transformers_default_config_reads_with_its_defaults():

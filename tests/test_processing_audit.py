@@ -184,3 +184,16 @@ def test_config_variants_load_and_process_like_transformers(tmp_path, variant):
     saved = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
     want = json.loads((tmp_path / "theirs" / CONFIG_NAME).read_text())
     assert saved == want  # both write the resolved values: size dicts, default means, processor_class
+
+
+def test_from_pretrained_keeps_only_preprocessing_options_from_its_keywords(tmp_path):
+    """`foo=1` or `force_download=True` went into `extra` and was written back by save_pretrained;
+    transformers ignores them. `subfolder` would read the file at the top instead of the subfolder's."""
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(BASE_384_PREPROCESSOR_CONFIG))
+    with pytest.warns(UserWarning, match=r"^from_pretrained ignores foo, force_download: not preprocessing options"):
+        processor = ViTHybridImageProcessor.from_pretrained(tmp_path, foo=1, force_download=True, crop_size=320)
+    assert processor.extra == {} and processor.crop_size == {"height": 320, "width": 320}
+    saved = json.loads(processor.save_pretrained(tmp_path / "saved").read_text())
+    assert "foo" not in saved and "force_download" not in saved
+    with pytest.raises(TypeError, match="does not take subfolder"):
+        ViTHybridImageProcessor.from_pretrained(tmp_path, subfolder="other")

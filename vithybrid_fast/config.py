@@ -30,6 +30,7 @@ from .config_checks import (
     is_int,
     is_list_of,
 )
+from .files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,10 @@ class ViTHybridConfig(_ConfigBase):
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "config.json"
-        path.write_text(self.to_json_string())
+        # renamed into place: a symlink there (a hub cache snapshot points into its blobs) is replaced,
+        # not written through, and a reader never sees half a file
+        text = self.to_json_string()
+        write_atomic(path, lambda tmp: tmp.write_text(text))
         return path
 
     @classmethod

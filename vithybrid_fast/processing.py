@@ -285,6 +285,19 @@ def _as_list(images: ImageInput) -> list[Any]:
     return images  # each element's type is checked by _to_hwc
 
 
+def _preprocessing_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `kwargs` of from_pretrained that are preprocessing options; a warning names the rest."""
+    if "subfolder" in kwargs:  # a file of another folder would be read silently: refuse, as vf.load does
+        raise TypeError(
+            "from_pretrained() does not take subfolder: pass the folder itself (a local path, or a hub repo "
+            "downloaded with huggingface_hub.snapshot_download)"
+        )
+    ignored = sorted(set(kwargs) - set(_OPTIONS))
+    if ignored:
+        warnings.warn(f"from_pretrained ignores {', '.join(ignored)}: not preprocessing options", stacklevel=3)
+    return {name: value for name, value in kwargs.items() if name in _OPTIONS}
+
+
 class ViTHybridImageProcessor:
     """Turns images into `pixel_values` for ViT Hybrid, matching transformers' processor of the same name.
 
@@ -361,7 +374,12 @@ class ViTHybridImageProcessor:
         token: str | bool | None = None,
         **overrides: Any,
     ) -> ViTHybridImageProcessor:
-        """Read preprocessor_config.json from a directory, a JSON file or a hub repo (or its cache)."""
+        """Read preprocessor_config.json from a directory, a JSON file or a hub repo (or its cache).
+
+        Keyword arguments that name preprocessing options override the file's; others are ignored with a
+        warning (transformers ignores them silently), not kept to be written back by save_pretrained.
+        """
+        overrides = _preprocessing_options(overrides)
         path = Path(path_or_repo_id)
         if not path.is_file():
             try:
