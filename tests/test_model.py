@@ -89,6 +89,25 @@ def test_losses_by_problem_type():
     assert torch.allclose(out.loss, torch.nn.functional.mse_loss(out.logits, targets))
 
 
+def test_int32_class_indices_and_float_indices_by_mistake():
+    """int32 indices failed in cross_entropy ("expected scalar type Long"); float indices are multi-label
+    targets by transformers' rule, and their shape error now says why it came to that."""
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 72, 72)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).eval()
+    labels = torch.tensor([0, 3, 6])
+    with torch.no_grad():
+        expected = model(pixels, labels=labels).loss
+        for dtype in (torch.int32, torch.uint8):
+            explicit = vf.ViTHybridForImageClassification(model.config.from_dict(
+                {**model.config.to_dict(), "problem_type": "single_label_classification"}))  # fmt: skip
+            explicit.load_state_dict(model.state_dict())
+            assert torch.equal(explicit.eval()(pixels, labels=labels.to(dtype)).loss, expected), dtype
+        assert torch.equal(model(pixels, labels=labels.int()).loss, expected)
+        with pytest.raises(ValueError, match=r"got \(3,\): torch.float32 labels are read as multi-label .* torch.long"):
+            model(pixels, labels=labels.float())
+
+
 def test_loss_backpropagates_to_every_parameter():
     torch.manual_seed(0)
     model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config()))

@@ -420,6 +420,16 @@ class ViTHybridForImageClassification(ViTHybridPreTrainedModel):
         out = ImageClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
         return out if return_dict else out.to_tuple()
 
+    @staticmethod
+    def _multi_label_shape_error(labels: torch.Tensor, logits: torch.Tensor, inferred: bool) -> str:
+        message = f"multi-label targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}"
+        if inferred and labels.dim() == 1:  # most likely class indices of the wrong dtype
+            message += (
+                f": {labels.dtype} labels are read as multi-label targets (as transformers reads them: only "
+                "int64 and int32 labels are class indices); give class indices as torch.long"
+            )
+        return message
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss by `config.problem_type`, inferred like transformers when unset (but not written back)."""
         labels = labels.to(logits.device)
@@ -436,7 +446,9 @@ class ViTHybridForImageClassification(ViTHybridPreTrainedModel):
                 return nn.functional.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
             return nn.functional.mse_loss(logits, labels.to(logits.dtype))
         if problem == "single_label_classification":
+            if not labels.is_floating_point():  # int32 class indices: cross_entropy takes int64 only
+                labels = labels.long()
             return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         if labels.shape != logits.shape:
-            raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}")
+            raise ValueError(self._multi_label_shape_error(labels, logits, inferred=self.config.problem_type is None))
         return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
