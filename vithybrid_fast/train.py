@@ -37,6 +37,7 @@ import argparse
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,9 @@ def check_settings(cfg: FinetuneConfig) -> None:
 
     if cfg.augment not in MODES:
         raise ValueError(f"--augment {cfg.augment!r}: choose one of {', '.join(MODES)}")
+    if cfg.augment != "crop-flip" and cfg.min_crop_scale != FinetuneConfig.min_crop_scale:
+        # a warning, not an error: a sweep varying --augment passes the same other flags to every run
+        warnings.warn(f"--min-crop-scale is unused: --augment {cfg.augment} draws no crops", stacklevel=2)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --output-dir and --overwrite replaces it: choose one")
     for name, span in FLOAT_RANGES.items():
