@@ -26,14 +26,38 @@ def root(tmp_path_factory):
     return write_finetune_inputs(tmp_path_factory.mktemp("ddp"), val_per_class=5)
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, expect_failure: bool = False) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m vithybrid_fast ARGS` (a free port of its own)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "vithybrid_fast", *args]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode != 0) == expect_failure, done.stderr[-3000:]
     return done
+
+
+def test_an_error_every_rank_hits_is_printed_once_and_named_in_torchruns_summary(tmp_path):
+    missing = tmp_path / "no-checkpoint"
+    done = torchrun("eval", str(tmp_path), "--model", str(missing), "--device", "cpu", expect_failure=True)
+    message = f"error: {missing}: no such checkpoint directory"
+    assert done.stderr.splitlines().count(message) == 1, done.stderr[-3000:]
+    assert done.stderr.count(f"traceback : {message}") >= 1  # torchrun's summary, where it said "see the docs"
+
+
+def test_report_error_under_torchrun(tmp_path, monkeypatch, capsys):
+    from vithybrid_fast.cli import report_error
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    for rank, printed in (("1", ""), ("0", "error: bad\n")):
+        monkeypatch.setenv("RANK", rank)
+        report_error("error: bad")
+        assert capsys.readouterr().err == printed
+        assert json.loads(error_file.read_text())["message"] == "error: bad"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "no-such-dir" / "error.json"))
+    report_error("error: said here")  # torchrun cannot be told: this rank says it itself
+    assert capsys.readouterr().err == "error: said here\n"
 
 
 def test_shard_sampler_covers_every_index_once_without_padding():

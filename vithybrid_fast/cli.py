@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import json
 import math
 import os
 import re
@@ -395,8 +396,27 @@ def _run(argv: list[str]) -> int:
     except BrokenPipeError:
         raise  # an OSError, but not a failure: main() ends quietly with 0 (the reader went away)
     except (ValueError, TypeError, RuntimeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(f"error: {err}")
         return 1
+
+
+def report_error(message: str) -> None:
+    """`message` on stderr; under torchrun, on rank 0's only, and in torchrun's failure summary.
+
+    Most errors (a bad flag value, a missing checkpoint, unreadable data) hit every rank alike, and each
+    printed the same line once per rank. torchrun names each worker a file for its error
+    (TORCHELASTIC_ERROR_FILE) and shows its text for every failed rank in the summary it prints at the
+    end, so the message of a rank that alone failed (say, its GPU is missing) is still there.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            error_file = None  # cannot tell torchrun: say it here, as every rank did before
+    if not error_file or os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
