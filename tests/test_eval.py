@@ -106,6 +106,7 @@ def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
         assert table[name] == [str(n), f"{t1 / n:.4f}", f"{t5 / n:.4f}"]
     assert any(line.startswith("images/s: ") for line in lines)
     assert f"model: {root / 'ckpt'}  kernels: sdpa  dtype: float32  ranks: 1" in lines
+    assert not any(line.startswith("top-5 is 1 by definition") for line in lines)  # 6 labels
     assert main([*argv[:5], "auto", *argv[6:], "--num-workers", "0"]) == 0  # what "auto" ran is said
     assert f"model: {root / 'ckpt'}  kernels: auto (sdpa here)  dtype: float32  ranks: 1" in capsys.readouterr().out
 
@@ -117,6 +118,18 @@ def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
     assert set(first["top_k"]) <= set(MODEL_LABELS) and first["probs"] == sorted(first["probs"], reverse=True)
     hits = sum(r["top_k"][0] == r["label"] for r in records)
     assert hits == round(top1 * total)
+
+
+def test_a_model_of_five_labels_or_fewer_is_told_top_5_means_nothing(setup, tmp_path, capsys):
+    _, data, _, processor = setup
+    config = dict(TRAIN_CONFIG, id2label=dict(enumerate(CLASSES)))
+    vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(config)).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    argv = ["eval", str(data), "--model", str(tmp_path), "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "top-5 is 1 by definition: the model has 3 labels" in lines
+    assert lines[-1].startswith("top-1: ") and " top-5: 1.0000  images: 15" in lines[-1]
 
 
 def test_eval_label_map_and_unmatched_class(setup, tmp_path, capsys):

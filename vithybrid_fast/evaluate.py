@@ -384,6 +384,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"model: {args.model}  kernels: {kernels}  dtype: {args.dtype}  ranks: {ctx.world_size}")
             rate = result.total / result.seconds if result.seconds else 0.0
             print(f"images/s: {rate:.1f}  loss: {result.mean_loss:.4f}  skipped unreadable: {result.skipped}")
+            if len(model.config.id2label) <= TOP_K:  # every label is among the top 5: no measure at all
+                print(f"top-5 is 1 by definition: the model has {len(model.config.id2label)} labels")
             if args.output is not None:  # after the results are printed: a failed write cannot lose them
                 lines = [json.dumps({k: v for k, v in p.items() if k != "index"}) + "\n" for p in result.predictions]
                 write_atomic(args.output, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
