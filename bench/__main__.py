@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .arguments import DTYPE_NAMES, dtype_names, positive_int, positive_ints
+
 KERNEL_BENCHMARKS = {
     "attention": "vithybrid_fast.bench.bench_attention",
     "backbone": "vithybrid_fast.bench.bench_backbone_kernels",
@@ -49,8 +51,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         description="ViT Hybrid benchmarks: end to end against every peer, and the kernel microbenchmarks",
     )
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    parser.add_argument("--batches", help="comma-separated, e.g. 1,8,64 (default: 1,2,4,8,32,64,128; CPU 1,2)")
-    parser.add_argument("--dtypes", help="comma-separated from float32,float16,bfloat16 (default: all; CPU float32)")
+    parser.add_argument(
+        "--batches", type=positive_ints, help="comma-separated, e.g. 1,8,64 (default: 1,2,4,8,32,64,128; CPU 1,2)"
+    )
+    parser.add_argument(
+        "--dtypes", type=dtype_names, help=f"comma-separated from {','.join(DTYPE_NAMES)} (default: all; CPU float32)"
+    )
     parser.add_argument("--providers", help="comma-separated e2e providers (default: all; see bench/e2e.py)")
     parser.add_argument("--config", choices=("base", "tiny"), help="default: base on a GPU, tiny on a CPU")
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="end-to-end benchmark")
@@ -61,8 +67,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         "--kernel-benches", help=f"comma-separated subset of {','.join(KERNEL_BENCHMARKS)} (default: all)"
     )
     parser.add_argument("--cpu-compare", action="store_true", help="base-config CPU comparison + load memory")
-    parser.add_argument("--cpu-reps", type=int, default=5, help="interleaved reps per provider for --cpu-compare")
-    parser.add_argument("--reps", type=int, help="timed reps per measurement (default: adaptive on a GPU, 3 on CPU)")
+    parser.add_argument(
+        "--cpu-reps", type=positive_int, default=5, help="interleaved reps per provider for --cpu-compare"
+    )
+    parser.add_argument(
+        "--reps", type=positive_int, help="timed reps per measurement (default: adaptive on a GPU, 3 on CPU)"
+    )
     parser.add_argument(
         "--output-dir",
         "--out",
@@ -89,7 +99,16 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         unknown = sorted(set(_csv(args.kernel_benches) or []) - set(KERNEL_BENCHMARKS))
         if unknown:
             parser.error(f"--kernel-benches: unknown {unknown}; choose from {', '.join(KERNEL_BENCHMARKS)}")
+    if args.kernels and args.device == "cpu":
+        parser.error("--kernels: the kernel microbenchmarks need a CUDA GPU (--device cpu was given)")
     return args
+
+
+def unknown_providers(text: str | None) -> list[str]:
+    """The --providers names e2e does not know. Checked after the caches are set up: e2e imports triton."""
+    from .e2e import PROVIDERS
+
+    return [name for name in _csv(text) or [] if name not in PROVIDERS]
 
 
 def fresh_compile_caches(root: str) -> None:
@@ -186,8 +205,7 @@ def _write_report(records: list[dict[str, Any]], output_dir: Path) -> None:
 def _measure(args: argparse.Namespace, device: str, keep: Callable[[dict], None]) -> None:
     from . import e2e
 
-    batches = [int(b) for b in _csv(args.batches) or []] or None
-    dtypes = _csv(args.dtypes)
+    batches, dtypes = args.batches, args.dtypes  # parsed and checked by parse_args
     if args.e2e:
         e2e.run(device, batches, dtypes, _csv(args.providers), args.config, args.reps, on_record=keep)
     run_kernels = device == "cuda" if args.kernels is None else args.kernels
@@ -213,15 +231,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(source_digest())
         return 0
     if args.from_jsonl:
-        from .common import read_records
-
-        _write_report(read_records(args.from_jsonl), args.output_dir)
-        return 0
+        return _report_from_jsonl(args.from_jsonl, args.output_dir)
     cache_root = None
     if not args.warm_caches:
         cache_root = tempfile.TemporaryDirectory(prefix="vithybrid-bench-caches-")
         fresh_compile_caches(cache_root.name)
+    try:
+        return _run(args)
+    finally:
+        if cache_root is not None:
+            cache_root.cleanup()
 
+
+def _report_from_jsonl(paths: list[Path], output_dir: Path) -> int:
+    from .common import read_records
+
+    try:
+        records = read_records(paths)
+    except (OSError, ValueError) as err:  # a missing file, a corrupt line: the user's input, one line
+        print(f"error: --from-jsonl: {err}", file=sys.stderr)
+        return 1
+    _write_report(records, output_dir)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .common import RecordLog, device_name
@@ -229,7 +263,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch.cuda.is_available() is False", file=sys.stderr)
+        print("error: --device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    if args.kernels and device != "cuda":
+        print("error: --kernels: the kernel microbenchmarks need a CUDA GPU, and torch sees none", file=sys.stderr)
+        return 2
+    unknown = unknown_providers(args.providers) if args.e2e else []
+    if unknown:
+        from .e2e import PROVIDERS
+
+        print(f"error: --providers: unknown {unknown}; choose from {', '.join(PROVIDERS)}", file=sys.stderr)
         return 2
     if device == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("warning: TRITON_INTERPRET is set, so Triton kernels would run in the CPU interpreter; "
@@ -252,11 +295,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"interrupted ({type(err).__name__} {err}): reporting the {len(records)} records measured so far",
                   file=sys.stderr)  # fmt: skip
             status = 130
+        except Exception as err:  # one line, and the records measured before it still get their report
+            print(f"error: {type(err).__name__}: {err}; reporting the {len(records)} records measured so far",
+                  file=sys.stderr)  # fmt: skip
+            status = 1
         finally:
             signal.signal(signal.SIGTERM, previous)
     _write_report(records, args.output_dir)
-    if cache_root is not None:
-        cache_root.cleanup()
     return status
 
 

@@ -11,10 +11,8 @@ kernel for this GPU/dtype) is recorded with the reason instead of a time.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +20,9 @@ import torch.nn.functional as F
 from .common import (
     RecordLog,
     environment,
+    exit_without_cuda,
     first_call_ms,
+    gpu_bench_parser,
     measured_peak_matmul_tflops,
     print_and_save,
     skip_without_cuda,
@@ -154,12 +154,9 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="write the records as JSON here")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser = gpu_bench_parser("bench_attention", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
+    exit_without_cuda(parser.prog, args.device)
     with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
         records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
     header = records and (

@@ -14,14 +14,22 @@ the same GPU). Small cases live in L2 and run past HBM bandwidth; batch 1 is lau
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import RecordLog, environment, first_call_ms, measured_hbm_gbps, print_and_save, skip_without_cuda, time_fn
+from .common import (
+    RecordLog,
+    environment,
+    exit_without_cuda,
+    first_call_ms,
+    gpu_bench_parser,
+    measured_hbm_gbps,
+    print_and_save,
+    skip_without_cuda,
+    time_fn,
+)
 
 # (out, in, kh, kw) of every distinct conv weight -> how many convs of the backbone have it (52 in all).
 CONV_WEIGHTS = {
@@ -188,14 +196,11 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+def main(argv: list[str] | None = None) -> None:
+    parser = gpu_bench_parser("bench_backbone_kernels", __doc__.splitlines()[0])
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
-    parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    exit_without_cuda(parser.prog, args.device)
     with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
         records = run(args.device, tuple(args.batches), tuple(args.dtypes), tuple(args.layouts), on_record=log.write)
     if not records:

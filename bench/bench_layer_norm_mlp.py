@@ -11,10 +11,8 @@ Usage: python -m vithybrid_fast.bench.bench_layer_norm_mlp --out bench/results/l
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +20,9 @@ from torch import nn
 from .common import (
     RecordLog,
     environment,
+    exit_without_cuda,
     first_call_ms,
+    gpu_bench_parser,
     measured_peak_matmul_tflops,
     print_and_save,
     skip_without_cuda,
@@ -129,12 +129,9 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
-    parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
+    parser = gpu_bench_parser("bench_layer_norm_mlp", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
+    exit_without_cuda(parser.prog, args.device)
     with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
         records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
     if not records:

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .common import RecordLog, environment, first_call_ms, print_and_save, time_fn
+from .arguments import dtype_names, positive_int, positive_ints
+from .common import RecordLog, environment, exit_without_cuda, first_call_ms, print_and_save, time_fn
 
 PROVIDERS = ("ours-triton", "ref-sdpa", "compile-default")
 CPU_PROVIDERS = ("ref-sdpa",)
@@ -132,30 +133,36 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vithybrid_fast.bench.bench_train", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", default="32,64")
-    parser.add_argument("--dtypes", default="bfloat16")
+    parser.add_argument("--batches", type=positive_ints, default=[32, 64], help="comma-separated (default: 32,64)")
+    parser.add_argument("--dtypes", type=dtype_names, default=["bfloat16"], help="autocast dtypes (default: bfloat16)")
     parser.add_argument("--providers", default=None, help=f"comma-separated from {','.join(PROVIDERS)}")
     parser.add_argument("--config", default="base", choices=("base", "tiny"))
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=positive_int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
     args = parser.parse_args(argv)
+    providers = tuple(args.providers.split(",")) if args.providers else None
+    unknown = sorted(set(providers or ()) - set(PROVIDERS))
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; choose from {', '.join(PROVIDERS)}")
+    if torch.device(args.device).type == "cuda":  # --device cpu is the documented smoke run
+        exit_without_cuda(parser.prog, args.device)
     with RecordLog(args.out.with_suffix(".jsonl") if args.out else None) as log:
         records = run(
-            args.device,
-            tuple(int(b) for b in args.batches.split(",")),
-            tuple(args.dtypes.split(",")),
-            tuple(args.providers.split(",")) if args.providers else None,
-            args.config,
-            args.reps,
-            on_record=log.write,
+            args.device, tuple(args.batches), tuple(args.dtypes), providers, args.config, args.reps, on_record=log.write
         )
     env = records[0] if records else {}
     header = (
         f"training step, {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, {env.get('commit')}"
     )
     print_and_save(records, header, table(records), args.out)
+
+
+def _or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def table(records: list[dict]) -> str:
@@ -165,11 +172,11 @@ def table(records: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['provider']:<16} {r['dtype']:<9} {r['batch']:>5}  error: {r['error'][:60]}")
             continue
-        mem = r.get("peak_memory_gib")
+        # a ratio not measured (no ref-sdpa in the run, no GPU memory on a CPU) shows as "-", not as nan
+        mem, speed, mem_ratio = (r.get(k) for k in ("peak_memory_gib", "speedup_vs_ref_sdpa", "memory_vs_ref_sdpa"))
         lines.append(
             f"{r['provider']:<16} {r['dtype']:<9} {r['batch']:>5} {r['ms_median']:>9.1f} {r['images_per_s']:>8.1f} "
-            f"{'-' if mem is None else f'{mem:.2f}':>9} {r.get('speedup_vs_ref_sdpa', float('nan')):>6.2f} "
-            f"{r.get('memory_vs_ref_sdpa', float('nan')):>6.2f}"
+            f"{_or_dash(mem):>9} {_or_dash(speed):>6} {_or_dash(mem_ratio):>6}"
         )
     return "\n".join(lines)
 

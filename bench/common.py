@@ -7,19 +7,61 @@ hardware and software it was measured with, so no number travels without its con
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from vithybrid_fast.files import write_atomic
+
+from .arguments import positive_int
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cuda_missing(device: torch.device | str) -> str | None:
+    """Why a GPU-only benchmark cannot run on `device` (one line for the user), or None if it can."""
+    if torch.device(device).type != "cuda":
+        return f"needs a CUDA GPU (--device {device})"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU, and torch sees none (torch.cuda.is_available() is False)"
+    return None
+
+
+def gpu_bench_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The command line every GPU kernel microbenchmark shares, checked at parse time (exit 2 on a bad value)."""
+    parser = argparse.ArgumentParser(prog=f"python -m vithybrid_fast.bench.{module}", description=description)
+    parser.add_argument("--device", default="cuda", help="a CUDA device (default: cuda)")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 64], help="(default: 1 8 64)")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=("float16", "bfloat16", "float32"), default=["float16", "bfloat16"]
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here (+ .jsonl as measured)")
+    return parser
+
+
+def exit_without_cuda(prog: str, device: str) -> None:
+    """One line and exit 2 where a GPU-only benchmark was asked to run without a GPU: no empty results file."""
+    why = cuda_missing(device)
+    if why is not None:
+        print(f"error: {prog}: {why}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """`text` into `path`, whole or not at all (see files.write_atomic): a results file is never left half
+    written, whatever stops the process (Ctrl-C, SIGTERM at a device call's budget, a full disk)."""
+    write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return path
 
 
 def git_commit() -> str:
@@ -226,7 +268,6 @@ def print_and_save(records: list[dict], header: str, table: str, out: Path | Non
     if records:
         print(header)
         print(table)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(records, indent=2) + "\n")
+    if out is not None and records:  # nothing measured: no file that looks like a result
+        write_text_atomically(out, json.dumps(records, indent=2) + "\n")
         print(f"wrote {len(records)} records to {out}")

@@ -169,6 +169,9 @@ case "${1:-}" in
     setup
     for item in "$@"; do
       spec=${item%@*} seconds=${item##*@}
+      # a missing or non-numeric budget would reach `timeout` as garbage: that step fails at once, unexplained
+      case "$item:$seconds" in *@*:[0-9]*) ;; *) echo "'$item': give each step a budget, STEP[=ARG]@SECONDS" >&2; continue ;; esac
+      case "$seconds" in *[!0-9]*) echo "'$item': SECONDS must be a whole number" >&2; continue ;; esac
       step=${spec%%=*} arg=""
       [ "$spec" != "$step" ] && arg=${spec#*=}
       case " $STEPS " in *" $step "*) ;; *) echo "unknown step '$step'" >&2; continue ;; esac
@@ -190,7 +193,7 @@ case "${1:-}" in
     exit "$rc"
     ;;
   *)
-    echo "usage: bash bench/gpu_session.sh --fetch-wheels | list | step NAME [ARG]" >&2
+    echo "usage: bash bench/gpu_session.sh --fetch-wheels | list | step NAME [ARG] | plan STEP[=ARG]@SECONDS ..." >&2
     echo "steps: $STEPS" >&2
     exit 2
     ;;

@@ -10,6 +10,10 @@ Files, named for the hardware and date (`<gpu-slug>-<date>`):
 
 Kernel records come from separate microbenchmarks whose fields differ a little; `kernel_fraction`
 reads any of them (tflops + a measured peak, gbps + a measured bandwidth).
+
+Records of several devices (`--from-jsonl` over runs on different machines) are never compared: each
+table and plot panel holds one device's timings, the header says the devices are mixed, and a kernel is
+judged only against the peak measured on its own device. Files are written whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on benchmark machines or CI
 import matplotlib.pyplot as plt
+
+from vithybrid_fast.files import write_atomic
+
+from .common import write_text_atomically
 
 Record = dict[str, Any]
 DTYPE_ORDER = ("float32", "float16", "bfloat16")
@@ -57,10 +65,24 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def devices(records: Iterable[Record]) -> list[str]:
+    """The devices (the records' "gpu" field) these records were measured on, in order of appearance."""
+    return list(dict.fromkeys(str(r["gpu"]) for r in records if r.get("gpu") is not None))
+
+
+def _by_device(records: list[Record]) -> list[tuple[str, list[Record]]]:
+    """(device, its records) per device; records naming none form one group of their own."""
+    groups = [(device, [r for r in records if str(r.get("gpu")) == device]) for device in devices(records)]
+    unnamed = [r for r in records if r.get("gpu") is None]
+    return groups + ([("unknown device", unnamed)] if unnamed else [])
+
+
 # -- kernels --------------------------------------------------------------------------------------
-def _peak(records: list[Record], metric: str, dtype: str | None) -> float | None:
+def _peak(records: list[Record], metric: str, dtype: str | None, gpu: Any = None) -> float | None:
+    """A peak measured on `gpu`: another device's roof would turn a kernel's time into a false fraction."""
     for r in records:
-        if r.get("kind") == "peak" and r.get("metric") == metric and r.get("dtype") in (dtype, None):
+        same_device = r.get("gpu") == gpu
+        if r.get("kind") == "peak" and r.get("metric") == metric and r.get("dtype") in (dtype, None) and same_device:
             return r.get("value")
     return None
 
@@ -69,11 +91,11 @@ def kernel_fraction(record: Record, records: list[Record]) -> tuple[float, str] 
     """(achieved fraction of measured peak, "compute" | "memory") for a kernel record, if it has one."""
     if record.get("tflops"):
         peak = (record.get("measured_peak_tflops") or record.get("peak_matmul_tflops")
-                or _peak(records, "matmul_tflops", record.get("dtype")))  # fmt: skip
+                or _peak(records, "matmul_tflops", record.get("dtype"), record.get("gpu")))  # fmt: skip
         if peak:
             return record["tflops"] / peak, "compute"
     if record.get("gbps"):
-        peak = record.get("hbm_gbps") or _peak(records, "hbm_gbps", None)
+        peak = record.get("hbm_gbps") or _peak(records, "hbm_gbps", None, record.get("gpu"))
         if peak:
             return record["gbps"] / peak, "memory"
     return None
@@ -121,17 +143,26 @@ def markdown(records: list[Record]) -> str:
             "- timing: ms per batch, median of the timed runs after warm-up (CUDA events on a GPU); "
             "p10–p90 in the detail tables; first call (compile/autotune/capture) timed separately"
         )
+    mixed = len(devices(records)) > 1
     for p in peaks:
         unit = "TFLOP/s" if p["metric"].endswith("tflops") else "GB/s"
-        lines.append(f"- measured peak {p['metric']} {p.get('dtype') or ''}: {p['value']:.1f} {unit}")
-    for dtype in _sorted_dtypes(e2e):
-        lines += ["", *e2e_tables([r for r in e2e if r["dtype"] == dtype], dtype)]
+        where = f" on {p.get('gpu')}" if mixed else ""
+        lines.append(f"- measured peak {p['metric']} {p.get('dtype') or ''}{where}: {p['value']:.1f} {unit}")
+    if mixed:
+        lines.append(
+            f"- **mixed devices** ({'; '.join(devices(records))}): timings are never compared across devices; "
+            "each table below holds one device's records, named in its title"
+        )
+    for device, on_device in _by_device(e2e):
+        for dtype in _sorted_dtypes(on_device):
+            title = f"{dtype}, {device}" if mixed else dtype
+            lines += ["", *e2e_tables([r for r in on_device if r["dtype"] == dtype], title)]
     skipped = {(r["provider"], r["skipped"]) for r in e2e if r.get("skipped")}
     if skipped:
         lines += ["", "## Skipped providers", ""]
         lines += [f"- {provider}: {reason}" for provider, reason in sorted(skipped)]
-    if kernel_recs:
-        lines += ["", *kernel_table(kernel_recs, records)]
+    for device, on_device in _by_device(kernel_recs):
+        lines += ["", *kernel_table(on_device, records, device if mixed else None)]
     if cpu:
         lines += ["", *cpu_table(cpu)]
     for r in load:
@@ -179,8 +210,9 @@ def e2e_tables(records: list[Record], dtype: str) -> list[str]:
     return out
 
 
-def kernel_table(kernel_recs: list[Record], records: list[Record]) -> list[str]:
-    out = ["## Kernels", "", "| kernel | provider | case | dtype | ms median | TFLOP/s | GB/s | % of measured peak |"]
+def kernel_table(kernel_recs: list[Record], records: list[Record], device: str | None = None) -> list[str]:
+    out = [f"## Kernels, {device}" if device else "## Kernels", ""]
+    out.append("| kernel | provider | case | dtype | ms median | TFLOP/s | GB/s | % of measured peak |")
     out.append("|---|---|---|---|---|---|---|---|")
     for r in kernel_recs:
         if r.get("error") or r.get("skipped"):
@@ -219,10 +251,12 @@ def cpu_table(cpu: list[Record]) -> list[str]:
 # -- plots ----------------------------------------------------------------------------------------
 def plot_throughput(records: list[Record], path: Path) -> Path:
     e2e = [r for r in records if r.get("kind") == "e2e" and measured(r)]
-    dtypes = _sorted_dtypes(e2e) or ["(none)"]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
-        rows = [r for r in e2e if r["dtype"] == dtype]
+    mixed = len(devices(e2e)) > 1
+    panels = [(device, dtype) for device, on_device in _by_device(e2e) for dtype in _sorted_dtypes(on_device)]
+    panels = panels or [("unknown device", "(none)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (device, dtype) in zip(axes[0], panels):
+        rows = [r for r in dict(_by_device(e2e)).get(device, e2e) if r["dtype"] == dtype]
         for provider in dict.fromkeys(r["provider"] for r in rows):
             points = sorted((r["batch"], r["images_per_s"]) for r in rows if r["provider"] == provider)
             ax.plot(*zip(*points), marker="o", label=provider)
@@ -232,7 +266,7 @@ def plot_throughput(records: list[Record], path: Path) -> Path:
         ax.minorticks_off()
         ax.set_xlabel("batch")
         ax.set_ylabel("images/s")
-        ax.set_title(dtype)
+        ax.set_title(f"{dtype}, {device}" if mixed else dtype, fontsize=9)
         ax.grid(True, alpha=0.3)
         if rows:
             ax.legend(fontsize=7)
@@ -244,9 +278,20 @@ def plot_throughput(records: list[Record], path: Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    # the temporary name ends in .tmp: savefig is told the format the final name asks for
+    write_atomic(path, lambda temporary: fig.savefig(temporary, dpi=120, format=path.suffix.lstrip(".")))
+    plt.close(fig)
+
+
+def _series(record: Record, mixed: bool) -> str:
+    """A plot series: the provider, and its device when the records come from several."""
+    provider = str(record.get("provider"))
+    return f"{provider} @ {record.get('gpu')}" if mixed else provider
 
 
 def plot_roofline(records: list[Record], path: Path) -> Path | None:
@@ -255,16 +300,17 @@ def plot_roofline(records: list[Record], path: Path) -> Path | None:
     if not points:
         return None
     kernels = list(dict.fromkeys(str(r.get("kernel")) for r, _ in points))
+    mixed = len(devices(r for r, _ in points)) > 1
     fig, axes = plt.subplots(len(kernels), 1, figsize=(11, 3.2 * len(kernels)), squeeze=False)
     markers = {"float32": "s", "float16": "o", "bfloat16": "^"}
     for ax, kernel in zip(axes[:, 0], kernels):
         rows = [(r, f) for r, f in points if str(r.get("kernel")) == kernel]
         cases = list(dict.fromkeys(_case_label(r) for r, _ in rows))
-        providers = list(dict.fromkeys(str(r.get("provider")) for r, _ in rows))
+        providers = list(dict.fromkeys(_series(r, mixed) for r, _ in rows))
         for i, provider in enumerate(providers):
             for dtype in dict.fromkeys(r.get("dtype") for r, _ in rows):
                 sel = [(cases.index(_case_label(r)), f[0]) for r, f in rows
-                       if str(r.get("provider")) == provider and r.get("dtype") == dtype]  # fmt: skip
+                       if _series(r, mixed) == provider and r.get("dtype") == dtype]  # fmt: skip
                 if sel:
                     ax.scatter(*zip(*sel), marker=markers.get(dtype, "x"), color=f"C{i}", label=f"{provider} {dtype}")
         bound = {f[1] for _, f in rows}
@@ -282,8 +328,7 @@ def plot_roofline(records: list[Record], path: Path) -> Path | None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -292,10 +337,11 @@ def write_results(records: list[Record], out_dir: str | Path) -> dict[str, Path]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = next((r for r in records if r.get("kind") == "e2e"), records[0] if records else {})
-    stem = f"{slug(str(first.get('gpu', 'unknown')))}-{first.get('date') or datetime.date.today().isoformat()}"
+    device = "mixed-devices" if len(devices(records)) > 1 else slug(str(first.get("gpu", "unknown")))
+    stem = f"{device}-{first.get('date') or datetime.date.today().isoformat()}"
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(records, indent=1, default=str) + "\n")
-    paths["markdown"].write_text(markdown(records))
+    write_text_atomically(paths["json"], json.dumps(records, indent=1, default=str) + "\n")
+    write_text_atomically(paths["markdown"], markdown(records))
     paths["throughput"] = plot_throughput(records, out_dir / f"{stem}-throughput.png")
     roofline = plot_roofline(records, out_dir / f"{stem}-roofline.png")
     if roofline is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,9 +227,9 @@ def test_from_jsonl_rebuilds_the_report(tmp_path, capsys):
     assert main(["--from-jsonl", str(part1), str(part2), "--output-dir", str(tmp_path / "report")]) == 0
     assert _records(tmp_path / "report") == records
     assert "| ours-triton | 750.0 | 750.0 | error |" in capsys.readouterr().out
-    part1.write_text('{"broken\n{}\n')
-    with pytest.raises(ValueError, match=r"a\.jsonl:1: not a JSON record"):
-        main(["--from-jsonl", str(part1), "--output-dir", str(tmp_path / "report")])
+    part1.write_text('{"broken\n{}\n')  # a corrupt line before the last: one line naming it, exit 1
+    assert main(["--from-jsonl", str(part1), "--output-dir", str(tmp_path / "report")]) == 1
+    assert re.search(r"^error: --from-jsonl: .*a\.jsonl:1: not a JSON record$", capsys.readouterr().err, re.M)
 
 
 def test_records_name_their_source_and_the_digest_follows_the_files(cpu_run, tmp_path, monkeypatch, capsys):

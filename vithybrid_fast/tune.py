@@ -22,9 +22,14 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 def _csv(kind):
     def parse(text: str) -> list:
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",") if v.strip()]
         except (ValueError, AttributeError):
             raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+        if not values:  # an empty list would tune nothing and still end "tables: 0 entries"
+            raise argparse.ArgumentTypeError(f"an empty list: {text!r}")
+        if kind is int and min(values) < 1:  # caught here, not by the model minutes into a GPU session
+            raise argparse.ArgumentTypeError(f"each batch must be at least 1, got {text!r}")
+        return values
 
     return parse
 
