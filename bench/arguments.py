@@ -12,26 +12,43 @@ import argparse
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels and the end-to-end benchmark accept
 
 
-def positive_ints(text: str) -> list[int]:
-    """argparse type for "1,8,64": a batch of 0 or a typo is a usage error (exit 2), not a traceback later."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"each value must be at least 1, got {text!r}")
-    return values
+def ints_at_least(minimum: int, count: int | None = None):
+    """argparse type for "1,8,64": each value ≥ `minimum` (and `count` of them where given); a typo or a
+    batch of 0 is a usage error (exit 2), not a traceback later."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"each value must be at least {minimum}, got {text!r}")
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated values, got {text!r}")
+        return values
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type for a count that must be at least 1 (reps, images)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+positive_ints = ints_at_least(1)
+
+
+def int_at_least(minimum: int):
+    """argparse type for a count that must be at least `minimum` (reps ≥ 1, warm-up runs ≥ 0)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def dtype_names(text: str) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .arguments import int_at_least, positive_int, positive_ints
 from .common import REPO_ROOT, _percentile, environment
 from .e2e import base_config, build_hf, build_reference, make_pixels, transformers_status
 
@@ -241,13 +242,13 @@ def summary(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batches", type=positive_ints, default=[1, 8], help="(default: 1,8)")
+    parser.add_argument("--reps", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=int_at_least(0), default=1)
     parser.add_argument("--load-memory", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", type=Path, help="also write the records here")
     args = parser.parse_args(argv)
-    batches = tuple(int(b) for b in args.batches.split(","))
+    batches = tuple(args.batches)
     records = run_cpu(batches, reps=args.reps, warmup=args.warmup)
     if args.load_memory:
         records.append(measure_load_memory())

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .arguments import ints_at_least, positive_int
 from .common import RecordLog, environment, print_and_save
 
 MODES = ("decode", "eval", "crop-flip", "flip", "none")
@@ -163,19 +164,19 @@ def table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs to write (default 256)")
+    parser.add_argument("--images", type=positive_int, default=256, help="synthetic JPEGs to write (default 256)")
     parser.add_argument("--folder", type=Path, default=None, help="an image folder of your own instead")
-    parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts; 0: one process")
+    parser.add_argument(
+        "--workers", type=ints_at_least(0), default=[0, 1, 2], help="DataLoader worker counts; 0: one process"
+    )
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=positive_int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
     args = parser.parse_args(argv)
-    if args.images < 1 or args.reps < 1:
-        parser.error("--images and --reps must be at least 1")
     with RecordLog(args.out.with_suffix(".jsonl") if args.out else None) as log:
         records = run(
             args.images,
-            tuple(int(w) for w in args.workers.split(",")),
+            tuple(args.workers),
             tuple(args.modes.split(",")),
             args.reps,
             args.folder,

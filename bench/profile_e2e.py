@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from .arguments import positive_int, positive_ints
 from .e2e import DTYPES, base_config, build_provider, make_pixels, random_state_dict, tiny_config
 
 
@@ -71,10 +72,10 @@ def format_table(title: str, rows: list[dict], wall_ms: float, limit: int) -> st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vithybrid_fast.bench.profile_e2e", description=__doc__)
     parser.add_argument("--providers", default="ref-sdpa,ours-triton")
-    parser.add_argument("--batches", default="64,1")
+    parser.add_argument("--batches", type=positive_ints, default=[64, 1], help="(default: 64,1)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--iters", type=positive_int, default=5)
+    parser.add_argument("--rows", type=positive_int, default=25)
     parser.add_argument("--config", choices=("base", "tiny"), default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file for the rows")
     args = parser.parse_args(argv)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     state = random_state_dict(config, device)
     for provider in args.providers.split(","):
         model = build_provider(provider, config, state, dtype, device)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             pixels = make_pixels(config, batch).to(device=device, dtype=dtype)
             rows, wall_ms = profile_one(model, pixels, args.iters)
             print(format_table(f"{provider} {args.dtype} b={batch}", rows, wall_ms, args.rows), flush=True)

@@ -26,6 +26,8 @@ from vithybrid_fast.kernels import _fused_linear_tiles as fl_tiles
 from vithybrid_fast.kernels import fused_linear as fl
 from vithybrid_fast.kernels._runtime import interpreter_enabled
 
+from .arguments import ints_at_least, positive_int
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shipped 16-bit tiles first, then Hopper candidates
 TILES = [*fl_tiles.HALF_TILES, (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
          (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 4)]  # fmt: skip
@@ -161,13 +163,18 @@ def ranking(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vithybrid_fast.bench.sweep_fused_linear", description=__doc__)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16"))
-    parser.add_argument("--dims", default="577,768,3072", help="tokens,hidden,intermediate (default: the checkpoint's)")
+    parser.add_argument(
+        "--dims",
+        type=ints_at_least(1, count=3),
+        default=[577, 768, 3072],
+        help="tokens,hidden,intermediate (default: the checkpoint's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file, one row each")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dims = tuple(int(v) for v in args.dims.split(","))
+    dims = tuple(args.dims)
     rows = sweep(args.batch, getattr(torch, args.dtype), device, dims=dims)
     if args.out is not None:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -165,6 +165,29 @@ def test_gpu_only_benchmark_rejects_an_unknown_dtype_before_starting(bench, caps
     assert exit_info.value.code == 2 and "invalid choice: 'float99'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("bench", "argv", "message"),
+    [
+        ("profile_e2e", ["--batches", "64,x"], "argument --batches: not a comma-separated list of integers"),
+        ("profile_e2e", ["--iters", "0"], "argument --iters: must be at least 1"),
+        ("sweep_fused_linear", ["--dims", "577,768"], "argument --dims: expected 3 comma-separated values"),
+        ("sweep_fused_linear", ["--batch", "0"], "argument --batch: must be at least 1"),
+        ("bench_cpu", ["--batches", "1,0"], "argument --batches: each value must be at least 1"),
+        ("bench_cpu", ["--warmup", "-1"], "argument --warmup: must be at least 0"),
+        ("bench_input", ["--workers", "0,x"], "argument --workers: not a comma-separated list of integers"),
+        ("bench_input", ["--workers", "-1"], "argument --workers: each value must be at least 0"),
+    ],
+)
+def test_the_other_benchmarks_refuse_bad_numbers_as_usage_errors(bench, argv, message, capsys):
+    """They split and int() their lists after parsing: a typo was a ValueError traceback."""
+    import importlib
+
+    module = importlib.import_module(f"vithybrid_fast.bench.{bench}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_train_bench_arguments_and_its_table(capsys):
     from vithybrid_fast.bench import bench_train
 
