@@ -282,3 +282,18 @@ def test_freezing_state_set_while_patched_survives_unpatch(old_model):
     vf.unpatch(model)
     with torch.no_grad():
         assert not is_frozen(model) and conv.standardized_weight() is not conv.standardized_weight()
+
+
+@pytest.mark.parametrize("change", [load_state_dict_copy, copy_under_no_grad, ema_update], ids=lambda f: f.__name__)
+def test_frozen_model_of_inference_tensors_is_never_stale(tmp_path, old_model, new_state, pixels, change):
+    """Loaded under inference_mode, the parameters are inference tensors: no version counter, and inside
+    inference mode they take in-place changes without a trace. A frozen cache held the derived weights
+    it had and served them stale (logits off by ~0.4); it must derive them afresh, and say why."""
+    old_model.save_pretrained(tmp_path)
+    with torch.inference_mode(), pytest.warns(vf.weight_cache.InferenceTensorWarning, match="inference tensors"):
+        model = vf.load(tmp_path, kernels="sdpa", frozen=True, device=DEVICE)
+        assert next(model.parameters()).is_inference()
+        before = logits(model, pixels)
+        change(model, new_state)
+        assert_fresh(model, "sdpa", pixels, before, f"inference tensors, frozen, {change.__name__}")
+    assert cached_bytes(model) == 0  # nothing held that could go stale

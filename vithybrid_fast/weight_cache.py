@@ -16,12 +16,19 @@ and in-place EMA updates are followed. What it cannot see are writes that bypass
 (`alias = w.data`). After such an edit call `unfreeze(model)` (or `freeze(model)` again, which starts
 from the current weights).
 
+Parameters that are inference tensors (a model loaded or converted under `torch.inference_mode()`) have
+no version counter at all, and inside inference mode they can be changed in place (`load_state_dict`,
+`copy_`) without a trace: a frozen cache cannot check them, so it derives their weights every call, as
+an unfrozen one does, and warns (`InferenceTensorWarning`). Load the model outside inference mode
+to hold them.
+
 Frozen or not, a derived weight is computed under autograd whenever a gradient must reach its source
 parameters (training), and under torch.compile (the compiler must see the computation).
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,14 +49,31 @@ def generation() -> int:
     return _generation
 
 
+class InferenceTensorWarning(UserWarning):
+    """A frozen model's parameters are inference tensors, so their derived weights cannot be held."""
+
+
 def needs_weight_grad(*params: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
 
 
-def _layout(p: torch.Tensor) -> tuple:
-    # inference tensors have no version counter (and cannot be edited in place outside inference mode)
-    version = 0 if p.is_inference() else p._version
-    return (p.data_ptr(), version, p.dtype, p.device, tuple(p.shape), p.stride())
+def _any_inference_tensor(params: tuple[torch.Tensor | None, ...]) -> bool:
+    return any(p is not None and p.is_inference() for p in params)
+
+
+def _warn_cannot_hold() -> None:
+    warnings.warn(
+        "vithybrid_fast.freeze: the model's parameters are inference tensors (made under "
+        "torch.inference_mode()), whose in-place changes (load_state_dict, copy_) leave no trace to check, "
+        "so their derived weights are recomputed every call instead of held. Load or convert the model "
+        "outside inference_mode to hold them.",
+        InferenceTensorWarning,
+        stacklevel=4,
+    )
+
+
+def _layout(p: torch.Tensor) -> tuple:  # never an inference tensor: get() holds nothing derived from one
+    return (p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape), p.stride())
 
 
 class DerivedWeightCache:
@@ -73,6 +97,12 @@ class DerivedWeightCache:
 
     def get(self, compute: Callable[[], Any], *params: torch.Tensor | None) -> Any:
         if not self.frozen or needs_weight_grad(*params) or torch.compiler.is_compiling():
+            return compute()
+        if _any_inference_tensor(params):
+            # no version counter to check: a held value could go stale unseen (load_state_dict under
+            # inference_mode copies into the same memory), so derive it afresh, as unfrozen
+            self.drop()
+            _warn_cannot_hold()
             return compute()
         if self.value is None or not self._sources_match(params):
             # a normal tensor even when called under inference_mode: an inference tensor could not
