@@ -261,3 +261,159 @@ def test_replay_after_weight_changes_equals_eager(change, frozen):
     if change is not _patch_backbone:  # patching changes the code, not the function
         assert (expected - before).abs().max().item() > 1e-3  # the change matters to the output
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- without a GPU: the runner's own logic, CUDA's stream and graph calls stubbed -------------------
+class _Recorder(torch.nn.Module):
+    """Wraps a model and records, per call, the autocast dtype and whether autocast's cast cache is on."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = model, []
+
+    def forward(self, pixel_values, **kwargs):
+        on = torch.is_autocast_enabled("cpu")
+        self.calls.append((torch.get_autocast_dtype("cpu") if on else None, torch.is_autocast_cache_enabled()))
+        return self.inner(pixel_values, **kwargs)
+
+
+@pytest.fixture
+def stubbed_cuda(monkeypatch):
+    """CUDA's stream, device and graph calls as no-ops, CPU inputs served: a capture is one plain forward
+    (its outputs become the static outputs) and a replay does nothing. What is left to test is the
+    runner's own bookkeeping: graph keys, autocast handling, outputs, copies, state dicts."""
+    import contextlib
+    from types import SimpleNamespace
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(CUDAGraphRunner, "can_serve", lambda self, x, kwargs: not kwargs)
+
+
+def test_autocast_gets_its_own_graph_captured_without_the_cast_cache(stubbed_cuda):
+    """A graph captured under autocast replayed bf16 math to a caller outside autocast (the key lacked the
+    autocast dtype), and read weight casts from autocast's cache, freed when the caller's block ended."""
+    recorder = _Recorder(tiny_model("cpu"))
+    runner = enable_cuda_graphs(recorder)
+    x = pixels(1, "cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = runner(x).logits
+    assert recorder.calls and all(call == (torch.bfloat16, False) for call in recorder.calls), recorder.calls
+    assert under_autocast.dtype == torch.bfloat16
+    with torch.no_grad():
+        plain = runner(x).logits
+    assert runner.num_graphs == 2, "the autocast graph served a call outside autocast"
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, recorder.inner(x).logits, rtol=0, atol=0)
+
+
+def encoder_returning_tuples(classifier):
+    """A copy of the encoder of `classifier` whose config says return_dict=False: it returns a tuple."""
+    import copy
+
+    encoder = copy.deepcopy(classifier.vit)
+    encoder.config.return_dict = False
+    return encoder
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else out.to_tuple()
+
+
+@pytest.mark.parametrize("make", [lambda m: m.vit, encoder_returning_tuples], ids=["encoder", "tuple"])
+def test_an_encoder_and_a_tuple_output_are_served(stubbed_cuda, make):
+    """Only `.logits` was kept: ViTHybridModel.from_pretrained(..., cuda_graphs=True) raised at every call."""
+    model = make(tiny_model("cpu"))
+    runner = enable_cuda_graphs(model)
+    x = pixels(2, "cpu")
+    with torch.no_grad():
+        got, want = runner(x), model(x)
+    assert type(got) is type(want) and len(as_tuple(got)) == len(as_tuple(want)) >= 1
+    for got_tensor, want_tensor in zip(as_tuple(got), as_tuple(want)):
+        torch.testing.assert_close(got_tensor, want_tensor, rtol=0, atol=0)
+
+
+def test_runner_state_dict_is_the_models(stubbed_cuda):
+    """The runner (what vf.load(..., cuda_graphs=True) returns) gave every key a `model.` prefix, so its
+    state dict did not load into the reference model, nor the reference's into it."""
+    model = tiny_model("cpu")
+    runner = enable_cuda_graphs(model)
+    state = runner.state_dict()
+    assert list(state) == list(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    changed = {k: v + 1 for k, v in state.items()}
+    runner.load_state_dict(changed)
+    assert torch.equal(model.classifier.bias, changed["classifier.bias"])
+    del changed["classifier.bias"]
+    missing = runner.load_state_dict(changed, strict=False).missing_keys
+    assert missing == ["classifier.bias"], missing  # named as the caller's state dict names it
+
+
+def test_copies_of_a_runner_capture_their_own_graphs(stubbed_cuda):
+    """deepcopy / pickle / torch.save of a runner that had captured a graph failed on the CUDAGraph
+    objects (which cannot be copied); a copy's graphs would read the original's memory anyway."""
+    import copy
+    import io
+    import pickle
+
+    runner = enable_cuda_graphs(tiny_model("cpu"))
+    with torch.no_grad():
+        runner(pixels(1, "cpu"))
+    runner._graphs = {key: (captured, _Uncopyable()) for key, captured in runner._graphs.items()}
+    runner._pool = _Uncopyable()
+    buffer = io.BytesIO()
+    torch.save(runner, buffer)
+    buffer.seek(0)
+    for duplicate in (
+        copy.deepcopy(runner),
+        pickle.loads(pickle.dumps(runner)),
+        torch.load(buffer, weights_only=False),
+    ):
+        assert duplicate.num_graphs == 0 and duplicate._pool is None and duplicate.model is not runner.model
+        assert list(duplicate.state_dict()) == list(runner.state_dict())
+    assert runner.num_graphs == 1
+
+
+class _Uncopyable:
+    """Stands in for torch.cuda.CUDAGraph and a graph pool handle, which refuse to be copied or pickled."""
+
+    def __reduce__(self):
+        raise TypeError("cannot pickle 'torch._C._CUDAGraph' object")
+
+
+@pytest.mark.gpu
+def test_replay_under_autocast_is_right_inside_and_after_the_block():
+    """Captured with autocast's cast cache on, a graph read bf16 weight copies freed when the autocast block
+    ended; and a call outside autocast replayed the bf16 graph."""
+    model = tiny_model("cuda")
+    runner = enable_cuda_graphs(model)
+    x = pixels(2, "cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected_bf16 = model(x).logits
+            torch.testing.assert_close(runner(x).logits, expected_bf16, rtol=2e-2, atol=2e-2)
+        clobber = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(8)]  # reuse freed blocks
+        plain = runner(x).logits
+        assert plain.dtype == torch.float32 and runner.num_graphs == 2
+        torch.testing.assert_close(plain, model(x).logits, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.testing.assert_close(runner(x).logits, expected_bf16, rtol=2e-2, atol=2e-2)
+    del clobber
+
+
+@pytest.mark.gpu
+def test_encoder_replay_equals_eager():
+    encoder = tiny_model("cuda").vit
+    runner = enable_cuda_graphs(encoder)
+    x = pixels(2, "cuda")
+    with torch.no_grad():
+        got, want = runner(x), encoder(x)
+    assert type(got) is type(want)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-5, atol=1e-5)

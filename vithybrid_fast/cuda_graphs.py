@@ -11,7 +11,9 @@ How it works (the recipe of the torch.cuda.graphs docs): the first call for a si
 input into a static buffer, runs the model a few times on a side stream (so lazy work — Triton
 autotuning, cuDNN algorithm choice, cached standardized/fused weights — happens outside the capture),
 then captures one forward. Later calls copy into the buffer, replay, and return a clone of the static
-logits (`clone_outputs=False` returns the static tensor itself, which the next replay overwrites).
+outputs (`clone_outputs=False` returns the static tensors themselves, which the next replay overwrites):
+the logits of a classifier, `last_hidden_state` and `pooler_output` of a `ViTHybridModel`, a tuple
+where the config sets `return_dict=False`.
 
 Limits, by design:
 - Inference only: replay runs under no_grad and the logits carry no autograd history.
@@ -31,12 +33,22 @@ Limits, by design:
   derived weights are recomputed or dropped (`unfreeze`); `.data` edits are invisible to a frozen
   model, eager or replayed — unfreeze after making one. `check_weights=False` skips the per-call check
   for the last bit of batch-1 latency, on your promise that no weight moves.
+- Under torch.autocast a graph is captured per autocast dtype (the signature includes it), with
+  autocast's weight-cast cache off during warm-up and capture: a cached cast lives only as long as the
+  caller's autocast block, and a graph reading it would replay on freed memory afterwards (the
+  torch.cuda.make_graphed_callables rule).
 - One caller at a time: replays share the static buffers, so do not call one runner from two
   threads or streams concurrently.
+- The runner is the model for `state_dict()` / `load_state_dict()` (the same keys as the wrapped
+  model, no `model.` prefix), and copies (`copy.deepcopy`, pickle, `torch.save` of the whole runner)
+  hold no graphs: they capture their own on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +72,31 @@ _NEUTRAL_KWARGS: dict[str, tuple[Any, ...]] = {
     "return_dict": (None, True),
 }
 
-GraphKey = tuple[tuple[int, ...], torch.dtype, torch.device]
+# (input shape, input dtype, device, autocast dtype or None)
+GraphKey = tuple[tuple[int, ...], torch.dtype, torch.device, torch.dtype | None]
+# what a captured forward returns: a ModelOutput's tensor fields by name, or a tuple's tensors
+StaticOutputs = dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+_WRAPPED = "model."  # the runner's key prefix for the wrapped model's state
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast casts to on `device_type` right now, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+@contextlib.contextmanager
+def uncached_autocast(device_type: str) -> Iterator[None]:
+    """The caller's autocast, with its weight-cast cache off (a no-op outside autocast).
+
+    Autocast caches the low-precision copy of each weight until the outermost autocast block exits.
+    Captured with the cache on, a graph would read copies made during warm-up, at addresses freed when
+    the caller's block ends; with it off, the casts are part of the graph and redone at every replay."""
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+        yield
 
 
 class WeightWatch:
@@ -105,8 +141,58 @@ class WeightWatch:
 class _CapturedForward:
     graph: torch.cuda.CUDAGraph
     static_input: torch.Tensor
-    static_logits: torch.Tensor
+    static_outputs: StaticOutputs
     output_type: type
+
+
+def static_outputs(model: nn.Module, out: Any) -> StaticOutputs:
+    """The tensors of a captured forward's output, which every replay rewrites in place."""
+    if type(out) is tuple and all(isinstance(t, torch.Tensor) for t in out):
+        return out
+    items = dict(out.items()) if callable(getattr(out, "items", None)) else None
+    if not items or not all(isinstance(t, torch.Tensor) for t in items.values()):
+        raise TypeError(
+            f"CUDAGraphRunner needs a model that returns a tuple of tensors or a ModelOutput of tensors; "
+            f"{type(model).__name__} returned {type(out).__name__}"
+        )
+    return items
+
+
+def rebuild_output(output_type: type, static: StaticOutputs, clone: bool) -> Any:
+    """An output of the model's own type holding the static tensors (or clones of them)."""
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if clone else t
+
+    if isinstance(static, tuple):
+        return tuple(take(t) for t in static)
+    return output_type(**{name: take(t) for name, t in static.items()})
+
+
+def _state_dict_without_prefix(runner: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: the wrapped model's keys as the model itself names them."""
+    wrapped = prefix + _WRAPPED
+    for key in [k for k in state_dict if k.startswith(wrapped)]:  # the last keys: renaming keeps their order
+        state_dict[prefix + key[len(wrapped) :]] = state_dict.pop(key)
+    metadata = getattr(state_dict, "_metadata", None)
+    for key in [k for k in metadata or () if k == wrapped[:-1] or k.startswith(wrapped)]:
+        metadata[(prefix + key[len(wrapped) :]) if key != wrapped[:-1] else prefix[:-1]] = metadata.pop(key)
+
+
+def _load_state_dict_with_prefix(runner: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """load_state_dict pre-hook: the model's own keys (as state_dict gives them) reach the wrapped model."""
+    wrapped = prefix + _WRAPPED
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(wrapped)]:
+        state_dict[wrapped + key[len(prefix) :]] = state_dict.pop(key)
+    runner.__dict__["_loading_prefix"] = prefix  # for the post-hook, which is not told it
+
+
+def _name_keys_without_prefix(runner: nn.Module, incompatible: Any) -> None:
+    """load_state_dict post-hook: missing and unexpected keys named as the caller's state dict names them."""
+    prefix = runner.__dict__.pop("_loading_prefix", "")
+    wrapped = prefix + _WRAPPED
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [prefix + k[len(wrapped) :] if k.startswith(wrapped) else k for k in keys]
 
 
 class CUDAGraphRunner(nn.Module):
@@ -143,6 +229,20 @@ class CUDAGraphRunner(nn.Module):
         # each graph's static logits stay referenced, so a later capture can only reuse blocks that
         # hold another graph's dead intermediates — the pool stays the size of the largest forward.
         self._pool: Any = None
+        # the public names of the first two arrived after torch 2.4 (our floor); the private ones take the
+        # same hooks there
+        post_hook = getattr(self, "register_state_dict_post_hook", self._register_state_dict_hook)
+        post_hook(_state_dict_without_prefix)
+        pre_hook = getattr(self, "register_load_state_dict_pre_hook", None)
+        if pre_hook is None:
+            pre_hook = functools.partial(self._register_load_state_dict_pre_hook, with_module=True)
+        pre_hook(_load_state_dict_with_prefix)
+        self.register_load_state_dict_post_hook(_name_keys_without_prefix)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # captured graphs, their pool and the watch of their weights belong to this runner's memory
+        # (and CUDAGraph objects cannot be copied or pickled): a copy captures its own
+        return {**super().__getstate__(), "_graphs": {}, "_pool": None, "_watch": None}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -192,23 +292,19 @@ class CUDAGraphRunner(nn.Module):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         # kernels="auto" decides its ops in the first warm-up run: timed as graph replays, as they will run
-        with torch.cuda.stream(side), dispatch.timing_for_graphs():
+        with torch.cuda.stream(side), dispatch.timing_for_graphs(), uncached_autocast(device.type):
             for _ in range(self.warmup_runs):
                 out = self.model(static_input)
         torch.cuda.current_stream(device).wait_stream(side)
+        static_outputs(self.model, out)  # a model whose output cannot be replayed fails before any capture
         del out
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), dispatch.timing_for_graphs():  # the graph-timed choices
+        # under the graph-timed choices, and without autocast's cast cache (see uncached_autocast)
+        with torch.cuda.graph(graph, pool=self._pool), dispatch.timing_for_graphs(), uncached_autocast(device.type):
             out = self.model(static_input)
-        logits = getattr(out, "logits", None)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(
-                f"CUDAGraphRunner needs a model whose output has a .logits tensor; {type(self.model).__name__} "
-                f"returned {type(out).__name__}"
-            )
-        return _CapturedForward(graph, static_input, logits, type(out))
+        return _CapturedForward(graph, static_input, static_outputs(self.model, out), type(out))
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
         if not self.can_serve(pixel_values, kwargs):
@@ -218,7 +314,8 @@ class CUDAGraphRunner(nn.Module):
         with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(pixel_values.device):
             if self.check_weights and self._watch is not None and not self._watch.still_valid():
                 self.reset()
-            key: GraphKey = (tuple(pixel_values.shape), pixel_values.dtype, pixel_values.device)
+            device = pixel_values.device
+            key: GraphKey = (tuple(pixel_values.shape), pixel_values.dtype, device, autocast_dtype(device.type))
             captured = self._graphs.get(key)
             if captured is None:
                 captured = self._capture(pixel_values)
@@ -228,8 +325,7 @@ class CUDAGraphRunner(nn.Module):
             else:
                 captured.static_input.copy_(pixel_values)
             captured.graph.replay()
-            logits = captured.static_logits.clone() if self.clone_outputs else captured.static_logits
-        return captured.output_type(logits=logits)
+            return rebuild_output(captured.output_type, captured.static_outputs, self.clone_outputs)
 
 
 def enable_cuda_graphs(model: nn.Module, clone_outputs: bool = True, check_weights: bool = True) -> CUDAGraphRunner:
