@@ -165,6 +165,9 @@ def test_missing_weights_or_directory(tmp_path, checkpoint):
     ({"kernels": "fastest"}, ValueError, "choose one of eager, sdpa, triton, auto"),
     ({"kernels": {"attention": "cudnn"}}, ValueError, "kernels\\['attention'\\]"),
     ({"kernels": {"softmax": "triton"}}, ValueError, "unknown kernel families"),
+    ({"kernels": {1: "triton", "attn": "x"}}, ValueError, "unknown kernel families 'attn', 1; families are"),
+    ({"kernels": None}, TypeError, "kernels=None: choose one of eager, sdpa, triton, auto, or a dict per family"),
+    ({"kernels": ["triton"]}, TypeError, "kernels=\\['triton'\\]: choose one of"),
     ({"dtype": torch.int8}, ValueError, "not supported; use torch.float32, .* or torch.float64"),
     # the message lists every name load() takes (float64 included: the upcast reference of checks)
     ({"dtype": "float8"}, ValueError, "not supported; use one of float32, .*bfloat16, bf16, float64, or 'auto'"),

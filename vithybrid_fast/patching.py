@@ -65,10 +65,14 @@ def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None =
             return dict.fromkeys(FAMILIES, "triton")
         return {"attention": kernels, "mlp": "torch", "backbone": "torch"}
     if not isinstance(kernels, dict):
-        raise TypeError(f"kernels must be a string or a dict, got {type(kernels).__name__}")
+        raise TypeError(
+            f"kernels={kernels!r}: choose one of {', '.join(PRESETS)}, or a dict per family such as "
+            "{'attention': 'triton', 'mlp': 'torch'}"
+        )
     unknown = set(kernels) - set(FAMILIES)
-    if unknown:
-        raise ValueError(f"unknown kernel families {sorted(unknown)}; families are {', '.join(FAMILIES)}")
+    if unknown:  # sorted by repr: the keys may mix types ({1: "triton"}), which do not compare
+        names = ", ".join(sorted(map(repr, unknown)))
+        raise ValueError(f"unknown kernel families {names}; families are {', '.join(FAMILIES)}")
     choice: dict[str, str] = {}
     for family, value in kernels.items():
         if value not in FAMILY_CHOICES[family]:
