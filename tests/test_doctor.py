@@ -51,6 +51,19 @@ def test_auto_takes_sdpa_below_sm80_and_says_why(monkeypatch, name, capability):
     assert text.count(". ") == 0 and text.endswith(".")  # one sentence
 
 
+def test_auto_on_a_gpu_with_the_interpreter_set_takes_sdpa_and_says_why(monkeypatch):
+    """TRITON_INTERPRET left set from a test run made "auto" run every kernel in the CPU interpreter."""
+    from vithybrid_fast.doctor import kernel_lines
+
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
+    assert resolve_kernels("auto", CUDA) == dict.fromkeys(("attention", "mlp", "backbone"), "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.warns(gpu_support.KernelFallbackWarning, match="TRITON_INTERPRET is set, so the Triton kernels"):
+        assert resolve_kernels("auto", CUDA) == {"attention": "sdpa", "mlp": "torch", "backbone": "torch"}
+    lines, _ = kernel_lines(CUDA)
+    assert lines[-1] == 'kernels="auto" here: sdpa (TRITON_INTERPRET is set)'
+
+
 def test_triton_below_sm80_raises_a_clear_error(monkeypatch):
     fake_gpu(monkeypatch, "Tesla T4", (7, 5))
     assert not triton_can_run(CUDA) and not triton_can_run(None)

@@ -120,7 +120,12 @@ def kernel_lines(device) -> tuple[list[str], str | None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         choice = auto_choice(device, reason is None)
-    why = "" if choice == "triton" else f" ({reason})" if reason else " (not a CUDA device)"
+    if choice == "triton":
+        why = ""
+    elif reason:
+        why = f" ({reason})"
+    else:
+        why = " (TRITON_INTERPRET is set)" if device.type == "cuda" else " (not a CUDA device)"
     lines.append(f'kernels="auto" here: {choice}{why}')
     return lines, reason
 

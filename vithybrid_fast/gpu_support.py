@@ -110,11 +110,21 @@ def triton_unsupported_reason(device: torch.device | str | None = None) -> str |
 
 
 def auto_choice(device: torch.device | str | None, triton_runs: bool) -> str:
-    """What `kernels="auto"` picks: "triton" where the kernels run on a CUDA device, else "sdpa".
+    """What `kernels="auto"` picks: "triton" where the kernels run compiled on a CUDA device, else "sdpa".
 
-    On a CUDA GPU older than sm_80 it also warns, in one sentence, why it took SDPA.
+    On a CUDA GPU older than sm_80, or with TRITON_INTERPRET set, it also warns, in one sentence, why it
+    took SDPA.
     """
     on_cuda = device is None or torch.device(device).type == "cuda"
+    if triton_runs and on_cuda and interpreter_enabled():
+        # a test setting left in the environment: the kernels would run in the CPU interpreter, on a GPU
+        warnings.warn(
+            'kernels="auto" uses torch SDPA: TRITON_INTERPRET is set, so the Triton kernels would run in the '
+            "CPU interpreter (unset it for the compiled kernels).",
+            KernelFallbackWarning,
+            stacklevel=3,
+        )
+        return "sdpa"
     if triton_runs and on_cuda:
         return "triton"
     reason = gpu_too_old_reason(device) if on_cuda else None
