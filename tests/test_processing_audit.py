@@ -197,3 +197,11 @@ def test_from_pretrained_keeps_only_preprocessing_options_from_its_keywords(tmp_
     assert "foo" not in saved and "force_download" not in saved
     with pytest.raises(TypeError, match="does not take subfolder"):
         ViTHybridImageProcessor.from_pretrained(tmp_path, subfolder="other")
+
+
+def test_the_attributes_code_written_for_transformers_reads():
+    ours, theirs = ViTHybridImageProcessor.for_base_384(), HFProcessor(**BASE_384_PREPROCESSOR_CONFIG)
+    assert ours.model_input_names == theirs.model_input_names == ["pixel_values"]
+    batch = ours(grace(), return_tensors="pt")
+    assert list(batch.data) == list(theirs(grace(), return_tensors="pt").data) == ["pixel_values"]
+    assert batch.data["pixel_values"] is batch["pixel_values"]

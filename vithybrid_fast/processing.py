@@ -87,6 +87,11 @@ class BatchFeature(dict):
         except KeyError:
             raise AttributeError(name) from None
 
+    @property
+    def data(self) -> dict[str, Any]:
+        """The dict itself: transformers' BatchFeature is a UserDict, and code written for it reads `.data`."""
+        return self
+
     def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
         """Move/cast every tensor value with `Tensor.to(*args, **kwargs)`; other values are kept."""
         return BatchFeature({k: v.to(*args, **kwargs) if torch.is_tensor(v) else v for k, v in self.items()})
@@ -303,6 +308,8 @@ class ViTHybridImageProcessor:
 
     Unknown config keys are kept in `self.extra` and written back by `to_dict`/`save_pretrained`.
     """
+
+    model_input_names = ["pixel_values"]  # as transformers' processor: what it makes for the model
 
     def __init__(
         self,
