@@ -70,7 +70,11 @@ def format_table(title: str, rows: list[dict], wall_ms: float, limit: int) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vithybrid_fast.bench.profile_e2e", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m vithybrid_fast.bench.profile_e2e",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the docstring's paragraphs and lists as written
+    )
     parser.add_argument("--providers", default="ref-sdpa,ours-triton")
     parser.add_argument("--batches", type=positive_ints, default=[64, 1], help="(default: 64,1)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
