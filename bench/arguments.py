@@ -1,13 +1,15 @@
 """argparse types shared by the benchmarks' command lines: a bad value is a usage error (exit 2, one line
 naming the flag and what it must be), never a traceback minutes into a run or a record of a batch of 0.
 
-Imports neither torch nor triton: `python -m vithybrid_fast.bench` parses its arguments before it points
-Triton's caches at fresh folders, which must happen before triton is imported.
+Imports no triton (nor does `vithybrid_fast.cli`): `python -m vithybrid_fast.bench` parses its arguments
+before it points Triton's caches at fresh folders, which must happen before triton is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from vithybrid_fast.cli import int_at_least
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what the kernels and the end-to-end benchmark accept
 
@@ -31,21 +33,6 @@ def ints_at_least(minimum: int, count: int | None = None):
 
 
 positive_ints = ints_at_least(1)
-
-
-def int_at_least(minimum: int):
-    """argparse type for a count that must be at least `minimum` (reps ≥ 1, warm-up runs ≥ 0)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 positive_int = int_at_least(1)
