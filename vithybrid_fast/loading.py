@@ -21,7 +21,15 @@ from typing import Any
 import torch
 
 from .config import ViTHybridConfig
-from .hub import CheckpointNotFoundError, hub_offline, hub_unreachable_reason, resolve_file
+from .hub import (
+    CheckpointNotFoundError,
+    hub_cache_dir,
+    hub_offline,
+    hub_unreachable_reason,
+    not_cached_message,
+    resolve_file,
+    snapshot_commit,
+)
 from .modeling import ViTHybridForImageClassification, ViTHybridModel, ViTHybridPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -107,11 +115,43 @@ def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Wei
         files = WeightFiles(resolve_file(name_or_path, shard, required=True, **hub_kwargs) for shard in shards)
         files.weight_map = weight_map
         return files
-    offline = hub_kwargs.get("local_files_only") or hub_offline() or hub_unreachable_reason() is not None
-    if offline and not Path(name_or_path).is_dir():
-        # not "has none of": the hub was not asked. resolve_file says what was searched and what to do
-        resolve_file(name_or_path, WEIGHT_FILES[0], required=True, **hub_kwargs)
-    raise CheckpointNotFoundError(f"{name_or_path!s} has none of {', '.join(WEIGHT_FILES)}")
+    if not Path(name_or_path).is_dir():
+        _raise_if_not_cached(str(name_or_path), **hub_kwargs)
+    at = f" at revision {hub_kwargs['revision']}" if hub_kwargs.get("revision") else ""
+    raise CheckpointNotFoundError(f"{name_or_path!s}{at} has none of {', '.join(WEIGHT_FILES)}")
+
+
+def _raise_if_not_cached(
+    name: str,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> None:
+    """When the hub was not asked (offline, or unreachable), "has none of" would be a guess: say that
+    no weight file is cached, where the cache was searched, and what to do."""
+    offline = local_files_only or hub_offline()
+    unreachable = None if offline else hub_unreachable_reason()
+    if not offline and unreachable is None:
+        return
+    message = not_cached_message(
+        f"weight file {WEIGHT_FILES[0]} (or {', '.join(WEIGHT_FILES[1:])})", name, WEIGHT_FILES, revision=revision,
+        cache=hub_cache_dir(cache_dir), local_files_only=local_files_only, unreachable=unreachable,
+    )  # fmt: skip
+    raise CheckpointNotFoundError(message)
+
+
+def pin_to_snapshot(name_or_path: str | os.PathLike, config_path: Path, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`hub_kwargs` with the revision pinned to the commit config.json came from.
+
+    Every hub file is resolved on its own, and a branch ("main") is looked up again each time: were
+    refs/main to move between files (a push to the hub, another process downloading the new revision
+    into the cache), the weights or a shard would come from another commit than the config. transformers
+    pins its `_commit_hash` the same way."""
+    commit = snapshot_commit(config_path)
+    if commit is None or Path(name_or_path).is_dir():
+        return hub_kwargs
+    return {**hub_kwargs, "revision": commit}
 
 
 def _read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -308,7 +348,9 @@ def load_model(
     ):
         # before the weights are read (a string such as "ViTHybridModel" failed only after, in isinstance)
         raise TypeError(f"model_class must be ViTHybridModel or ViTHybridForImageClassification, got {model_class!r}")
-    config = ViTHybridConfig.from_json_file(resolve_file(name_or_path, "config.json", required=True, **hub_kwargs))
+    config_path = resolve_file(name_or_path, "config.json", required=True, **hub_kwargs)
+    config = ViTHybridConfig.from_json_file(config_path)
+    hub_kwargs = pin_to_snapshot(name_or_path, config_path, hub_kwargs)
     dtype, device = resolve_dtype(dtype, config), resolve_device(device)
     files = find_weight_files(name_or_path, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
