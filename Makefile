@@ -35,7 +35,7 @@ $(VENV)/triton36/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/triton36 "triton==3.6.0"
 	touch $@
 
-# --durations: the slowest tests close every CI log, so its wall time (13 min of 30) is watched
+# --durations: the slowest tests close every CI log, so its wall time (about 16 min of 30 on the 2-core CI machine) is watched
 test: lint $(VENV)/triton36/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
