@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import vithybrid_fast as vf
 from tests.hf_reference import TINY_CASES, build_hf_model
+from tests.hub_calls import record_hub_downloads
 from tests.test_loading import REPO_ID, logits_of, make_offline_cache
 from vithybrid_fast import hub
 from vithybrid_fast.cli import main
@@ -106,17 +107,7 @@ def dead_network(monkeypatch):
     monkeypatch.setattr(hub, "_REACHABILITY", {})
     for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    calls = []
-    import huggingface_hub
-
-    real = huggingface_hub.hf_hub_download
-
-    def recording(**kwargs):
-        calls.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
-    return calls
+    return record_hub_downloads(monkeypatch)
 
 
 def test_unreachable_hub_says_so_and_suggests_offline(tmp_path, dead_network):

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import vithybrid_fast as vf
 from tests.hf_reference import tiny_config
+from tests.hub_calls import record_hub_downloads
 from vithybrid_fast import hub
 
 REPO_ID = "google/vit-hybrid-base-bit-384"
@@ -107,16 +108,7 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def downloads(monkeypatch):
-    """The keyword arguments of every hf_hub_download call."""
-    calls: list[dict] = []
-    real = huggingface_hub.hf_hub_download
-
-    def recording(**kwargs):
-        calls.append(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
-    return calls
+    return record_hub_downloads(monkeypatch)
 
 
 # -- revisions -------------------------------------------------------------------------------------
