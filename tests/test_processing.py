@@ -129,8 +129,8 @@ def assert_close(ours: object, theirs: object, what: str) -> None:
         assert diff <= ATOL, f"{what}: max abs diff {diff:.3e} > {ATOL}"
 
 
-@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
-def processors(request: pytest.FixtureRequest) -> tuple[ViTHybridImageProcessor, HFProcessor]:
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS), name="processors")  # test_processing_audit shares it
+def processors_fixture(request: pytest.FixtureRequest) -> tuple[ViTHybridImageProcessor, HFProcessor]:
     config = CONFIGS[request.param]
     return ViTHybridImageProcessor(**config), HFProcessor(**config)
 
@@ -138,9 +138,14 @@ def processors(request: pytest.FixtureRequest) -> tuple[ViTHybridImageProcessor,
 @pytest.mark.filterwarnings("ignore:It looks like")
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_transformers(processors, case):
+    assert_matches_transformers(processors, CASES[case], case)
+
+
+def assert_matches_transformers(processors, make_input, case: str) -> None:
+    """Both processors on the same input: float32 (B, 3, H, W) pixel values within ATOL of transformers'."""
     ours, theirs = processors
-    got = ours(CASES[case](), return_tensors="pt")["pixel_values"]
-    want = theirs(CASES[case](), return_tensors="pt")["pixel_values"]
+    got = ours(make_input(), return_tensors="pt")["pixel_values"]
+    want = theirs(make_input(), return_tensors="pt")["pixel_values"]
     assert got.dtype == torch.float32 and got.ndim == 4 and got.shape[1] == 3
     assert_close(got, want, case)
 

@@ -19,7 +19,12 @@ from vithybrid_fast.processing import BASE_384_PREPROCESSOR_CONFIG, CONFIG_NAME,
 transformers = pytest.importorskip("transformers")
 from transformers import ViTHybridImageProcessor as HFProcessor  # noqa: E402
 
-from tests.test_processing import CONFIGS, assert_close, grace  # noqa: E402
+from tests.test_processing import (  # noqa: E402
+    assert_close,
+    assert_matches_transformers,
+    grace,
+    processors_fixture,  # noqa: F401 (the `processors` fixture)
+)
 
 
 def grey() -> np.ndarray:
@@ -66,20 +71,10 @@ MORE_CASES = {
 }
 
 
-@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
-def processors(request: pytest.FixtureRequest) -> tuple[ViTHybridImageProcessor, HFProcessor]:
-    config = CONFIGS[request.param]
-    return ViTHybridImageProcessor(**config), HFProcessor(**config)
-
-
 @pytest.mark.filterwarnings("ignore:It looks like", "ignore:Palette images with Transparency")
 @pytest.mark.parametrize("case", list(MORE_CASES))
 def test_more_inputs_match_transformers(processors, case):
-    ours, theirs = processors
-    got = ours(MORE_CASES[case](), return_tensors="pt")["pixel_values"]
-    want = theirs(MORE_CASES[case](), return_tensors="pt")["pixel_values"]
-    assert got.dtype == torch.float32 and got.ndim == 4 and got.shape[1] == 3
-    assert_close(got, want, case)
+    assert_matches_transformers(processors, MORE_CASES[case], case)
 
 
 @pytest.mark.parametrize("images", [grace, lambda: np.asarray(grace()).transpose(2, 0, 1).copy()], ids=["pil", "chw"])
