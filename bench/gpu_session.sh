@@ -62,7 +62,8 @@ setup() {
     export PYTHONPATH=$PWD  # the source tree, uninstalled: vithybrid_fast finds kernels/ and bench/ beside it
   fi
   {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    else echo "no nvidia-smi on this machine (DEVICE=$DEVICE)"; fi
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     # the commit may be stale on a copied tree ("-dirty" says so); the digest names the code that ran
     echo "commit $(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)"

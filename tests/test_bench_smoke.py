@@ -293,7 +293,10 @@ def test_gpu_session_step_dry_run_on_a_cpu(tmp_path):
     assert "| ref-eager |" in (out / "e2e-float32.log").read_text()
     from vithybrid_fast.bench.common import source_digest
 
-    assert f"source {source_digest()}" in (out / "env.txt").read_text().splitlines()  # names the code that ran
+    env_lines = (out / "env.txt").read_text().splitlines()
+    assert f"source {source_digest()}" in env_lines  # names the code that ran
+    if not shutil.which("nvidia-smi"):  # said plainly, not as "nvidia-smi: command not found"
+        assert "no nvidia-smi on this machine (DEVICE=cpu)" in env_lines
     unknown = subprocess.run(["bash", "bench/gpu_session.sh", "step", "nope"], cwd=REPO_ROOT, env=env,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert unknown.returncode == 2 and "steps: doctor tests-kernels" in unknown.stderr
