@@ -246,6 +246,42 @@ def test_refs_main_moving_mid_load_never_mixes_snapshots(tmp_path, sources, no_n
     assert not same_weights(model, sources["other"] / "model.safetensors")
 
 
+def test_classify_reads_the_processor_of_the_models_commit(tmp_path, sources, no_network, monkeypatch, capsys):
+    # refs/main moves to NEW (other normalization) after the model is read and before `classify` reads
+    # preprocessor_config.json: the processor must still be OLD's, the one the weights were trained with.
+    from PIL import Image
+
+    from vithybrid_fast import processing
+    from vithybrid_fast.cli import main
+
+    for commit, mean in ((OLD, [0.5, 0.5, 0.5]), (NEW, [0.1, 0.2, 0.3])):
+        folder = tmp_path / f"processor-{commit[0]}"
+        vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size={"height": 72, "width": 72},
+                                                image_mean=mean).save_pretrained(folder)  # fmt: skip
+        files = {**files_of(sources["safetensors"], "config.json", "model.safetensors"),
+                 **files_of(folder, "preprocessor_config.json")}  # fmt: skip
+        add_snapshot(tmp_path / "cache", commit, files, refs=("main",) if commit == OLD else ())
+    real_load_model, processors = vf.loading.load_model, []
+
+    def load_model_then_move_main(*args, **kwargs):
+        model = real_load_model(*args, **kwargs)
+        (repo_dir(tmp_path / "cache") / "refs" / "main").write_text(NEW)
+        return model
+
+    def recording(load):
+        return lambda *args, **kwargs: processors.append(load(*args, **kwargs)) or processors[-1]
+
+    monkeypatch.setattr(vf.loading, "load_model", load_model_then_move_main)
+    monkeypatch.setattr(processing, "load_processor", recording(processing.load_processor))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (80, 90), (200, 30, 60)).save(image)
+    assert main(["classify", str(image), "--model", REPO_ID, "--kernels", "eager", "--device", "cpu"]) == 0
+    assert "class_" in capsys.readouterr().out
+    assert [p.image_mean for p in processors] == [[0.5, 0.5, 0.5]]  # before: NEW's [0.1, 0.2, 0.3]
+
+
 def test_weights_and_shards_are_asked_for_at_the_configs_commit(tmp_path, sources, no_network, downloads):
     add_snapshot(tmp_path, OLD, files_of(sources["sharded"]))
     vf.load(REPO_ID, kernels="eager", cache_dir=tmp_path, local_files_only=True)

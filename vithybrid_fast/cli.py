@@ -57,15 +57,20 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _processor_for(model_name: str, image_size: tuple[int, int], **hub_kwargs):
-    """The checkpoint's preprocessor_config.json, or the hub model's settings at the model's size."""
+def _processor_for(model_name: str, config):
+    """The checkpoint's preprocessor_config.json, or the hub model's settings at the model's size.
+
+    `config` is the loaded model's: a hub processor is read from the commit its config.json came from,
+    so a push (or another process's download) moving refs/main meanwhile cannot pair them across commits."""
     from .hub import CheckpointNotFoundError
+    from .loading import pin_to_snapshot
     from .processing import ViTHybridImageProcessor, load_processor
 
+    hub_kwargs = pin_to_snapshot(model_name, Path(config.config_file), {}) if config.config_file else {}
     try:
         return load_processor(model_name, **hub_kwargs)
     except CheckpointNotFoundError:
-        height, width = image_size
+        height, width = config.image_size_hw
         print(
             f"note: {model_name} has no preprocessor_config.json; using the hub model's preprocessing", file=sys.stderr
         )
@@ -132,7 +137,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         args.model, kernels=args.kernels, dtype=args.dtype, device=command_device(args.device),
         model_class=ViTHybridForImageClassification,
     )  # fmt: skip
-    processor = _processor_for(args.model, model.config.image_size_hw)
+    processor = _processor_for(args.model, model.config)
     classified = 0
 
     def prepare(image):  # each image preprocessed as it is read: a batch never holds full-size photos

@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, kernels=args.kernels, dtype=args.dtype, device=ctx.device,
             model_class=ViTHybridForImageClassification,
         )  # fmt: skip
-        pipeline = ImagePipeline(_processor_for(args.model, model.config.image_size_hw))
+        pipeline = ImagePipeline(_processor_for(args.model, model.config))
         dataset = open_dataset(
             args.data, pipeline, split="validation", image_column=args.image_column, label_column=args.label_column
         )

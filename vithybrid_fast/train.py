@@ -199,7 +199,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
         find_weight_files(cfg.model)
     # resuming: the saved run's own preprocessing (saved beside its weights), not --model's
     source = resume_dir if state is not None else cfg.model
-    processor = _processor_for(str(source), ViTHybridConfig.from_pretrained(source).image_size_hw)
+    processor = _processor_for(str(source), ViTHybridConfig.from_pretrained(source))
     pipeline = ImagePipeline(processor)
     train_spec, val_spec = data_specs(cfg.data)
     columns = {"image_column": cfg.image_column, "label_column": cfg.label_column}
