@@ -40,8 +40,9 @@ Limits, by design:
 - One caller at a time: replays share the static buffers, so do not call one runner from two
   threads or streams concurrently.
 - The runner is the model for `state_dict()` / `load_state_dict()` (the same keys as the wrapped
-  model, no `model.` prefix), and copies (`copy.deepcopy`, pickle, `torch.save` of the whole runner)
-  hold no graphs: they capture their own on first use.
+  model, no `model.` prefix; `named_parameters()` keeps it, as DDP's `module.` and torch.compile's
+  `_orig_mod.` do), and copies (`copy.deepcopy`, pickle, `torch.save` of the whole runner) hold no
+  graphs: they capture their own on first use.
 """
 
 from __future__ import annotations
