@@ -11,6 +11,7 @@ import torch
 
 import vithybrid_fast as vf
 from tests.hf_reference import build_hf_model, randomize_, tiny_config
+from vithybrid_fast import saving
 from vithybrid_fast.saving import parse_size
 
 transformers = pytest.importorskip("transformers")
@@ -180,3 +181,38 @@ def test_processor_round_trips_through_transformers(tmp_path):
     ours_pixels = again([image], return_tensors="pt")["pixel_values"]
     their_pixels = theirs([image], return_tensors="pt")["pixel_values"]
     assert torch.allclose(ours_pixels, their_pixels, atol=1e-6)
+
+
+def _failing_at_the_second_weight_file(monkeypatch):
+    real, calls = saving._write_weights, []
+
+    def write(path, shard, safe):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, shard, safe)
+
+    monkeypatch.setattr(saving, "_write_weights", write)
+    return calls
+
+
+def test_a_save_failing_at_its_second_shard_leaves_the_earlier_checkpoint_as_it_was(tmp_path, pixels, monkeypatch):
+    """Shard names repeat between saves: new shard 1 beside old shards 2… under the old index and config.json
+    loaded silently as one checkpoint (same keys, same shapes), mixing two models' weights."""
+    before = ours_tiny(seed=0)
+    before.save_pretrained(tmp_path, max_shard_size=60_000)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = _failing_at_the_second_weight_file(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        ours_tiny(seed=1).save_pretrained(tmp_path, max_shard_size=60_000)
+    assert calls[1].startswith("model-00002-of-") and len(files) > 4  # config, index, shards 1, 2, …
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # no staging folder left either
+    with torch.no_grad():
+        assert torch.allclose(vf.load(tmp_path, kernels="eager")(pixels).logits, before(pixels).logits, atol=1e-5)
+
+
+def test_a_failed_save_to_a_new_folder_leaves_no_folder(tmp_path, monkeypatch):
+    _failing_at_the_second_weight_file(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        ours_tiny().save_pretrained(tmp_path / "runs" / "best", max_shard_size=60_000)
+    assert list(tmp_path.iterdir()) == []

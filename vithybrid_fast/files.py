@@ -75,15 +75,31 @@ def staged_output(path: Path, companions: tuple[str, ...] = ()) -> Iterator[Path
     On failure, the block's or a move's, `path` and its companions are as they were, and directories
     made for them are removed when empty.
     """
-    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    with staged_files(
+        path.parent, last=path.name, stale=lambda written: [n for n in companions if n not in written]
+    ) as staging:
+        yield staging / path.name
+
+
+@contextlib.contextmanager
+def staged_files(
+    folder: Path, last: str, stale: Callable[[list[str]], list[str]] = lambda written: []
+) -> Iterator[Path]:
+    """A fresh directory inside `folder` (made if need be) to write a set of files into; if the block
+    succeeds they are all moved into `folder` at once (`last` last) and the files `stale(written)` names
+    there are removed, else `folder` is left as it was and directories made for it are removed when empty.
+
+    So a set that is read together (a checkpoint's shards, index and config.json) is never half new and
+    half old after a failed write: a full disk while writing the second shard changes nothing.
+    """
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     staging = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-        yield staging / path.name
-        written = sorted(os.listdir(staging), key=lambda name: name == path.name)
-        stale = [name for name in companions if name not in written]
-        _move_into_place(staging, path.parent, written, stale)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{last}.", suffix=".partial", dir=folder))
+        yield staging
+        written = sorted(os.listdir(staging), key=lambda name: name == last)
+        _move_into_place(staging, folder, written, stale(written))
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

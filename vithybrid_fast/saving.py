@@ -5,9 +5,12 @@
     model-00001-of-0000N.safetensors + model.safetensors.index.json   (transformers' names and index)
     (pytorch_model*.bin and pytorch_model.bin.index.json with safe_serialization=False)
 
-transformers 4.47.1's `from_pretrained` and our `load` read it. Every file is written under a temporary
-name and renamed into place, and weight files of an earlier save that the new one does not use are
-removed afterwards, so the directory never mixes two checkpoints. Every file, weights included, gets the
+transformers 4.47.1's `from_pretrained` and our `load` read it. All files are written into a hidden
+staging folder inside the directory first and moved into place together, config.json last, once every
+one was written; weight files of an earlier save that the new one does not use are removed then. So a
+failed save (a full disk at the second shard, an interrupt) leaves an earlier checkpoint there as it was,
+never new shards beside old ones under the old index; the price is room for the whole new checkpoint
+beside the old one while it is written. Every file, weights included, gets the
 mode the umask gives a new file (0644 under umask 022), so other users can read a shared checkpoint
 (safetensors alone writes 0600). The safetensors header carries
 `{"format": "pt"}`, which transformers requires.
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import write_atomic
+from .files import staged_files, write_atomic
 
 _SIZE_UNITS = {
     "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -98,32 +101,29 @@ def save_pretrained(
         raise NotADirectoryError(f"{directory} is a file; save_pretrained needs a directory")
     max_bytes = parse_size(max_shard_size)
     state = _checked_state_dict(model)
-    directory.mkdir(parents=True, exist_ok=True)
-
     stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
     shards = _shards(state, max_bytes)
-    written: set[str] = set()
     if len(shards) == 1:
         names = [f"{stem}.{ext}"]
     else:
         names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        _write_weights(directory / name, shard, safe_serialization)
-        written.add(name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
-        }
-        index_name = f"{stem}.{ext}.index.json"
-        write_atomic(directory / index_name, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
-        written.add(index_name)
-
     config = model.config
     config.architectures = [type(model).__name__]
     config.torch_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else None
-    write_atomic(directory / "config.json", lambda tmp: tmp.write_text(config.to_json_string()))
-    for stale in directory.iterdir():
-        if stale.is_file() and _WEIGHT_FILE.match(stale.name) and stale.name not in written:
-            stale.unlink()
+
+    def stale(written: list[str]) -> list[str]:  # an earlier save's weight files, and its crashed temporaries
+        old = [p.name for p in directory.iterdir() if p.is_file() and p.name not in written]
+        return [name for name in old if _WEIGHT_FILE.match(name) or name.removesuffix(".tmp") in written]
+
+    with staged_files(directory, last="config.json", stale=stale) as staging:
+        for name, shard in zip(names, shards):
+            _write_weights(staging / name, shard, safe_serialization)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
+            }
+            text = json.dumps(index, indent=2) + "\n"
+            write_atomic(staging / f"{stem}.{ext}.index.json", lambda tmp: tmp.write_text(text))
+        write_atomic(staging / "config.json", lambda tmp: tmp.write_text(config.to_json_string()))
     return directory
