@@ -423,6 +423,24 @@ def test_freeze_backbone_and_gradient_accumulation(trained):
         assert torch.allclose(runs[1][key], runs[2][key], atol=1e-6), key
 
 
+def test_gradient_checkpointing_trains_the_same_steps(trained, monkeypatch):
+    """--gradient-checkpointing recomputes activations in the backward pass: the same losses step by step."""
+    import torch.utils.checkpoint
+
+    root, _ = trained
+    real, calls = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = root / "checkpointed"
+    argv = ["finetune", str(root / "data"), "--model", str(root / "start"), "--output-dir", str(out), "--epochs", "3",
+            "--batch-size", "8", "--lr", "1e-3", "--num-workers", "0", "--kernels", "sdpa", "--device", "cpu",
+            "--max-epochs-this-run", "1", "--gradient-checkpointing"]  # fmt: skip
+    assert main(argv) == 0
+    steps = [r for r in read_log(out / "train_log.jsonl") if r["type"] == "step"]
+    uncheckpointed = [r for r in read_log(root / "out" / "train_log.jsonl") if r["type"] == "step"]
+    assert len(calls) >= len(steps) * 6  # the tiny model's 2 encoder + 4 bottleneck layers, every step
+    assert [r["loss"] for r in steps] == [r["loss"] for r in uncheckpointed[: len(steps)]]
+
+
 def test_bad_settings_are_errors_with_reasons(trained, capsys):
     root, _ = trained
     argv = ["finetune", str(root / "data"), "--model", str(root / "start"), "--kernels", "sdpa", "--num-workers", "0",

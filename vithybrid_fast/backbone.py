@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .activations import get_activation
+from .checkpointing import call_layer
 from .config import BitConfig, make_div
 from .weight_cache import DerivedWeightCache
 
@@ -237,9 +238,13 @@ class BitStage(nn.Module):
                 first_dilation=first_dilation, drop_path_rate=drop_path_rates[idx], is_first_layer=idx == 0,
             ))  # fmt: skip
             in_channels, first_dilation = out_channels, dilation
+        self.gradient_checkpointing = False  # see vithybrid_fast.checkpointing
+        self._gradient_checkpointing_func = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        for layer in self.layers:
+            x = call_layer(self, layer, x)
+        return x
 
 
 class BitEncoder(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 
 from .activations import get_activation
 from .backbone import BitBackbone
+from .checkpointing import call_layer, set_gradient_checkpointing
 from .config import ViTHybridConfig
 from .outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
@@ -235,6 +236,8 @@ class ViTHybridEncoder(nn.Module):
     def __init__(self, config: ViTHybridConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(ViTHybridLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # see vithybrid_fast.checkpointing
+        self._gradient_checkpointing_func = None
 
     def forward(
         self,
@@ -248,7 +251,8 @@ class ViTHybridEncoder(nn.Module):
         for i, layer in enumerate(self.layer):
             if output_hidden_states:
                 all_states.append(hidden_states)
-            hidden_states, probs = layer(hidden_states, None if head_mask is None else head_mask[i], output_attentions)
+            mask = None if head_mask is None else head_mask[i]
+            hidden_states, probs = call_layer(self, layer, hidden_states, mask, output_attentions)
             if output_attentions:
                 all_probs.append(probs)
         if output_hidden_states:
@@ -274,6 +278,21 @@ class ViTHybridPreTrainedModel(nn.Module):
     """Shared behaviour: config, weight init, attention switch, dtype/device helpers."""
 
     config: ViTHybridConfig
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Training keeps only each encoder layer's and backbone bottleneck layer's input and recomputes the
+        rest in the backward pass: less memory (bigger batches) for about one more forward pass of time.
+        `gradient_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint` (`use_reentrant` defaults
+        to False; see `vithybrid_fast.checkpointing` for how this differs from transformers)."""
+        set_gradient_checkpointing(self, gradient_checkpointing_kwargs or {})
+
+    def gradient_checkpointing_disable(self) -> None:
+        set_gradient_checkpointing(self, None)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     def init_weights(self, root: nn.Module | None = None) -> None:
         """transformers' initialization (truncated normal, std initializer_range) of `root` (default: all)."""

@@ -12,8 +12,9 @@ classes (training a fine-tuned model further); everything else comes from `--mod
 
 Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), linear warm-up then cosine
 decay per optimizer step, gradient clipping, bf16 autocast on sm_80+ GPUs (float16 with dynamic loss
-scaling on V100 / T4), gradient accumulation, `--freeze-backbone` (train the head only), our Triton
-kernels forward and backward on a GPU (`--kernels auto`; SDPA on a CPU). Training images are augmented
+scaling on V100 / T4), gradient accumulation, `--freeze-backbone` (train the head only),
+`--gradient-checkpointing` (less memory), our Triton kernels forward and backward on a GPU (`--kernels auto`;
+SDPA on a CPU). Training images are augmented
 (`--augment`: random resized crop and horizontal flip by default, seeded per image and epoch, see
 `augment.py`); validation images get the checkpoint's own preprocessing. `--label-smoothing` softens the
 cross-entropy targets.
@@ -79,6 +80,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     freeze_backbone: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
     augment: str = "crop-flip"  # crop-flip | flip | none (see augment.py)
     min_crop_scale: float = 0.08  # smallest crop area of crop-flip, as a fraction of the image
     label_smoothing: float = 0.0
@@ -234,6 +236,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     model.to(ctx.device).train()
     if cfg.freeze_backbone:
         model.vit.requires_grad_(False)
+    if cfg.gradient_checkpointing:  # changes memory and time only: not a --resume setting
+        model.gradient_checkpointing_enable()
     patch(model, kernels)
     trained = model
     if ctx.enabled:
@@ -374,6 +378,9 @@ def register(subparsers: Any) -> None:
         help="micro-steps per optimizer step (default: %(default)s)",
     )
     add("--freeze-backbone", action="store_true", help="train the classification head only")
+    add("--gradient-checkpointing", action="store_true",
+        help="keep only each layer's input and recompute the rest in the backward pass: less memory "
+        "(fewer --grad-accum steps for a batch) for about one more forward pass of time")  # fmt: skip
     add("--augment", default="crop-flip", choices=["crop-flip", "flip", "none"],
         help="training images: random resized crop + horizontal flip, flip only, or none (the evaluation "
         "preprocessing) (default: %(default)s)")  # fmt: skip
