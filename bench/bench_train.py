@@ -4,6 +4,8 @@ Providers, measured in the same run on the same GPU, weights, pixels and labels:
   ours-triton       our model patched with every Triton kernel (forward and backward)
   ref-sdpa          the plain-PyTorch reference with torch SDPA attention
   compile-default   torch.compile(reference, mode="default")
+and, when named in --providers, the same with gradient checkpointing (`model.gradient_checkpointing_enable()`,
+`finetune --gradient-checkpointing`): ours-triton-ckpt, ref-sdpa-ckpt (time and peak memory it trades).
 
 Each step runs the forward under bf16 or fp16 autocast (float32 master weights, as `vithybrid-fast
 finetune` does on a GPU; fp16 with its dynamic loss scaling), the backward, gradient clipping and an
@@ -30,6 +32,7 @@ from .arguments import dtype_names, positive_int, positive_ints
 from .common import RecordLog, environment, exit_without_cuda, first_call_ms, print_and_save, time_fn
 
 PROVIDERS = ("ours-triton", "ref-sdpa", "compile-default")
+CHECKPOINTED = ("ours-triton-ckpt", "ref-sdpa-ckpt")  # asked for by name only: a default run stays as long
 CPU_PROVIDERS = ("ref-sdpa",)
 
 
@@ -42,6 +45,9 @@ def build(provider: str, config, state: dict[str, torch.Tensor], device: torch.d
         model = ViTHybridForImageClassification(copy.deepcopy(config))
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     model.train()
+    if provider in CHECKPOINTED:
+        model.gradient_checkpointing_enable()
+        provider = provider.removesuffix("-ckpt")
     if provider == "ours-triton":
         return patch(model, "triton")
     model.set_attn_implementation("sdpa")
@@ -139,15 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=positive_ints, default=[32, 64], help="comma-separated (default: 32,64)")
     parser.add_argument("--dtypes", type=dtype_names, default=["bfloat16"], help="autocast dtypes (default: bfloat16)")
-    parser.add_argument("--providers", default=None, help=f"comma-separated from {','.join(PROVIDERS)}")
+    known = (*PROVIDERS, *CHECKPOINTED)
+    parser.add_argument("--providers", default=None, help=f"comma-separated from {','.join(known)}")
     parser.add_argument("--config", default="base", choices=("base", "tiny"))
     parser.add_argument("--reps", type=positive_int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here")
     args = parser.parse_args(argv)
     providers = tuple(args.providers.split(",")) if args.providers else None
-    unknown = sorted(set(providers or ()) - set(PROVIDERS))
+    unknown = sorted(set(providers or ()) - set(known))
     if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {', '.join(PROVIDERS)}")
+        parser.error(f"--providers: unknown {unknown}; choose from {', '.join(known)}")
     if torch.device(args.device).type == "cuda":  # --device cpu is the documented smoke run
         exit_without_cuda(parser.prog, args.device)
     with RecordLog(args.out.with_suffix(".jsonl") if args.out else None) as log:

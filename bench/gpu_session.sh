@@ -21,7 +21,7 @@
 #   bash bench/gpu_session.sh step train [DTYPES]   training steps/s: ours-triton vs ref-sdpa vs compile (bench_train)
 #   bash bench/gpu_session.sh step input            the host's decode + preprocessing images/s per worker count
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
-# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
+# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, TRAIN_PROVIDERS (e.g. adding ours-triton-ckpt), STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
 # PYTHON (default python3), DEVICE (default cuda), WHEELS (default .whl).
 #
@@ -142,7 +142,7 @@ run_step() {
         --no-backward --out "$OUT/configs" ;;
     train)  # one optimizer step (fwd, bwd, clip, AdamW) per provider; fp16 with loss scaling as finetune
       within_budget "$OUT/train.log" "$PYTHON" -m vithybrid_fast.bench.bench_train --batches "${TRAIN_BATCHES:-32,64}" \
-        --dtypes "${arg:-bfloat16,float16}" --out "$OUT/train.json" ;;
+        --dtypes "${arg:-bfloat16,float16}" ${TRAIN_PROVIDERS:+--providers "$TRAIN_PROVIDERS"} --out "$OUT/train.json" ;;
     input)  # CPU side: can the DataLoader workers feed the GPU's images/s? (no GPU used)
       within_budget "$OUT/input.log" "$PYTHON" -m vithybrid_fast.bench.bench_input --workers "${INPUT_WORKERS:-0,1,4,8,14}" \
         --out "$OUT/input.json" ;;

@@ -556,6 +556,18 @@ def test_training_benchmark_runs_on_the_cpu_smoke_config():
     assert "ref-sdpa" in table(records)
 
 
+def test_training_benchmark_measures_gradient_checkpointing_when_asked():
+    from vithybrid_fast.bench.bench_train import build, run
+    from vithybrid_fast.bench.e2e import CONFIGS, random_state_dict
+
+    records = run(device="cpu", batches=(2,), dtypes=("float32",), providers=("ref-sdpa", "ref-sdpa-ckpt"),
+                  config_name="tiny", reps=1)  # fmt: skip
+    assert [r["provider"] for r in records] == ["ref-sdpa", "ref-sdpa-ckpt"] and all("error" not in r for r in records)
+    config, cpu = CONFIGS["tiny"](), torch.device("cpu")
+    assert build("ref-sdpa-ckpt", config, random_state_dict(config, cpu), cpu).is_gradient_checkpointing
+    assert not build("ref-sdpa", config, random_state_dict(config, cpu), cpu).is_gradient_checkpointing
+
+
 def test_training_benchmark_float16_step_scales_the_loss_as_finetune_does():
     """bench_train's float16 step pays for what `finetune`'s does: a GradScaler, unscaled before clipping."""
     from vithybrid_fast.bench.bench_train import build, make_step
