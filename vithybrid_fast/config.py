@@ -328,6 +328,11 @@ class ViTHybridConfig(_ConfigBase):
     def num_labels(self) -> int:
         return len(self.id2label)
 
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The fields a config takes by name (those `from_pretrained(path, <field>=value)` may change)."""
+        return {*cls._DEFAULTS, "backbone_config", "id2label", "label2id", "num_labels"}
+
     @num_labels.setter
     def num_labels(self, value: int) -> None:
         self._set_labels(None, None, value)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import ViTHybridConfig
+from .hf_arguments import changed_config, drop_mismatched, initialize
 from .hub import (
     CheckpointNotFoundError,
     hub_cache_dir,
@@ -301,15 +302,20 @@ def _describe_default(field: str, value: Any) -> str:
 
 
 def check_state_dict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, config: ViTHybridConfig | None = None
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    config: ViTHybridConfig | None = None,
+    fresh: set[str] = frozenset(),
 ) -> None:
-    """Raise CheckpointError unless `state` has exactly the model's keys and shapes.
+    """Raise CheckpointError unless `state` has exactly the model's keys and shapes (but `fresh`, the keys
+    left out to be initialized anew).
 
     When the config was read from a file that left out a field deciding the keys that do not fit,
     the error leads with that field and the default it took — the likeliest cause — and then shows
     the first few keys of each kind, counting the rest."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - fresh)
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
     if not (missing or unexpected or misshaped):
@@ -332,7 +338,9 @@ def check_state_dict(
             f"do not fit the model built from it (set {'them' if len(causes) > 1 else 'it'} to the checkpoint's value)"
         )
         raise CheckpointError(f"{lead} — " + "; ".join(parts))
-    raise CheckpointError(f"{source} does not match its config.json — " + "; ".join(parts))
+    # a config changed on purpose (a head of other classes): transformers' flag starts those weights afresh
+    hint = " (to initialize the mis-shaped ones anew, pass ignore_mismatched_sizes=True)" if misshaped else ""
+    raise CheckpointError(f"{source} does not match its config.json — " + "; ".join(parts) + hint)
 
 
 def load_model(
@@ -340,29 +348,35 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | int | None = None,
     model_class: type[ViTHybridPreTrainedModel] | None = None,
+    config: ViTHybridConfig | dict[str, Any] | None = None,
+    ignore_mismatched_sizes: bool = False,
     **hub_kwargs: Any,
 ) -> ViTHybridPreTrainedModel:
-    """Config + weights → model in eval mode, with reference (plain PyTorch) modules."""
+    """Config + weights → model in eval mode, with reference (plain PyTorch) modules.
+
+    config, ignore_mismatched_sizes: as `load` takes them (see `vithybrid_fast.hf_arguments`)."""
     if model_class is not None and not (
         isinstance(model_class, type) and issubclass(model_class, ViTHybridPreTrainedModel)
     ):
         # before the weights are read (a string such as "ViTHybridModel" failed only after, in isinstance)
         raise TypeError(f"model_class must be ViTHybridModel or ViTHybridForImageClassification, got {model_class!r}")
     config_path = resolve_file(name_or_path, "config.json", required=True, **hub_kwargs)
-    config = ViTHybridConfig.from_json_file(config_path)
+    config = changed_config(ViTHybridConfig.from_json_file(config_path), config)
     hub_kwargs = pin_to_snapshot(name_or_path, config_path, hub_kwargs)
     dtype, device = resolve_dtype(dtype, config), resolve_device(device)
     files = find_weight_files(name_or_path, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
     state = read_state_dict(files, dtype, device)
     model = build_for_keys(config, set(state))
+    fresh = drop_mismatched(model, state) if ignore_mismatched_sizes else []
     if model_class is ViTHybridForImageClassification and not isinstance(model, model_class):
         raise CheckpointError(
             f"{name_or_path} holds a ViTHybridModel without a classification head; load it with "
             "ViTHybridModel.from_pretrained (or vf.load), or train a head with `vithybrid-fast finetune`"
         )
-    check_state_dict(model, state, str(name_or_path), config)
-    model.load_state_dict(state, strict=True, assign=True)
+    check_state_dict(model, state, str(name_or_path), config, fresh=set(fresh))
+    model.load_state_dict(state, strict=not fresh, assign=True)
+    initialize(model, fresh, config.initializer_range, dtype, device)
     if model_class is ViTHybridModel and isinstance(model, ViTHybridForImageClassification):
         logger.info("%s: the classification head is dropped (ViTHybridModel asked for)", name_or_path)
         model = model.vit
@@ -381,6 +395,8 @@ def load(
     cuda_graphs: bool = False,
     model_class: type[ViTHybridPreTrainedModel] | None = None,
     frozen: bool = False,
+    config: ViTHybridConfig | dict[str, Any] | None = None,
+    ignore_mismatched_sizes: bool = False,
 ) -> torch.nn.Module:
     """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
 
@@ -391,6 +407,10 @@ def load(
     model_class: the class asked for (`from_pretrained` passes its own); None takes what the checkpoint holds.
     frozen: `vithybrid_fast.freeze(model)`: derived weights (standardized conv weights, fused QKV) are
     computed once and held, on the promise that the weights will not change (see `freeze`).
+    config: a ViTHybridConfig to build instead of the checkpoint's config.json, or a dict of fields to
+    change in it ({"num_labels": 3}, {"hidden_dropout_prob": 0.1}).
+    ignore_mismatched_sizes: weights whose shape the config does not take (a head of other classes)
+    start from transformers' initialization, with a warning, instead of being a CheckpointError.
     """
     from .patching import apply_kernels, validate_kernels
 
@@ -401,7 +421,7 @@ def load(
     if cuda_graphs and resolved_device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs device='cuda', got {resolved_device}")
     model = load_model(
-        name_or_path, dtype, device, model_class,
+        name_or_path, dtype, device, model_class, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes,
         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
     )  # fmt: skip
     model = apply_kernels(model, kernels)

@@ -274,6 +274,23 @@ class ViTHybridPooler(nn.Module):
         return self.activation(self.dense(hidden_states[:, 0]))
 
 
+@torch.no_grad()
+def init_parameter_(module: nn.Module, name: str, std: float) -> None:
+    """transformers' initialization of the parameter `module.<name>`, in place: truncated normal (std
+    initializer_range) for linear/conv weights and the [CLS] and position tables; ones for norm weights;
+    zeros for biases and the mask token."""
+    param = getattr(module, name)
+    matrix = isinstance(module, (nn.Linear, nn.Conv2d)) and name == "weight"
+    if matrix or name in ("position_embeddings", "cls_token"):
+        nn.init.trunc_normal_(param, mean=0.0, std=std)
+    elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and name == "weight":
+        nn.init.ones_(param)
+    elif name in ("bias", "mask_token"):
+        nn.init.zeros_(param)
+    else:
+        raise ValueError(f"no initialization is defined for {type(module).__name__}.{name}")
+
+
 class ViTHybridPreTrainedModel(nn.Module):
     """Shared behaviour: config, weight init, attention switch, dtype/device helpers."""
 
@@ -296,18 +313,16 @@ class ViTHybridPreTrainedModel(nn.Module):
 
     def init_weights(self, root: nn.Module | None = None) -> None:
         """transformers' initialization (truncated normal, std initializer_range) of `root` (default: all)."""
-        std = self.config.initializer_range
         for module in (self if root is None else root).modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, ViTHybridEmbeddings):
-                nn.init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-                nn.init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if isinstance(module, ViTHybridEmbeddings):
+                names: tuple[str, ...] = ("position_embeddings", "cls_token")
+            elif isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)):
+                names = ("weight", "bias")
+            else:
+                continue
+            for name in names:
+                if getattr(module, name) is not None:
+                    init_parameter_(module, name, self.config.initializer_range)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB", safe_serialization: bool = True
@@ -320,15 +335,31 @@ class ViTHybridPreTrainedModel(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **load_kwargs: Any) -> nn.Module:
-        """`vithybrid_fast.load(name_or_path, **load_kwargs)`, as this class.
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        config: ViTHybridConfig | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        device_map: Any = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """`vithybrid_fast.load(name_or_path, **kwargs)`, as this class; transformers' arguments work too:
+        torch_dtype, attn_implementation, config, device_map, config fields as keywords (num_labels=3,
+        id2label=…) with ignore_mismatched_sizes=True for a new head (see `vithybrid_fast.hf_arguments`).
 
         `ViTHybridModel.from_pretrained` of a classification checkpoint gives its encoder (the head is
         dropped, as transformers does); a headless checkpoint cannot give a classifier.
         """
+        import inspect
+
+        from .hf_arguments import load_arguments
         from .loading import load
 
-        return load(name_or_path, model_class=cls, **load_kwargs)
+        parameters = set(inspect.signature(load).parameters) - {"name_or_path", "model_class", "config"}
+        arguments = load_arguments(kwargs, parameters, config, torch_dtype, attn_implementation, device_map)
+        return load(name_or_path, model_class=cls, **arguments)
 
     def set_attn_implementation(self, implementation: str) -> None:
         if implementation not in ("eager", "sdpa"):

@@ -1,0 +1,115 @@
+"""`from_pretrained` with transformers' arguments (vithybrid_fast/hf_arguments.py): a fine-tune start written
+for transformers 4.47.1 gives here what it gives there — the same config, the same loaded weights, the
+same weights started afresh — and every argument we cannot honour is an error, never dropped."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import vithybrid_fast as vf
+from tests.hf_reference import randomize_, tiny_config
+from vithybrid_fast.loading import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+NEW_LABELS = {0: "cat", 1: "dog", 2: "bird"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config()))
+    randomize_(model)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    return path
+
+
+def loaded_both(path, **kwargs):
+    ours = vf.ViTHybridForImageClassification.from_pretrained(path, kernels="eager", **kwargs)
+    hf = transformers.ViTHybridForImageClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
+    return ours, hf
+
+
+def fresh_keys(model, path) -> set[str]:
+    """The keys whose values are not the checkpoint's (shape changed, or value)."""
+    saved = vf.load(path, kernels="eager").state_dict()
+    state = model.state_dict()
+    return {k for k, v in state.items() if k not in saved or saved[k].shape != v.shape or not torch.equal(saved[k], v)}
+
+
+def test_a_new_head_as_transformers_starts_a_finetune(checkpoint, caplog):
+    label2id = {name: i for i, name in NEW_LABELS.items()}
+    with caplog.at_level(logging.WARNING, logger="vithybrid_fast"):
+        ours, hf = loaded_both(
+            checkpoint, num_labels=3, id2label=NEW_LABELS, label2id=label2id, ignore_mismatched_sizes=True
+        )
+    assert ours.config.id2label == hf.config.id2label == NEW_LABELS and ours.config.label2id == label2id
+    assert fresh_keys(ours, checkpoint) == fresh_keys(hf, checkpoint) == {"classifier.weight", "classifier.bias"}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    assert torch.equal(ours.classifier.bias, torch.zeros(3))  # transformers' initialization
+    assert 0.01 < ours.classifier.weight.std().item() < 0.03  # truncated normal, std initializer_range 0.02
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "classifier.weight: checkpoint (7, 48), model (3, 48): newly initialized" in warned
+    ours.classifier.load_state_dict(hf.classifier.state_dict())  # the rest is the checkpoint's in both
+    pixels = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels).logits, hf(pixels).logits, rtol=1e-4, atol=1e-4)
+    ours.save_pretrained(checkpoint.parent / "restarted")  # and it saves as a checkpoint of the new classes
+    assert vf.load(checkpoint.parent / "restarted").config.id2label == NEW_LABELS
+
+
+def test_num_labels_alone_relabels_as_transformers_does(checkpoint):
+    ours, hf = loaded_both(checkpoint, num_labels=3, ignore_mismatched_sizes=True)
+    assert ours.config.id2label == hf.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
+
+def test_a_mismatched_head_without_the_flag_says_what_to_do(checkpoint):
+    with pytest.raises(CheckpointError, match=r"classifier.weight: checkpoint \(7, 48\) vs model \(3, 48\).*"
+                       r"pass ignore_mismatched_sizes=True"):  # fmt: skip
+        vf.ViTHybridForImageClassification.from_pretrained(checkpoint, num_labels=3)
+
+
+def test_another_input_size_starts_only_the_position_table_afresh(checkpoint):
+    change = {"image_size": 96, "backbone_featmap_shape": [1, 96, 6, 6]}  # 72² → 96²: 6×6 tokens, not 5×5
+    ours, hf = loaded_both(checkpoint, ignore_mismatched_sizes=True, **change)
+    assert fresh_keys(ours, checkpoint) == fresh_keys(hf, checkpoint) == {"vit.embeddings.position_embeddings"}
+    assert ours.vit.embeddings.position_embeddings.shape == (1, 37, 48)
+    model = vf.load(checkpoint, config=change, ignore_mismatched_sizes=True)  # vf.load takes a dict of fields
+    assert model.config.image_size == 96 and fresh_keys(model, checkpoint) == {"vit.embeddings.position_embeddings"}
+
+
+def test_torch_dtype_attn_implementation_and_config_fields(checkpoint):
+    Model = vf.ViTHybridForImageClassification
+    model = Model.from_pretrained(checkpoint, torch_dtype=torch.bfloat16, attn_implementation="eager",
+                                  hidden_dropout_prob=0.3)  # fmt: skip
+    assert model.dtype == torch.bfloat16 and model.config.attn_implementation == "eager"
+    assert model.config.hidden_dropout_prob == 0.3 and model.vit.encoder.layer[0].output.dropout.p == 0.3
+    assert Model.from_pretrained(checkpoint, torch_dtype="auto").dtype == torch.float32  # config.json's dtype
+    assert Model.from_pretrained(checkpoint, attn_implementation="sdpa").config.attn_implementation == "sdpa"
+    model = Model.from_pretrained(checkpoint, device_map="cpu", low_cpu_mem_usage=True, trust_remote_code=False)
+    assert model.device == torch.device("cpu")
+    config = vf.ViTHybridConfig.from_pretrained(checkpoint)
+    config.id2label = NEW_LABELS
+    model = Model.from_pretrained(checkpoint, config=config, ignore_mismatched_sizes=True)
+    assert model.config.id2label == NEW_LABELS and model.classifier.out_features == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"foo": 1}, TypeError, r"unexpected keyword arguments \['foo'\]: it takes vf.load's arguments"),
+        ({"output_loading_info": True}, TypeError, "output_loading_info"),
+        ({"attn_implementation": "flash_attention_2"}, ValueError, "takes 'eager' or 'sdpa'"),
+        ({"attn_implementation": "eager", "kernels": "triton"}, ValueError, "disagree"),
+        ({"torch_dtype": torch.float16, "dtype": torch.bfloat16}, ValueError, "disagree"),
+        ({"device_map": {"": "cpu", "classifier": "cuda"}}, ValueError, "loads on one"),
+        ({"config": {"num_labels": 3}}, TypeError, "config must be a vithybrid_fast.ViTHybridConfig"),
+        ({"hidden_dropout_prob": 2.0}, ValueError, "hidden_dropout_prob"),
+    ],
+)
+def test_what_cannot_be_honoured_is_an_error(checkpoint, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        vf.ViTHybridForImageClassification.from_pretrained(checkpoint, **kwargs)

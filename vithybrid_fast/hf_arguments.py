@@ -1,0 +1,136 @@
+"""transformers' `from_pretrained` arguments, as `ViTHybridForImageClassification.from_pretrained` takes them.
+
+Code written for transformers starts a fine-tune like this, and it works here unchanged:
+
+    model = ViTHybridForImageClassification.from_pretrained(
+        "google/vit-hybrid-base-bit-384", num_labels=3, id2label=..., label2id=...,
+        ignore_mismatched_sizes=True, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+
+- `torch_dtype` is `dtype`; `attn_implementation` ("eager" | "sdpa") is `kernels`, unless kernels is given.
+- `config=` (a ViTHybridConfig) replaces the checkpoint's config.json; config fields given as keywords
+  (num_labels, id2label, hidden_dropout_prob, …) change it, as transformers applies them.
+- `ignore_mismatched_sizes=True`: weights whose shape the (changed) config does not take — a head of
+  other classes, a position table of another size — start from transformers' initialization instead,
+  and a warning names them. Without it such a checkpoint is a CheckpointError that says this.
+- `device_map` naming one device is `device`; `low_cpu_mem_usage` and `trust_remote_code` change nothing
+  (the load never holds a second copy of the weights, and runs no code from the checkpoint).
+Anything else is a TypeError naming what is accepted, not an argument silently dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ViTHybridConfig
+from .modeling import init_parameter_
+
+logger = logging.getLogger(__name__)
+
+ATTENTION = ("eager", "sdpa")
+NO_EFFECT = ("low_cpu_mem_usage", "trust_remote_code")
+
+
+def load_arguments(
+    kwargs: dict[str, Any],
+    load_parameters: set[str],
+    config: ViTHybridConfig | None,
+    torch_dtype: Any,
+    attn_implementation: str | None,
+    device_map: Any,
+) -> dict[str, Any]:
+    """`vf.load`'s keyword arguments for a `from_pretrained(**kwargs)` call written for transformers."""
+    arguments = {k: v for k, v in kwargs.items() if k in load_parameters}
+    fields = {k: v for k, v in kwargs.items() if k not in load_parameters and k not in NO_EFFECT}
+    unknown = sorted(set(fields) - ViTHybridConfig.field_names())
+    if unknown:
+        raise TypeError(
+            f"from_pretrained() got unexpected keyword arguments {unknown}: it takes vf.load's arguments "
+            f"({', '.join(sorted(load_parameters))}), transformers' torch_dtype, attn_implementation, config, "
+            "device_map, and config fields such as num_labels or id2label"
+        )
+    for name, value, target in (("torch_dtype", torch_dtype, "dtype"), ("device_map", device_map, "device")):
+        if value is None:
+            continue
+        if name == "device_map":
+            value = _single_device(value)
+        if target in arguments and arguments[target] != value:
+            raise ValueError(f"{name}={value!r} and {target}={arguments[target]!r} disagree: give one of them")
+        arguments[target] = value
+    if attn_implementation is not None:
+        if attn_implementation not in ATTENTION:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r}: ViT Hybrid takes 'eager' or 'sdpa' (transformers "
+                "4.47.1 too); our flash attention kernel is kernels='triton'"
+            )
+        kernels = arguments.setdefault("kernels", attn_implementation)
+        if kernels not in (attn_implementation, "auto") and not isinstance(kernels, dict):
+            raise ValueError(f"attn_implementation={attn_implementation!r} and kernels={kernels!r} disagree")
+        if kernels == "auto":
+            arguments["kernels"] = attn_implementation
+    if config is not None and not isinstance(config, ViTHybridConfig):
+        raise TypeError(f"config must be a vithybrid_fast.ViTHybridConfig, got {type(config).__name__}")
+    if fields:
+        arguments["config"] = fields if config is None else changed_config(config, fields)
+    elif config is not None:
+        arguments["config"] = config
+    return arguments
+
+
+def _single_device(device_map: Any) -> Any:
+    if isinstance(device_map, dict):
+        raise ValueError(
+            "device_map as a dict places modules on several devices; this model (about 400 MB) loads on one: "
+            "give device='cuda' (or a device_map naming one device)"
+        )
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_map
+
+
+def changed_config(config: ViTHybridConfig, change: ViTHybridConfig | dict[str, Any] | None) -> ViTHybridConfig:
+    """`config` (the checkpoint's) as `change` makes it: replaced by a config, or given fields set in order
+    (num_labels=3 relabels LABEL_0…, as in transformers), then checked as any config is."""
+    if change is None:
+        return config
+    if isinstance(change, ViTHybridConfig):
+        return change
+    if not isinstance(change, dict):
+        raise TypeError(f"config must be a ViTHybridConfig or a dict of its fields, got {type(change).__name__}")
+    changed = copy.deepcopy(config)
+    known = ViTHybridConfig.field_names() | set(changed.extra)  # extra: other fields its config.json holds
+    for key, value in change.items():
+        if key not in known:
+            raise TypeError(f"config has no field {key!r}; its fields: {', '.join(sorted(known))}")
+        setattr(changed, key, value)
+    checked = ViTHybridConfig.from_dict(changed.to_dict())  # the rules every config.json meets
+    checked.config_file, checked.defaulted_fields = config.config_file, config.defaulted_fields
+    return checked
+
+
+def drop_mismatched(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Remove from `state` the tensors whose shape `model` does not take; returns their keys."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    mismatched = sorted(k for k, v in state.items() if k in expected and v.shape != expected[k])
+    for key in mismatched:
+        logger.warning(
+            "%s: checkpoint %s, model %s: newly initialized (ignore_mismatched_sizes=True)",
+            key, tuple(state[key].shape), tuple(expected[key]),
+        )  # fmt: skip
+        del state[key]
+    return mismatched
+
+
+def initialize(model: nn.Module, keys: list[str], std: float, dtype: torch.dtype, device: torch.device) -> None:
+    """Give the (meta) parameters `keys` of `model` transformers' initial values, in float32 then `dtype`."""
+    for key in keys:
+        owner_name, _, name = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        shape = getattr(owner, name).shape
+        setattr(owner, name, nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32)))
+        init_parameter_(owner, name, std)
+        setattr(owner, name, nn.Parameter(getattr(owner, name).detach().to(dtype)))
