@@ -360,9 +360,13 @@ def load_model(
     ):
         # before the weights are read (a string such as "ViTHybridModel" failed only after, in isinstance)
         raise TypeError(f"model_class must be ViTHybridModel or ViTHybridForImageClassification, got {model_class!r}")
-    config_path = resolve_file(name_or_path, "config.json", required=True, **hub_kwargs)
-    config = changed_config(ViTHybridConfig.from_json_file(config_path), config)
-    hub_kwargs = pin_to_snapshot(name_or_path, config_path, hub_kwargs)
+    # a config given whole makes config.json optional: a weights-only save (transformers' Trainer saves a
+    # model that is not its PreTrainedModel that way) loads with the config it was trained with
+    given = isinstance(config, ViTHybridConfig)
+    config_path = resolve_file(name_or_path, "config.json", required=not given, **hub_kwargs)
+    if config_path is not None:
+        config = changed_config(ViTHybridConfig.from_json_file(config_path), config)
+        hub_kwargs = pin_to_snapshot(name_or_path, config_path, hub_kwargs)
     dtype, device = resolve_dtype(dtype, config), resolve_device(device)
     files = find_weight_files(name_or_path, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
@@ -407,8 +411,8 @@ def load(
     model_class: the class asked for (`from_pretrained` passes its own); None takes what the checkpoint holds.
     frozen: `vithybrid_fast.freeze(model)`: derived weights (standardized conv weights, fused QKV) are
     computed once and held, on the promise that the weights will not change (see `freeze`).
-    config: a ViTHybridConfig to build instead of the checkpoint's config.json, or a dict of fields to
-    change in it ({"num_labels": 3}, {"hidden_dropout_prob": 0.1}).
+    config: a ViTHybridConfig to build instead of the checkpoint's config.json (which may then be absent,
+    as in a weights-only save), or a dict of fields to change in it ({"num_labels": 3}).
     ignore_mismatched_sizes: weights whose shape the config does not take (a head of other classes)
     start from transformers' initialization, with a warning, instead of being a CheckpointError.
     """
