@@ -59,3 +59,18 @@ def test_the_trainer_trains_evaluates_and_checkpoints_our_model(tmp_path):
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for key, tensor in model.state_dict().items():  # load_best_model_at_end put that epoch's weights back
         assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_predictions_with_label_smoothing_are_the_logits(tmp_path):
+    """With label_smoothing_factor the Trainer takes the labels out and reads the logits from the outputs:
+    as a dict (ModelOutput's kind) by name; a tuple-like output lost them (`outputs[1:]` was empty)."""
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).eval()
+    args = transformers.TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to=[],
+                                          per_device_eval_batch_size=4, disable_tqdm=True)  # fmt: skip
+    data = Noise(8)
+    predicted = transformers.Trainer(model=model, args=args).predict(data)
+    with torch.no_grad():
+        logits = model(torch.stack([data[i]["pixel_values"] for i in range(8)])).logits
+    assert predicted.predictions.shape == (8, 7)
+    torch.testing.assert_close(torch.from_numpy(predicted.predictions), logits, rtol=1e-5, atol=1e-5)

@@ -141,6 +141,12 @@ def test_outputs_answer_mapping_questions_as_transformers_model_output(model):
     assert all(a is b for a, b in zip(out.values(), theirs.values()))
     assert out.get("logits") is out.logits and out.get("attentions", "absent") == "absent"
     assert torch.equal(out[1], theirs[1]) and torch.equal(out["loss"], theirs["loss"])
+    # a dict, as ModelOutput is: transformers' Trainer reads any other output as a plain tuple
+    assert isinstance(out, dict) and isinstance(theirs, dict) and dict(out).keys() == dict(theirs).keys()
+    out.loss = None  # fields and items stay one: a field set to None leaves the dict
+    assert list(out) == ["logits"] and out[0] is out.logits and "loss" not in out
+    out["attentions"] = (out.logits,)
+    assert out.attentions[0] is out.logits and list(out) == ["logits", "attentions"]
 
 
 def test_eager_and_sdpa_agree(model):
