@@ -86,9 +86,12 @@ def test_the_transformers_api():
     model.gradient_checkpointing_enable({"use_reentrant": True, "preserve_rng_state": False})
     owners = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert len(owners) == 1 + 2  # the encoder and each backbone stage
-    assert owners[0]._gradient_checkpointing_func.keywords == {"use_reentrant": True, "preserve_rng_state": False}
+    asked = {"use_reentrant": True, "preserve_rng_state": False}
+    assert model.encoder._gradient_checkpointing_func.keywords == asked  # transformers' layers: as asked
+    stages = model.embeddings.patch_embeddings.backbone.bit.encoder.stages
+    assert all(s._gradient_checkpointing_func.keywords == {**asked, "use_reentrant": False} for s in stages)
     model.gradient_checkpointing_enable()
-    assert owners[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}  # torch's recommendation
+    assert model.encoder._gradient_checkpointing_func.keywords == {"use_reentrant": False}  # torch's advice
     assert copy.deepcopy(model).is_gradient_checkpointing
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
@@ -110,3 +113,17 @@ def test_a_patched_transformers_model_checkpoints_through_our_layers(device):
     assert torch.equal(loss_ckpt, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_reentrant_checkpointing_after_a_frozen_stem_still_trains_the_backbone(device):
+    """Asked for the reentrant variant (copied from transformers examples, or for DDP), a frozen stem gave the
+    first stage layer an input without gradient: that layer and every one after it got none, silently."""
+    model = model_of(backbone_config(), device)
+    model.vit.embeddings.patch_embeddings.backbone.bit.embedder.requires_grad_(False)
+    _, grads, _ = step(model, device)
+    model.gradient_checkpointing_enable({"use_reentrant": True})
+    _, grads_ckpt, _ = step(model, device)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n in trainable if grads_ckpt[n] is None] == []
+    for name in trainable:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)

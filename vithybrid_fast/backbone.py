@@ -241,6 +241,9 @@ class BitStage(nn.Module):
         self.gradient_checkpointing = False  # see vithybrid_fast.checkpointing
         self._gradient_checkpointing_func = None
 
+    # transformers checkpoints no backbone layer; ours never reentrant, whatever is asked (checkpointing.py)
+    reentrant_checkpoint = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = call_layer(self, layer, x)

@@ -7,10 +7,12 @@ the attribute names transformers sets, and call each layer through `call_layer`.
 
 Two differences from transformers 4.47.1, both deliberate:
 - the backbone's bottleneck layers are checkpointed too, not only the encoder's: at 384² their feature
-  maps hold about as much memory per image as the encoder's activations;
+  maps hold about as much memory per image as the encoder's activations. They always use the
+  non-reentrant variant (`reentrant_checkpoint = False` on the stage): with the reentrant one, a frozen
+  stem would leave every stage after it without gradients, silently, where transformers trains them;
 - `use_reentrant` defaults to False (transformers: True). With the reentrant variant a layer whose input
-  needs no gradient (the first layer after a frozen stem, say) silently gets no gradient for its own
-  weights; torch recommends the non-reentrant variant.
+  needs no gradient (the first encoder layer after frozen embeddings, say) gets no gradient for its own
+  weights, and neither does any layer after it; torch recommends the non-reentrant variant.
 Checkpointing acts in training mode with autograd on; evaluation and `torch.no_grad()` run as before.
 """
 
@@ -38,11 +40,14 @@ def set_gradient_checkpointing(model: nn.Module, kwargs: dict[str, Any] | None) 
     owners = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
     if not owners:
         raise ValueError(f"{type(model).__name__} has no layers that support gradient checkpointing")
-    func = None
-    if kwargs is not None:
-        from torch.utils.checkpoint import checkpoint
+    from torch.utils.checkpoint import checkpoint
 
-        func = functools.partial(checkpoint, **{"use_reentrant": False, **kwargs})
     for owner in owners:
+        func = None
+        if kwargs is not None:
+            chosen = {"use_reentrant": False, **kwargs}
+            if not getattr(owner, "reentrant_checkpoint", True):
+                chosen["use_reentrant"] = False
+            func = functools.partial(checkpoint, **chosen)
         owner.gradient_checkpointing = func is not None
         owner._gradient_checkpointing_func = func
