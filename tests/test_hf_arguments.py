@@ -113,3 +113,40 @@ def test_torch_dtype_attn_implementation_and_config_fields(checkpoint):
 def test_what_cannot_be_honoured_is_an_error(checkpoint, kwargs, error, message):
     with pytest.raises(error, match=message):
         vf.ViTHybridForImageClassification.from_pretrained(checkpoint, **kwargs)
+
+
+def test_num_labels_of_the_same_count_keeps_the_class_names(checkpoint):
+    ours, hf = loaded_both(checkpoint, num_labels=7)  # was: LABEL_0… over the checkpoint's names
+    assert ours.config.id2label == hf.config.id2label == {i: f"class_{i}" for i in range(7)}
+
+
+def test_a_config_given_is_copied_not_shared(checkpoint, tmp_path):
+    """transformers deep-copies `config=`: the caller's config (often another model's) must not change."""
+    other = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config()))
+    before = other.config.to_dict()
+    model = vf.ViTHybridForImageClassification.from_pretrained(
+        checkpoint, config=other.config, attn_implementation="eager", torch_dtype=torch.bfloat16
+    )
+    model.save_pretrained(tmp_path / "saved")  # writes torch_dtype and architectures into its config
+    model.config.id2label = NEW_LABELS
+    assert model.config is not other.config and other.config.to_dict() == before
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    (weights_only / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    assert vf.load(weights_only, config=other.config).config is not other.config
+
+
+def test_auto_dtype_with_a_config_naming_none_is_the_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(tiny_config())).to(torch.bfloat16).save_pretrained(
+        tmp_path
+    )
+    config = vf.ViTHybridConfig.from_dict(tiny_config())
+    assert config.torch_dtype is None
+    model = vf.ViTHybridForImageClassification.from_pretrained(tmp_path, config=config, torch_dtype="auto")
+    assert model.dtype == torch.bfloat16  # config.json's, as transformers reads it from the weights
+
+
+def test_a_transformers_config_is_refused_with_the_conversion(checkpoint):
+    with pytest.raises(TypeError, match=r"got transformers.ViTHybridConfig: convert it with vf.ViTHybridConfig"):
+        vf.ViTHybridForImageClassification.from_pretrained(checkpoint, config=transformers.ViTHybridConfig())

@@ -335,6 +335,8 @@ class ViTHybridConfig(_ConfigBase):
 
     @num_labels.setter
     def num_labels(self, value: int) -> None:
+        if is_int(value) and value == len(self.id2label):
+            return  # as transformers: the same count keeps the class names (LABEL_i only for a new count)
         self._set_labels(None, None, value)
 
     # -- validation -----------------------------------------------------------------------------

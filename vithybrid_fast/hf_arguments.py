@@ -73,7 +73,11 @@ def load_arguments(
         if kernels == "auto":
             arguments["kernels"] = attn_implementation
     if config is not None and not isinstance(config, ViTHybridConfig):
-        raise TypeError(f"config must be a vithybrid_fast.ViTHybridConfig, got {type(config).__name__}")
+        kind = f"{type(config).__module__.split('.')[0]}.{type(config).__name__}"
+        raise TypeError(
+            f"config must be a vithybrid_fast.ViTHybridConfig, got {kind}"
+            + (": convert it with vf.ViTHybridConfig.from_dict(config.to_dict())" if hasattr(config, "to_dict") else "")
+        )
     if fields:
         arguments["config"] = fields if config is None else changed_config(config, fields)
     elif config is not None:
@@ -92,13 +96,14 @@ def _single_device(device_map: Any) -> Any:
     return device_map
 
 
-def changed_config(config: ViTHybridConfig, change: ViTHybridConfig | dict[str, Any] | None) -> ViTHybridConfig:
-    """`config` (the checkpoint's) as `change` makes it: replaced by a config, or given fields set in order
-    (num_labels=3 relabels LABEL_0…, as in transformers), then checked as any config is."""
+def changed_config(config: ViTHybridConfig | None, change: ViTHybridConfig | dict[str, Any] | None) -> ViTHybridConfig:
+    """`config` (the checkpoint's; None when it has none and `change` is a whole config) as `change` makes
+    it: replaced by a copy of a config, or given fields set in order (num_labels=3 relabels LABEL_0…, as
+    in transformers), then checked as any config is."""
     if change is None:
         return config
     if isinstance(change, ViTHybridConfig):
-        return change
+        return copy.deepcopy(change)  # as transformers: the model's config is its own, not the caller's
     if not isinstance(change, dict):
         raise TypeError(f"config must be a ViTHybridConfig or a dict of its fields, got {type(change).__name__}")
     changed = copy.deepcopy(config)

@@ -364,10 +364,13 @@ def load_model(
     # model that is not its PreTrainedModel that way) loads with the config it was trained with
     given = isinstance(config, ViTHybridConfig)
     config_path = resolve_file(name_or_path, "config.json", required=not given, **hub_kwargs)
+    saved = ViTHybridConfig.from_json_file(config_path) if config_path else None
+    config = changed_config(saved, config)
     if config_path is not None:
-        config = changed_config(ViTHybridConfig.from_json_file(config_path), config)
         hub_kwargs = pin_to_snapshot(name_or_path, config_path, hub_kwargs)
-    dtype, device = resolve_dtype(dtype, config), resolve_device(device)
+    # "auto" is the dtype the weights were saved in: config.json's, where a config given whole names none
+    dtype = resolve_dtype(dtype, config if config.torch_dtype or saved is None else saved)
+    device = resolve_device(device)
     files = find_weight_files(name_or_path, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
     state = read_state_dict(files, dtype, device)
