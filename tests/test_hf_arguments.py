@@ -150,3 +150,33 @@ def test_auto_dtype_with_a_config_naming_none_is_the_checkpoints(tmp_path):
 def test_a_transformers_config_is_refused_with_the_conversion(checkpoint):
     with pytest.raises(TypeError, match=r"got transformers.ViTHybridConfig: convert it with vf.ViTHybridConfig"):
         vf.ViTHybridForImageClassification.from_pretrained(checkpoint, config=transformers.ViTHybridConfig())
+
+
+def test_a_headless_checkpoint_gets_a_new_head_when_asked(checkpoint, tmp_path):
+    headless = tmp_path / "headless"
+    vf.ViTHybridModel.from_pretrained(checkpoint).save_pretrained(headless)  # an encoder with no pooler
+    with pytest.raises(CheckpointError, match="start one afresh with ignore_mismatched_sizes=True"):
+        vf.ViTHybridForImageClassification.from_pretrained(headless, num_labels=3)
+    ours, hf = loaded_both(headless, num_labels=3, ignore_mismatched_sizes=True)
+    encoder = vf.load(headless, kernels="eager").state_dict()
+    for model in (ours, hf):
+        state = model.state_dict()
+        assert {k for k in state if not k.startswith("vit.")} == {"classifier.weight", "classifier.bias"}
+        assert all(torch.equal(state[f"vit.{k}"], v) for k, v in encoder.items())
+    assert ours.classifier.out_features == hf.classifier.out_features == 3
+
+
+def test_an_encoder_of_a_classifier_ignores_the_head_it_drops(checkpoint):
+    ours = vf.ViTHybridModel.from_pretrained(checkpoint, num_labels=3)  # no flag needed: the head is not loaded
+    hf = transformers.ViTHybridModel.from_pretrained(checkpoint, num_labels=3, add_pooling_layer=False)
+    assert ours.state_dict().keys() == hf.state_dict().keys()
+    assert all(torch.equal(v, hf.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_fewer_layers_than_the_checkpoint_leave_the_rest_unused_when_asked(checkpoint):
+    with pytest.raises(CheckpointError, match="does not match the config as changed by the arguments given .*"
+                       r"unexpected .*pass ignore_mismatched_sizes=True"):  # fmt: skip
+        vf.ViTHybridForImageClassification.from_pretrained(checkpoint, num_hidden_layers=1)
+    ours, hf = loaded_both(checkpoint, num_hidden_layers=1, ignore_mismatched_sizes=True)
+    assert fresh_keys(ours, checkpoint) == fresh_keys(hf, checkpoint) == set()
+    assert len(ours.vit.encoder.layer) == len(hf.vit.encoder.layer) == 1

@@ -117,17 +117,28 @@ def changed_config(config: ViTHybridConfig | None, change: ViTHybridConfig | dic
     return checked
 
 
-def drop_mismatched(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Remove from `state` the tensors whose shape `model` does not take; returns their keys."""
+def loosen(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """ignore_mismatched_sizes=True: drop from `state` the tensors `model` does not take (another shape, or
+    no such weight: fewer layers, an encoder's pooler), each with a warning; returns the keys of the
+    model's weights left to initialize anew (mis-shaped or absent from the checkpoint)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    mismatched = sorted(k for k, v in state.items() if k in expected and v.shape != expected[k])
-    for key in mismatched:
-        logger.warning(
-            "%s: checkpoint %s, model %s: newly initialized (ignore_mismatched_sizes=True)",
-            key, tuple(state[key].shape), tuple(expected[key]),
-        )  # fmt: skip
+    for key in sorted(k for k in state if k not in expected):
+        logger.warning("%s: in the checkpoint, not in the model: not used (ignore_mismatched_sizes=True)", key)
         del state[key]
-    return mismatched
+    fresh = []
+    for key, shape in expected.items():
+        if key not in state:
+            logger.warning("%s: not in the checkpoint: newly initialized (ignore_mismatched_sizes=True)", key)
+        elif state[key].shape != shape:
+            logger.warning(
+                "%s: checkpoint %s, model %s: newly initialized (ignore_mismatched_sizes=True)",
+                key, tuple(state[key].shape), tuple(shape),
+            )  # fmt: skip
+            del state[key]
+        else:
+            continue
+        fresh.append(key)
+    return fresh
 
 
 def initialize(model: nn.Module, keys: list[str], std: float, dtype: torch.dtype, device: torch.device) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .config import ViTHybridConfig
-from .hf_arguments import changed_config, drop_mismatched, initialize
+from .hf_arguments import changed_config, initialize, loosen
 from .hub import (
     CheckpointNotFoundError,
     hub_cache_dir,
@@ -307,6 +307,7 @@ def check_state_dict(
     source: str,
     config: ViTHybridConfig | None = None,
     fresh: set[str] = frozenset(),
+    config_changed: bool = False,
 ) -> None:
     """Raise CheckpointError unless `state` has exactly the model's keys and shapes (but `fresh`, the keys
     left out to be initialized anew).
@@ -339,8 +340,11 @@ def check_state_dict(
         )
         raise CheckpointError(f"{lead} — " + "; ".join(parts))
     # a config changed on purpose (a head of other classes): transformers' flag starts those weights afresh
-    hint = " (to initialize the mis-shaped ones anew, pass ignore_mismatched_sizes=True)" if misshaped else ""
-    raise CheckpointError(f"{source} does not match its config.json — " + "; ".join(parts) + hint)
+    hint = ""
+    if misshaped or config_changed:
+        hint = " (to start the weights the changed config needs afresh, pass ignore_mismatched_sizes=True)"
+    described_config = "the config as changed by the arguments given" if config_changed else "its config.json"
+    raise CheckpointError(f"{source} does not match {described_config} — " + "; ".join(parts) + hint)
 
 
 def load_model(
@@ -355,6 +359,7 @@ def load_model(
     """Config + weights → model in eval mode, with reference (plain PyTorch) modules.
 
     config, ignore_mismatched_sizes: as `load` takes them (see `vithybrid_fast.hf_arguments`)."""
+    config_arg = config
     if model_class is not None and not (
         isinstance(model_class, type) and issubclass(model_class, ViTHybridPreTrainedModel)
     ):
@@ -373,21 +378,38 @@ def load_model(
     device = resolve_device(device)
     files = find_weight_files(name_or_path, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
-    state = read_state_dict(files, dtype, device)
+    state = _state_for_class(read_state_dict(files, dtype, device), model_class, ignore_mismatched_sizes, name_or_path)
     model = build_for_keys(config, set(state))
-    fresh = drop_mismatched(model, state) if ignore_mismatched_sizes else []
-    if model_class is ViTHybridForImageClassification and not isinstance(model, model_class):
-        raise CheckpointError(
-            f"{name_or_path} holds a ViTHybridModel without a classification head; load it with "
-            "ViTHybridModel.from_pretrained (or vf.load), or train a head with `vithybrid-fast finetune`"
-        )
-    check_state_dict(model, state, str(name_or_path), config, fresh=set(fresh))
+    fresh = loosen(model, state) if ignore_mismatched_sizes else []
+    check_state_dict(model, state, str(name_or_path), config, fresh=set(fresh), config_changed=config_arg is not None)
     model.load_state_dict(state, strict=not fresh, assign=True)
     initialize(model, fresh, config.initializer_range, dtype, device)
-    if model_class is ViTHybridModel and isinstance(model, ViTHybridForImageClassification):
-        logger.info("%s: the classification head is dropped (ViTHybridModel asked for)", name_or_path)
-        model = model.vit
     return model.eval()
+
+
+def _state_for_class(
+    state: dict[str, torch.Tensor], model_class: type | None, ignore_mismatched_sizes: bool, source: Any
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors named as `model_class` names them (None: the checkpoint's own class).
+
+    A classifier checkpoint read as ViTHybridModel gives its encoder (the head dropped, as transformers
+    does). A headless one read as a classifier needs a head started afresh: transformers does that with a
+    warning; here only when asked by ignore_mismatched_sizes=True, since an untrained head's predictions
+    look like any others."""
+    classifier = any(k.startswith("vit.") for k in state)
+    if model_class is ViTHybridModel and classifier:
+        logger.info("%s: the classification head is dropped (ViTHybridModel asked for)", source)
+        return {k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")}
+    if model_class is ViTHybridForImageClassification and not classifier:
+        if not ignore_mismatched_sizes:
+            raise CheckpointError(
+                f"{source} holds a ViTHybridModel without a classification head; load it with "
+                "ViTHybridModel.from_pretrained (or vf.load), train a head with `vithybrid-fast finetune`, or "
+                "start one afresh with ignore_mismatched_sizes=True (and num_labels or id2label), as transformers does"
+            )
+        # the classifier's encoder has neither pooler nor mask token: loosen() names them as unused
+        return {f"vit.{k}": v for k, v in state.items()}
+    return state
 
 
 def load(

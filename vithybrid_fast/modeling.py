@@ -350,7 +350,8 @@ class ViTHybridPreTrainedModel(nn.Module):
         id2label=…) with ignore_mismatched_sizes=True for a new head (see `vithybrid_fast.hf_arguments`).
 
         `ViTHybridModel.from_pretrained` of a classification checkpoint gives its encoder (the head is
-        dropped, as transformers does); a headless checkpoint cannot give a classifier.
+        dropped, as transformers does; it has no pooler, so `pooler_output` is None, where transformers adds
+        an untrained one). A headless checkpoint gives a classifier only with ignore_mismatched_sizes=True.
         """
         import inspect
 
