@@ -101,7 +101,7 @@ def test_torch_dtype_attn_implementation_and_config_fields(checkpoint):
     "kwargs, error, message",
     [
         ({"foo": 1}, TypeError, r"unexpected keyword arguments \['foo'\]: it takes vf.load's arguments"),
-        ({"output_loading_info": True}, TypeError, "output_loading_info"),
+        ({"subfolder": "model"}, TypeError, "subfolder"),  # not supported: refused, not ignored
         ({"attn_implementation": "flash_attention_2"}, ValueError, "takes 'eager' or 'sdpa'"),
         ({"attn_implementation": "eager", "kernels": "triton"}, ValueError, "disagree"),
         ({"torch_dtype": torch.float16, "dtype": torch.bfloat16}, ValueError, "disagree"),
@@ -180,3 +180,41 @@ def test_fewer_layers_than_the_checkpoint_leave_the_rest_unused_when_asked(check
     ours, hf = loaded_both(checkpoint, num_hidden_layers=1, ignore_mismatched_sizes=True)
     assert fresh_keys(ours, checkpoint) == fresh_keys(hf, checkpoint) == set()
     assert len(ours.vit.encoder.layer) == len(hf.vit.encoder.layer) == 1
+
+
+def test_loading_info_is_transformers(checkpoint):
+    kwargs = dict(num_labels=3, num_hidden_layers=1, ignore_mismatched_sizes=True, output_loading_info=True)
+    (ours, info), (_, hf_info) = loaded_both(checkpoint, **kwargs)
+    assert isinstance(ours, vf.ViTHybridForImageClassification)
+    assert sorted(info) == sorted(hf_info) == ["error_msgs", "mismatched_keys", "missing_keys", "unexpected_keys"]
+    assert sorted(info["unexpected_keys"]) == sorted(hf_info["unexpected_keys"])  # layer 1's weights
+    assert info["unexpected_keys"] and info["missing_keys"] == hf_info["missing_keys"] == []
+    assert sorted((k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]) == sorted(
+        (k, tuple(a), tuple(b)) for k, a, b in hf_info["mismatched_keys"]
+    )
+    _, strict = vf.ViTHybridForImageClassification.from_pretrained(checkpoint, output_loading_info=True)
+    assert strict == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+
+
+def test_an_encoder_without_its_pooler(tmp_path):
+    torch.manual_seed(0)
+    vf.ViTHybridModel(vf.ViTHybridConfig.from_dict(tiny_config())).save_pretrained(tmp_path)  # with a pooler
+    ours = vf.ViTHybridModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    hf = transformers.ViTHybridModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert ours.pooler is None and hf.pooler is None and ours.state_dict().keys() == hf.state_dict().keys()
+    with torch.no_grad():
+        assert ours(torch.randn(1, 3, 72, 72)).pooler_output is None
+    with pytest.raises(TypeError, match="add_pooling_layer"):  # a classifier's encoder has no pooler to add
+        vf.ViTHybridForImageClassification.from_pretrained(tmp_path, add_pooling_layer=False)
+
+
+def test_weight_format_and_old_argument_names(checkpoint, tmp_path):
+    Model = vf.ViTHybridForImageClassification
+    with pytest.raises(vf.CheckpointNotFoundError, match=r"has none of pytorch_model\.bin"):
+        Model.from_pretrained(checkpoint, use_safetensors=False)  # a safetensors-only checkpoint
+    Model.from_pretrained(checkpoint).save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(vf.CheckpointNotFoundError, match=r"has none of model\.safetensors"):
+        Model.from_pretrained(tmp_path, use_safetensors=True)
+    assert Model.from_pretrained(tmp_path, use_safetensors=False).config.num_labels == 7
+    with pytest.warns(FutureWarning, match="use_auth_token is deprecated"):
+        Model.from_pretrained(checkpoint, use_auth_token=False, resume_download=True)

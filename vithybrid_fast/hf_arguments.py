@@ -12,15 +12,19 @@ Code written for transformers starts a fine-tune like this, and it works here un
 - `ignore_mismatched_sizes=True`: weights whose shape the (changed) config does not take — a head of
   other classes, a position table of another size — start from transformers' initialization instead,
   and a warning names them. Without it such a checkpoint is a CheckpointError that says this.
-- `device_map` naming one device is `device`; `low_cpu_mem_usage` and `trust_remote_code` change nothing
-  (the load never holds a second copy of the weights, and runs no code from the checkpoint).
-Anything else is a TypeError naming what is accepted, not an argument silently dropped.
+- `device_map` naming one device is `device`; `use_safetensors` picks the weight format; `use_auth_token` is
+  `token`; `output_loading_info=True` returns (model, info) as transformers does; `ViTHybridModel`'s
+  `add_pooling_layer=False` drops the pooler; `low_cpu_mem_usage`, `trust_remote_code` and
+  `resume_download` change nothing (see NO_EFFECT).
+Anything else (`subfolder`, `force_download`, `proxies`, `variant`, …) is a TypeError naming what is
+accepted, not an argument silently dropped.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -32,7 +36,9 @@ from .modeling import init_parameter_
 logger = logging.getLogger(__name__)
 
 ATTENTION = ("eager", "sdpa")
-NO_EFFECT = ("low_cpu_mem_usage", "trust_remote_code")
+# accepted and without effect here: the load never holds a second copy of the weights, runs no code from
+# the checkpoint, and huggingface_hub always resumes an interrupted download
+NO_EFFECT = ("low_cpu_mem_usage", "trust_remote_code", "resume_download")
 
 
 def load_arguments(
@@ -44,6 +50,12 @@ def load_arguments(
     device_map: Any,
 ) -> dict[str, Any]:
     """`vf.load`'s keyword arguments for a `from_pretrained(**kwargs)` call written for transformers."""
+    kwargs = dict(kwargs)
+    if "use_auth_token" in kwargs:  # transformers' deprecated name of token (it warns too)
+        if "token" in kwargs:
+            raise ValueError("use_auth_token and token were both given: give token")
+        warnings.warn("use_auth_token is deprecated in transformers: give token", FutureWarning, stacklevel=3)
+        kwargs["token"] = kwargs.pop("use_auth_token")
     arguments = {k: v for k, v in kwargs.items() if k in load_parameters}
     fields = {k: v for k, v in kwargs.items() if k not in load_parameters and k not in NO_EFFECT}
     unknown = sorted(set(fields) - ViTHybridConfig.field_names())
@@ -117,28 +129,30 @@ def changed_config(config: ViTHybridConfig | None, change: ViTHybridConfig | dic
     return checked
 
 
-def loosen(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+def loosen(model: nn.Module, state: dict[str, torch.Tensor], info: dict[str, list] | None = None) -> list[str]:
     """ignore_mismatched_sizes=True: drop from `state` the tensors `model` does not take (another shape, or
     no such weight: fewer layers, an encoder's pooler), each with a warning; returns the keys of the
-    model's weights left to initialize anew (mis-shaped or absent from the checkpoint)."""
+    model's weights left to initialize anew (mis-shaped or absent from the checkpoint). `info` (if given)
+    gets them as transformers' `output_loading_info` reports them."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    for key in sorted(k for k in state if k not in expected):
+    unexpected = sorted(k for k in state if k not in expected)
+    for key in unexpected:
         logger.warning("%s: in the checkpoint, not in the model: not used (ignore_mismatched_sizes=True)", key)
         del state[key]
-    fresh = []
+    missing, mismatched = [], []
     for key, shape in expected.items():
         if key not in state:
             logger.warning("%s: not in the checkpoint: newly initialized (ignore_mismatched_sizes=True)", key)
+            missing.append(key)
         elif state[key].shape != shape:
             logger.warning(
                 "%s: checkpoint %s, model %s: newly initialized (ignore_mismatched_sizes=True)",
                 key, tuple(state[key].shape), tuple(shape),
             )  # fmt: skip
-            del state[key]
-        else:
-            continue
-        fresh.append(key)
-    return fresh
+            mismatched.append((key, state.pop(key).shape, shape))
+    if info is not None:
+        info.update(missing_keys=missing, unexpected_keys=unexpected, mismatched_keys=mismatched, error_msgs=[])
+    return missing + [key for key, _, _ in mismatched]
 
 
 def initialize(model: nn.Module, keys: list[str], std: float, dtype: torch.dtype, device: torch.device) -> None:

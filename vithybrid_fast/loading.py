@@ -103,9 +103,13 @@ def _read_shard_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> WeightFiles:
-    """The weight files to read, safetensors first; a sharded checkpoint gives all of its shards."""
-    for filename in WEIGHT_FILES:
+def find_weight_files(
+    name_or_path: str | os.PathLike, use_safetensors: bool | None = None, **hub_kwargs: Any
+) -> WeightFiles:
+    """The weight files to read, safetensors first; a sharded checkpoint gives all of its shards.
+    use_safetensors (transformers' argument): True reads only safetensors, False only .bin files."""
+    names = [n for n in WEIGHT_FILES if use_safetensors is None or ("safetensors" in n) == use_safetensors]
+    for filename in names:
         path = resolve_file(name_or_path, filename, **hub_kwargs)
         if path is None:
             continue
@@ -119,7 +123,7 @@ def find_weight_files(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> Wei
     if not Path(name_or_path).is_dir():
         _raise_if_not_cached(str(name_or_path), **hub_kwargs)
     at = f" at revision {hub_kwargs['revision']}" if hub_kwargs.get("revision") else ""
-    raise CheckpointNotFoundError(f"{name_or_path!s}{at} has none of {', '.join(WEIGHT_FILES)}")
+    raise CheckpointNotFoundError(f"{name_or_path!s}{at} has none of {', '.join(names)}")
 
 
 def _raise_if_not_cached(
@@ -354,11 +358,13 @@ def load_model(
     model_class: type[ViTHybridPreTrainedModel] | None = None,
     config: ViTHybridConfig | dict[str, Any] | None = None,
     ignore_mismatched_sizes: bool = False,
+    use_safetensors: bool | None = None,
+    loading_info: dict[str, list] | None = None,
     **hub_kwargs: Any,
 ) -> ViTHybridPreTrainedModel:
     """Config + weights → model in eval mode, with reference (plain PyTorch) modules.
 
-    config, ignore_mismatched_sizes: as `load` takes them (see `vithybrid_fast.hf_arguments`)."""
+    config, ignore_mismatched_sizes, use_safetensors, loading_info: as `load` takes them."""
     config_arg = config
     if model_class is not None and not (
         isinstance(model_class, type) and issubclass(model_class, ViTHybridPreTrainedModel)
@@ -376,11 +382,11 @@ def load_model(
     # "auto" is the dtype the weights were saved in: config.json's, where a config given whole names none
     dtype = resolve_dtype(dtype, config if config.torch_dtype or saved is None else saved)
     device = resolve_device(device)
-    files = find_weight_files(name_or_path, **hub_kwargs)
+    files = find_weight_files(name_or_path, use_safetensors, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
     state = _state_for_class(read_state_dict(files, dtype, device), model_class, ignore_mismatched_sizes, name_or_path)
     model = build_for_keys(config, set(state))
-    fresh = loosen(model, state) if ignore_mismatched_sizes else []
+    fresh = loosen(model, state, loading_info) if ignore_mismatched_sizes else []
     check_state_dict(model, state, str(name_or_path), config, fresh=set(fresh), config_changed=config_arg is not None)
     model.load_state_dict(state, strict=not fresh, assign=True)
     initialize(model, fresh, config.initializer_range, dtype, device)
@@ -426,6 +432,8 @@ def load(
     frozen: bool = False,
     config: ViTHybridConfig | dict[str, Any] | None = None,
     ignore_mismatched_sizes: bool = False,
+    use_safetensors: bool | None = None,
+    loading_info: dict[str, list] | None = None,
 ) -> torch.nn.Module:
     """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
 
@@ -440,6 +448,9 @@ def load(
     as in a weights-only save), or a dict of fields to change in it ({"num_labels": 3}).
     ignore_mismatched_sizes: weights whose shape the config does not take (a head of other classes)
     start from transformers' initialization, with a warning, instead of being a CheckpointError.
+    use_safetensors: True reads only safetensors files, False only .bin files (None: safetensors first).
+    loading_info: a dict to fill with what transformers' `output_loading_info` reports (missing_keys,
+    unexpected_keys, mismatched_keys, error_msgs).
     """
     from .patching import apply_kernels, validate_kernels
 
@@ -451,6 +462,7 @@ def load(
         raise ValueError(f"cuda_graphs=True needs device='cuda', got {resolved_device}")
     model = load_model(
         name_or_path, dtype, device, model_class, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes,
+        use_safetensors=use_safetensors, loading_info=loading_info,
         revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
     )  # fmt: skip
     model = apply_kernels(model, kernels)

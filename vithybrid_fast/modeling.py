@@ -358,9 +358,18 @@ class ViTHybridPreTrainedModel(nn.Module):
         from .hf_arguments import load_arguments
         from .loading import load
 
-        parameters = set(inspect.signature(load).parameters) - {"name_or_path", "model_class", "config"}
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        add_pooling_layer = kwargs.pop("add_pooling_layer", True) if cls is ViTHybridModel else True
+        hidden = {"name_or_path", "model_class", "config", "loading_info"}
+        parameters = set(inspect.signature(load).parameters) - hidden
         arguments = load_arguments(kwargs, parameters, config, torch_dtype, attn_implementation, device_map)
-        return load(name_or_path, model_class=cls, **arguments)
+        info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        model = load(name_or_path, model_class=cls, loading_info=info, **arguments)
+        encoder = getattr(model, "model", model)  # a CUDA-graph runner wraps the model (captures on first use)
+        if not add_pooling_layer and encoder.pooler is not None:
+            encoder.pooler = None  # transformers' ViTHybridModel(add_pooling_layer=False): its weights unused
+            info["unexpected_keys"] += ["pooler.dense.weight", "pooler.dense.bias"]
+        return (model, info) if output_loading_info else model
 
     def set_attn_implementation(self, implementation: str) -> None:
         if implementation not in ("eager", "sdpa"):
