@@ -92,3 +92,44 @@ def test_a_failed_block_changes_nothing_and_removes_the_folders_it_made(tmp_path
     with pytest.raises(RuntimeError), staged_output(tmp_path / "new" / "dir" / "model.onnx"):
         raise RuntimeError("verification failed")
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+
+
+@pytest.mark.skipif(files.fcntl is None, reason="flock: POSIX only (elsewhere abandoned folders stay)")
+def test_a_killed_writers_staging_folder_goes_and_a_live_ones_stays(tmp_path):
+    """A save killed by SIGKILL or the OOM killer leaves its staging folder (a whole checkpoint's size);
+    the next save removes it, but never the folder of a save still running in another process."""
+    import subprocess
+    import sys
+
+    abandoned = tmp_path / ".model.onnx.abandoned.partial"
+    abandoned.mkdir()
+    (abandoned / "model.onnx").write_text("half a model")
+    live = tmp_path / ".model.onnx.live.partial"
+    live.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(live)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with _staged_export(tmp_path) as staged:
+            staged.write_text("new model")
+    finally:
+        holder.communicate("")
+    assert sorted(os.listdir(tmp_path)) == [live.name, "model.onnx"]
+
+
+def test_a_file_another_writer_removes_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Two saves into one folder: the other may drop a file between our look and our link of it."""
+    _existing_export(tmp_path)
+    link = os.link
+
+    def removed_first(source, *args, **kwargs):
+        os.unlink(source)
+        return link(source, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "link", removed_first)
+    with _staged_export(tmp_path) as staged:
+        staged.write_text("new model")
+    assert _contents(tmp_path) == {"model.onnx": "new model"}

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: abandoned staging folders stay (see _remove_abandoned)
+    fcntl = None
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
@@ -93,10 +99,15 @@ def staged_files(
     half old after a failed write: a full disk while writing the second shard changes nothing.
     """
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
-    staging = None
+    staging, claim = None, None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{last}.", suffix=".partial", dir=folder))
+        _remove_abandoned(folder, last)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{last}.", suffix=".partial", dir=folder))
+        except PermissionError as err:  # said of the folder asked for, not of a hidden name inside it
+            raise PermissionError(err.errno, f"cannot write in {folder}: {err.strerror}") from None
+        claim = _claim(staging)
         yield staging
         written = sorted(os.listdir(staging), key=lambda name: name == last)
         _move_into_place(staging, folder, written, stale(written))
@@ -107,7 +118,40 @@ def staged_files(
             with contextlib.suppress(OSError):  # not empty: someone else wrote there meanwhile
                 directory.rmdir()
         raise
+    finally:
+        if claim is not None:
+            os.close(claim)
     shutil.rmtree(staging)
+
+
+def _claim(staging: Path) -> int | None:
+    """An exclusive lock on the staging folder for as long as this process lives (the kernel drops it with
+    the process, however it ends): a folder nobody holds was left by a killed writer."""
+    if fcntl is None:
+        return None
+    fd = os.open(staging, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _remove_abandoned(folder: Path, last: str) -> None:
+    """Remove the staging folders of killed writers (SIGKILL, out of memory, power loss): each can hold a
+    whole checkpoint. One a live writer holds (see `_claim`) is left alone; without flock, none is removed."""
+    if fcntl is None:
+        return
+    for staging in folder.glob(f".{glob.escape(last)}.*.partial"):
+        try:
+            fd = os.open(staging, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a save in progress
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _move_into_place(staging: Path, folder: Path, written: list[str], stale: list[str]) -> None:
@@ -123,17 +167,16 @@ def _move_into_place(staging: Path, folder: Path, written: list[str], stale: lis
     replaced, moved = [], []
     try:
         for name in [*written, *stale]:
-            if os.path.lexists(folder / name):
-                try:
-                    os.link(folder / name, kept / name, follow_symlinks=False)
-                except OSError:
-                    os.replace(folder / name, kept / name)
-                replaced.append(name)
+            try:
+                _keep(folder / name, kept / name)
+            except FileNotFoundError:
+                continue  # absent, or removed meanwhile by another writer of this folder: nothing to keep
+            replaced.append(name)
         for name in written:
             os.replace(staging / name, folder / name)
             moved.append(name)
         for name in stale:
-            if os.path.lexists(folder / name):
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(folder / name)
     except BaseException:
         for name in moved:
@@ -144,3 +187,13 @@ def _move_into_place(staging: Path, folder: Path, written: list[str], stale: lis
             with contextlib.suppress(OSError):
                 os.replace(kept / name, folder / name)
         raise
+
+
+def _keep(path: Path, copy: Path) -> None:
+    """A hard link `copy` of `path`, which stays in place; where links are refused, `path` moved to `copy`."""
+    try:
+        os.link(path, copy, follow_symlinks=False)
+    except FileNotFoundError:
+        raise  # no such file: not a refused link
+    except OSError:
+        os.replace(path, copy)
