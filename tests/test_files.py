@@ -1,6 +1,7 @@
 """files.staged_output: the new file and its companions land together, or nothing changes."""
 
 import os
+import time
 
 import pytest
 
@@ -106,6 +107,11 @@ def test_a_killed_writers_staging_folder_goes_and_a_live_ones_stays(tmp_path):
     (abandoned / "model.onnx").write_text("half a model")
     live = tmp_path / ".model.onnx.live.partial"
     live.mkdir()
+    young = tmp_path / ".model.onnx.young.partial"  # made an instant ago: its writer may not hold it yet
+    young.mkdir()
+    long_ago = time.time() - 2 * files.ABANDONED_AFTER_S
+    for folder in (abandoned, live):
+        os.utime(folder, (long_ago, long_ago))
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
          "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(live)],
@@ -117,7 +123,7 @@ def test_a_killed_writers_staging_folder_goes_and_a_live_ones_stays(tmp_path):
             staged.write_text("new model")
     finally:
         holder.communicate("")
-    assert sorted(os.listdir(tmp_path)) == [live.name, "model.onnx"]
+    assert sorted(os.listdir(tmp_path)) == [live.name, young.name, "model.onnx"]
 
 
 def test_a_file_another_writer_removes_meanwhile_is_no_error(tmp_path, monkeypatch):

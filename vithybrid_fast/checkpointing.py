@@ -6,13 +6,14 @@ layers (the ViT encoder, each BiT stage) carry `gradient_checkpointing` and `_gr
 the attribute names transformers sets, and call each layer through `call_layer`.
 
 Two differences from transformers 4.47.1, both deliberate:
-- the backbone's bottleneck layers are checkpointed too, not only the encoder's: at 384² their feature
+- the backbone's layers are checkpointed too, not only the encoder's: at 384² their feature
   maps hold about as much memory per image as the encoder's activations. They always use the
   non-reentrant variant (`reentrant_checkpoint = False` on the stage): with the reentrant one, a frozen
   stem would leave every stage after it without gradients, silently, where transformers trains them;
 - `use_reentrant` defaults to False (transformers: True). With the reentrant variant a layer whose input
   needs no gradient (the first encoder layer after frozen embeddings, say) gets no gradient for its own
-  weights, and neither does any layer after it; torch recommends the non-reentrant variant.
+  weights, and neither does any layer after it, with only torch's generic warning; torch recommends the
+  non-reentrant variant.
 Checkpointing acts in training mode with autograd on; evaluation and `torch.no_grad()` run as before.
 """
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def staged_files(
         yield staging
         written = sorted(os.listdir(staging), key=lambda name: name == last)
         _move_into_place(staging, folder, written, stale(written))
+        shutil.rmtree(staging, ignore_errors=True)  # while still claimed: no one else removes it meanwhile
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -121,7 +123,6 @@ def staged_files(
     finally:
         if claim is not None:
             os.close(claim)
-    shutil.rmtree(staging)
 
 
 def _claim(staging: Path) -> int | None:
@@ -134,6 +135,9 @@ def _claim(staging: Path) -> int | None:
     return fd
 
 
+ABANDONED_AFTER_S = 60  # a staging folder younger than this is never taken for a killed writer's
+
+
 def _remove_abandoned(folder: Path, last: str) -> None:
     """Remove the staging folders of killed writers (SIGKILL, out of memory, power loss): each can hold a
     whole checkpoint. One a live writer holds (see `_claim`) is left alone; without flock, none is removed."""
@@ -141,6 +145,8 @@ def _remove_abandoned(folder: Path, last: str) -> None:
         return
     for staging in folder.glob(f".{glob.escape(last)}.*.partial"):
         try:
+            if time.time() - staging.stat().st_mtime < ABANDONED_AFTER_S:
+                continue  # maybe made an instant ago, before its writer could claim it
             fd = os.open(staging, os.O_RDONLY)
         except OSError:
             continue

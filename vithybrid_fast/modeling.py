@@ -298,7 +298,7 @@ class ViTHybridPreTrainedModel(nn.Module):
     supports_gradient_checkpointing = True
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Training keeps only each encoder layer's and backbone bottleneck layer's input and recomputes the
+        """Training keeps only each encoder layer's and backbone layer's input and recomputes the
         rest in the backward pass: less memory (bigger batches) for about one more forward pass of time.
         `gradient_checkpointing_kwargs` go to `torch.utils.checkpoint.checkpoint` (`use_reentrant` defaults
         to False; see `vithybrid_fast.checkpointing` for how this differs from transformers)."""
