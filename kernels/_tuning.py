@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import triton
+from triton.runtime import driver
 
 from ._runtime import interpreter_enabled
 
@@ -167,9 +168,12 @@ class TunedKernel:
         self._pending: str | None = None
         self.tuned: dict[str, str] = {}  # key string -> config id benchmarked in this process
         candidates = list(self._by_id.values())
-        kw: dict[str, Any] = {"prune_configs_by": {"early_config_prune": self._select}}
-        if do_bench is not None:
-            kw["do_bench"] = do_bench
+        self._do_bench = do_bench  # None: Triton's benchmarker for the active driver, found at first use
+        self._single_choice = False  # the last _select returned one config: nothing to time
+        kw: dict[str, Any] = {
+            "prune_configs_by": {"early_config_prune": self._select},
+            "do_bench": self._bench_unless_chosen,
+        }
         # ≥ 2 candidates, so Triton always asks _select (it skips pruning for a single config).
         if len(candidates) == 1:
             candidates = candidates * 2
@@ -218,7 +222,20 @@ class TunedKernel:
         candidates = self._prune(gpu_configs, named_args, **kwargs) if self._prune else gpu_configs
         chosen, source = self.choose(key, list(dict.fromkeys(candidates)) or gpu_configs[:1])
         self._pending = key if source == "autotune" and len(chosen) > 1 else None
+        self._single_choice = len(chosen) == 1
         return chosen
+
+    def _bench_unless_chosen(self, kernel_call: Callable[[], Any], quantiles: Any = None, **kwargs: Any) -> Any:
+        """Time a candidate, except when `_select` left only one (a table, cache or forced hit).
+
+        Triton 3.6 (the GPU image's) benchmarks even a single pruned config; 3.7+ skips it. Timing a
+        table hit would cost every launch key a benchmark (~100 launches) at the first call, which is
+        what the shipped tables exist to avoid. The kernel still compiles and runs at its real launch.
+        """
+        if self._single_choice:
+            return [0.0, 0.0, 0.0] if quantiles else 0.0
+        bench = self._do_bench or driver.active.get_benchmarker()
+        return bench(kernel_call, quantiles=quantiles, **kwargs)
 
     def _record(self) -> None:
         key, self._pending = self._pending, None

@@ -109,6 +109,22 @@ def test_shipped_table_wins_without_benchmarking(env, device):
         assert bench.calls == 3
 
 
+def test_a_table_hit_is_not_timed_where_triton_times_a_lone_config(env, device):
+    # Triton 3.6 (the GPU image's) benchmarks even a single pruned config, 3.7+ does not: the bench
+    # function the autotuner holds must answer for a table hit without running the kernel ~100 times.
+    kernel, bench, _ = env
+    _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": config_id(CONFIGS[2])})
+    with fake_gpu(GPU):
+        _launch(kernel, device)
+        runs = []
+        assert kernel.autotuner.do_bench(lambda: runs.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0] * 3
+        assert runs == [] and bench.calls == 0
+        _launch(kernel, device, n=1000)  # no entry: three candidates, each timed by the given benchmarker
+        assert bench.calls == 3
+        assert kernel.autotuner.do_bench(lambda: runs.append(1), quantiles=(0.5, 0.2, 0.8)) == [3.0] * 3
+        assert runs == [1]
+
+
 def test_table_entry_naming_an_unknown_config_is_ignored(env, device):
     kernel, bench, _ = env
     _tuning.write_table("test_scale", GPU, {"128,torch.float32,torch.float32": "BLOCK=8,num_warps=1,num_stages=1"})
