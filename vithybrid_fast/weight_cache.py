@@ -11,10 +11,12 @@ call, and served until `unfreeze(model)` drops it. The promise you make by freez
 not change while the model is frozen**. A frozen cache still checks, for ~1 µs per weight, that each
 source is the same Parameter object with the same address, dtype, device, layout and version counter,
 and recomputes when one differs — so `load_state_dict` (either way), `copy_`, optimizer steps, `.to()`
-and in-place EMA updates are followed. What it cannot see are writes that bypass the version counter:
-`w.data.mul_(…)`, `w.data = t` (which may reuse the old address), writes through an alias made before
-(`alias = w.data`). After such an edit call `unfreeze(model)` (or `freeze(model)` again, which starts
-from the current weights).
+and in-place EMA updates on the CPU are followed. What it cannot see are writes that bypass the version
+counter: `w.data.mul_(…)`, `w.data = t` (which may reuse the old address), writes through an alias made
+before (`alias = w.data`), and `torch._foreach_lerp_` on CUDA — the EMA update of timm's ModelEmaV3 and
+`torch.optim.swa_utils` — which, unlike `_foreach_add_`/`mul_`/`copy_`, advanced no version counter on
+an H100 with torch 2.11. After such an edit call `unfreeze(model)` (or `freeze(model)` again, which
+starts from the current weights).
 
 Parameters that are inference tensors (a model loaded or converted under `torch.inference_mode()`) have
 no version counter at all, and inside inference mode they can be changed in place (`load_state_dict`,
@@ -156,9 +158,10 @@ def freeze(model: nn.Module) -> nn.Module:
     """Compute derived weights once (on the next inference call) and serve them until `unfreeze`.
 
     Freezing promises that the weights will not change while frozen. Changes made through the version
-    counter or by replacing/moving a Parameter (`load_state_dict`, `copy_`, optimizer steps, `.to()`,
-    in-place EMA) are still detected and followed; in-place edits through `.data` (and `.data`
-    assignments) are NOT detected: call `unfreeze(model)` after making one. Memory: the derived
+    counter or by replacing/moving a Parameter (`load_state_dict`, `copy_`, optimizer steps, `.to()`)
+    are still detected and followed; in-place edits through `.data` (and `.data` assignments) and an
+    EMA by `torch._foreach_lerp_` on CUDA (no version bump there) are NOT: call `unfreeze(model)` after
+    one. Memory: the derived
     weights stay resident (standardized conv weights ≈ 12 % of the base model's weights; patched with
     Triton attention, the fused QKV weights add ≈ 21 %). Returns `model`; calling it again is harmless.
     """
