@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from torch import nn
 from .arguments import dtype_names, positive_int, positive_ints
 from .common import RecordLog, environment, exit_without_cuda, first_call_ms, print_and_save, time_fn
 
-PROVIDERS = ("ours-triton", "ref-sdpa", "compile-default")
+PROVIDERS = ("ref-sdpa", "ours-triton", "compile-default")  # the baseline first: each record's ratio is known
+# when it is written, so a run stopped at its time budget keeps every finished record whole
 CHECKPOINTED = ("ours-triton-ckpt", "ref-sdpa-ckpt")  # asked for by name only: a default run stays as long
 CPU_PROVIDERS = ("ref-sdpa",)
 
@@ -100,6 +103,7 @@ def run(
     env = environment(dev)
     records: list[dict] = []
     providers = providers or (PROVIDERS if dev.type == "cuda" else CPU_PROVIDERS)
+    providers = tuple(sorted(providers, key=lambda name: name != "ref-sdpa"))  # the baseline first, else in order
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for batch in batches:
@@ -123,19 +127,42 @@ def run(
                         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 except Exception as err:  # an OOM or a compile failure is a result too
                     record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                records.append(record)
                 step = None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-            baseline = next((r for r in records[-len(providers) :] if r["provider"] == "ref-sdpa"), None)
-            for record in records[-len(providers) :]:
-                if baseline and "images_per_s" in record and "images_per_s" in baseline:
-                    record["speedup_vs_ref_sdpa"] = record["images_per_s"] / baseline["images_per_s"]
-                    if "peak_memory_gib" in record:
-                        record["memory_vs_ref_sdpa"] = record["peak_memory_gib"] / baseline["peak_memory_gib"]
+                baseline = next((r for r in records if r["provider"] == "ref-sdpa" and r["batch"] == batch
+                                 and r["dtype"] == dtype_name), record if provider == "ref-sdpa" else None)  # fmt: skip
+                _compare(record, baseline)
+                records.append(record)
+                print(_progress(record), flush=True)  # a step can take minutes to compile: say what is done
                 if on_record is not None:
-                    on_record(record)
+                    on_record(record)  # written now: a run stopped later keeps it
     return records
+
+
+def _compare(record: dict, baseline: dict | None) -> None:
+    if baseline and "images_per_s" in record and "images_per_s" in baseline:
+        record["speedup_vs_ref_sdpa"] = record["images_per_s"] / baseline["images_per_s"]
+        if "peak_memory_gib" in record and "peak_memory_gib" in baseline:
+            record["memory_vs_ref_sdpa"] = record["peak_memory_gib"] / baseline["peak_memory_gib"]
+
+
+def _progress(record: dict) -> str:
+    where = f"{record['provider']:<16} {record['dtype']:<9} b={record['batch']:<4}"
+    if "error" in record:
+        return f"  {where} error: {record['error'][:100]}"
+    return f"  {where} {record['ms_median']:9.2f} ms/step {record['images_per_s']:8.1f} img/s  first step " + (
+        f"{record['first_step_ms']:.0f} ms"
+    )
+
+
+class _Interrupted(BaseException):
+    """SIGTERM as an exception, as in `python -m vithybrid_fast.bench`: not an Exception, so no provider's
+    `except Exception` turns a request to stop into an error record and carries on."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,15 +184,30 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--providers: unknown {unknown}; choose from {', '.join(known)}")
     if torch.device(args.device).type == "cuda":  # --device cpu is the documented smoke run
         exit_without_cuda(parser.prog, args.device)
+    records: list[dict] = []
+    status = 0
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     with RecordLog(args.out.with_suffix(".jsonl") if args.out else None) as log:
-        records = run(
-            args.device, tuple(args.batches), tuple(args.dtypes), providers, args.config, args.reps, on_record=log.write
-        )
+
+        def keep(record: dict) -> None:
+            records.append(record)
+            log.write(record)
+
+        try:
+            run(args.device, tuple(args.batches), tuple(args.dtypes), providers, args.config, args.reps, on_record=keep)
+        except (KeyboardInterrupt, _Interrupted) as err:  # a time budget's SIGINT/SIGTERM: report what is done
+            print(f"interrupted ({type(err).__name__}): reporting the {len(records)} records measured so far",
+                  file=sys.stderr)  # fmt: skip
+            status = 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     env = records[0] if records else {}
     header = (
         f"training step, {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, {env.get('commit')}"
     )
     print_and_save(records, header, table(records), args.out)
+    if status:
+        raise SystemExit(status)
 
 
 def _or_dash(value: float | None) -> str:

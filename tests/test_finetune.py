@@ -598,3 +598,28 @@ def test_the_hub_model_offline_and_uncached_fails_first_and_plainly(trained, tmp
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "is not in the local Hugging Face cache" in done.stderr
     assert "preset" not in done.stderr and done.stdout == ""
+
+
+def test_training_benchmark_writes_each_record_as_measured_and_reports_when_stopped(tmp_path, monkeypatch, capsys):
+    """An H100 call stopped the train step at its budget with nothing written: records waited for every
+    provider of a batch (ours-triton first, compiling for minutes) before any was written."""
+    from vithybrid_fast.bench import bench_train
+
+    real_build = bench_train.build
+
+    def build(provider, *args):
+        if provider == "ref-sdpa-ckpt":
+            raise KeyboardInterrupt  # the budget's SIGINT, while the second provider compiles
+        return real_build(provider, *args)
+
+    monkeypatch.setattr(bench_train, "build", build)
+    out = tmp_path / "train.json"
+    argv = ["--device", "cpu", "--config", "tiny", "--batches", "2", "--reps", "1", "--dtypes", "float32",
+            "--providers", "ref-sdpa-ckpt,ref-sdpa", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 130 and "reporting the 1 records measured so far" in captured.err
+    (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert record["provider"] == "ref-sdpa" and record["speedup_vs_ref_sdpa"] == 1.0  # the baseline ran first
+    assert "  ref-sdpa " in captured.out and " img/s " in captured.out  # a progress line as it was measured
