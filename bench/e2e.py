@@ -15,6 +15,8 @@ Providers (the peers DESIGN.md names, plus ours):
     ours-triton-cudagraphs            ours-triton replayed by vithybrid_fast.cuda_graphs.CUDAGraphRunner
     ours-triton-compile               torch.compile of the patched model
     ours-triton-channels-last         ours-triton with the backbone in channels_last end to end
+    ours-auto-channels-last           ours-auto likewise (its dispatch measures each op in that layout)
+    ref-sdpa-channels-last            ref-sdpa likewise: what the layout alone does to the reference
 
 Per (dtype, provider, batch): the first call is timed on its own (compile, autotune, graph capture),
 then device-event timing of many calls gives the median and p10/p90 (bench/common.time_fn), and the
@@ -45,7 +47,7 @@ from .common import environment, first_call_ms, time_fn
 PROVIDERS = (
     "ref-eager", "ref-sdpa", "ref-sdpa-frozen", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
     "ours-triton", "ours-triton-cudagraphs", "ours-triton-compile", "ours-triton-channels-last",
-    "ours-auto", "ours-auto-cudagraphs",
+    "ours-auto", "ours-auto-cudagraphs", "ours-auto-channels-last", "ref-sdpa-channels-last",
 )  # fmt: skip
 CPU_PROVIDERS = ("ref-eager", "ref-sdpa", "ref-sdpa-frozen", "hf-eager", "hf-sdpa")
 GPU_BATCHES = (1, 2, 4, 8, 32, 64, 128)
@@ -61,6 +63,10 @@ NOTES = {
     "ours-auto": 'kernels="auto": each fused op runs its kernel or the torch ops, whichever measured faster; '
     "its first call includes that timing, and is a cold start only if no earlier provider compiled the kernels",
     "ours-auto-cudagraphs": 'kernels="auto" (measured per op during the warm-up runs), then CUDA graphs',
+    # The H100 profile (bench/results/nvidia-h100-2026-11-26-notes.md): 2.8 ms of a 33 ms bf16 batch-64
+    # forward were cuDNN's NCHW<->NHWC transposes, which torch.compile's channels-last backbone does not pay
+    "ours-auto-channels-last": 'kernels="auto" with weights and input pixels in torch.channels_last',
+    "ref-sdpa-channels-last": "ref-sdpa with weights and input pixels in torch.channels_last",
 }
 
 # Adaptive repetition counts on a GPU: enough runs for a stable median without spending minutes on
@@ -213,6 +219,9 @@ def build_provider(
     """The model `provider` names, holding `state` in `dtype` on `device` (default: where `state` is)."""
     if provider in ("ref-eager", "ref-sdpa"):
         return build_reference(config, state, dtype, provider.removeprefix("ref-"), device)
+    if provider.endswith("-channels-last") and provider != "ours-triton-channels-last":
+        model = build_provider(provider.removesuffix("-channels-last"), config, state, dtype, device)
+        return ChannelsLastInput(model.to(memory_format=torch.channels_last))
     if provider == "ref-sdpa-frozen":
         return freeze(build_reference(config, state, dtype, "sdpa", device))
     if provider == "compile-default":

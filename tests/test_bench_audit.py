@@ -278,3 +278,26 @@ def test_the_next_gpu_sessions_plan_fits_its_device_time():
         assert sum(budgets) + grace_s * len(budgets) + setup_and_pack_s <= call_limit_s - 30, budgets
     expected = start_s + sum(sum(b) + setup_and_pack_s for b in calls) + idle_between_calls_s * (len(calls) - 1)
     assert expected <= session_s - 60, expected
+
+
+@pytest.mark.parametrize("provider", ["ref-sdpa-channels-last", "ours-auto-channels-last"])
+def test_channels_last_providers_run_nhwc_and_compute_the_reference(provider):
+    # the H100 profile's largest gap to torch.compile was cuDNN's NCHW<->NHWC transposes: these rows
+    # measure the channels-last layout on the reference and on "auto"
+    from vithybrid_fast.bench.e2e import build_provider, make_pixels, random_state_dict, tiny_config
+
+    config = tiny_config()
+    state = random_state_dict(config, torch.device("cpu"))
+    model = build_provider(provider, config, state, torch.float32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    pixels = make_pixels(config, 2)
+    seen = []
+    convs[0].register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    reference = build_provider("ref-sdpa", config, state, torch.float32)
+    with torch.inference_mode():
+        got, want = model(pixels).logits, reference(pixels).logits
+    assert seen == [True]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
