@@ -4,7 +4,8 @@ size traces (see export.py's docstring).
 SAME padding is written in integer arithmetic and the position table's bicubic resize as two
 interpolation matrices: the same values as the reference at every size, as shapes torch.export can
 reason about (with the original code it spends minutes in sympy, and ONNX's integer division
-truncates where Python's floors).
+truncates where Python's floors). The stem's max-pool pads explicitly there too (its pad-free shortcut
+chooses by the size).
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ def _matrix_interpolate_pos_encoding(embeddings: nn.Module, grid: tuple[Any, Any
 
 def install_dynamic_size_twins(model: nn.Module) -> nn.Module:
     """Give a (copied) model the export-friendly padding and position interpolation; returns it."""
-    from .backbone import DynamicPad2d
+    from .backbone import BitMaxPool2d, DynamicPad2d
     from .modeling import ViTHybridEmbeddings
 
     for module in model.modules():
         if isinstance(module, DynamicPad2d):
             module.forward = types.MethodType(_integer_same_pad_forward, module)
+        elif isinstance(module, BitMaxPool2d):
+            module.nonnegative_input = False  # its pad-free shortcut branches on the size: pad explicitly
         elif isinstance(module, ViTHybridEmbeddings):
             module.interpolate_pos_encoding = types.MethodType(_matrix_interpolate_pos_encoding, module)
     return model
