@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .gpu_support import command_device
+from .gpu_support import KERNELS_HELP, command_device
 from .images import add_pixel_limit_argument, pixel_limit
 
 HUB_ID = "google/vit-hybrid-base-bit-384"
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument(
         "--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"],
-        help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
+        help=KERNELS_HELP,
     )  # fmt: skip
     classify.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="(default: %(default)s)")
     classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")

@@ -281,6 +281,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags `eval` and `finetune` share."""
     from .cli import _positive_int, int_at_least
     from .distributed import MAX_DEFAULT_WORKERS, default_num_workers
+    from .gpu_support import KERNELS_HELP
     from .images import add_pixel_limit_argument
 
     parser.add_argument(
@@ -296,7 +297,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"],
-        help="auto: triton on a CUDA GPU that runs it, else sdpa (default: %(default)s)",
+        help=KERNELS_HELP,
     )  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
     add_pixel_limit_argument(parser)

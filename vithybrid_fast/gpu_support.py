@@ -144,6 +144,13 @@ def triton_error_message(device: torch.device | str | None = None) -> str:
     )
 
 
+# --kernels help of the commands that load a model (classify, eval, finetune)
+KERNELS_HELP = (
+    "auto: on a CUDA GPU that runs Triton, each fused op runs its kernel or the torch ops, whichever measures "
+    "faster; else sdpa (default: %(default)s)"
+)
+
+
 @contextlib.contextmanager
 def true_fp32() -> Iterator[None]:
     """TF32 off for matmuls and cuDNN convolutions inside the block, restored after.

@@ -437,8 +437,9 @@ def load(
 ) -> torch.nn.Module:
     """Load a ViT Hybrid checkpoint (hub repo id or local directory) ready for inference.
 
-    kernels: "eager" | "sdpa" | "triton" | "auto" (triton on a CUDA GPU, else sdpa) or a dict per
-    module family, e.g. {"attention": "triton", "mlp": "torch"}; see `vithybrid_fast.patch`.
+    kernels: "eager" | "sdpa" | "triton" | "auto" (on a GPU that runs Triton, per op the faster of kernel
+    and torch; else sdpa) or a dict per module family, e.g. {"attention": "triton", "mlp": "torch"}; see
+    `vithybrid_fast.patch`.
     cuda_graphs: wrap the model so each input shape is captured once as a CUDA graph and replayed
     (static input buffers per batch size; calls it cannot serve fall through to the model).
     model_class: the class asked for (`from_pretrained` passes its own); None takes what the checkpoint holds.
