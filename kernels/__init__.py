@@ -1,8 +1,9 @@
 """Hand-written Triton kernels for ViT Hybrid, each beside its plain-torch `reference`.
 
     from vithybrid_fast.kernels import flash_attention, weight_standardize, group_norm_act, layer_norm_mlp
+    from vithybrid_fast.kernels import add_layer_norm  # inference glue for kernels="auto"
 
-Two of the kernel files share their name with their function (kernels/weight_standardize.py
+Three of the kernel files share their name with their function (kernels/weight_standardize.py
 defines weight_standardize). Python binds a package attribute to the submodule when it is
 imported, so we import every submodule here first and then bind the names to the functions;
 each function carries its twin as `.reference` (so `kernels.weight_standardize.reference` still
@@ -14,6 +15,8 @@ Importing this package imports triton: set TRITON_INTERPRET=1 before it to run o
 
 from __future__ import annotations
 
+from .add_layer_norm import add_layer_norm
+from .add_layer_norm import reference as _add_layer_norm_reference
 from .attention import flash_attention
 from .attention import reference as _attention_reference
 from .group_norm_act import group_norm_act
@@ -23,9 +26,10 @@ from .layer_norm_mlp import reference as _layer_norm_mlp_reference
 from .weight_standardize import reference as _weight_standardize_reference
 from .weight_standardize import weight_standardize
 
+add_layer_norm.reference = _add_layer_norm_reference  # type: ignore[attr-defined]
 flash_attention.reference = _attention_reference  # type: ignore[attr-defined]
 group_norm_act.reference = _group_norm_act_reference  # type: ignore[attr-defined]
 layer_norm_mlp.reference = _layer_norm_mlp_reference  # type: ignore[attr-defined]
 weight_standardize.reference = _weight_standardize_reference  # type: ignore[attr-defined]
 
-__all__ = ["flash_attention", "group_norm_act", "layer_norm_mlp", "weight_standardize"]
+__all__ = ["add_layer_norm", "flash_attention", "group_norm_act", "layer_norm_mlp", "weight_standardize"]

@@ -104,7 +104,14 @@ def test_doctor_reports_versions_and_interpreted_kernels(capsys):
     torch_line = out[heads.index("torch")]
     assert torch.__version__ in torch_line and "CUDA runtime" in torch_line and "cuDNN" in torch_line
     if not torch.cuda.is_available():  # conftest turned the interpreter on
-        for kernel in ("flash_attention", "weight_standardize", "group_norm_act", "layer_norm_mlp", "fused_linear"):
+        for kernel in (
+            "flash_attention",
+            "weight_standardize",
+            "group_norm_act",
+            "layer_norm_mlp",
+            "fused_linear",
+            "add_layer_norm",
+        ):
             assert any(line.split()[:2] == [kernel, "yes,"] and "interpreted" in line for line in out), out
     assert out[-1].startswith("verdict: Triton kernels can run on ")
 
@@ -138,7 +145,14 @@ def test_check_passes_on_the_tiny_config(capsys):
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()]
     checked = {r[0] for r in rows if r and r[-1] == "yes"}
-    assert {"flash_attention", "weight_standardize", "group_norm_act", "layer_norm_mlp", "fused_linear"} <= checked
+    assert {
+        "flash_attention",
+        "weight_standardize",
+        "group_norm_act",
+        "layer_norm_mlp",
+        "fused_linear",
+        "add_layer_norm",
+    } <= checked
     model_rows = [r for r in rows if r[:2] == ["model", "forward"]]
     assert len(model_rows) == 1 and model_rows[0][-1] == "yes"
     assert not [r for r in rows if r and r[-1] == "NO"]
@@ -189,5 +203,5 @@ def test_a_head_size_the_kernel_lacks_is_said_not_checked():
     shapes = diagnostics.model_shapes(tiny_config(), batch=1)
     checks = diagnostics.kernel_checks(shapes, torch.device("cpu"), log=notes.append)
     assert {kernel for kernel, _, _ in checks} == {"weight_standardize", "group_norm_act", "layer_norm_mlp",
-                                                   "fused_linear"}  # fmt: skip
+                                                   "fused_linear", "add_layer_norm"}  # fmt: skip
     assert len(notes) == 1 and notes[0].startswith("flash_attention: not checked: head size 16")

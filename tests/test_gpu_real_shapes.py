@@ -25,7 +25,7 @@ def test_every_kernel_at_the_checkpoint_shapes(batch, dtype, device):
     checks = diagnostics.kernel_checks(shapes, torch.device(device), seed=batch)
     rows = diagnostics.run_kernel_checks(checks, [dtype], log=lambda _line: None)
     assert {r.what for r in rows} == {"flash_attention", "weight_standardize", "group_norm_act",
-                                      "layer_norm_mlp", "fused_linear"}  # fmt: skip
+                                      "layer_norm_mlp", "fused_linear", "add_layer_norm"}  # fmt: skip
     failed = [diagnostics.format_row(r) for r in rows if not r.ok]
     assert not failed, "\n" + diagnostics.ROW_HEADER + "\n" + "\n".join(failed)
 

@@ -31,7 +31,14 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 DTYPES = ("float32", "float16", "bfloat16")
 BATCHES = "1,8,64"
 # Kernels whose launches must be described, by the kernel file or its `_<name>_offline.py` sibling.
-KERNEL_MODULES = {"attention", "fused_linear", "layer_norm_mlp", "group_norm_act", "weight_standardize"}
+KERNEL_MODULES = {
+    "add_layer_norm",
+    "attention",
+    "fused_linear",
+    "layer_norm_mlp",
+    "group_norm_act",
+    "weight_standardize",
+}
 
 
 def _env(cache_dir: Path, extra_path: Path | None = None) -> dict[str, str]:
@@ -91,6 +98,7 @@ from vithybrid_fast.kernels import _offline, attention
 from vithybrid_fast.kernels import fused_linear as fl
 
 mlp = importlib.import_module("vithybrid_fast.kernels.layer_norm_mlp")
+aln = importlib.import_module("vithybrid_fast.kernels.add_layer_norm")  # the package binds the function
 recorded = []
 JITFunction.run = lambda self, *a, grid, warmup, **kw: recorded.append((self, {**dict(zip(self.arg_names, a)), **kw}))
 Autotuner._bench = lambda self, *args, config, **kw: [1.0, 1.0, 1.0]  # every candidate "benchmarked"
@@ -110,6 +118,8 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         ctx = o.transpose(1, 2).reshape(batch, 577, d)
         h = fl.launch_fused_linear(ctx, w(d, d), b(d), None, None, None, None, x, None)
         mlp._forward(h, b(d), b(d), w(3072, d), b(3072), w(d, 3072), b(d), 1e-12, True)
+        aln.launch(ctx, x, b(d), b(d), 1e-12)  # "auto"'s glue: + residual → LayerNorm-after
+        aln.launch(x, None, b(d), b(d), 1e-12)  # and LayerNorm-before
         do = torch.randn(batch, 577, 12, 64, dtype=dtype).transpose(1, 2)
         attention._backward(do, q, k, v, o, lse, 0.125)
         described = {

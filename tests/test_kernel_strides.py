@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from vithybrid_fast.kernels.add_layer_norm import add_layer_norm
+from vithybrid_fast.kernels.add_layer_norm import reference as add_ln_reference
 from vithybrid_fast.kernels.attention import flash_attention
 from vithybrid_fast.kernels.attention import reference as attention_reference
 from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats, reference_layer_norm_stats
@@ -314,3 +316,26 @@ def test_weight_standardize_layouts(layout, shape, device):
     (tgw,) = torch.autograd.grad(torch_out, w, grad)
     (rgw,) = torch.autograd.grad(ref, w64, grad.double())
     assert_close_to_reference(gw, tgw, rgw, torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_layer_norm_distinct_layouts(dtype, device):
+    # x: rows of a wider buffer (row stride 160 > 96); residual: (B, N, D) with its leading dims swapped;
+    # a third call with x's columns at stride 2, which the launcher copies to contiguous rows first
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 2, 96, generator=g).to(dtype).to(device)
+    r = torch.randn(4, 2, 96, generator=g).to(dtype).to(device)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype).to(device)
+    b = (0.1 * torch.randn(96, generator=g)).to(dtype).to(device)
+    wide = torch.zeros(4, 2, 160, dtype=dtype, device=device)
+    wide[..., 32:128] = x
+    swapped = r.transpose(0, 1).contiguous().transpose(0, 1)  # same values, leading strides swapped
+    spaced = torch.zeros(4, 2, 192, dtype=dtype, device=device)
+    spaced[..., ::2] = x
+    torch_h, torch_y = add_ln_reference(x, r, w, b, 1e-5)
+    _, want = add_ln_reference(x.double(), r.double(), w.double(), b.double(), 1e-5)
+    for xs, rs in ((wide[..., 32:128], swapped), (spaced[..., ::2], r), (x, swapped)):
+        h, y = add_layer_norm(xs, rs, w, b, 1e-5)
+        assert h.is_contiguous() and y.is_contiguous()
+        assert_close_to_reference(h, torch_h, (x.double() + r.double()), dtype, what="h")
+        assert_close_to_reference(y, torch_y, want, dtype, what="LayerNorm(h)")

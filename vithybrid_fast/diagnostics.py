@@ -150,7 +150,7 @@ def kernel_checks(
     shapes: ModelShapes, device: torch.device, seed: int = 0, log: Callable[[str], None] = print
 ) -> list[tuple[str, str, KernelCheck]]:
     """(kernel, case, check(dtype) -> (kernel out, torch out, float64 ref)) at the model's shapes."""
-    from .kernels import attention, fused_linear, group_norm_act, layer_norm_mlp, weight_standardize
+    from .kernels import add_layer_norm, attention, fused_linear, group_norm_act, layer_norm_mlp, weight_standardize
 
     g = torch.Generator().manual_seed(seed)
     b, n, hidden = shapes.tokens
@@ -246,6 +246,15 @@ def kernel_checks(
         return out, F.linear(xd, wd, bd) + rd, ref
 
     checks.append(("fused_linear", f"out-proj {b}×{n}×{hidden} +res", check_proj))
+
+    def check_add_ln(dtype):  # "auto"'s glue after a cuBLAS out-projection: h = out + x, LayerNorm(h)
+        xd, rd, lw, lb = (t.to(dtype) for t in (x, residual, ln_w, ln_b))
+        _, out = add_layer_norm(xd, rd, lw, lb, eps)
+        _, peer = add_layer_norm.reference(xd, rd, lw, lb, eps)
+        _, ref = add_layer_norm.reference(x.double(), residual.double(), ln_w.double(), ln_b.double(), eps)
+        return out, peer, ref
+
+    checks.append(("add_layer_norm", f"{b}×{n}×{hidden} +res", check_add_ln))
     return checks
 
 

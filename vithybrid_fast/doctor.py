@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNEL_NAMES = ("flash_attention", "weight_standardize", "group_norm_act", "layer_norm_mlp", "fused_linear")
+KERNEL_NAMES = (
+    "flash_attention", "weight_standardize", "group_norm_act", "layer_norm_mlp", "fused_linear", "add_layer_norm",
+)  # fmt: skip
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
