@@ -18,6 +18,9 @@ from vithybrid_fast import dispatch
 
 OPS = {"layer_norm_linear", "flash_attention", "linear_residual", "layer_norm_mlp", "group_norm_act",
        "weight_standardize"}  # fmt: skip
+# measured by a layer whose three GEMM ops went to torch (FastViTLayer.cublas_with_glue_kernels): in the
+# tiny model's second layer, which finds the first layer's decisions for the same shapes
+GLUE_OPS = {"layer_norm", "add_layer_norm"}
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +97,7 @@ def test_model_computes_the_reference_whichever_path_each_op_takes(tiny_model, d
     monkeypatch.setattr(dispatch, "measure", lambda kernel, ref, device, graphed: {winner: 1.0, loser: 2.0})
     with torch.no_grad():
         out = model(pixels).logits
-    assert {key[0] for key in dispatch.decisions()} == OPS
+    assert {key[0] for key in dispatch.decisions()} == (OPS | GLUE_OPS if winner == "torch" else OPS)
     assert set(dispatch.decisions().values()) == {winner}
     assert (out - reference).abs().max().item() <= 1e-4
 
@@ -124,7 +127,7 @@ def test_auto_on_a_gpu_measures_and_matches_the_reference(tiny_model):
     assert all(m.measured for m in model.modules() if hasattr(m, "measured"))
     with torch.no_grad():
         first, second = model(pixels).logits, model(pixels).logits
-    assert {key[0] for key in dispatch.decisions()} == OPS
+    assert OPS <= {key[0] for key in dispatch.decisions()} <= OPS | GLUE_OPS
     assert (first - reference).abs().max().item() <= 1e-4 and torch.equal(first, second)
 
 
@@ -179,3 +182,92 @@ def test_auto_with_cuda_graphs_decides_by_replay_and_matches_the_reference(tiny_
     timed = {key[4] for key in dispatch.decisions()}
     assert timed == {"graph"}, dispatch.decisions()
     assert (first - reference).abs().max().item() <= 1e-4 and torch.equal(first, second)
+
+
+# -- the glue kernels of a layer whose GEMMs went to torch (FastViTLayer.cublas_with_glue_kernels) ---------
+def _auto_model(tiny_model, device, monkeypatch, winner="torch"):
+    """The tiny model patched as "auto" is, every op timed as `winner` faster, and its unpatched logits."""
+    model = copy.deepcopy(tiny_model).to(device)
+    pixels = pixels_for(model, device=device)
+    with torch.no_grad():
+        reference = model(pixels).logits
+    dispatch.set_measured(vf.patch(model, "triton"), True)
+    loser = "torch" if winner == "triton" else "triton"
+    monkeypatch.setattr(dispatch, "measure", lambda kernel, ref, device, graphed: {winner: 1.0, loser: 2.0})
+    return model, pixels, reference
+
+
+def _count_glue_kernel_calls(monkeypatch) -> list[int]:
+    from vithybrid_fast import kernels
+
+    calls, real = [], kernels.add_layer_norm
+    monkeypatch.setattr(kernels, "add_layer_norm", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_glue_at_torch_computes_the_per_op_torch_path_bit_for_bit(tiny_model, device, monkeypatch):
+    from vithybrid_fast.fast import FastViTLayer
+
+    model, pixels, reference = _auto_model(tiny_model, device, monkeypatch, winner="torch")
+    with torch.no_grad():
+        glued = model(pixels).logits
+        glue = {key: choice for key, choice in dispatch.decisions().items() if key[0] in GLUE_OPS}
+        monkeypatch.setattr(FastViTLayer, "_torch_gemms_chosen", lambda *args: False)
+        per_op = model(pixels).logits
+    assert {key[0] for key in glue} == GLUE_OPS and set(glue.values()) == {"torch"}
+    assert torch.equal(glued, per_op) and (glued - reference).abs().max().item() <= 1e-4
+
+
+def test_the_first_call_returns_what_later_calls_compute(tiny_model, device, monkeypatch):
+    # GEMMs timed faster in torch, the glue in Triton: the first layer decides its GEMMs during the first
+    # call and must then answer with the glue path, or the first call's logits differ from the second's
+    model, pixels, reference = _auto_model(tiny_model, device, monkeypatch)
+
+    def glue_wins(kernel, ref, device, graphed):
+        glue = "cublas_with_glue_kernels" in kernel.__qualname__
+        return {"triton": 1.0, "torch": 2.0} if glue else {"triton": 2.0, "torch": 1.0}
+
+    monkeypatch.setattr(dispatch, "measure", glue_wins)
+    with torch.no_grad():
+        first, second = model(pixels).logits, model(pixels).logits
+    glue = {key[0]: choice for key, choice in dispatch.decisions().items() if key[0] in GLUE_OPS}
+    assert glue == {"layer_norm": "triton", "add_layer_norm": "triton"}
+    assert torch.equal(first, second) and (first - reference).abs().max().item() <= 1e-4
+
+
+def test_glue_kernels_chosen_compute_the_reference(tiny_model, device, monkeypatch):
+    model, pixels, reference = _auto_model(tiny_model, device, monkeypatch, winner="torch")
+    with torch.no_grad():
+        model(pixels)  # decides every op torch (the GEMM ops and, in the second layer, the glue)
+    for key in [k for k in dispatch._DECISIONS if k[0] in GLUE_OPS]:
+        dispatch._DECISIONS[key] = "triton"  # as a GPU where the glue kernels measured faster
+    calls = _count_glue_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        first, second = model(pixels).logits, model(pixels).logits
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 2 * 2 * layers  # LayerNorm-before and add+LayerNorm-after, per layer and call
+    assert torch.equal(first, second) and (first - reference).abs().max().item() <= 1e-4
+
+
+def test_no_glue_where_a_gradient_is_recorded_or_probabilities_are_asked(tiny_model, device, monkeypatch):
+    model, pixels, reference = _auto_model(tiny_model, device, monkeypatch, winner="torch")
+    with torch.no_grad():
+        model(pixels)
+    for key in [k for k in dispatch._DECISIONS if k[0] in GLUE_OPS]:
+        dispatch._DECISIONS[key] = "triton"
+    calls = _count_glue_kernel_calls(monkeypatch)
+    logits = model(pixels).logits  # autograd on: the per-op path (the glue kernels have no backward)
+    logits.sum().backward()
+    with torch.no_grad():
+        out = model(pixels, output_attentions=True)  # probabilities: the reference attention
+    assert calls == [] and out.attentions is not None
+    assert (logits.detach() - reference).abs().max().item() <= 1e-4
+
+
+def test_triton_gemms_keep_the_fused_layer(tiny_model, device, monkeypatch):
+    model, pixels, reference = _auto_model(tiny_model, device, monkeypatch, winner="triton")
+    calls = _count_glue_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(pixels).logits
+    assert calls == [] and not any(key[0] in GLUE_OPS for key in dispatch.decisions())
+    assert (out - reference).abs().max().item() <= 1e-4

@@ -74,6 +74,12 @@ def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple, device: 
     return (op, tuple(None if t is None else (t.shape, t.dtype) for t in tensors), extra, device, _GRAPH_TIMING[0])
 
 
+def decided(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple = ()) -> str | None:
+    """What `run` chose for `op` at these inputs' shapes and dtypes ("triton" | "torch"), or None if undecided."""
+    device = next(t for t in tensors if t is not None).device
+    return _DECISIONS.get(_key(op, tensors, extra, device))
+
+
 def _can_measure(device: torch.device) -> bool:
     if device.type == "cuda":
         return not torch.cuda.is_current_stream_capturing()

@@ -16,16 +16,25 @@ timing, between its kernel and the torch ops it replaces (dispatch.py); off, the
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from vithybrid_fast import dispatch, kernels
+from vithybrid_fast.kernels.add_layer_norm import MAX_WIDTH as GLUE_MAX_WIDTH
 from vithybrid_fast.kernels.attention import SUPPORTED_HEAD_DIMS
 from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
 
 from .modeling import eager_attention
 from .weight_cache import DerivedWeightCache
+
+
+class _ShapeOf(NamedTuple):
+    """What a dispatch key reads of a tensor, for asking about a decision without making the tensor."""
+
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 def _is_exact_gelu(module: nn.Module) -> bool:
@@ -202,8 +211,73 @@ class FastViTLayer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._torch_gemms_chosen(hidden_states, head_mask, output_attentions):
+            return self.cublas_with_glue_kernels(hidden_states), None
         h, probs = self.attention_block(hidden_states, head_mask, output_attentions)
-        return self.mlp_block(h), probs
+        out = self.mlp_block(h)
+        if self._torch_gemms_chosen(hidden_states, head_mask, output_attentions):
+            # decided in this very call: return what every later call will compute, so the first call's
+            # output equals the second's (one extra layer forward, on the first call only)
+            return self.cublas_with_glue_kernels(hidden_states), None
+        return out, probs
+
+    # -- kernels="auto" where the measured dispatch chose torch's GEMMs -------------------------------
+    # Our fused GEMMs lose to cuBLAS (H100/H200, every tile), so "auto" runs F.linear; then the glue
+    # between the GEMMs — torch's LayerNorms and residual adds, 3.5 ms of a 33 ms bf16 batch-64 forward on
+    # the H100 — is what torch.compile fuses and we did not. Once the three GEMM ops of this layer are
+    # decided "torch", the layer runs them with kernels.add_layer_norm as the glue, each glue op again
+    # measured against torch's add and LayerNorm. Inference only (no gradient recorded); same values
+    # as the per-op torch path when the glue goes to torch too.
+    def _torch_gemms_chosen(self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
+        if not self.measured or torch.is_grad_enabled() or torch.compiler.is_compiling() or _autocasting(x):
+            return False
+        self_attention = self.attention.attention
+        if not isinstance(self_attention, FastSelfAttention):
+            return False
+        if not self_attention.can_fuse(head_mask, output_attentions):
+            return False
+        if self.training and (self.attention.output.dropout.p > 0 or self.output.dropout.p > 0):
+            return False
+        if not _is_exact_gelu(self.intermediate.intermediate_act_fn) or x.shape[-1] > GLUE_MAX_WIDTH:
+            return False
+        query = self_attention.query.weight  # a decision's key is shapes and dtypes: the fused QKV weight's
+        fused_qkv = _ShapeOf(torch.Size((3 * query.shape[0], query.shape[1])), query.dtype)
+        ops = (
+            ("layer_norm_linear", (x, fused_qkv)),  # attention_block's keys; the context and h are x-shaped
+            ("linear_residual", (x, self.attention.output.dense.weight)),
+            ("layer_norm_mlp", (x, self.intermediate.dense.weight)),
+        )
+        return all(dispatch.decided(op, tensors) == "torch" for op, tensors in ops)
+
+    def cublas_with_glue_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer as the per-op torch path computes it, with measured LayerNorm / add+LayerNorm glue."""
+        ln_before, ln_after = self.layernorm_before, self.layernorm_after
+        width = (x.shape[-1],)
+        normed = dispatch.run(
+            "layer_norm",
+            True,
+            lambda: kernels.add_layer_norm(x, None, ln_before.weight, ln_before.bias, ln_before.eps)[1],
+            lambda: nn.functional.layer_norm(x, width, ln_before.weight, ln_before.bias, ln_before.eps),
+            (x, ln_before.weight),
+        )
+        self_attention = self.attention.attention
+        weight, bias = self_attention.fused_qkv()
+        context = self_attention.attend_packed(nn.functional.linear(normed, weight, bias))
+        dense = self.attention.output.dense
+        out = nn.functional.linear(context, dense.weight, dense.bias)
+
+        def add_then_layer_norm() -> tuple[torch.Tensor, torch.Tensor]:
+            h = out + x
+            return h, nn.functional.layer_norm(h, width, ln_after.weight, ln_after.bias, ln_after.eps)
+
+        h, normed = dispatch.run(
+            "add_layer_norm",
+            True,
+            lambda: kernels.add_layer_norm(out, x, ln_after.weight, ln_after.bias, ln_after.eps),
+            add_then_layer_norm,
+            (out, ln_after.weight),
+        )
+        return self.output(self.intermediate(normed), h)  # fc1 + GELU, fc2 + h: the reference modules
 
 
 # ---------------------------------------------------------------------------------------------
