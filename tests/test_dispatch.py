@@ -271,3 +271,17 @@ def test_triton_gemms_keep_the_fused_layer(tiny_model, device, monkeypatch):
         out = model(pixels).logits
     assert calls == [] and not any(key[0] in GLUE_OPS for key in dispatch.decisions())
     assert (out - reference).abs().max().item() <= 1e-4
+
+
+def test_a_reset_forgets_which_layers_took_the_glue(tiny_model, device, monkeypatch):
+    # FastViTLayer remembers, per input shape, that its GEMMs went to torch; dispatch.reset() must end that
+    model, pixels, reference = _auto_model(tiny_model, device, monkeypatch, winner="torch")
+    with torch.no_grad():
+        model(pixels)
+    dispatch.reset()
+    monkeypatch.setattr(dispatch, "measure", lambda kernel, ref, device, graphed: {"triton": 1.0, "torch": 2.0})
+    calls = _count_glue_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(pixels).logits
+    assert calls == [] and not any(key[0] in GLUE_OPS for key in dispatch.decisions())
+    assert (out - reference).abs().max().item() <= 1e-4

@@ -37,6 +37,7 @@ WARMUP, REPS = 2, 5
 CALLS_PER_GRAPH = 5  # graph timing: calls captured in one graph, so a replay is long enough to time
 _DECISIONS: dict[tuple, str] = {}
 _GRAPH_TIMING = [False]
+_RESETS = [0]  # bumped by reset(): what was derived from earlier decisions is stale
 
 
 @contextlib.contextmanager
@@ -66,6 +67,12 @@ def _readable(key: tuple) -> tuple:
 def reset() -> None:
     """Forget every decision (the next call of each op measures again)."""
     _DECISIONS.clear()
+    _RESETS[0] += 1
+
+
+def epoch() -> tuple[bool, int]:
+    """(graph timing on, resets so far): a decision found once stays until either changes."""
+    return _GRAPH_TIMING[0], _RESETS[0]
 
 
 def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple, device: torch.device) -> tuple:
