@@ -11,6 +11,8 @@ flash attention and the backbone kernels still run.
 
 Each module's `measured` flag (set by `patch(model, "auto")` on a GPU) makes every fused op pick, by
 timing, between its kernel and the torch ops it replaces (dispatch.py); off, the kernels always run.
+A ViT layer whose three GEMM ops all picked torch then runs cuBLAS with `kernels.add_layer_norm` offered,
+again by timing, as the glue between them (`FastViTLayer.cublas_with_glue_kernels`).
 """
 
 from __future__ import annotations
