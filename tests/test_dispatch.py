@@ -285,3 +285,29 @@ def test_a_reset_forgets_which_layers_took_the_glue(tiny_model, device, monkeypa
         out = model(pixels).logits
     assert calls == [] and not any(key[0] in GLUE_OPS for key in dispatch.decisions())
     assert (out - reference).abs().max().item() <= 1e-4
+
+
+def test_a_kernel_that_fails_while_measured_loses_with_a_warning():
+    # "auto" puts never-run kernels in the default path: one that cannot compile on this GPU or Triton
+    # must cost a warning, not the model
+    def broken():
+        raise RuntimeError("PTX too new for this driver")
+
+    reference, x = Counted("r"), torch.zeros(3)
+    with pytest.warns(RuntimeWarning, match=r"op at .*the Triton kernel failed.*PTX too new.*torch's ops run"):
+        assert dispatch.run("op", True, broken, reference, (x,)) == "r"
+    assert list(dispatch.decisions().values()) == ["torch"]
+    assert dispatch.run("op", True, broken, reference, (x,)) == "r"  # decided: no second attempt, no warning
+    assert reference.calls == 2
+
+
+def test_torch_ops_failing_too_is_the_callers_error():
+    def broken():
+        raise RuntimeError("kernel")
+
+    def bad_input():
+        raise ValueError("shapes do not match")
+
+    with pytest.raises(ValueError, match="shapes do not match"):
+        dispatch.run("op", True, broken, bad_input, (torch.zeros(3),))
+    assert dispatch.decisions() == {}  # nothing decided: the next call tries again

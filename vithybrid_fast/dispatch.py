@@ -17,6 +17,9 @@ Ops that will run replayed from a CUDA graph are timed as graphs (`timing_for_gr
 runner holds over its warm-up): eager timing at small batches measures the host's launch time, which a
 graph does not pay, and chose torch's ops where the kernels were faster replayed (the second H200 run:
 "auto" + graphs 2.30 ms at batch 1, "triton" + graphs 1.83 ms). Those decisions are kept apart from eager ones.
+
+A kernel that raises while being measured (a compile error on a Triton version or GPU no test has run)
+loses to torch's ops, with a RuntimeWarning, instead of failing the model that "auto" promised to speed up.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -187,7 +191,18 @@ def run(
     if choice is None:
         if not _can_measure(device):
             return kernel()
-        ms = measure(kernel, reference, device, graphed=_GRAPH_TIMING[0])
+        try:
+            ms = measure(kernel, reference, device, graphed=_GRAPH_TIMING[0])
+        except Exception as err:
+            reference_result = reference()  # the torch ops failing too is the caller's error: raise it
+            _DECISIONS[key] = "torch"
+            warnings.warn(
+                f"{op} at {_readable(key)[1]}: the Triton kernel failed while being measured "
+                f"({type(err).__name__}: {str(err)[:200]}); torch's ops run instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return reference_result
         choice = "triton" if ms["triton"] <= ms["torch"] else "torch"
         _DECISIONS[key] = choice
         logger.info("%s %s (%s timing): triton %.4f ms, torch %.4f ms -> %s", op, _readable(key)[1],
