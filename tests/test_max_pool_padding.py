@@ -58,3 +58,39 @@ def test_the_stem_takes_the_shortcut_only_after_a_relu(changes, expected):
     pooler = model.vit.embeddings.patch_embeddings.backbone.bit.embedder.pooler
     assert isinstance(pooler, BitMaxPool2d) and pooler.nonnegative_input is expected
     assert isinstance(pooler.pad, nn.Module)
+
+
+def test_a_patched_transformers_stem_pools_without_the_copy_and_unpatches(monkeypatch):
+    pytest.importorskip("transformers")  # the peer whose model is patched
+    import vithybrid_fast as vf
+    from tests.hf_reference import build_hf_model
+    from vithybrid_fast.fast import FastBitEmbeddings
+
+    model = build_hf_model(tiny_config())
+    stem = model.vit.embeddings.patch_embeddings.backbone.bit.embedder
+    fast = FastBitEmbeddings(stem)  # transformers' own norm: the pool change alone
+    # transformers' DynamicPad2d overrides __call__ (no hooks fire): count the pads of stem-output width
+    padded, real_pad = [], torch.nn.functional.pad
+
+    def counting_pad(x, *args, **kwargs):
+        padded.append(x.shape[1])
+        return real_pad(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "pad", counting_pad)
+    channels = model.config.backbone_config.embedding_size
+    for size in (72, 70):  # a 36² (even) and a 35² (odd) stem output
+        pixels = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            padded.clear()
+            want = stem(pixels)
+            assert channels in padded  # transformers' stem pads its output before the pool
+            padded.clear()
+            got = fast(pixels)
+        assert fast.pad_free_pool and channels not in padded and torch.equal(got, want), (size, padded)
+    assert fast.pooler is stem.pooler  # transformers' module, read and never changed
+
+    vf.patch(model, {"backbone": "triton"})
+    patched = model.vit.embeddings.patch_embeddings.backbone.bit.embedder
+    assert isinstance(patched, FastBitEmbeddings) and patched.pad_free_pool  # its norm: group_norm_act + ReLU
+    vf.unpatch(model)
+    assert model.vit.embeddings.patch_embeddings.backbone.bit.embedder is stem

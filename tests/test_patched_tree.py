@@ -37,13 +37,14 @@ FAST_CLASS = {
     hf_bit.WeightStandardizedConv2d: fast.FastWeightStandardizedConv2d,
     hf_bit.BitGroupNormActivation: fast.FastGroupNormActivation,
     hf_bit.BitBottleneckLayer: fast.FastBottleneckLayer,
+    hf_bit.BitEmbeddings: fast.FastBitEmbeddings,  # transformers' stem only: ours pools without the copy itself
     hf.ViTHybridLayer: fast.FastViTLayer,
     hf.ViTHybridSelfAttention: fast.FastSelfAttention,
     hf.ViTHybridSdpaSelfAttention: fast.FastSelfAttention,
 }
 BACKBONE_CLASSES = {
     ours_bit.WeightStandardizedConv2d, ours_bit.BitGroupNormActivation, ours_bit.BitBottleneckLayer,
-    hf_bit.WeightStandardizedConv2d, hf_bit.BitGroupNormActivation, hf_bit.BitBottleneckLayer,
+    hf_bit.WeightStandardizedConv2d, hf_bit.BitGroupNormActivation, hf_bit.BitBottleneckLayer, hf_bit.BitEmbeddings,
 }  # fmt: skip
 
 # head size 32 (the flash kernel's smallest); the odd sizes of tiny_config otherwise

@@ -125,29 +125,30 @@ class BitMaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nonnegative_input and isinstance(self.pad, DynamicPad2d):
-            padding = self._implicit_padding(x)
+            padding = implicit_same_padding(x, self.pad.kernel_size, self.pad.stride)
             if padding is not None:
                 return nn.functional.max_pool2d(x, self.kernel_size, self.stride, padding, self.dilation, True)
         x = self.pad(x)
         return nn.functional.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
-    def _implicit_padding(self, x: torch.Tensor) -> tuple[int, int] | None:
-        """max_pool2d's symmetric padding (+ ceil_mode) that covers the SAME windows, or None if none does."""
-        padding = []
-        for size in x.shape[-2:]:
-            total = same_padding_total(size, self.pad.kernel_size, self.pad.stride, 1)
-            left = total // 2
-            # max_pool2d pads symmetrically (at most half the kernel); ceil_mode adds the one extra right
-            # window that an odd total needs — and only that: the output size must be SAME's ceil(size/s)
-            if left > self.pad.kernel_size // 2:
-                return None
-            out = -(-(size + 2 * left - self.pad.kernel_size) // self.pad.stride) + 1
-            if (out - 1) * self.pad.stride >= size + left:
-                out -= 1
-            if out != -(-size // self.pad.stride):
-                return None
-            padding.append(left)
-        return padding[0], padding[1]
+
+def implicit_same_padding(x: torch.Tensor, kernel: int, stride: int) -> tuple[int, int] | None:
+    """max_pool2d's symmetric padding (+ ceil_mode) that gives SAME padding's windows over x's last two dims,
+    or None where none does. Only equal to a zero-padded pool on inputs ≥ 0 (see BitMaxPool2d)."""
+    padding = []
+    for size in x.shape[-2:]:
+        left = same_padding_total(size, kernel, stride, 1) // 2
+        # max_pool2d pads symmetrically (at most half the kernel); ceil_mode adds the one extra right window
+        # that an odd total needs — and only that: the output size must be SAME's ceil(size / stride)
+        if left > kernel // 2:
+            return None
+        out = -(-(size + 2 * left - kernel) // stride) + 1
+        if (out - 1) * stride >= size + left:
+            out -= 1
+        if out != -(-size // stride):
+            return None
+        padding.append(left)
+    return padding[0], padding[1]
 
 
 class BitEmbeddings(nn.Module):

@@ -28,6 +28,7 @@ from vithybrid_fast.kernels.add_layer_norm import MAX_WIDTH as GLUE_MAX_WIDTH
 from vithybrid_fast.kernels.attention import SUPPORTED_HEAD_DIMS
 from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
 
+from .backbone import implicit_same_padding
 from .modeling import eager_attention
 from .weight_cache import DerivedWeightCache
 
@@ -397,3 +398,42 @@ class FastBottleneckLayer(nn.Module):
             return self.activation(self.drop_path(norm3(x)) + shortcut)
         weight, bias = norm3.weight, norm3.bias
         return group_norm_act(self.measured, x, norm3.num_groups, weight, bias, norm3.eps, "relu", shortcut)
+
+
+class FastBitEmbeddings(nn.Module):
+    """transformers' BiT stem (conv → pad → GroupNorm + act → SAME max pool), pooling without the padded copy
+    of the stem output when a ReLU feeds the pool (backbone.BitMaxPool2d; our own stem does so unpatched).
+    Same values; the pool module stays transformers' (its settings are read, never changed)."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.convolution, self.pad, self.norm = reference.convolution, reference.pad, reference.norm
+        self.pooler, self.num_channels = reference.pooler, reference.num_channels
+        pool = self.pooler
+        self.pad_free_pool = (
+            _ends_in_relu(self.norm)
+            and not isinstance(pool.pad, nn.Identity)  # a dynamic SAME pad, as the hub model's
+            and tuple(pool.padding) == (0, 0) and tuple(pool.dilation) == (1, 1) and not pool.ceil_mode
+            and pool.kernel_size[0] == pool.kernel_size[1] and pool.stride[0] == pool.stride[1]
+            and getattr(pool.pad, "value", 0) == 0
+        )  # fmt: skip
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                "Make sure that the channel dimension of the pixel values match with the one set in the configuration."
+            )  # transformers' words
+        x = self.norm(self.pad(self.convolution(pixel_values)))
+        pool = self.pooler
+        if self.pad_free_pool:
+            padding = implicit_same_padding(x, pool.kernel_size[0], pool.stride[0])
+            if padding is not None:
+                return nn.functional.max_pool2d(x, pool.kernel_size, pool.stride, padding, pool.dilation, True)
+        return pool(x)
+
+
+def _ends_in_relu(norm: nn.Module) -> bool:
+    """Whether the stem's norm module ends in a ReLU (a swapped FastGroupNormActivation or a BiT one)."""
+    if isinstance(norm, FastGroupNormActivation):
+        return norm.fused_act == "relu"
+    return isinstance(getattr(norm, "activation", None), nn.ReLU)

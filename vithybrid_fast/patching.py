@@ -126,6 +126,7 @@ def _registry(model: nn.Module) -> dict[str, dict[type, Callable[[nn.Module], nn
         registry["backbone"][hf_bit.WeightStandardizedConv2d] = fast.FastWeightStandardizedConv2d
         registry["backbone"][hf_bit.BitGroupNormActivation] = fast.FastGroupNormActivation
         registry["backbone"][hf_bit.BitBottleneckLayer] = fast.FastBottleneckLayer
+        registry["backbone"][hf_bit.BitEmbeddings] = fast.FastBitEmbeddings  # ours pools without the copy already
     return registry
 
 
