@@ -33,6 +33,7 @@ from typing import Any
 from .arguments import DTYPE_NAMES, dtype_names, positive_int, positive_ints
 
 KERNEL_BENCHMARKS = {
+    "add_layer_norm": "vithybrid_fast.bench.bench_add_layer_norm",  # "auto"'s glue between cuBLAS GEMMs
     "attention": "vithybrid_fast.bench.bench_attention",
     "backbone": "vithybrid_fast.bench.bench_backbone_kernels",
     "layer_norm_mlp": "vithybrid_fast.bench.bench_layer_norm_mlp",

@@ -13,7 +13,7 @@
 #   bash bench/gpu_session.sh step tests-model      the other tests on the GPU (patching, HF parity, graphs, …)
 #   bash bench/gpu_session.sh step tests-list FILE  the test files / node ids FILE lists (e.g. what a cut-off run left)
 #   bash bench/gpu_session.sh step profile [PROVIDERS]   top kernels per forward (PROFILE_BATCHES, default 64,1)
-#   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp   microbenchmarks
+#   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp | kernels-glue   microbenchmarks
 #   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
 #   bash bench/gpu_session.sh step sweep-gemm [DTYPE]   fused-GEMM tiles vs cuBLAS + ops (SWEEP_BATCH, default 64)
@@ -35,7 +35,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tests-list profile sweep-gemm tune train input kernels-attention kernels-backbone kernels-mlp e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile sweep-gemm tune train input kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -149,6 +149,7 @@ run_step() {
     kernels-attention) bench_step kernels-attention --no-e2e --kernels --kernel-benches attention ;;
     kernels-backbone) bench_step kernels-backbone --no-e2e --kernels --kernel-benches backbone ;;
     kernels-mlp) bench_step kernels-mlp --no-e2e --kernels --kernel-benches layer_norm_mlp ;;
+    kernels-glue) bench_step kernels-glue --no-e2e --kernels --kernel-benches add_layer_norm ;;
     e2e) bench_step "e2e-$dtype" --no-kernels --dtypes "$dtype" --providers "$E2E_PROVIDERS" ;;
     e2e-compile) bench_step "e2e-compile-$dtype" --no-kernels --dtypes "$dtype" --providers "$COMPILE_PROVIDERS" ;;
     *) echo "unknown step '$step'; steps: $STEPS" >&2; return 2 ;;

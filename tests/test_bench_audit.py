@@ -141,7 +141,9 @@ def test_a_kernel_is_judged_against_its_own_devices_peak():
 
 
 @NO_CUDA
-@pytest.mark.parametrize("bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels"])
+@pytest.mark.parametrize(
+    "bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels", "bench_add_layer_norm"]
+)
 def test_gpu_only_benchmark_without_a_gpu_exits_with_one_line_and_no_file(bench, capsys, tmp_path):
     import importlib
 
@@ -155,7 +157,9 @@ def test_gpu_only_benchmark_without_a_gpu_exits_with_one_line_and_no_file(bench,
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels"])
+@pytest.mark.parametrize(
+    "bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels", "bench_add_layer_norm"]
+)
 def test_gpu_only_benchmark_rejects_an_unknown_dtype_before_starting(bench, capsys):
     import importlib
 

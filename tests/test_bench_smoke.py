@@ -343,10 +343,30 @@ def test_fused_linear_tile_sweep_checks_then_ranks():
     assert len(table) == 2 + 4 and all("triton 32x32x32" in line for line in table[2:])
 
 
-@pytest.mark.parametrize("bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels"])
+@pytest.mark.parametrize(
+    "bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels", "bench_add_layer_norm"]
+)
 def test_gpu_only_kernel_benchmarks_skip_on_a_cpu_and_say_why(bench, capsys):
     import importlib
 
     module = importlib.import_module(f"vithybrid_fast.bench.{bench}")
     assert module.run("cpu", batches=(1,), dtypes=("float16",)) == []
     assert capsys.readouterr().out.startswith(f"{bench}: skipped, needs a CUDA GPU (device='cpu'")
+
+
+def test_glue_benchmark_mechanics_on_a_cpu(monkeypatch):
+    # the GPU numbers need a GPU; the records' arithmetic and the three providers' agreement do not
+    from vithybrid_fast.bench import bench_add_layer_norm as bench
+
+    monkeypatch.setattr(bench, "skip_without_cuda", lambda name, device: False)
+    monkeypatch.setattr(bench, "measured_hbm_gbps", lambda device: 1000.0)
+    monkeypatch.setattr(bench, "TOKENS", 3)  # 3·batch rows of 768: the interpreter stays quick
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **kwargs: fn)  # Inductor's CPU build: minutes
+    records = bench.run("cpu", batches=(1, 2), dtypes=("float32",))
+    assert len(records) == 2 * 2 * 3  # variant × batch × provider
+    for r in records:
+        rows = r["batch"] * 3
+        assert r["bytes"] == rows * 768 * 4 * (4 if r["variant"] == "add+layer_norm" else 2)
+        assert math.isclose(r["gbps"], r["bytes"] / (r["ms_median"] * 1e-3) / 1e9)
+        assert math.isclose(r["pct_of_hbm"], r["gbps"] / 10) and r["max_abs_diff_vs_torch"] < 1e-5
+    assert "add+layer_norm" in bench.format_table(records)

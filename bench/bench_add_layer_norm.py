@@ -1,0 +1,127 @@
+"""Benchmark the encoder's glue between cuBLAS GEMMs: residual add + LayerNorm, and LayerNorm alone, on a CUDA GPU.
+
+Providers, measured in the same run on the same GPU and inputs (ViT-Base rows: 577·batch × 768):
+  ours           kernels.add_layer_norm (one launch: h = x + residual and LayerNorm(h), or LayerNorm(x))
+  torch          `x + residual` then F.layer_norm (two launches), or F.layer_norm alone
+  torch.compile  the same function, torch.compile(mode="default", dynamic=False): Inductor's fused kernel
+
+The ops are memory-bound: each record reports GB/s of the minimum traffic (add + LayerNorm: read x and the
+residual, write h and the output; LayerNorm: read x, write the output) and its percent of the measured HBM
+copy bandwidth. This is what `kernels="auto"` times per shape before it picks ours or torch's
+(vithybrid_fast/fast.py, FastViTLayer.cublas_with_glue_kernels).
+
+    python -m vithybrid_fast.bench.bench_add_layer_norm --out bench/results/add_layer_norm.json
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    RecordLog,
+    environment,
+    exit_without_cuda,
+    first_call_ms,
+    gpu_bench_parser,
+    measured_hbm_gbps,
+    print_and_save,
+    skip_without_cuda,
+    time_fn,
+)
+
+TOKENS, D = 577, 768
+EPS = 1e-12  # the hub checkpoint's LayerNorm eps
+
+
+def torch_add_layer_norm(x, residual, weight, bias):
+    h = x if residual is None else x + residual
+    return h, F.layer_norm(h, (h.shape[-1],), weight, bias, EPS)
+
+
+def _providers() -> dict[str, Callable]:
+    from vithybrid_fast.kernels import add_layer_norm
+
+    compiled = torch.compile(torch_add_layer_norm, mode="default", dynamic=False)
+    return {
+        "ours": lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS),
+        "torch": torch_add_layer_norm,
+        "torch.compile": compiled,
+    }
+
+
+def run(
+    device: str = "cuda",
+    batches: tuple[int, ...] = (1, 8, 64),
+    dtypes: tuple[str, ...] = ("float16", "bfloat16"),
+    on_record: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """One record per (dtype, variant, batch, provider), each handed to `on_record` as measured; [] without CUDA."""
+    if skip_without_cuda("bench_add_layer_norm", device):
+        return []
+    hbm_gbps = measured_hbm_gbps(device)
+    env = environment(device)
+    records: list[dict] = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator(device=device).manual_seed(0)
+        weight = 1 + 0.1 * torch.randn(D, device=device, generator=gen).to(dtype)
+        bias = 0.1 * torch.randn(D, device=device, generator=gen).to(dtype)
+        for with_residual in (True, False):
+            providers = _providers()
+            for batch in batches:
+                x = torch.randn(batch, TOKENS, D, device=device, generator=gen).to(dtype)
+                res = torch.randn_like(x) if with_residual else None
+                nbytes = x.numel() * x.element_size() * (4 if with_residual else 2)
+                with torch.inference_mode():
+                    _, want = torch_add_layer_norm(x, res, weight, bias)
+                    for provider, fn in providers.items():
+                        call = functools.partial(fn, x, res, weight, bias)
+
+                        first = first_call_ms(call, device)  # compile (Triton or Inductor) included
+                        timing = time_fn(call, device)
+                        diff = (call()[1].float() - want.float()).abs().max().item()
+                        gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
+                        records.append({
+                            "provider": provider, "kernel": "add_layer_norm",
+                            "variant": "add+layer_norm" if with_residual else "layer_norm",
+                            "batch": batch, "M": batch * TOKENS, "dtype": dtype_name, **timing,
+                            "first_call_ms": first, "bytes": nbytes, "gbps": gbps, "hbm_gbps": hbm_gbps,
+                            "pct_of_hbm": 100 * gbps / hbm_gbps, "max_abs_diff_vs_torch": diff, **env,
+                        })  # fmt: skip
+                        if on_record is not None:
+                            on_record(records[-1])
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    header = f"{'dtype':<9} {'variant':<15} {'batch':>5} {'provider':<14} {'ms':>8} {'GB/s':>8} {'%HBM':>6} "
+    header += f"{'maxdiff':>9}"
+    lines = [header, "-" * len(header)]
+    for r in records:
+        lines.append(
+            f"{r['dtype']:<9} {r['variant']:<15} {r['batch']:>5} {r['provider']:<14} {r['ms_median']:>8.4f} "
+            f"{r['gbps']:>8.1f} {r['pct_of_hbm']:>6.1f} {r['max_abs_diff_vs_torch']:>9.2e}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = gpu_bench_parser("bench_add_layer_norm", __doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    exit_without_cuda(parser.prog, args.device)
+    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
+        records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
+    if not records:
+        return
+    first = records[0]
+    header = f"{first['gpu']}  torch {first['torch']}  triton {first['triton']}  commit {first['commit']}"
+    header += f"  | measured HBM copy bandwidth {first['hbm_gbps']:.0f} GB/s"
+    print_and_save(records, header, format_table(records), args.out)
+
+
+if __name__ == "__main__":
+    main()
