@@ -21,17 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    RecordLog,
-    environment,
-    exit_without_cuda,
-    first_call_ms,
-    gpu_bench_parser,
-    measured_hbm_gbps,
-    print_and_save,
-    skip_without_cuda,
-    time_fn,
-)
+from .common import environment, first_call_ms, measured_hbm_gbps, run_gpu_bench_cli, skip_without_cuda, time_fn
 
 TOKENS, D = 577, 768
 EPS = 1e-12  # the hub checkpoint's LayerNorm eps
@@ -110,17 +100,13 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = gpu_bench_parser("bench_add_layer_norm", __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    exit_without_cuda(parser.prog, args.device)
-    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
-        records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
-    if not records:
-        return
-    first = records[0]
-    header = f"{first['gpu']}  torch {first['torch']}  triton {first['triton']}  commit {first['commit']}"
-    header += f"  | measured HBM copy bandwidth {first['hbm_gbps']:.0f} GB/s"
-    print_and_save(records, header, format_table(records), args.out)
+    def describe(first: dict) -> str:
+        return (
+            f"{first['gpu']}  torch {first['torch']}  triton {first['triton']}  commit {first['commit']}"
+            f"  | measured HBM copy bandwidth {first['hbm_gbps']:.0f} GB/s"
+        )
+
+    run_gpu_bench_cli("bench_add_layer_norm", __doc__.splitlines()[0], run, format_table, describe, argv)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,10 @@ import torch
 from torch import nn
 
 from .common import (
-    RecordLog,
     environment,
-    exit_without_cuda,
     first_call_ms,
-    gpu_bench_parser,
     measured_peak_matmul_tflops,
-    print_and_save,
+    run_gpu_bench_cli,
     skip_without_cuda,
     time_fn,
 )
@@ -129,16 +126,10 @@ def format_table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = gpu_bench_parser("bench_layer_norm_mlp", __doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    exit_without_cuda(parser.prog, args.device)
-    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
-        records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
-    if not records:
-        return
-    first = records[0]
-    header = f"{first['gpu']}  torch {first['torch']}  triton {first['triton']}  commit {first['commit']}"
-    print_and_save(records, header, format_table(records), args.out)
+    def describe(first: dict) -> str:
+        return f"{first['gpu']}  torch {first['torch']}  triton {first['triton']}  commit {first['commit']}"
+
+    run_gpu_bench_cli("bench_layer_norm_mlp", __doc__.splitlines()[0], run, format_table, describe, argv)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,26 @@ def gpu_bench_parser(module: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def run_gpu_bench_cli(
+    module: str,
+    description: str,
+    run: Callable[..., list[dict]],
+    format_table: Callable[[list[dict]], str],
+    describe: Callable[[dict], str],
+    argv: list[str] | None = None,
+) -> None:
+    """The `main` of a GPU kernel microbenchmark: the shared command line, one line and exit 2 without a GPU,
+    `run(device, batches, dtypes, on_record=...)` with every record on disk as measured, then the table
+    (headed by `describe(first record)`) printed and saved."""
+    parser = gpu_bench_parser(module, description)
+    args = parser.parse_args(argv)
+    exit_without_cuda(parser.prog, args.device)
+    with RecordLog(args.out and args.out.with_suffix(".jsonl")) as log:
+        records = run(args.device, tuple(args.batches), tuple(args.dtypes), on_record=log.write)
+    if records:
+        print_and_save(records, describe(records[0]), format_table(records), args.out)
+
+
 def exit_without_cuda(prog: str, device: str) -> None:
     """One line and exit 2 where a GPU-only benchmark was asked to run without a GPU: no empty results file."""
     why = cuda_missing(device)
