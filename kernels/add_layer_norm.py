@@ -12,7 +12,7 @@ Numerics, as torch computes the unfused pair: h is rounded to x.dtype (torch's a
 are taken from that rounded h in float32: mean, then the centred sum of squares corrected by the
 residual sum of the centred values (exact for constant rows, never E[h²] − E[h]²); y = (h − mean)·rstd·γ
 + β in float32, rounded once to x.dtype. Shapes: x and residual (…, N) with the same shape and dtype,
-weight and bias (N,); N ≤ 8192 (a row is one block). Dtypes: float32, float16, bfloat16.
+weight and bias (N,), any stride; N ≤ 8192 (a row is one block). Dtypes: float32, float16, bfloat16.
 
 Inference only: with autograd recording a gradient for any input the call runs `reference` instead
 (differentiable, same values up to rounding). One compile per (dtype, residual or not, N's block).
@@ -96,6 +96,7 @@ def launch(
     n = x.shape[-1]
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernel reads them at unit stride (no-ops for params)
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     h = torch.empty_like(y) if residual is not None else x
     y2 = y.view(-1, n)

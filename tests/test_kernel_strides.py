@@ -334,8 +334,13 @@ def test_add_layer_norm_distinct_layouts(dtype, device):
     spaced[..., ::2] = x
     torch_h, torch_y = add_ln_reference(x, r, w, b, 1e-5)
     _, want = add_ln_reference(x.double(), r.double(), w.double(), b.double(), 1e-5)
-    for xs, rs in ((wide[..., 32:128], swapped), (spaced[..., ::2], r), (x, swapped)):
-        h, y = add_layer_norm(xs, rs, w, b, 1e-5)
+    w_spaced = torch.zeros(192, dtype=dtype, device=device)
+    w_spaced[::2] = w  # LayerNorm weight and bias as strided views too (a kernel indexing them as rows fails)
+    b_wide = torch.zeros(160, dtype=dtype, device=device)
+    b_wide[32:128] = b
+    for xs, rs, ws, bs in ((wide[..., 32:128], swapped, w, b), (spaced[..., ::2], r, w_spaced[::2], b),
+                           (x, swapped, w_spaced[::2], b_wide[32:128])):  # fmt: skip
+        h, y = add_layer_norm(xs, rs, ws, bs, 1e-5)
         assert h.is_contiguous() and y.is_contiguous()
         assert_close_to_reference(h, torch_h, (x.double() + r.double()), dtype, what="h")
         assert_close_to_reference(y, torch_y, want, dtype, what="LayerNorm(h)")
