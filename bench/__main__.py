@@ -179,17 +179,6 @@ def peak_records(device: str, dtypes: list[str], on_record: Callable[[dict], Non
     return records
 
 
-class _Interrupted(BaseException):
-    """SIGTERM, turned into an exception so the report of the records so far still gets written.
-
-    A BaseException, like KeyboardInterrupt: the benchmarks turn an `Exception` into an error record
-    and carry on, which must not happen to a request to stop."""
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
-
-
 def _write_report(records: list[dict[str, Any]], output_dir: Path) -> None:
     from . import report
 
@@ -259,7 +248,7 @@ def _report_from_jsonl(paths: list[Path], output_dir: Path) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from .common import RecordLog, device_name
+    from .common import Interrupted, RecordLog, device_name, raise_interrupted
     from .report import slug
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,7 +272,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"records: {jsonl} (one JSON line each, appended as measured)")
     records: list[dict[str, Any]] = []
     status = 0
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     with RecordLog(jsonl) as log:
 
         def keep(record: dict[str, Any]) -> None:
@@ -292,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
 
         try:
             _measure(args, device, keep)
-        except (KeyboardInterrupt, _Interrupted) as err:
+        except (KeyboardInterrupt, Interrupted) as err:
             print(f"interrupted ({type(err).__name__} {err}): reporting the {len(records)} records measured so far",
                   file=sys.stderr)  # fmt: skip
             status = 130

@@ -31,7 +31,16 @@ import torch
 from torch import nn
 
 from .arguments import dtype_names, positive_int, positive_ints
-from .common import RecordLog, environment, exit_without_cuda, first_call_ms, print_and_save, time_fn
+from .common import (
+    Interrupted,
+    RecordLog,
+    environment,
+    exit_without_cuda,
+    first_call_ms,
+    print_and_save,
+    raise_interrupted,
+    time_fn,
+)
 
 PROVIDERS = ("ref-sdpa", "ours-triton", "compile-default")  # the baseline first: each record's ratio is known
 # when it is written, so a run stopped at its time budget keeps every finished record whole
@@ -156,15 +165,6 @@ def _progress(record: dict) -> str:
     )
 
 
-class _Interrupted(BaseException):
-    """SIGTERM as an exception, as in `python -m vithybrid_fast.bench`: not an Exception, so no provider's
-    `except Exception` turns a request to stop into an error record and carries on."""
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vithybrid_fast.bench.bench_train", description=__doc__.split("\n")[0]
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_without_cuda(parser.prog, args.device)
     records: list[dict] = []
     status = 0
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     with RecordLog(args.out.with_suffix(".jsonl") if args.out else None) as log:
 
         def keep(record: dict) -> None:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             run(args.device, tuple(args.batches), tuple(args.dtypes), providers, args.config, args.reps, on_record=keep)
-        except (KeyboardInterrupt, _Interrupted) as err:  # a time budget's SIGINT/SIGTERM: report what is done
+        except (KeyboardInterrupt, Interrupted) as err:  # a time budget's SIGINT/SIGTERM: report what is done
             print(f"interrupted ({type(err).__name__}): reporting the {len(records)} records measured so far",
                   file=sys.stderr)  # fmt: skip
             status = 130

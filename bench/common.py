@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,18 @@ def gpu_bench_parser(module: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the records as JSON here (+ .jsonl as measured)")
     return parser
+
+
+class Interrupted(BaseException):
+    """SIGTERM, turned into an exception so the report of the records so far still gets written.
+
+    A BaseException, like KeyboardInterrupt: the benchmarks turn an `Exception` into an error record
+    and carry on, which must not happen to a request to stop."""
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """A SIGTERM handler: `signal.signal(signal.SIGTERM, raise_interrupted)` (restore the previous after)."""
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def run_gpu_bench_cli(
