@@ -11,7 +11,17 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
 
+# About 4 GiB when installed (torch 0.75, triton 1.0, the reference and bench extras; triton 3.6 another 0.65),
+# plus pip's unpacking room: a clear message beats pip's "No space left on device" halfway through.
+NEEDED_GIB ?= 5
+CHECK_DISK = $(PYTHON) -c "import shutil, sys, tempfile; \
+	low = [(p, shutil.disk_usage(p).free / 2**30) for p in ('.', tempfile.gettempdir())]; \
+	low = [(p, f) for p, f in low if f < $(NEEDED_GIB)]; \
+	[print(f'make: {p!r} has {f:.1f} GiB free; setting up $(VENV) needs about $(NEEDED_GIB) GiB', file=sys.stderr) for p, f in low]; \
+	sys.exit(1 if low else 0)"
+
 $(VENV)/.installed: pyproject.toml
+	$(CHECK_DISK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
