@@ -301,9 +301,32 @@ def jit(
             dns = [n for n in do_not_specialize if n not in constexpr_under_interpreter]
         else:
             dns = list(do_not_specialize)
-        return _pin_fp_fusion(triton.jit(f, do_not_specialize=dns or None))
+        kernel = triton.jit(f, do_not_specialize=dns or None)
+        if interpreter_enabled() and constexpr_under_interpreter:
+            _keep_annotations_when_rewritten(kernel, f.__annotations__)
+        return _pin_fp_fusion(kernel)
 
     return wrap if fn is None else wrap(fn)
+
+
+def _keep_annotations_when_rewritten(kernel: Any, annotations: dict) -> None:
+    """Carry `annotations` onto the function the interpreter actually runs.
+
+    Triton 3.6's interpreter re-executes the kernel's source text and takes its constexpr parameters
+    from that copy's annotations, so the ones `jit` adds at run time were lost there: `N` stayed a
+    tensor and `range(0, N, ...)` failed under NumPy >= 2.4. Interpreters that do not rewrite have no
+    `rewrite` and need nothing.
+    """
+    rewrite = getattr(kernel, "rewrite", None)
+    if rewrite is None:
+        return
+
+    def rewrite_keeping_annotations() -> Callable:
+        rewritten = rewrite()
+        rewritten.__annotations__.update(annotations)
+        return rewritten
+
+    kernel.rewrite = rewrite_keeping_annotations
 
 
 # FMA contraction (a*b+c in one rounding), stated at every launch instead of left to Triton's default:

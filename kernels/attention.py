@@ -59,6 +59,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return torch.matmul(torch.softmax(scores, dim=-1), v.to(compute)).to(q.dtype)
 
 
+# _LOOP_BOUNDS: each key/query loop spells its bound out instead of naming `n_full`/`m_full`. Triton 3.6's
+# interpreter turns every assigned value into a 1-element tensor, which NumPy >= 2.4 no longer converts to
+# the int that range() needs; the expression itself stays a Python int there (N is a constexpr under the
+# interpreter) and compiles to the same code on a GPU.
+
+
 @triton.jit
 def _load_tile(base, rows, offs_d, stride_n, stride_d, N, MASK: tl.constexpr):
     """A (len(rows), D) tile of one (batch, head) slice; rows ≥ N read as 0 when MASK is set."""
@@ -151,7 +157,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in range(0, (N // BLOCK_N) * BLOCK_N, BLOCK_N):  # = n_full, not the name: see _LOOP_BOUNDS
         acc, m_i, l_i = _fwd_key_block(
             acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             start_n, offs_n, offs_d, qk_scale, N, False, DOT_PRECISION, DOT_UPCAST,
@@ -258,7 +264,7 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
+    for start_m in range(0, (N // BLOCK_M) * BLOCK_M, BLOCK_M):  # = m_full, not the name: see _LOOP_BOUNDS
         dk, dv = _dkdv_query_block(
             dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, stride_qn, stride_qd, stride_don, stride_dod,
             start_m, offs_m, offs_d, qk_scale, N, False, DOT_PRECISION, DOT_UPCAST,
@@ -335,7 +341,7 @@ def _attn_bwd_dq(
     delta = _load_rows(DELTA + (off_b * H + off_h) * N, offs_m, N, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in range(0, (N // BLOCK_N) * BLOCK_N, BLOCK_N):  # = n_full, not the name: see _LOOP_BOUNDS
         dq = _dq_key_block(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             start_n, offs_n, offs_d, qk_scale, N, False, DOT_PRECISION, DOT_UPCAST,
