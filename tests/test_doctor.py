@@ -195,3 +195,49 @@ def test_a_head_size_the_kernel_lacks_is_said_not_checked():
     assert {kernel for kernel, _, _ in checks} == {"weight_standardize", "group_norm_act", "layer_norm_mlp",
                                                    "fused_linear", "add_layer_norm"}  # fmt: skip
     assert len(notes) == 1 and notes[0].startswith("flash_attention: not checked: head size 16")
+
+
+# -- kernels="triton" on a float32 model on a GPU: measured slower there, so said at patch time --------
+@pytest.mark.parametrize(
+    "kernels, dtype, device, families",
+    [
+        ("triton", torch.float32, CUDA, "attention and mlp"),
+        ({"mlp": "triton"}, torch.float32, CUDA, "mlp"),
+        ({"attention": "triton", "backbone": "triton"}, torch.float32, CUDA, "attention"),
+        ("auto", torch.float32, CUDA, None),  # measured per op: never slower than torch
+        ({"backbone": "triton"}, torch.float32, CUDA, None),  # memory-bound kernels, no GEMM
+        ("triton", torch.bfloat16, CUDA, None),
+        ("triton", torch.float32, torch.device("cpu"), None),  # the interpreter: no speed is promised
+        ("sdpa", torch.float32, CUDA, None),
+    ],
+)
+def test_float32_triton_warning_only_for_unmeasured_float32_gemms_on_a_gpu(kernels, dtype, device, families):
+    from vithybrid_fast.patching import float32_triton_warning
+
+    choice = {"attention": "triton", "mlp": "triton", "backbone": "triton"} if kernels in ("triton", "auto") else (
+        resolve_kernels(kernels, torch.device("cpu")) if isinstance(kernels, str) else kernels)  # fmt: skip
+    text = float32_triton_warning(kernels, choice, device, dtype)
+    if families is None:
+        assert text is None
+    else:
+        assert text is not None and f"the Triton {families} kernels" in text and "kernels='auto'" in text
+        assert "3.7x slower" in text and "nvidia-h100-2026-11-26-fp32.md" in text
+
+
+def test_patch_warns_for_float32_triton_on_a_gpu(monkeypatch):
+    """patch() itself warns (once per call), for a model whose weights sit on a GPU in float32."""
+    import vithybrid_fast as vf
+    from tests.hf_reference import tiny_config
+    from vithybrid_fast import patching
+
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(
+        tiny_config(hidden_size=64, num_attention_heads=2, intermediate_size=80)))  # fmt: skip
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
+    monkeypatch.setattr(patching, "_model_device", lambda m: CUDA)  # the weights stay on the CPU: no run
+    with pytest.warns(patching.SlowFloat32Warning, match="the Triton attention and mlp kernels") as seen:
+        vf.patch(model, "triton")
+    assert len([w for w in seen if w.category is patching.SlowFloat32Warning]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vf.patch(model, "auto")  # measured per op: no warning
+        vf.patch(model.to(torch.bfloat16), "triton")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,33 @@ def _transformers_vit_hybrid() -> Any:
     except ImportError:  # transformers < 4.41 kept it outside `deprecated`
         from transformers.models.vit_hybrid import modeling_vit_hybrid as hf  # type: ignore[no-redef]
     return hf
+
+
+class SlowFloat32Warning(UserWarning):
+    """Triton kernels asked for by name on a float32 model on a CUDA GPU, where torch's ops are faster."""
+
+
+# Measured: bench/results/nvidia-h100-2026-11-26-fp32.md, batch 64 (ours-triton 753.5 ms, ref-sdpa 205.6 ms).
+FLOAT32_TRITON_MESSAGE = (
+    "kernels={kernels!r} on a float32 model on a CUDA GPU: the Triton {families} kernels compute in true "
+    "float32 (no TF32), which measured 3.7x slower end to end than the reference with SDPA on an H100 "
+    "(batch 64; bench/results/nvidia-h100-2026-11-26-fp32.md). kernels='auto' runs per op whichever is "
+    "faster; bfloat16 or float16 weights let the kernels use tensor cores."
+)
+
+
+def float32_triton_warning(
+    kernels: str | dict[str, str], choice: dict[str, str], device: torch.device | None, dtype: torch.dtype | None
+) -> str | None:
+    """The SlowFloat32Warning text where `patch` puts float32 GEMM kernels (attention, mlp) on a CUDA GPU
+    without measuring them against torch ("auto" measures and needs no warning), else None. The
+    backbone's kernels are memory-bound, not slower in float32, so they alone warn nothing."""
+    if kernels == "auto" or dtype != torch.float32 or device is None or torch.device(device).type != "cuda":
+        return None
+    families = [family for family in ("attention", "mlp") if choice.get(family) == "triton"]
+    if not families:
+        return None
+    return FLOAT32_TRITON_MESSAGE.format(kernels=kernels, families=" and ".join(families))
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -358,6 +386,9 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
     device = _model_device(model)
     param = next(model.parameters(), None)
     choice = validate_kernels(kernels, device, dtype=None if param is None else param.dtype)
+    slow = float32_triton_warning(kernels, choice, device, None if param is None else param.dtype)
+    if slow is not None:
+        warnings.warn(slow, SlowFloat32Warning, stacklevel=2)
     frozen = is_frozen(model)
     redo = _undo(model, set(choice))
     registry = _registry(model)
