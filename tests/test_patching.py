@@ -221,6 +221,25 @@ def test_patch_transformers_model_instance(attn, device):
     assert module_tree(hf_model) == tree
 
 
+def test_transformers_pipeline_runs_a_patched_transformers_model(device):
+    """pipeline("image-classification") takes a patched transformers model (README: ours it does not take)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTHybridImageProcessor, pipeline
+
+    side = PATCH_CONFIG["image_size"]
+    processor = ViTHybridImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8))
+    hf_model = build_hf_model(PATCH_CONFIG).to(device)
+    classify = pipeline("image-classification", model=hf_model, image_processor=processor, device=device)
+    reference = classify(image, top_k=3)
+    vf.patch(hf_model, "triton")
+    assert "FastViTLayer" in {kind for _, kind in patched_modules(hf_model)}
+    patched = classify(image, top_k=3)
+    assert [r["label"] for r in patched] == [r["label"] for r in reference]
+    assert [r["score"] for r in patched] == pytest.approx([r["score"] for r in reference], abs=FP32_TOL)
+
+
 def test_load_with_triton_kernels(tmp_path, device):
     build_hf_model(PATCH_CONFIG).save_pretrained(tmp_path)
     model = vf.load(tmp_path, kernels={"attention": "triton", "mlp": "triton"}, device=device)
