@@ -205,7 +205,7 @@ def test_a_head_size_the_kernel_lacks_is_said_not_checked():
         ({"mlp": "triton"}, torch.float32, CUDA, "mlp"),
         ({"attention": "triton", "backbone": "triton"}, torch.float32, CUDA, "attention"),
         ("auto", torch.float32, CUDA, None),  # measured per op: never slower than torch
-        ({"backbone": "triton"}, torch.float32, CUDA, None),  # memory-bound kernels, no GEMM
+        ({"backbone": "triton"}, torch.float32, CUDA, None),  # no GEMM: no TF32 speed given up
         ("triton", torch.bfloat16, CUDA, None),
         ("triton", torch.float32, torch.device("cpu"), None),  # the interpreter: no speed is promised
         ("sdpa", torch.float32, CUDA, None),

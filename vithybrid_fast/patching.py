@@ -157,7 +157,8 @@ def float32_triton_warning(
 ) -> str | None:
     """The SlowFloat32Warning text where `patch` puts float32 GEMM kernels (attention, mlp) on a CUDA GPU
     without measuring them against torch ("auto" measures and needs no warning), else None. The
-    backbone's kernels are memory-bound, not slower in float32, so they alone warn nothing."""
+    backbone's kernels hold no GEMM, so they give up no TF32 tensor-core speed and alone warn nothing
+    (their float32 speed on a GPU is not measured yet)."""
     if kernels == "auto" or dtype != torch.float32 or device is None or torch.device(device).type != "cuda":
         return None
     families = [family for family in ("attention", "mlp") if choice.get(family) == "triton"]
@@ -385,8 +386,9 @@ def patch(model: nn.Module, kernels: str | dict[str, str] = "triton") -> nn.Modu
     """Swap modules in place for the kernels chosen (see module docstring); returns `model`."""
     device = _model_device(model)
     param = next(model.parameters(), None)
-    choice = validate_kernels(kernels, device, dtype=None if param is None else param.dtype)
-    slow = float32_triton_warning(kernels, choice, device, None if param is None else param.dtype)
+    dtype = None if param is None else param.dtype
+    choice = validate_kernels(kernels, device, dtype=dtype)
+    slow = float32_triton_warning(kernels, choice, device, dtype)
     if slow is not None:
         warnings.warn(slow, SlowFloat32Warning, stacklevel=2)
     frozen = is_frozen(model)
