@@ -48,10 +48,12 @@ CHECKPOINTED = ("ours-triton-ckpt", "ref-sdpa-ckpt")  # asked for by name only: 
 CPU_PROVIDERS = ("ref-sdpa",)
 
 
-def build(provider: str, config, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    """A float32 training model for `provider` holding `state`."""
-    from vithybrid_fast import patch
+def build(
+    provider: str, config, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A float32 training model for `provider` holding `state`, to be stepped under autocast(`dtype`)."""
     from vithybrid_fast.modeling import ViTHybridForImageClassification
+    from vithybrid_fast.patching import patch_for_autocast
 
     with torch.device("meta"):
         model = ViTHybridForImageClassification(copy.deepcopy(config))
@@ -61,7 +63,7 @@ def build(provider: str, config, state: dict[str, torch.Tensor], device: torch.d
         model.gradient_checkpointing_enable()
         provider = provider.removesuffix("-ckpt")
     if provider == "ours-triton":
-        return patch(model, "triton")
+        return patch_for_autocast(model, "triton", dtype)
     model.set_attn_implementation("sdpa")
     if provider == "compile-default":
         torch._dynamo.reset()  # this provider's compile time is its own
@@ -126,7 +128,7 @@ def run(
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(dev)
-                    step = make_step(build(provider, config, state, dev), pixels, labels, dtype)
+                    step = make_step(build(provider, config, state, dev, dtype), pixels, labels, dtype)
                     record["first_step_ms"] = first_call_ms(step, dev)
                     record.update(time_fn(step, dev, warmup=2, reps=reps))
                     record["images_per_s"] = batch / (record["ms_median"] * 1e-3)

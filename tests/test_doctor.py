@@ -241,3 +241,24 @@ def test_patch_warns_for_float32_triton_on_a_gpu(monkeypatch):
         warnings.simplefilter("error")
         vf.patch(model, "auto")  # measured per op: no warning
         vf.patch(model.to(torch.bfloat16), "triton")
+
+
+def test_autocast_training_patches_a_float32_model_without_the_warning(monkeypatch):
+    """finetune and the training benchmark keep float32 weights and step under autocast: the fused GEMMs step
+    aside there, so the float32 warning would mislead them (it did, in the H200 training benchmark)."""
+    import vithybrid_fast as vf
+    from tests.hf_reference import tiny_config
+    from vithybrid_fast import patching
+    from vithybrid_fast.fast import FastSelfAttention
+
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(
+        tiny_config(hidden_size=64, num_attention_heads=2, intermediate_size=80)))  # fmt: skip
+    fake_gpu(monkeypatch, "NVIDIA H200", (9, 0))
+    monkeypatch.setattr(patching, "_model_device", lambda m: CUDA)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (torch.bfloat16, torch.float16):
+            assert patching.patch_for_autocast(model, "triton", dtype) is model
+    assert any(isinstance(m, FastSelfAttention) for m in model.modules())  # it did patch
+    with pytest.warns(patching.SlowFloat32Warning, match="Under torch.autocast this does not apply"):
+        patching.patch_for_autocast(model, "triton", torch.float32)  # no autocast: the warning stands

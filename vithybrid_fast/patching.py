@@ -148,7 +148,8 @@ FLOAT32_TRITON_MESSAGE = (
     "kernels={kernels!r} on a float32 model on a CUDA GPU: the Triton {families} kernels compute in true "
     "float32 (no TF32), which measured 3.7x slower end to end than the reference with SDPA on an H100 "
     "(batch 64; bench/results/nvidia-h100-2026-11-26-fp32.md). kernels='auto' runs per op whichever is "
-    "faster; bfloat16 or float16 weights let the kernels use tensor cores."
+    "faster; bfloat16 or float16 weights let the kernels use tensor cores. (Under torch.autocast this does "
+    "not apply: the fused GEMMs step aside for torch's ops and attention runs in autocast's dtype.)"
 )
 
 
@@ -165,6 +166,16 @@ def float32_triton_warning(
     if not families:
         return None
     return FLOAT32_TRITON_MESSAGE.format(kernels=kernels, families=" and ".join(families))
+
+
+def patch_for_autocast(model: nn.Module, kernels: str | dict[str, str], autocast_dtype: torch.dtype) -> nn.Module:
+    """`patch` for a float32 model that will run under torch.autocast(autocast_dtype) (finetune, the training
+    benchmark): there the fused GEMMs step aside and attention gets half-precision q, k, v, so the float32
+    warning would mislead; without autocast (float32) it is given as by `patch`."""
+    with warnings.catch_warnings():
+        if autocast_dtype != torch.float32:
+            warnings.simplefilter("ignore", SlowFloat32Warning)
+        return patch(model, kernels)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

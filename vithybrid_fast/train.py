@@ -184,7 +184,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     from .data import ImagePipeline, collate, open_dataset
     from .evaluate import make_loader
     from .loading import find_weight_files, load_model
-    from .patching import patch, validate_kernels
+    from .patching import patch_for_autocast, validate_kernels
 
     kernels = "triton" if cfg.kernels == "auto" and ctx.device.type == "cuda" else cfg.kernels
     kernels = "sdpa" if kernels == "auto" else kernels
@@ -238,7 +238,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
         model.vit.requires_grad_(False)
     if cfg.gradient_checkpointing:  # changes memory and time only: not a --resume setting
         model.gradient_checkpointing_enable()
-    patch(model, kernels)
+    patch_for_autocast(model, kernels, dtype)  # float32 weights, autocast steps: no float32-kernel warning
     trained = model
     if ctx.enabled:
         # the model has no buffers (GroupNorm, LayerNorm): nothing to broadcast, so torch's default stays
