@@ -62,27 +62,31 @@ def _gn_stats(
     x_ptr += n.to(tl.int64) * C * S
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Welford per lane (channel × spatial slot), reduced across lanes once, after the loop, as the
+    # backward's `_gn_bwd_reduce` does with its sums. Reducing each tile inside the loop (the first
+    # version) put 28 barriers (sm_90 PTX) between one 4 KB load and the next; the H200 profile
+    # (bench/results/nvidia-h200-2026-11-26-run3-notes.md) had this pass at 12.1 ms of 40.4 per forward.
+    # Unrolled by two, each warp has two tiles' loads in flight and the loop no barrier (PTX, offline).
+    lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
     chunk_start = chunk * ITERS * BLOCK_S
-    for it in range(ITERS):
-        s0 = chunk_start + it * BLOCK_S
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (ss < S)[None, :]
+    for it in tl.range(ITERS, loop_unroll_factor=2):
+        ss = chunk_start + it * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_mask = ss < S
+        mask = c_mask[:, None] & s_mask[None, :]
         x = tl.load(x_ptr + _tile_offsets(cs, ss, C, S, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-        # Element counts are the same for every channel of the tile; `seen` is what is already merged.
-        n_blk = tl.minimum(tl.maximum(S - s0, 0), BLOCK_S).to(tl.float32)
-        seen = tl.minimum(tl.maximum(S - chunk_start, 0), it * BLOCK_S).to(tl.float32)
-        blk_mean = tl.sum(x, axis=1) / tl.maximum(n_blk, 1.0)
-        centred = tl.where(mask, x - blk_mean[:, None], 0.0)
-        # Corrected two-pass: Σ(x − mean) fixes the rounding of Σx / n (exact 0 for a constant block).
-        corr = tl.sum(centred, axis=1)
-        blk_m2 = tl.maximum(tl.sum(centred * centred, axis=1) - corr * corr / tl.maximum(n_blk, 1.0), 0.0)
-        blk_mean += corr / tl.maximum(n_blk, 1.0)
-        frac = n_blk / tl.maximum(seen + n_blk, 1.0)
-        delta = blk_mean - mean
-        mean += delta * frac
-        m2 += blk_m2 + delta * delta * seen * frac
+        # A slot is valid for a prefix of the iterations, so a valid one holds it + 1 values after this one.
+        inv = 1.0 / (it + 1.0)
+        delta = x - lane_mean
+        lane_mean = tl.where(mask, lane_mean + delta * inv, lane_mean)
+        lane_m2 = tl.where(mask, lane_m2 + delta * (x - lane_mean), lane_m2)
+        lane_count += s_mask.to(tl.float32)
+    # Chan's merge of the lanes, in two passes (the chunk's mean, then the lanes' spread about it).
+    total = tl.maximum(tl.sum(lane_count, axis=0), 1.0)
+    mean = tl.sum(lane_mean * lane_count[None, :], axis=1) / total
+    spread = lane_mean - mean[:, None]
+    m2 = tl.sum(lane_m2 + spread * spread * lane_count[None, :], axis=1)
     dst = (n * C + cs) * P + chunk
     tl.store(part_mean_ptr + dst, mean, mask=c_mask)
     tl.store(part_m2_ptr + dst, m2, mask=c_mask)

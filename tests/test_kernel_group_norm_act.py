@@ -109,10 +109,30 @@ def test_no_affine(device, path):
     check_forward(x, 4, None, None, None, res)
 
 
-def test_large_mean_statistics(device, path):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "num_groups"), [case for case in CASES if len(case[0]) == 4])
+def test_channels_last_statistics_pass(shape, num_groups, dtype, device, monkeypatch):
+    """Channels-last input takes per-channel statistics (`_gn_stats`: Welford per lane, lanes merged once)
+    → finalize → apply: several chunks, odd loop counts (the unrolled loop's remainder) and chunks that
+    end past the last position."""
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", "split")
+    x, w, b, res = make_inputs(shape, dtype, device)
+    x, res = (t.contiguous(memory_format=torch.channels_last) for t in (x, res))
+    n, c, h, w_ = shape
+    plan = gn_module.forward_plan(
+        n, c, h * w_, num_groups, True, gn_module._sm_count_or_one(x.device), gn_module._small_blocks(), "split"
+    )
+    assert plan.launches[0].kernel == "_gn_stats"  # the pass under test runs
+    check_forward(x, num_groups, w, b, "relu", res)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_mean_statistics(device, path, channels_last):
     # |mean| / std = 1000 per group: E[x²] − E[x]² in float32 would give a var error of ~6%.
     torch.manual_seed(0)
     x = torch.randn(1, 8, 24, 24, device=device) + 1000.0
+    if channels_last:  # split → the per-channel statistics pass
+        x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.ones(8, device=device), torch.zeros(8, device=device)
     out = group_norm_act(x, 2, w, b, act=None)
     ref = reference(x.double(), 2, w.double(), b.double(), act=None)
