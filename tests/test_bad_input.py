@@ -90,7 +90,13 @@ def test_keys_listed_in_the_index_but_absent_from_their_shard(tmp_path, checkpoi
 def test_correct_two_shard_checkpoint_still_loads(tmp_path, checkpoint):
     path, first = _shard(tmp_path, checkpoint, "model-00001-of-00002.safetensors")
     save_file(first, path / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
-    assert torch.equal(logits_of(vf.load(path, kernels="eager")), logits_of(vf.load(checkpoint, kernels="eager")))
+    sharded, whole = vf.load(path, kernels="eager"), vf.load(checkpoint, kernels="eager")
+    assert sharded.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(sharded.state_dict().values(), whole.state_dict().values()))
+    # The weights are served memory-mapped at each file's offsets, which differ in alignment between the
+    # two layouts (here 0/12 against 4/8 mod 16), and the CPU's vectorized kernels round by alignment:
+    # the same weights, logits 1 ulp apart on some CPUs (seen on session 12's machine).
+    torch.testing.assert_close(logits_of(sharded), logits_of(whole), rtol=0, atol=1e-6)
 
 
 # -- hub and paths (item 8) ------------------------------------------------------------------------
