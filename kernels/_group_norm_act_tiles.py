@@ -85,6 +85,7 @@ def _gn_stats(
     # Chan's merge of the lanes, in two passes (the chunk's mean, then the lanes' spread about it).
     total = tl.maximum(tl.sum(lane_count, axis=0), 1.0)
     mean = tl.sum(lane_mean * lane_count[None, :], axis=1) / total
+    mean += tl.sum((lane_mean - mean[:, None]) * lane_count[None, :], axis=1) / total  # a constant: itself
     spread = lane_mean - mean[:, None]
     m2 = tl.sum(lane_m2 + spread * spread * lane_count[None, :], axis=1)
     dst = (n * C + cs) * P + chunk

@@ -14,16 +14,20 @@ and the SM count; every path saves the same (N, G) float32 mean and rstd for the
 - single (1 launch): a whole (n, g) group in registers, x read once, when it fits and the N·G
   programs fill the GPU (`_gn_fwd_single_pass`; mean then Σ(x − mean)² on registers).
 - loop (1 launch, NCHW): one program per (n, g) sweeps its group — a contiguous span in NCHW — in flat
-  blocks twice: Chan-merged exact block statistics, then the output (`_gn_fwd_group_loop`).
+  blocks twice: per-lane Welford statistics, then the output (`_gn_fwd_group_loop`).
 - split (2 launches, NCHW, few (n, g) programs: small batch): `_gn_group_stats` writes (mean, M2) per
   (n, g, chunk) of the group's span; `_gn_apply_grouped` merges a group's chunks in every program
   (P ≤ 64 floats: cheaper than the separate finalize launch it replaces) and writes its block.
 - split_channels (3 launches, channels-last): per-channel statistics, a per-group merge, an autotuned
   (channel × spatial) apply (kernels/_group_norm_act_tiles.py).
-Every variance is an exact two-pass Σ(x − block mean)² per block (corrected by Σ(x − block mean),
-which also fixes the block mean's rounding: a constant group gives exactly the bias), merged with
-Chan's formula (Σ M2 + Σ cnt·(mean_i − mean)²): never E[x²] − E[x]², which loses every digit in float32
-when |mean| ≫ std; x − mean is formed before scaling for the same reason.
+Statistics over several blocks (loop, split, split_channels) keep a Welford (mean, M2) per lane — the
+block's element slot, a (channel, position) slot in channels-last — updated elementwise, and merge the
+lanes once after the loop with Chan's formula (Σ M2 + Σ cnt·(mean_i − mean)², the mean first): no
+cross-warp reduction, and so no barrier, between one block's loads and the next (the H200 profile of
+2026-11-26 found the earlier per-block reductions at 12.1 ms of 40.4 in channels-last), and the loops are
+unrolled by two so a warp has two blocks' loads in flight. The single pass is an exact two-pass
+Σ(x − mean)² on registers. Never E[x²] − E[x]², which loses every digit in float32 when |mean| ≫ std;
+x − mean is formed before scaling for the same reason.
 Backward (Triton; kernels/_group_norm_act_backward.py): a per-channel Σ gz, Σ gz·x̂ reduction, then
 dx = rstd·(w·gz − mean(gz·w) − x̂·mean(gz·w·x̂)) and d residual = gz, gz = gy·[y > 0].
 
@@ -81,28 +85,27 @@ def reference(
 
 
 @triton.jit
-def _block_stats(x_ptr, start, L, BLOCK: tl.constexpr):
-    # (count, mean, M2) of elements [start, start + BLOCK) ∩ [0, L) of one group's span: exact two-pass
-    # on registers, Σ(x − block mean)², never E[x²] − E[x]² (which cancels when |mean| ≫ std).
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < L
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    count = tl.minimum(tl.maximum(L - start, 0), BLOCK).to(tl.float32)
-    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
-    centred = tl.where(mask, x - mean, 0.0)
-    # Corrected two-pass: Σ(x − mean) fixes the rounding of Σx / n (exact 0 for a constant block).
-    corr = tl.sum(centred, axis=0)
-    m2 = tl.maximum(tl.sum(centred * centred, axis=0) - corr * corr / tl.maximum(count, 1.0), 0.0)
-    return count, mean + corr / tl.maximum(count, 1.0), m2
+def _welford_lanes(lane_mean, lane_m2, x, mask, inv):
+    # One more value into each valid lane's (mean, M2): Welford, elementwise, no reduction. A lane is valid
+    # on a prefix of a loop's trips, so a lane valid on trip `it` then holds it + 1 values: inv = 1/(it + 1).
+    delta = x - lane_mean
+    lane_mean = tl.where(mask, lane_mean + delta * inv, lane_mean)
+    lane_m2 = tl.where(mask, lane_m2 + delta * (x - lane_mean), lane_m2)
+    return lane_mean, lane_m2
 
 
 @triton.jit
-def _chan_merge(count, mean, m2, b_count, b_mean, b_m2):
-    # Chan's parallel formula: (count, mean, M2) of the union of two disjoint sets of elements.
-    total = count + b_count
-    frac = b_count / tl.maximum(total, 1.0)
-    delta = b_mean - mean
-    return total, mean + delta * frac, m2 + b_m2 + delta * delta * count * frac
+def _merge_lanes(lane_mean, lane_m2, start, L, ITERS, BLOCK: tl.constexpr):
+    # (mean, M2) of the BLOCK lanes that swept [start, start + ITERS·BLOCK) ∩ [0, L), lane j taking
+    # elements start + j, start + j + BLOCK, …: Chan's merge in two passes (the mean, then the lanes'
+    # spread about it), never E[x²] − E[x]² (which cancels when |mean| ≫ std).
+    left = tl.maximum(L - start - tl.arange(0, BLOCK), 0)
+    lane_count = tl.minimum((left + BLOCK - 1) // BLOCK, ITERS).to(tl.float32)
+    total = tl.maximum(tl.sum(lane_count, axis=0), 1.0)
+    mean = tl.sum(lane_mean * lane_count, axis=0) / total
+    mean += tl.sum((lane_mean - mean) * lane_count, axis=0) / total  # corrected: a constant gives itself
+    spread = lane_mean - mean
+    return mean, tl.sum(lane_m2 + spread * spread * lane_count, axis=0)
 
 
 @triton.jit
@@ -149,9 +152,15 @@ def _gn_fwd_group_loop(
     base = row.to(tl.int64) * L
     # The loop stays in the kernel: ITERS is a constexpr only under the interpreter, which a helper's
     # plain parameter would turn into a tensor (Triton 3.6's interpreter cannot loop to a tensor).
-    count, mean, m2 = _block_stats(x_ptr + base, 0, L, BLOCK)
-    for it in range(1, ITERS):
-        count, mean, m2 = _chan_merge(count, mean, m2, *_block_stats(x_ptr + base, it * BLOCK, L, BLOCK))
+    # Welford per lane, lanes merged once after the loop: no cross-warp reduction (and its barriers)
+    # between one block's loads and the next; unrolled by two, two blocks' loads are in flight.
+    lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in tl.range(ITERS, loop_unroll_factor=2):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + base + offs, mask=offs < L, other=0.0).to(tl.float32)
+        lane_mean, lane_m2 = _welford_lanes(lane_mean, lane_m2, x, offs < L, 1.0 / (it + 1.0))
+    mean, m2 = _merge_lanes(lane_mean, lane_m2, 0, L, ITERS, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / (L * 1.0) + eps)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
@@ -177,9 +186,13 @@ def _gn_group_stats(
     row, chunk = pid // P, pid % P
     x_ptr += row.to(tl.int64) * L
     start = chunk * ITERS * BLOCK
-    count, mean, m2 = _block_stats(x_ptr, start, L, BLOCK)
-    for it in range(1, ITERS):
-        count, mean, m2 = _chan_merge(count, mean, m2, *_block_stats(x_ptr, start + it * BLOCK, L, BLOCK))
+    lane_mean = tl.zeros([BLOCK], dtype=tl.float32)  # Welford per lane, as in _gn_fwd_group_loop
+    lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in tl.range(ITERS, loop_unroll_factor=2):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < L, other=0.0).to(tl.float32)
+        lane_mean, lane_m2 = _welford_lanes(lane_mean, lane_m2, x, offs < L, 1.0 / (it + 1.0))
+    mean, m2 = _merge_lanes(lane_mean, lane_m2, start, L, ITERS, BLOCK)
     tl.store(part_mean_ptr + pid, mean)
     tl.store(part_m2_ptr + pid, m2)
 

@@ -370,10 +370,15 @@ def test_low_variance_groups_eps(dtype, channels_last, device, path):
             assert_close_to_reference(wrong[:, channels], peer[:, channels], ref[:, channels], dtype)
 
 
-def test_constant_groups_give_the_bias_exactly(device, path):
-    # The corrected two-pass mean (Σx / n + Σ(x − Σx / n) / n) of a constant is the constant, so
-    # x − mean = 0 and y = b exactly, though rstd = 1/sqrt(eps) ≈ 316 would magnify any residue.
-    x = torch.full((2, 8, 9, 11), 0.3, device=device)  # not a dyadic number: Σx / n rounds
+@pytest.mark.parametrize("shape", [(2, 8, 9, 11), (1, 8, 24, 24)], ids=["one-block", "several-chunks"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_constant_groups_give_the_bias_exactly(device, path, shape, channels_last):
+    # The corrected mean (Σx / n + Σ(x − Σx / n) / n, also when lanes or chunks are merged) of a constant
+    # is the constant, so x − mean = 0 and y = b exactly, though rstd = 1/sqrt(eps) ≈ 316 would magnify
+    # any residue.
+    x = torch.full(shape, 0.3, device=device)  # not a dyadic number: Σx / n rounds
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
     out = group_norm_act(x, 4, w, b, act=None)
     torch.testing.assert_close(out, b[None, :, None, None].expand_as(out), rtol=0, atol=0)
