@@ -1,5 +1,6 @@
 """Layout helpers that group_norm_act's forward and backward share (kernels/group_norm_act.py and
-kernels/_group_norm_act_backward.py).
+kernels/_group_norm_act_backward.py), and the per-lane Welford step every statistics loop of the forward
+uses (group_norm_act.py's NCHW loops, _group_norm_act_tiles.py's channels-last `_gn_stats`).
 
 They live here, not in group_norm_act.py, so the backward can use them without importing the forward's
 module, which imports the backward's `launch_backward`: both import this leaf, and neither imports the
@@ -46,3 +47,13 @@ def _span_block(start, L, S, BLOCK: tl.constexpr):
     q = tl.where(local - q * S < 0, q - 1, q)
     q = tl.where(local - q * S >= S, q + 1, q)
     return offs, offs < L, c0 + q
+
+
+@triton.jit
+def _welford_lanes(lane_mean, lane_m2, x, mask, inv):
+    # One more value into each valid lane's (mean, M2): Welford, elementwise, no reduction. A lane is valid
+    # on a prefix of a loop's trips, so a lane valid on trip `it` then holds it + 1 values: inv = 1/(it + 1).
+    delta = x - lane_mean
+    lane_mean = tl.where(mask, lane_mean + delta * inv, lane_mean)
+    lane_m2 = tl.where(mask, lane_m2 + delta * (x - lane_mean), lane_m2)
+    return lane_mean, lane_m2

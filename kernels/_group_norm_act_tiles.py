@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._group_norm_act_layout import _welford_lanes
 from ._group_norm_act_plan import next_pow2, span
 from ._tuning import jit, tuned
 
@@ -76,11 +77,7 @@ def _gn_stats(
         s_mask = ss < S
         mask = c_mask[:, None] & s_mask[None, :]
         x = tl.load(x_ptr + _tile_offsets(cs, ss, C, S, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
-        # A slot is valid for a prefix of the iterations, so a valid one holds it + 1 values after this one.
-        inv = 1.0 / (it + 1.0)
-        delta = x - lane_mean
-        lane_mean = tl.where(mask, lane_mean + delta * inv, lane_mean)
-        lane_m2 = tl.where(mask, lane_m2 + delta * (x - lane_mean), lane_m2)
+        lane_mean, lane_m2 = _welford_lanes(lane_mean, lane_m2, x, mask, 1.0 / (it + 1.0))
         lane_count += s_mask.to(tl.float32)
     # Chan's merge of the lanes, in two passes (the chunk's mean, then the lanes' spread about it).
     total = tl.maximum(tl.sum(lane_count, axis=0), 1.0)

@@ -51,7 +51,7 @@ import triton.language as tl
 # The backward imports nothing from this module (layouts come from _group_norm_act_layout, the test hooks
 # as arguments), so it loads first and importing the package registers its tuned kernel too.
 from ._group_norm_act_backward import launch_backward
-from ._group_norm_act_layout import _dense, _layout, _span_block, _to_layout
+from ._group_norm_act_layout import _dense, _layout, _span_block, _to_layout, _welford_lanes
 from ._group_norm_act_plan import cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, device_limits, interpreter_enabled, needs_registered_op
@@ -82,16 +82,6 @@ def reference(
     elif act is not None:
         raise ValueError(f"group_norm_act: act must be 'relu' or None, got {act!r}")
     return y.to(x.dtype)
-
-
-@triton.jit
-def _welford_lanes(lane_mean, lane_m2, x, mask, inv):
-    # One more value into each valid lane's (mean, M2): Welford, elementwise, no reduction. A lane is valid
-    # on a prefix of a loop's trips, so a lane valid on trip `it` then holds it + 1 values: inv = 1/(it + 1).
-    delta = x - lane_mean
-    lane_mean = tl.where(mask, lane_mean + delta * inv, lane_mean)
-    lane_m2 = tl.where(mask, lane_m2 + delta * (x - lane_mean), lane_m2)
-    return lane_mean, lane_m2
 
 
 @triton.jit
