@@ -57,3 +57,11 @@ def _welford_lanes(lane_mean, lane_m2, x, mask, inv):
     lane_mean = tl.where(mask, lane_mean + delta * inv, lane_mean)
     lane_m2 = tl.where(mask, lane_m2 + delta * (x - lane_mean), lane_m2)
     return lane_mean, lane_m2
+
+
+@triton.jit
+def _lane_counts(start, L, ITERS, BLOCK: tl.constexpr):
+    # How many values each of BLOCK lanes took in a loop of ITERS trips over [start, start + ITERS·BLOCK)
+    # ∩ [0, L), lane j taking start + j, start + j + BLOCK, …: derived, not counted in the loop.
+    left = tl.maximum(L - start - tl.arange(0, BLOCK), 0)
+    return tl.minimum((left + BLOCK - 1) // BLOCK, ITERS).to(tl.float32)

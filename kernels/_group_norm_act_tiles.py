@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._group_norm_act_layout import _welford_lanes
+from ._group_norm_act_layout import _lane_counts, _welford_lanes
 from ._group_norm_act_plan import next_pow2, span
 from ._tuning import jit, tuned
 
@@ -70,21 +70,21 @@ def _gn_stats(
     # Unrolled by two, each warp has two tiles' loads in flight and the loop no barrier (PTX, offline).
     lane_mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     lane_m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-    lane_count = tl.zeros([BLOCK_S], dtype=tl.float32)
     chunk_start = chunk * ITERS * BLOCK_S
     for it in tl.range(ITERS, loop_unroll_factor=2):
         ss = chunk_start + it * BLOCK_S + tl.arange(0, BLOCK_S)
-        s_mask = ss < S
-        mask = c_mask[:, None] & s_mask[None, :]
+        mask = c_mask[:, None] & (ss < S)[None, :]
         x = tl.load(x_ptr + _tile_offsets(cs, ss, C, S, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
         lane_mean, lane_m2 = _welford_lanes(lane_mean, lane_m2, x, mask, 1.0 / (it + 1.0))
-        lane_count += s_mask.to(tl.float32)
-    # Chan's merge of the lanes, in two passes (the chunk's mean, then the lanes' spread about it).
-    total = tl.maximum(tl.sum(lane_count, axis=0), 1.0)
-    mean = tl.sum(lane_mean * lane_count[None, :], axis=1) / total
-    mean += tl.sum((lane_mean - mean[:, None]) * lane_count[None, :], axis=1) / total  # a constant: itself
+    # Chan's merge of the lanes, in two passes (the chunk's mean, then the lanes' spread about it); every
+    # channel's lane at one position took the same count.
+    counts = _lane_counts(chunk_start, S, ITERS, BLOCK_S)
+    total = tl.maximum(tl.sum(counts, axis=0), 1.0)
+    lane_count = counts[None, :]
+    mean = tl.sum(lane_mean * lane_count, axis=1) / total
+    mean += tl.sum((lane_mean - mean[:, None]) * lane_count, axis=1) / total  # a constant gives itself
     spread = lane_mean - mean[:, None]
-    m2 = tl.sum(lane_m2 + spread * spread * lane_count[None, :], axis=1)
+    m2 = tl.sum(lane_m2 + spread * spread * lane_count, axis=1)
     dst = (n * C + cs) * P + chunk
     tl.store(part_mean_ptr + dst, mean, mask=c_mask)
     tl.store(part_m2_ptr + dst, m2, mask=c_mask)

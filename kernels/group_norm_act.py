@@ -51,7 +51,7 @@ import triton.language as tl
 # The backward imports nothing from this module (layouts come from _group_norm_act_layout, the test hooks
 # as arguments), so it loads first and importing the package registers its tuned kernel too.
 from ._group_norm_act_backward import launch_backward
-from ._group_norm_act_layout import _dense, _layout, _span_block, _to_layout, _welford_lanes
+from ._group_norm_act_layout import _dense, _lane_counts, _layout, _span_block, _to_layout, _welford_lanes
 from ._group_norm_act_plan import cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, device_limits, interpreter_enabled, needs_registered_op
@@ -89,8 +89,7 @@ def _merge_lanes(lane_mean, lane_m2, start, L, ITERS, BLOCK: tl.constexpr):
     # (mean, M2) of the BLOCK lanes that swept [start, start + ITERS·BLOCK) ∩ [0, L), lane j taking
     # elements start + j, start + j + BLOCK, …: Chan's merge in two passes (the mean, then the lanes'
     # spread about it), never E[x²] − E[x]² (which cancels when |mean| ≫ std).
-    left = tl.maximum(L - start - tl.arange(0, BLOCK), 0)
-    lane_count = tl.minimum((left + BLOCK - 1) // BLOCK, ITERS).to(tl.float32)
+    lane_count = _lane_counts(start, L, ITERS, BLOCK)
     total = tl.maximum(tl.sum(lane_count, axis=0), 1.0)
     mean = tl.sum(lane_mean * lane_count, axis=0) / total
     mean += tl.sum((lane_mean - mean) * lane_count, axis=0) / total  # corrected: a constant gives itself

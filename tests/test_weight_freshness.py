@@ -73,9 +73,10 @@ def logits(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         return model(pixels).logits
 
 
-def fresh_logits(model: torch.nn.Module, path: str, pixels: torch.Tensor) -> torch.Tensor:
-    """Logits of a newly built reference model holding `model`'s current weights."""
-    state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+def fresh_logits(model: torch.nn.Module, path: str, pixels: torch.Tensor, replace: dict | None = None) -> torch.Tensor:
+    """Logits of a newly built reference model holding `model`'s current weights, those named in `replace`
+    taking its values instead."""
+    state = {k: v.detach().clone().float() for k, v in {**model.state_dict(), **(replace or {})}.items()}
     fresh = build(2)
     fresh.load_state_dict(state)
     fresh.set_attn_implementation("sdpa" if path == "triton" else path)
@@ -257,13 +258,8 @@ def assert_frozen_keeps_only_the_derived_weights(model, frozen_state, pixels, wh
     """After writes the version counters missed, a frozen model computes with its derived (standardized conv)
     weights from `frozen_state` and every other weight as it is now: the derived ones are stale, the rest
     live. Anything else would be a half-frozen model no one could reason about."""
-    expected_state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    for name in derived_weight_sources(model):
-        expected_state[name] = frozen_state[name].clone().float()
-    fresh = build(2)
-    fresh.load_state_dict(expected_state)
-    fresh.set_attn_implementation("sdpa")
-    got, want = logits(model, pixels).float(), logits(fresh, pixels)
+    derived_then = {name: frozen_state[name] for name in derived_weight_sources(model)}
+    got, want = logits(model, pixels).float(), fresh_logits(model, "sdpa", pixels, replace=derived_then)
     diff = (got - want).abs().max().item()
     assert diff <= EXACT, f"{what}: frozen logits differ by {diff:.3e} from stale-derived, live-other weights"
     stale = (got - fresh_logits(model, "sdpa", pixels)).abs().max().item()
