@@ -20,17 +20,14 @@ import pytest
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 # Under pytest-xdist every worker would start as many intra-op threads as the machine has cores: with
 # 2 workers on 2 cores that is 4 busy threads, and spinning OpenMP threads slow both workers down (the CPU
 # suite, one run each on the 2-core CI machine: 15.8 min that way, 13.8 min with shares). Each worker takes
 # its share of the cores instead; the processes a test starts choose their own threads.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from vithybrid_fast.distributed import usable_cpus  # after TRITON_INTERPRET is set: it imports triton
+
+    torch.set_num_threads(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture
