@@ -129,7 +129,9 @@ run_step() {
     tests-model) pytest_step tests-model $(model_test_files) ;;
     tests-list)  # ARG: a file of test files / node ids, one per line (ids may hold spaces and brackets)
       local ids
-      mapfile -t ids <"$arg"
+      mapfile -t ids < <(grep -v '^[[:space:]]*$' "$arg" 2>/dev/null)
+      # no ids: pytest would collect the whole suite and spend the call's device time on it
+      if [ "${#ids[@]}" = 0 ]; then echo "tests-list: '$arg' lists no tests (or is missing): nothing to run" >&2; return 2; fi
       pytest_step tests-list "${ids[@]}" ;;
     profile)  # top kernels per forward, ours vs the reference (ARG: providers, default ref-sdpa,ours-triton)
       within_budget "$OUT/profile.log" "$PYTHON" -m vithybrid_fast.bench.profile_e2e --batches "${PROFILE_BATCHES:-64,1}" \

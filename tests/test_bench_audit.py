@@ -238,6 +238,16 @@ def test_gpu_session_usage_names_plan_and_a_plan_item_needs_a_budget(tmp_path):
     assert "'input': give each step a budget, STEP[=ARG]@SECONDS" in plan.stderr
 
 
+def test_gpu_session_tests_list_of_no_tests_runs_nothing(tmp_path):
+    """An emptied bench/gpu-tests-not-run-natively.txt gave pytest no ids: it would run the whole suite."""
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for listed in (tmp_path / "empty.txt", tmp_path / "missing.txt"):
+        result = _gpu_session("step", "tests-list", str(listed), tmp_path=tmp_path)
+        assert result.returncode == 2, result.stdout[-2000:]
+        assert f"tests-list: '{listed}' lists no tests (or is missing): nothing to run" in result.stderr
+        assert not (tmp_path / "out" / "tests-list.log").exists()  # pytest never started
+
+
 def _contributing_commands(prefix: str) -> list[str]:
     text = (REPO_ROOT / "CONTRIBUTING.md").read_text()
     return [m.group(1).strip() for m in re.finditer(rf"^{re.escape(prefix)}(.*?)(?:\s+#.*)?$", text, re.MULTILINE)]

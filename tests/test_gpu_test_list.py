@@ -25,10 +25,11 @@ def test_every_listed_test_exists():
     assert not stale, f"{LIST.name} names tests that no longer exist (remove or rename them): {stale[:5]}"
 
 
-def test_the_gpu_relevant_tests_come_first():  # a call cut off at its budget has run those
+def test_the_list_is_ordered_for_a_call_cut_off_at_its_budget():
+    # Empty since the H200 run of 2026-11-27, where every test it listed passed natively (one after a fix to
+    # the test itself, rerun there). A test that no GPU has run goes here: GPU-relevant ones first, once each.
     lines = LIST.read_text().splitlines()
-    # what the last GPU session (H200, 2026-11-27) fixed from its failures: the rest of the list passed there
-    assert lines[0] == "tests/test_finetune.py::test_one_training_step_with_triton_kernels_matches_the_reference"
+    assert all(line.strip() == line and line for line in lines)  # a blank or padded line is no node id
     assert len(lines) == len(set(lines))  # a test listed twice runs twice on scarce device time
     processing = [i for i, line in enumerate(lines) if line.startswith("tests/test_processing.py")]
     assert processing == list(range(len(lines) - len(processing), len(lines)))  # CPU-side image code last
