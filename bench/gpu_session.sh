@@ -21,7 +21,7 @@
 #   bash bench/gpu_session.sh step train [DTYPES]   training steps/s: ours-triton vs ref-sdpa vs compile (bench_train)
 #   bash bench/gpu_session.sh step input            the host's decode + preprocessing images/s per worker count
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
-# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, TRAIN_PROVIDERS (e.g. adding ours-triton-ckpt), STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
+# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, INPUT_MODES and INPUT_WORKERS (the input step), TRAIN_PROVIDERS (e.g. adding ours-triton-ckpt), STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
 # PYTHON (default python3), DEVICE (default cuda), WHEELS (default .whl).
 #
@@ -147,7 +147,7 @@ run_step() {
         --dtypes "${arg:-bfloat16,float16}" ${TRAIN_PROVIDERS:+--providers "$TRAIN_PROVIDERS"} --out "$OUT/train.json" ;;
     input)  # CPU side: can the DataLoader workers feed the GPU's images/s? (no GPU used)
       within_budget "$OUT/input.log" "$PYTHON" -m vithybrid_fast.bench.bench_input --workers "${INPUT_WORKERS:-0,1,4,8,14}" \
-        --out "$OUT/input.json" ;;
+        ${INPUT_MODES:+--modes "$INPUT_MODES"} --out "$OUT/input.json" ;;
     kernels-attention) bench_step kernels-attention --no-e2e --kernels --kernel-benches attention ;;
     kernels-backbone) bench_step kernels-backbone --no-e2e --kernels --kernel-benches backbone ;;
     kernels-mlp) bench_step kernels-mlp --no-e2e --kernels --kernel-benches layer_norm_mlp ;;
