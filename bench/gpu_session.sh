@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh step tests-model      the other tests on the GPU (patching, HF parity, graphs, …)
 #   bash bench/gpu_session.sh step tests-list FILE  the test files / node ids FILE lists (e.g. what a cut-off run left)
 #   bash bench/gpu_session.sh step profile [PROVIDERS]   top kernels per forward (PROFILE_BATCHES, default 64,1)
+#   bash bench/gpu_session.sh step profile-train [PROVIDERS]   top kernels per bf16 training step (PROFILE_TRAIN_BATCH, 64)
 #   bash bench/gpu_session.sh step kernels-attention | kernels-backbone | kernels-mlp | kernels-glue   microbenchmarks
 #   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
@@ -35,7 +36,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tests-list profile sweep-gemm tune train input kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile profile-train sweep-gemm tune train input kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -136,6 +137,13 @@ run_step() {
     profile)  # top kernels per forward, ours vs the reference (ARG: providers, default ref-sdpa,ours-triton)
       within_budget "$OUT/profile.log" "$PYTHON" -m vithybrid_fast.bench.profile_e2e --batches "${PROFILE_BATCHES:-64,1}" \
         --providers "${arg:-ref-sdpa,ours-triton}" --out "$OUT/profile.jsonl" ;;
+    profile-train)  # top kernels per training step (ARG: providers, default ours-triton,compile-default);
+      # DEVICE=cpu: the tiny config at batch 2, the mechanics only
+      local size="--config base --batch ${PROFILE_TRAIN_BATCH:-64}"
+      [ "$DEVICE" = cpu ] && size="--config tiny --batch 2"
+      within_budget "$OUT/profile-train.log" "$PYTHON" -m vithybrid_fast.bench.profile_train --device "$DEVICE" \
+        $size --dtype "${PROFILE_TRAIN_DTYPE:-bfloat16}" --providers "${arg:-ours-triton,compile-default}" \
+        --out "$OUT/profile-train.jsonl" ;;
     sweep-gemm)  # every candidate tile on the four ViT GEMMs vs cuBLAS + separate ops (ARG: dtype)
       within_budget "$OUT/sweep-gemm.log" "$PYTHON" -m vithybrid_fast.bench.sweep_fused_linear --batch "${SWEEP_BATCH:-64}" \
         --dtype "${arg:-bfloat16}" --out "$OUT/sweep-gemm.jsonl" ;;

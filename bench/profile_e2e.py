@@ -22,19 +22,21 @@ from .arguments import positive_int, positive_ints
 from .e2e import DTYPES, base_config, build_provider, make_pixels, random_state_dict, tiny_config
 
 
-def _self_device_us(event) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
+def _self_us(event, on_gpu: bool) -> float:
+    names = ("self_device_time_total", "self_cuda_time_total") if on_gpu else ("self_cpu_time_total",)
+    for name in names:
         value = getattr(event, name, None)
         if value is not None:
             return float(value)
     return 0.0
 
 
-def kernel_table(prof, iters: int) -> list[dict]:
-    """Rows {name, calls, ms per forward}: device kernels only (self time, so nothing counts twice)."""
+def kernel_table(prof, iters: int, on_gpu: bool = True) -> list[dict]:
+    """Rows {name, calls, ms per iteration}: device kernels only on a GPU, ops on a CPU (self time, so nothing
+    counts twice). (On a CPU the device time is 0 for every event: the table was empty.)"""
     rows = []
     for event in prof.key_averages():
-        us = _self_device_us(event)
+        us = _self_us(event, on_gpu)
         if us <= 0:
             continue
         rows.append({"name": event.key, "calls": event.count // iters, "ms": us / 1e3 / iters})
@@ -57,12 +59,12 @@ def profile_one(model, pixels: torch.Tensor, iters: int) -> tuple[list[dict], fl
             if on_gpu:
                 torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / iters
-    return kernel_table(prof, iters), wall_ms
+    return kernel_table(prof, iters, on_gpu), wall_ms
 
 
-def format_table(title: str, rows: list[dict], wall_ms: float, limit: int) -> str:
+def format_table(title: str, rows: list[dict], wall_ms: float, limit: int, per: str = "forward") -> str:
     total = sum(r["ms"] for r in rows) or float("nan")
-    lines = [f"## {title}: kernels {total:.3f} ms per forward, wall {wall_ms:.3f} ms (profiled)",
+    lines = [f"## {title}: kernels {total:.3f} ms per {per}, wall {wall_ms:.3f} ms (profiled)",
              f"{'ms':>8} {'share':>6} {'calls':>5}  kernel"]  # fmt: skip
     for r in rows[:limit]:
         lines.append(f"{r['ms']:8.3f} {100 * r['ms'] / total:5.1f}% {r['calls']:5d}  {r['name'][:110]}")

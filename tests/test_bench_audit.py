@@ -174,6 +174,9 @@ def test_gpu_only_benchmark_rejects_an_unknown_dtype_before_starting(bench, caps
     [
         ("profile_e2e", ["--batches", "64,x"], "argument --batches: not a comma-separated list of integers"),
         ("profile_e2e", ["--iters", "0"], "argument --iters: must be at least 1"),
+        ("profile_train", ["--batch", "0"], "argument --batch: must be at least 1"),
+        ("profile_train", ["--providers", "ours-auto"], "unknown provider(s) ours-auto; known: ref-sdpa"),
+        ("profile_train", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         ("sweep_fused_linear", ["--dims", "577,768"], "argument --dims: expected 3 comma-separated values"),
         ("sweep_fused_linear", ["--batch", "0"], "argument --batch: must be at least 1"),
         ("bench_cpu", ["--batches", "1,0"], "argument --batches: each value must be at least 1"),
