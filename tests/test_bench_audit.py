@@ -276,12 +276,14 @@ def test_contributing_gpu_session_steps_exist():
     assert named and set(named) <= known, set(named) - known
 
 
-def _next_session_calls() -> list[list[int]]:
-    """Step budgets (s) of each `gpu_session.sh plan` call CONTRIBUTING.md gives the next GPU session."""
+def _next_session_plans() -> list[list[list[int]]]:
+    """Step budgets (s) of each `gpu_session.sh plan` call, per plan CONTRIBUTING.md gives the next GPU session
+    (one fenced block per GPU kind: the session runs one of them)."""
     text = (REPO_ROOT / "CONTRIBUTING.md").read_text()
     section = text[text.index("**What the next GPU session should run.**") : text.index("Or piece by piece:")]
-    plans = re.findall(r"gpu_session\.sh plan ([^\n`]*)", section)
-    return [[int(item.rsplit("@", 1)[1]) for item in plan.split()] for plan in plans]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    plans = [re.findall(r"gpu_session\.sh plan ([^\n`]*)", block) for block in blocks]
+    return [[[int(item.rsplit("@", 1)[1]) for item in call.split()] for call in calls] for calls in plans]
 
 
 def test_the_next_gpu_sessions_plan_fits_its_device_time():
@@ -289,12 +291,14 @@ def test_the_next_gpu_sessions_plan_fits_its_device_time():
     A plan written for the earlier 30 min asked for 850 s of steps: it would have been cut off mid-profile."""
     call_limit_s, session_s, start_s, idle_between_calls_s, setup_and_pack_s = 600, 900, 90, 30, 20
     grace_s = int(re.search(r"timeout -s INT -k (\d+)", (REPO_ROOT / "bench" / "gpu_session.sh").read_text())[1])
-    calls = _next_session_calls()
-    assert calls and all(calls)
-    for budgets in calls:  # worst case: every step overruns its budget until the kill
-        assert sum(budgets) + grace_s * len(budgets) + setup_and_pack_s <= call_limit_s - 30, budgets
-    expected = start_s + sum(sum(b) + setup_and_pack_s for b in calls) + idle_between_calls_s * (len(calls) - 1)
-    assert expected <= session_s - 60, expected
+    plans = _next_session_plans()
+    assert len(plans) == 2 and all(plans)  # an H100 plan and an H200 plan
+    for calls in plans:
+        assert all(calls)
+        for budgets in calls:  # worst case: every step overruns its budget until the kill
+            assert sum(budgets) + grace_s * len(budgets) + setup_and_pack_s <= call_limit_s - 30, budgets
+        expected = start_s + sum(sum(b) + setup_and_pack_s for b in calls) + idle_between_calls_s * (len(calls) - 1)
+        assert expected <= session_s - 60, (calls, expected)
 
 
 @pytest.mark.parametrize("provider", ["ref-sdpa-channels-last", "ours-auto-channels-last"])
