@@ -174,6 +174,17 @@ def test_batched_pipeline_is_bit_identical_to_the_processor(tmp_path, processor_
     ours = pipeline.normalize(uint8)
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     assert torch.equal(ours, expected), (ours - expected).abs().max()
+    if not (processor.do_resize and processor.do_center_crop):
+        with pytest.raises(ValueError, match="resizes and center-crops"):
+            ImagePipeline(processor, resize_on="device")
+        return
+    # the workers only decode; the resize and crop run where the batch goes, with the same bytes
+    on_device = ImagePipeline(processor, resize_on="device")
+    raw = [on_device.to_uint8(open_image(p)) for p in paths]
+    assert len({tuple(r.shape) for r in raw}) > 1  # not resized yet: the batch is a list
+    batch = collate([{"index": i, "label": 0, "pixels": r} for i, r in enumerate(raw)])
+    assert isinstance(batch["pixels"], list)
+    assert torch.equal(on_device.normalize(on_device.finish(batch["pixels"], "cpu")), expected)
 
 
 def test_grey_rgba_and_palette_files_batch_whatever_the_checkpoint_says_of_rgb(tmp_path):
@@ -197,6 +208,21 @@ def test_pipeline_needs_a_fixed_size():
     processor = vf.ViTHybridImageProcessor(do_center_crop=False, size={"shortest_edge": 72})
     with pytest.raises(ValueError, match="fixed image size"):
         ImagePipeline(processor)
+
+
+def test_resize_on_device_refuses_what_it_cannot_reproduce_and_keeps_the_size_limit(monkeypatch):
+    processor = vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size=72)
+    with pytest.raises(ValueError, match=r"resize_on must be one of \('cpu', 'device'\), got 'gpu'"):
+        ImagePipeline(processor, resize_on="gpu")
+    lanczos = vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size=72, resample=1)
+    with pytest.raises(ValueError, match="not resample=1: use resize_on='cpu'"):
+        ImagePipeline(lanczos, resize_on="device")
+    # a sliver whose resize would exceed Pillow's pixel limit is refused in the worker, as on the CPU path
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 72 * 1000)
+    sliver = Image.fromarray(np.zeros((2, 3000, 3), dtype=np.uint8))
+    for resize_on in ("cpu", "device"):
+        with pytest.raises(ValueError, match="its aspect ratio is too extreme"):
+            ImagePipeline(processor, resize_on=resize_on).to_uint8(sliver)
 
 
 def test_unreadable_files_in_worker_processes_fail_or_skip_by_path(folder, tmp_path, pipeline):

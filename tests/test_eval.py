@@ -120,6 +120,35 @@ def test_eval_counts_table_output_and_last_line(setup, tmp_path, capsys):
     assert hits == round(top1 * total)
 
 
+def test_resize_on_device_gives_the_same_predictions(setup, tmp_path, capsys, monkeypatch):
+    """--resize-on device: the workers only decode and the batch (a list of sizes) is resized where the model
+    runs, with Pillow's bytes: every prediction and probability is the one the CPU resize gives."""
+    from vithybrid_fast import device_resize
+
+    resized = []
+    real = device_resize.resize_batch
+
+    def counting(images, *args):
+        resized.append(len(images))
+        return real(images, *args)
+
+    monkeypatch.setattr(device_resize, "resize_batch", counting)
+    root, data, _, _ = setup
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--batch-size", "4",
+            "--device", "cpu", "--num-workers", "1"]  # fmt: skip
+    outputs = {}
+    for resize_on in ("cpu", "device"):
+        preds = tmp_path / f"{resize_on}.jsonl"
+        assert main([*argv, "--resize-on", resize_on, "--output", str(preds)]) == 0
+        outputs[resize_on] = (capsys.readouterr().out.splitlines()[-1], preds.read_text())
+    assert outputs["device"] == outputs["cpu"]
+    assert sum(resized) == 15  # the device run resized every image in the main process; the CPU run none
+    assert outputs["cpu"][0].startswith("top-1: ") and outputs["cpu"][1].count("\n") == 15  # 3 classes × 5
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--resize-on", "gpu"])
+    assert usage.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
 def test_a_model_of_five_labels_or_fewer_is_told_top_5_means_nothing(setup, tmp_path, capsys):
     _, data, _, processor = setup
     config = dict(TRAIN_CONFIG, id2label=dict(enumerate(CLASSES)))

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from .images import image_files_below, is_image_file, open_image, pixel_limit
-from .processing import ViTHybridImageProcessor, _center_crop, _resize, _to_hwc
+from .processing import ViTHybridImageProcessor, _center_crop, _resize, _to_hwc, resized_size
 
 ON_ERROR = ("fail", "skip")
 LIST_SUFFIXES = (".csv", ".jsonl")
@@ -158,14 +158,34 @@ def list_file_samples(path: str | os.PathLike, classes: Sequence[str] | None = N
     return [Sample(str(path.parent / p), index[label]) for p, label in rows], classes
 
 
-class ImagePipeline:
-    """The processor split into a per-image uint8 part (workers) and a batched float part (device)."""
+RESIZE_ON = ("cpu", "device")
 
-    def __init__(self, processor: ViTHybridImageProcessor) -> None:
+
+class ImagePipeline:
+    """The processor split into a per-image uint8 part (workers) and a batched float part (device).
+
+    resize_on="device": the workers only decode (and convert to RGB); `finish` resizes and crops on the
+    model's device, with Pillow's arithmetic (`device_resize`), so the bytes are the same. On an H200's host
+    the CPU resize held evaluation to 746 images/s; decoding alone ran at 2,542/s."""
+
+    def __init__(self, processor: ViTHybridImageProcessor, resize_on: str = "cpu") -> None:
         self.processor = processor
         fixed_size = processor.do_center_crop or (processor.do_resize and "height" in processor.size)
         if not fixed_size:
             raise ValueError("batched preprocessing needs a fixed image size: do_center_crop or size={height, width}")
+        if resize_on not in RESIZE_ON:
+            raise ValueError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
+        if resize_on == "device":
+            from .device_resize import SUPPORTED_RESAMPLE
+
+            if not (processor.do_resize and processor.do_center_crop):
+                raise ValueError("resize_on='device' takes a processor that resizes and center-crops")
+            if int(processor.resample) not in SUPPORTED_RESAMPLE:
+                raise ValueError(
+                    f"resize_on='device' reproduces Pillow's BILINEAR and BICUBIC resizes, not resample="
+                    f"{processor.resample}: use resize_on='cpu'"
+                )
+        self.resize_on = resize_on
         channels = 3 if processor.do_convert_rgb else None
         self.mean = self._per_channel(processor.image_mean, channels)
         self.std = self._per_channel(processor.image_std, channels)
@@ -181,11 +201,26 @@ class ImagePipeline:
         array = _to_hwc(image, p.do_convert_rgb, None)
         if array.dtype != np.uint8:
             raise ValueError(f"a {image.mode} image decodes to {array.dtype}; the batched path takes 8-bit images")
+        if self.resize_on == "device":  # `finish` resizes; the size limit is checked here, per image, as before
+            resized_size(array.shape[0], array.shape[1], p.size)
+            return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         if p.do_resize:
             array = _resize(array, p.size, p.resample)
         if p.do_center_crop:
             array = _center_crop(array, p.crop_size["height"], p.crop_size["width"])
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    def finish(self, pixels: torch.Tensor | list[torch.Tensor], device: torch.device | str) -> torch.Tensor:
+        """A collated batch of `to_uint8` outputs → (B, C, H, W) uint8 on `device`, resized and cropped there
+        where resize_on="device" (the images may then differ in size: a list)."""
+        if self.resize_on == "cpu":
+            return pixels.to(device, non_blocking=True)
+        from .device_resize import resize_batch
+
+        p = self.processor
+        crop = (p.crop_size["height"], p.crop_size["width"])
+        size_of = lambda h, w: resized_size(h, w, p.size)  # noqa: E731
+        return resize_batch(list(pixels), size_of, crop, int(p.resample), torch.device(device))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 → float32 pixel_values, on whatever device `pixels` is on."""
@@ -332,8 +367,12 @@ def open_dataset(
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Items → a batch: uint8 pixels of the readable ones, their labels and indices, and the errors."""
     good = [item for item in items if "pixels" in item]
+    pixels: Any = None
+    if good:  # images still to be resized on the device (ImagePipeline resize_on="device") differ in size
+        same_size = len({tuple(item["pixels"].shape) for item in good}) == 1
+        pixels = torch.stack([item["pixels"] for item in good]) if same_size else [item["pixels"] for item in good]
     return {
-        "pixels": torch.stack([item["pixels"] for item in good]) if good else None,
+        "pixels": pixels,
         "labels": torch.tensor([item["label"] for item in good], dtype=torch.long),
         "indices": torch.tensor([item["index"] for item in good], dtype=torch.long),
         "errors": [item["error"] for item in items if "error" in item],

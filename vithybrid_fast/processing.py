@@ -235,17 +235,23 @@ def _output_size(height: int, width: int, size: dict[str, int]) -> tuple[int, in
     raise ValueError(f"size must contain 'shortest_edge' or 'height' and 'width' to resize, got {size!r}")
 
 
-def _resize(array: np.ndarray, size: dict[str, int], resample: int) -> np.ndarray:
-    height, width = _output_size(array.shape[0], array.shape[1], size)
+def resized_size(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+    """(height, width) the processor resizes a height × width image to, refused where it is too large."""
+    new_height, new_width = _output_size(height, width, size)
     # A sliver resized by its short edge grows without bound (a 95-byte 1×3000 PNG became 384×1,152,000
     # and took 4.5 GB); transformers would do the same. Pillow's decompression-bomb limit, applied to
     # what the resize would make, stops only such aspect ratios (> ~600:1 at 384 px).
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > limit:
+    if limit is not None and new_height * new_width > limit:
         raise ValueError(
-            f"resizing this {array.shape[1]}×{array.shape[0]} image to {size} would make {width}×{height} pixels, "
+            f"resizing this {width}×{height} image to {size} would make {new_width}×{new_height} pixels, "
             f"over Pillow's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): its aspect ratio is too extreme"
         )
+    return new_height, new_width
+
+
+def _resize(array: np.ndarray, size: dict[str, int], resample: int) -> np.ndarray:
+    height, width = resized_size(array.shape[0], array.shape[1], size)
     scaled = _needs_255_scaling(array)
     pixels = _rescale(array, 255) if scaled else array
     pixels = pixels.astype(np.uint8)  # truncates, like transformers' to_pil_image

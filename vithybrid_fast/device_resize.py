@@ -1,0 +1,214 @@
+"""Pillow's resize of 8-bit images, bit for bit, as two matrix products that run on the model's device.
+
+Why: on an H200's host (16 CPU threads) the evaluation preprocessing peaked at 746 images/s, a third of the
+model's rate, and two thirds of each image's CPU time was Pillow's bicubic resize
+(bench/results/nvidia-h200-2026-11-27-notes.md). With the resize here, DataLoader workers only decode.
+
+Pillow (`libImaging/Resample.c`) resizes an 8-bit image in two separable passes, horizontal then vertical.
+For each output pixel it computes filter weights in float64, normalizes them to sum 1, turns them into
+fixed-point integers (22 fractional bits), sums integer pixel × weight products onto a rounding offset
+of 2**21, and keeps bits 22–29, clamped to 0..255; the vertical pass reads the rounded 8-bit result of the
+horizontal one. Every quantity is an integer below 2**53, so a float64 matrix product computes each sum
+exactly in any order: `resample_matrix` builds the weights exactly as Pillow does, and the products give
+Pillow's bytes on any device (tests/test_device_resize.py compares against Pillow itself).
+
+Only the filters whose weights are plain arithmetic are taken (BILINEAR, BICUBIC): Pillow's LANCZOS and
+HAMMING call the C library's sin/cos, whose last bit numpy need not share; NEAREST is no convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
+SUPPORTED_RESAMPLE = {int(Image.Resampling.BILINEAR): 1.0, int(Image.Resampling.BICUBIC): 2.0}  # filter support
+# float64 elements of one matrix product's input: large photos of one size are resized a few at a time
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _filter(resample: int, x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    if resample == Image.Resampling.BILINEAR:
+        return np.where(x < 1.0, 1.0 - x, 0.0)
+    a = -0.5  # Pillow's bicubic; the expressions keep its C evaluation order
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@functools.lru_cache(maxsize=64)  # 1.5 MB for a 500-pixel axis to 384, 16 MB for 4000 to 512
+def resample_matrix(in_size: int, out_size: int, resample: int) -> np.ndarray:
+    """(in_size, out_size) float64: column j holds output pixel j's fixed-point weights (integers), as
+    Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` make them for a resize of a whole axis."""
+    if resample not in SUPPORTED_RESAMPLE:
+        raise ValueError(f"resample={resample} is not one of {sorted(SUPPORTED_RESAMPLE)} (BILINEAR, BICUBIC)")
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be at least 1, got {in_size} → {out_size}")
+    scale = float(np.float32(in_size)) / out_size  # Pillow: (double)(in1 - in0) / outSize, in1 - in0 a float
+    filterscale = max(scale, 1.0)
+    support = SUPPORTED_RESAMPLE[resample] * filterscale
+    ksize = math.ceil(support) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale  # in0 = 0: the whole axis
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(ksize)
+    used = taps[None, :] < xmax[:, None]
+    # Pillow: filter((x + xmin - center + 0.5) * (1 / filterscale)) for tap x, in this evaluation order
+    offsets = ((taps[None, :] + xmin[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale)
+    weights = np.where(used, _filter(resample, offsets), 0.0)
+    total = np.zeros(out_size)
+    for k in range(ksize):  # Pillow sums the weights in tap order; numpy's sum would pair them
+        total += weights[:, k]
+    weights = np.where(total[:, None] != 0.0, weights / np.where(total == 0.0, 1.0, total)[:, None], weights)
+    scaled = weights * (1 << PRECISION_BITS)  # to fixed point, rounded half away from zero as Pillow's C casts
+    fixed = np.trunc(np.where(weights < 0, -0.5 + scaled, 0.5 + scaled))
+    matrix = np.zeros((in_size, out_size))
+    rows = xmin[:, None] + taps[None, :]
+    columns = np.broadcast_to(np.arange(out_size)[:, None], rows.shape)
+    matrix[rows[used], columns[used]] = fixed[used]
+    matrix.setflags(write=False)
+    return matrix
+
+
+def _round_to_uint8(sums: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8 of (2**21 + the weighted sum): bits 22 and up, clamped to 0..255 (still float64)."""
+    return torch.floor((sums + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255)
+
+
+def _operands(horizontal: np.ndarray, vertical: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The passes' weights on `device`, cut to the input rows and columns they touch, and those indices."""
+    used_columns = np.flatnonzero(horizontal.any(axis=1))
+    used_rows = np.flatnonzero(vertical.any(axis=1))
+    h = torch.from_numpy(horizontal[used_columns]).to(device)
+    v = torch.from_numpy(np.ascontiguousarray(vertical[used_rows].T)).to(device)
+    return h, v, torch.from_numpy(used_rows).to(device), torch.from_numpy(used_columns).to(device)
+
+
+@functools.lru_cache(maxsize=16)  # device memory: 3 MB an entry for 500-pixel images, 24 MB for 4000-pixel ones
+def _crop_operands(
+    in_h: int, in_w: int, size: tuple[int, int], box: tuple[int, int, int, int], resample: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """`_operands` of one resize and crop box (top, left, rows, columns), kept on the device: a batch's
+    common image sizes come back in every batch."""
+    top, left, rows, columns = box
+    horizontal = resample_matrix(in_w, size[1], resample)[:, left : left + columns]
+    vertical = resample_matrix(in_h, size[0], resample)[:, top : top + rows]
+    return _operands(horizontal, vertical, device)
+
+
+def _resample(images: torch.Tensor, operands: tuple[torch.Tensor, ...], order: str) -> torch.Tensor:
+    """(B, C, H, W) uint8 → (B, C, rows, columns) float64 holding bytes: the two passes in `order` ("hv": the
+    horizontal first, as Pillow's Resample.c; "vh": the vertical first)."""
+    h, v, rows_index, columns_index = operands
+    x = images.index_select(-2, rows_index).index_select(-1, columns_index).to(torch.float64)
+    if order == "hv":
+        return _round_to_uint8(v @ _round_to_uint8(x @ h))
+    return _round_to_uint8(_round_to_uint8(v @ x) @ h)
+
+
+@functools.lru_cache(maxsize=4096)
+def pillow_pass_order(height: int, width: int, out_height: int, out_width: int, resample: int) -> str | None:
+    """Which pass the installed Pillow runs first for this resize: "hv", "vh", or None where neither
+    reproduces it (then the caller resizes with Pillow itself).
+
+    Pillow 12.3's Resample.c always runs the horizontal pass first; Pillow 13.0 runs the vertical one
+    first for some sizes (about 1 in 5 tall photos shrunk to 384 wide, and many others) by a rule not
+    found in its public source. So the order is not assumed: a noise image of this size is resized by
+    Pillow and by both orders, at up to 48 × 48 output pixels spread over the image, and the order that
+    gives Pillow's bytes is kept (once per size and process)."""
+    rng = np.random.default_rng([height, width, out_height, out_width, resample])
+    noise = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(noise).resize((out_width, out_height), resample=resample))
+    rows = np.unique(np.linspace(0, out_height - 1, min(out_height, 48)).round().astype(np.int64))
+    columns = np.unique(np.linspace(0, out_width - 1, min(out_width, 48)).round().astype(np.int64))
+    wanted = torch.from_numpy(np.ascontiguousarray(expected[rows][:, columns].transpose(2, 0, 1))).double()
+    pixels = torch.from_numpy(np.ascontiguousarray(noise.transpose(2, 0, 1)))[None]
+    horizontal = resample_matrix(width, out_width, resample)[:, columns]
+    vertical = resample_matrix(height, out_height, resample)[:, rows]
+    sampled = _operands(horizontal, vertical, pixels.device)
+    matching = [o for o in ("hv", "vh") if torch.equal(_resample(pixels, sampled, o)[0], wanted)]
+    if len(matching) == 2:  # the sample could not tell them apart: compare every pixel
+        whole = torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1))).double()
+        full_h, full_v = resample_matrix(width, out_width, resample), resample_matrix(height, out_height, resample)
+        every = _operands(full_h, full_v, pixels.device)
+        matching = [o for o in matching if torch.equal(_resample(pixels, every, o)[0], whole)]
+    return matching[0] if matching else None
+
+
+def _crop_box(height: int, width: int, crop: tuple[int, int] | None) -> tuple[int, int, int, int, int, int]:
+    """(top, left, rows, columns, pad_top, pad_left): the processor's center crop, zero-padded where the
+    image is smaller than the crop (odd padding pixel on the top/left), as `processing._center_crop`."""
+    if crop is None:
+        return 0, 0, height, width, 0, 0
+    crop_h, crop_w = crop
+    pad_top, pad_left = math.ceil(max(crop_h - height, 0) / 2), math.ceil(max(crop_w - width, 0) / 2)
+    top, left = max((height - crop_h) // 2, 0), max((width - crop_w) // 2, 0)
+    return top, left, min(crop_h, height), min(crop_w, width), pad_top, pad_left
+
+
+def resize_and_crop(
+    images: torch.Tensor, size: tuple[int, int], crop: tuple[int, int] | None, resample: int, order: str = "hv"
+) -> torch.Tensor:
+    """(B, C, H, W) uint8 → (B, C, crop or size) uint8: Pillow's resize to `size` (height, width) with its
+    passes in `order` (see `pillow_pass_order`), then the processor's center crop. Only the output pixels
+    the crop keeps are computed: each is a sum of its own, so this is exact."""
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected a (B, C, H, W) uint8 batch, got {images.dtype} of shape {tuple(images.shape)}")
+    if order not in ("hv", "vh"):
+        raise ValueError(f"order must be 'hv' or 'vh', got {order!r}")
+    out_h, out_w = size
+    top, left, rows, columns, pad_top, pad_left = _crop_box(out_h, out_w, crop)
+    batch, channels, in_h, in_w = images.shape
+    operands = _crop_operands(in_h, in_w, (out_h, out_w), (top, left, rows, columns), resample, images.device)
+    final_h, final_w = crop if crop is not None else size
+    out = torch.zeros(batch, channels, final_h, final_w, dtype=torch.uint8, device=images.device)
+    step = max(1, CHUNK_ELEMENTS // (channels * in_h * in_w))
+    for start in range(0, batch, step):
+        resized = _resample(images[start : start + step], operands, order)
+        out[start : start + step, :, pad_top : pad_top + rows, pad_left : pad_left + columns] = resized.to(torch.uint8)
+    return out
+
+
+def _resize_with_pillow(image: torch.Tensor, size: tuple[int, int], crop: tuple[int, int], resample: int):
+    """The fallback where no pass order reproduces the installed Pillow: Pillow itself, then the crop."""
+    from .processing import _center_crop
+
+    array = image.permute(1, 2, 0).cpu().numpy()
+    source = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    resized = np.asarray(source.resize((size[1], size[0]), resample=resample))
+    resized = resized[..., None] if resized.ndim == 2 else resized
+    return torch.from_numpy(np.ascontiguousarray(_center_crop(resized, *crop).transpose(2, 0, 1)))
+
+
+def resize_batch(
+    images: list[torch.Tensor],
+    size_of: Callable[[int, int], tuple[int, int]],
+    crop: tuple[int, int],
+    resample: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Decoded (C, H, W) uint8 images of any sizes → one (B, C, *crop) uint8 batch on `device`, in order.
+    `size_of(height, width)` gives each image's resize target; images of one size share their products."""
+    if not images:
+        raise ValueError("no images to resize")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    out = torch.empty(len(images), images[0].shape[0], *crop, dtype=torch.uint8, device=device)
+    for shape, members in groups.items():
+        size = size_of(shape[1], shape[2])
+        order = pillow_pass_order(shape[1], shape[2], *size, resample)
+        if order is None:
+            resized = torch.stack([_resize_with_pillow(images[i], size, crop, resample) for i in members]).to(device)
+        else:
+            # each to the device first: the DataLoader pinned them, so the copies overlap; a stack would not be
+            stacked = torch.stack([images[i].to(device, non_blocking=True) for i in members])
+            resized = resize_and_crop(stacked, size, crop, resample, order)
+        out[torch.tensor(members, device=device)] = resized
+    return out
