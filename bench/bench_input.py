@@ -7,6 +7,8 @@ crop, `ImagePipeline.to_uint8`) or a training augmentation (`augment.py`: crop-f
 Modes measured, each over the same synthetic JPEGs (natural-image-like sizes and compression):
   decode        open + decode only (the floor every mode pays)
   eval          decode + the evaluation preprocessing
+  eval-device   the worker's part of `eval --resize-on device`: decode, RGB, to a tensor (the resize and
+                crop then run on the GPU, not timed here)
   crop-flip     decode + RandomResizedCrop + flip (finetune's default)
   flip | none   decode + evaluation preprocessing (+ flip)
 For each: one process straight through the dataset (`workers=0`), then a DataLoader with each requested
@@ -33,7 +35,7 @@ from PIL import Image
 from .arguments import ints_at_least, positive_int
 from .common import RecordLog, environment, print_and_save
 
-MODES = ("decode", "eval", "crop-flip", "flip", "none")
+MODES = ("decode", "eval", "eval-device", "crop-flip", "flip", "none")
 SIZE = (500, 375)  # width, height: the most common ImageNet image size
 
 
@@ -59,11 +61,12 @@ def make_dataset(folder: Path, mode: str, processor=None):
     from vithybrid_fast.data import ImagePipeline, open_dataset
     from vithybrid_fast.processing import ViTHybridImageProcessor
 
-    pipeline = ImagePipeline(processor or ViTHybridImageProcessor.for_base_384())
+    resize_on = "device" if mode == "eval-device" else "cpu"
+    pipeline = ImagePipeline(processor or ViTHybridImageProcessor.for_base_384(), resize_on=resize_on)
     data = open_dataset(folder, pipeline)
     if mode == "decode":
         data.pipeline = _DecodeOnly(pipeline.processor)
-    elif mode != "eval":
+    elif mode not in ("eval", "eval-device"):
         data.augment = TrainAugment(pipeline, mode=mode)
     return data
 
@@ -150,14 +153,14 @@ def run(
 
 
 def table(records: list[dict]) -> str:
-    lines = ["{:<10} {:>7} {:>9} {:>13} {:>12}".format("mode", "workers", "images/s", "min–max", "ms/image")]
+    lines = ["{:<11} {:>7} {:>9} {:>13} {:>12}".format("mode", "workers", "images/s", "min–max", "ms/image")]
     for r in records:
         if "error" in r:
-            lines.append(f"{r['mode']:<10} {r['workers']:>7}  error: {r['error'][:60]}")
+            lines.append(f"{r['mode']:<11} {r['workers']:>7}  error: {r['error'][:60]}")
             continue
         spread = f"{r['images_per_s_min']:.0f}–{r['images_per_s_max']:.0f}"
         lines.append(
-            f"{r['mode']:<10} {r['workers']:>7} {r['images_per_s']:>9.1f} {spread:>13} {r['ms_per_image']:>12.2f}"
+            f"{r['mode']:<11} {r['workers']:>7} {r['images_per_s']:>9.1f} {spread:>13} {r['ms_per_image']:>12.2f}"
         )
     return "\n".join(lines)
 
