@@ -21,6 +21,7 @@
 #   bash bench/gpu_session.sh step tune [DTYPES]    autotune; the winning configs into $OUT/configs
 #   bash bench/gpu_session.sh step train [DTYPES]   training steps/s: ours-triton vs ref-sdpa vs compile (bench_train)
 #   bash bench/gpu_session.sh step input            the host's decode + preprocessing images/s per worker count
+#   bash bench/gpu_session.sh step resize           eval --resize-on device: the GPU's resize + crop images/s
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
 # Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, INPUT_MODES and INPUT_WORKERS (the input step), TRAIN_PROVIDERS (e.g. adding ours-triton-ckpt), STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
@@ -36,7 +37,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tests-list profile profile-train sweep-gemm tune train input kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile profile-train sweep-gemm tune train input resize kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -153,6 +154,13 @@ run_step() {
     train)  # one optimizer step (fwd, bwd, clip, AdamW) per provider; fp16 with loss scaling as finetune
       within_budget "$OUT/train.log" "$PYTHON" -m vithybrid_fast.bench.bench_train --batches "${TRAIN_BATCHES:-32,64}" \
         --dtypes "${arg:-bfloat16,float16}" ${TRAIN_PROVIDERS:+--providers "$TRAIN_PROVIDERS"} --out "$OUT/train.json" ;;
+    resize)  # eval --resize-on device's resize + crop on the GPU (batch 64: one size, then 8 sizes) vs Pillow
+      local args="--batch 64"
+      [ "$DEVICE" = cpu ] && args="--batch 4 --reps 2"
+      for mixed in "" --mixed; do
+        BUDGET=$((BUDGET / 2)) within_budget "$OUT/resize.log" "$PYTHON" -m vithybrid_fast.bench.bench_device_resize \
+          --device "$DEVICE" $args $mixed --out "$OUT/resize.jsonl"
+      done ;;
     input)  # CPU side: can the DataLoader workers feed the GPU's images/s? (no GPU used)
       within_budget "$OUT/input.log" "$PYTHON" -m vithybrid_fast.bench.bench_input --workers "${INPUT_WORKERS:-0,1,4,8,14}" \
         ${INPUT_MODES:+--modes "$INPUT_MODES"} --out "$OUT/input.json" ;;

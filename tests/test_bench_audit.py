@@ -175,6 +175,8 @@ def test_gpu_only_benchmark_rejects_an_unknown_dtype_before_starting(bench, caps
         ("profile_e2e", ["--batches", "64,x"], "argument --batches: not a comma-separated list of integers"),
         ("profile_e2e", ["--iters", "0"], "argument --iters: must be at least 1"),
         ("profile_train", ["--batch", "0"], "argument --batch: must be at least 1"),
+        ("bench_device_resize", ["--batch", "0"], "argument --batch: must be at least 1"),
+        ("bench_device_resize", ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         ("profile_train", ["--providers", "ours-auto"], "unknown provider(s) ours-auto; known: ref-sdpa"),
         ("profile_train", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         ("sweep_fused_linear", ["--dims", "577,768"], "argument --dims: expected 3 comma-separated values"),

@@ -412,3 +412,19 @@ def test_gpu_session_profile_train_step_dry_run_on_a_cpu(tmp_path):
     assert "--config tiny --batch 2" in (out / "profile-train.log").read_text()  # not the base model on a CPU
     (record,) = [json.loads(line) for line in (out / "profile-train.jsonl").read_text().splitlines()]
     assert (record["provider"], record["config"], record["batch"]) == ("ref-sdpa", "tiny", 2) and record["kernels"]
+
+
+def test_gpu_session_resize_step_dry_run_on_a_cpu(tmp_path):
+    """The resize step's mechanics: both batches (one size, eight sizes) measured, bytes checked equal."""
+    out = tmp_path / "out"
+    env = {**_env(), "OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels")}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "step", "resize"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "resize.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["batch"], r["mixed"]) for r in records] == [
+        ("device_resize", 4, False),
+        ("device_resize", 4, True),
+    ]
+    assert all(r["device_images_per_s"] > 0 and r["pillow_one_process_images_per_s"] > 0 for r in records)
+    assert (out / "resize.log").read_text().count("; bytes equal") == 2
