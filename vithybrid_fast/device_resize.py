@@ -4,13 +4,14 @@ Why: on an H200's host (16 CPU threads) the evaluation preprocessing peaked at 7
 model's rate, and two thirds of each image's CPU time was Pillow's bicubic resize
 (bench/results/nvidia-h200-2026-11-27-notes.md). With the resize here, DataLoader workers only decode.
 
-Pillow (`libImaging/Resample.c`) resizes an 8-bit image in two separable passes, horizontal then vertical.
-For each output pixel it computes filter weights in float64, normalizes them to sum 1, turns them into
-fixed-point integers (22 fractional bits), sums integer pixel × weight products onto a rounding offset
-of 2**21, and keeps bits 22–29, clamped to 0..255; the vertical pass reads the rounded 8-bit result of the
-horizontal one. Every quantity is an integer below 2**53, so a float64 matrix product computes each sum
-exactly in any order: `resample_matrix` builds the weights exactly as Pillow does, and the products give
-Pillow's bytes on any device (tests/test_device_resize.py compares against Pillow itself).
+Pillow (`libImaging/Resample.c`) resizes an 8-bit image in two separable passes, horizontal then vertical
+(Pillow 13 runs them the other way round for some sizes: `pillow_pass_order` finds out). For each output
+pixel it computes filter weights in float64, normalizes them to sum 1, turns them into fixed-point
+integers (22 fractional bits), sums integer pixel × weight products onto a rounding offset of 2**21, and
+keeps bits 22–29, clamped to 0..255; the second pass reads the rounded 8-bit result of the first. Every
+quantity is an integer below 2**53, so a float64 matrix product computes each sum exactly in any order:
+`resample_matrix` builds the weights exactly as Pillow does, and the products give Pillow's bytes on any
+device (tests/test_device_resize.py compares against Pillow itself).
 
 Only the filters whose weights are plain arithmetic are taken (BILINEAR, BICUBIC): Pillow's LANCZOS and
 HAMMING call the C library's sin/cos, whose last bit numpy need not share; NEAREST is no convolution.
@@ -221,13 +222,11 @@ def resize_and_crop(
 
 
 def _resize_with_pillow(image: torch.Tensor, size: tuple[int, int], crop: tuple[int, int], resample: int):
-    """The fallback where no pass order reproduces the installed Pillow: Pillow itself, then the crop."""
-    from .processing import _center_crop
+    """The fallback where no pass order reproduces the installed Pillow: the processor's own resize and crop."""
+    from .processing import _center_crop, _resize
 
     array = image.permute(1, 2, 0).cpu().numpy()
-    source = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    resized = np.asarray(source.resize((size[1], size[0]), resample=resample))
-    resized = resized[..., None] if resized.ndim == 2 else resized
+    resized = _resize(array, {"height": size[0], "width": size[1]}, resample)
     return torch.from_numpy(np.ascontiguousarray(_center_crop(resized, *crop).transpose(2, 0, 1)))
 
 
