@@ -16,9 +16,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from tests.triton36 import TRITON36, require_triton36
 
 COMPILE = """
 import importlib, json, sys, torch
@@ -165,9 +166,6 @@ def loop_bodies(ptx: str) -> list[str]:
     return ["\n".join(lines[starts[label] : end + 1]) for label, end in ends.items()]
 
 
-TRITON36 = Path(__file__).resolve().parent.parent / ".venv" / "triton36"  # the GPU machines' Triton
-
-
 @pytest.mark.parametrize("triton_copy", ["installed", "3.6"])
 @pytest.mark.parametrize(("kernel", "layout"), STATISTICS_LOOPS)
 def test_group_norm_statistics_loops_have_no_barrier_and_two_tiles_in_flight(tmp_path, triton_copy, kernel, layout):
@@ -176,8 +174,7 @@ def test_group_norm_statistics_loops_have_no_barrier_and_two_tiles_in_flight(tmp
     tiles per trip where its remainder loop loads one; sm_90 PTX from the venv's Triton and 3.6's."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     if triton_copy == "3.6":
-        if not (TRITON36 / "triton").is_dir():
-            pytest.skip("triton 3.6.0 not installed at .venv/triton36 (make test installs it)")
+        require_triton36()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRITON36), env.get("PYTHONPATH")]))
     command = [sys.executable, "-c", STATS_PTX, kernel, layout]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.triton36 import TRITON36, require_triton36
+
 ROOT = Path(__file__).resolve().parents[1]
-TRITON36 = ROOT / ".venv" / "triton36"
 ARCHS = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 DTYPES = ("float32", "float16", "bfloat16")
@@ -203,8 +204,7 @@ def test_tf32_detector_finds_a_tf32_dot(compiled):
 
 def test_triton_36_compiles(tmp_path):
     """The GPU machines run triton 3.6.0: the same kernels compile there within the same limits."""
-    if not (TRITON36 / "triton").is_dir():
-        pytest.skip("triton 3.6.0 not installed at .venv/triton36 (make test installs it)")
+    require_triton36()
     # sm_90 (the lent H100/H200) in bfloat16 and float32, forward and backward.
     got = _offline(tmp_path, tmp_path / "cache", "--arch", "sm_90", "--dtypes", "bfloat16,float32", "--batches",
                    BATCHES, extra_path=TRITON36)  # fmt: skip

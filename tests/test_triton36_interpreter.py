@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from vithybrid_fast.kernels import _tuning
 
+from tests.triton36 import TRITON36, require_triton36
+
 ROOT = Path(__file__).resolve().parents[1]
-TRITON36 = ROOT / ".venv" / "triton36"
 PROBE = Path(__file__).with_name("triton36_interpreter_probe.py")
 FAMILIES = {
     "attention",
@@ -37,8 +38,7 @@ ATOL = 1e-6  # DESIGN.md: kernel error <= 2 x the torch float32 error + a small 
 
 @pytest.fixture(scope="module")
 def triton36_run():
-    if not (TRITON36 / "triton").is_dir():
-        pytest.skip("triton 3.6.0 not installed at .venv/triton36 (make test installs it)")
+    require_triton36()
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=900)
@@ -88,3 +88,21 @@ def test_kernels_without_rewrite_are_left_alone():
     kernel = Compiled()
     _tuning._keep_annotations_when_rewritten(kernel, {"N": "tl.constexpr"})
     assert not hasattr(kernel, "rewrite")
+
+
+def test_an_install_for_another_python_is_skipped_not_failed(tmp_path):
+    """Under a Python the install was not built for, importing it failed every triton-3.6 test (session 13's
+    Python 3.10 run); it is a skip with its reason now."""
+    from tests.triton36 import why_triton36_unusable
+
+    assert "not installed at" in why_triton36_unusable(tmp_path / "absent")
+    this = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    for tag, expected in (("cp39", f"was built for cp39, not {this}"), (this, None)):
+        root = tmp_path / tag
+        (root / "triton").mkdir(parents=True)
+        (root / "triton-3.6.0.dist-info").mkdir()
+        (root / "triton-3.6.0.dist-info" / "WHEEL").write_text(
+            f"Wheel-Version: 1.0\nTag: {tag}-{tag}-manylinux_2_28_x86_64\n"
+        )
+        reason = why_triton36_unusable(root)
+        assert reason is None if expected is None else expected in reason, reason
