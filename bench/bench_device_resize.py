@@ -13,7 +13,6 @@ one process. The bytes are compared too: a mismatch is an error, not a timing.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from .arguments import positive_int
-from .common import environment, exit_without_cuda
+from .common import RecordLog, environment, exit_without_cuda
 
 MIXED_SIZES = [(375, 500), (500, 375), (333, 500), (500, 333), (1200, 531), (281, 500), (480, 640), (96, 120)]
 
@@ -87,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['gpu']}: {record['device_images_per_s']:.0f} images/s (first call {record['first_call_ms']:.0f} "
         f"ms); Pillow, one CPU process: {record['pillow_one_process_images_per_s']:.0f} images/s; bytes equal"
     )
-    if args.out is not None:
-        with args.out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    with RecordLog(args.out) as log:
+        log.write(record)
     return 0
 
 

@@ -11,7 +11,6 @@ kernel-bound runs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .arguments import positive_int, positive_ints
+from .common import RecordLog
 from .e2e import DTYPES, base_config, build_provider, make_pixels, random_state_dict, tiny_config
 
 
@@ -91,19 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     config = base_config() if config_name == "base" else tiny_config()
     dtype = DTYPES[args.dtype]
     state = random_state_dict(config, device)
-    for provider in args.providers.split(","):
-        model = build_provider(provider, config, state, dtype, device)
-        for batch in args.batches:
-            pixels = make_pixels(config, batch).to(device=device, dtype=dtype)
-            rows, wall_ms = profile_one(model, pixels, args.iters)
-            print(format_table(f"{provider} {args.dtype} b={batch}", rows, wall_ms, args.rows), flush=True)
-            if args.out is not None:
-                with args.out.open("a") as f:
-                    record = {"provider": provider, "dtype": args.dtype, "batch": batch, "wall_ms": wall_ms}
-                    f.write(json.dumps({**record, "kernels": rows}) + "\n")
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with RecordLog(args.out) as log:
+        for provider in args.providers.split(","):
+            model = build_provider(provider, config, state, dtype, device)
+            for batch in args.batches:
+                pixels = make_pixels(config, batch).to(device=device, dtype=dtype)
+                rows, wall_ms = profile_one(model, pixels, args.iters)
+                print(format_table(f"{provider} {args.dtype} b={batch}", rows, wall_ms, args.rows), flush=True)
+                log.write(
+                    {"provider": provider, "dtype": args.dtype, "batch": batch, "wall_ms": wall_ms, "kernels": rows}
+                )
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

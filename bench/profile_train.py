@@ -14,7 +14,6 @@ Prints one table per provider and appends the rows as JSON lines to --out when g
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from .arguments import DTYPE_NAMES, positive_int
 from .bench_train import CHECKPOINTED, PROVIDERS, build, make_step
-from .common import exit_without_cuda
+from .common import RecordLog, exit_without_cuda
 from .profile_e2e import format_table, kernel_table
 
 WARM_STEPS = 3  # compile, autotune, AdamW's state and the allocator stay out of the profile
@@ -77,19 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(args.batch)
     pixels = torch.randn(args.batch, 3, *config.image_size_hw, generator=generator).to(device)
     labels = torch.randint(0, config.num_labels, (args.batch,), generator=generator).to(device)
-    for provider in providers:
-        step = make_step(build(provider, config, state, device, dtype), pixels, labels, dtype)
-        rows, wall_ms = profile_steps(step, device, args.iters)
-        title = f"{provider} {dtype_name} autocast b={args.batch} training step"
-        print(format_table(title, rows, wall_ms, args.rows, per="step"), flush=True)
-        if args.out is not None:
-            record = {"kind": "train_profile", "provider": provider, "dtype": dtype_name, "batch": args.batch,
-                      "config": args.config, "wall_ms": wall_ms, "kernels": rows}  # fmt: skip
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with RecordLog(args.out) as log:
+        for provider in providers:
+            step = make_step(build(provider, config, state, device, dtype), pixels, labels, dtype)
+            rows, wall_ms = profile_steps(step, device, args.iters)
+            title = f"{provider} {dtype_name} autocast b={args.batch} training step"
+            print(format_table(title, rows, wall_ms, args.rows, per="step"), flush=True)
+            log.write({"kind": "train_profile", "provider": provider, "dtype": dtype_name, "batch": args.batch,
+                       "config": args.config, "wall_ms": wall_ms, "kernels": rows})  # fmt: skip
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

@@ -30,6 +30,7 @@ leaves it out of every count.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -219,7 +220,7 @@ class ImagePipeline:
 
         p = self.processor
         crop = (p.crop_size["height"], p.crop_size["width"])
-        size_of = lambda h, w: resized_size(h, w, p.size)  # noqa: E731
+        size_of = functools.partial(resized_size, size=p.size)
         return resize_batch(list(pixels), size_of, crop, int(p.resample), torch.device(device))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:

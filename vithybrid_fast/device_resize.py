@@ -180,10 +180,9 @@ def pillow_pass_order(height: int, width: int, out_height: int, out_width: int, 
     sampled = _operands(horizontal, vertical, pixels.device)
     matching = [o for o in ("hv", "vh") if torch.equal(_resample(pixels, sampled, o)[0], wanted)]
     if len(matching) == 2:  # the sample could not tell them apart: compare every pixel
-        whole = torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1))).double()
-        full_h, full_v = resample_matrix(width, out_width, resample), resample_matrix(height, out_height, resample)
-        every = _operands(full_h, full_v, pixels.device)
-        matching = [o for o in matching if torch.equal(_resample(pixels, every, o)[0], whole)]
+        whole = torch.from_numpy(np.ascontiguousarray(expected.transpose(2, 0, 1)))
+        size = (out_height, out_width)
+        matching = [o for o in matching if torch.equal(resize_and_crop(pixels, size, None, resample, o)[0], whole)]
     return matching[0] if matching else None
 
 
