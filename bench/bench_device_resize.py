@@ -47,7 +47,7 @@ def measure(images: list[np.ndarray], device: torch.device, reps: int) -> dict:
         return out
 
     start = time.perf_counter()
-    first = on_device()  # the pass-order probes and the weights' upload happen here, once per size
+    first = on_device()  # the pass-order check and the weights' upload happen here, once per size
     first_ms = (time.perf_counter() - start) * 1e3
     times = []
     for _ in range(reps):

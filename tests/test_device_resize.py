@@ -10,7 +10,13 @@ from PIL import Image
 
 from vithybrid_fast import device_resize
 from vithybrid_fast.device_resize import (
+    CALIBRATION_SIZES,
+    KNOWN_ORDER_RULES,
     PRECISION_BITS,
+    _orders_reproducing_pillow,
+    _pillow_13_0_order,
+    forget_installed_pillow,
+    installed_order_rule,
     pillow_pass_order,
     resample_matrix,
     resize_and_crop,
@@ -110,8 +116,9 @@ def test_a_pillow_that_neither_order_reproduces_is_used_itself(monkeypatch):
         return Image.fromarray(((out.astype(np.uint16) + 1) % 256).astype(np.uint8))
 
     monkeypatch.setattr(Image.Image, "resize", shifted)
-    pillow_pass_order.cache_clear()
+    forget_installed_pillow()
     try:
+        assert installed_order_rule(BICUBIC) is None
         assert pillow_pass_order(45, 70, 24, 37, BICUBIC) is None
         array = np.random.default_rng(2).integers(0, 256, (45, 70, 3), dtype=np.uint8)
         image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -119,7 +126,96 @@ def test_a_pillow_that_neither_order_reproduces_is_used_itself(monkeypatch):
         expected = _center_crop(np.asarray(shifted(Image.fromarray(array), (37, 24), BICUBIC)), 24, 24)
         assert np.array_equal(out[0].permute(1, 2, 0).numpy(), expected)
     finally:
-        pillow_pass_order.cache_clear()  # the other tests' answers come from the real Pillow
+        forget_installed_pillow()  # the other tests' answers come from the real Pillow
+
+
+def test_the_order_rule_agrees_with_pillows_bytes_on_random_sizes():
+    """Whatever rule `pillow_pass_order` answers with (Pillow 13.0's for the pinned Pillow), the installed
+    Pillow's bytes agree: 150 random sizes, growing and shrinking, each compared by resizing noise both ways."""
+    rng = np.random.default_rng(7)
+    for _ in range(150):
+        height, width, out_height, out_width = (int(v) for v in rng.integers(1, 160, 4))
+        resample = (BILINEAR, BICUBIC)[int(rng.integers(0, 2))]
+        orders = _orders_reproducing_pillow(height, width, out_height, out_width, resample)
+        assert pillow_pass_order(height, width, out_height, out_width, resample) in orders
+
+
+def test_the_installed_pillow_is_recognized():
+    version = tuple(int(part) for part in Image.__version__.split(".")[:2])
+    if version == (13, 0):
+        assert installed_order_rule(BICUBIC) == installed_order_rule(BILINEAR) == "Pillow 13.0"
+    elif version < (13, 0):
+        assert installed_order_rule(BICUBIC) == "horizontal first (Pillow up to 12.3)"
+    else:  # a release whose source was not read: whatever is recognized must be the bytes' order
+        rule = installed_order_rule(BICUBIC)
+        assert rule is None or all(
+            _orders_reproducing_pillow(*size, BICUBIC) == [KNOWN_ORDER_RULES[rule](*size)] for size in SIZES
+        )
+
+
+@pytest.mark.parametrize("resample", [BILINEAR, BICUBIC])
+def test_the_calibration_sizes_tell_the_rules_apart(resample):
+    """Each calibration size rounds differently in the two orders (so Pillow's bytes pick one), and the known
+    rules disagree on at least one of them (so the bytes pick a rule)."""
+    for size in CALIBRATION_SIZES:
+        array = np.random.default_rng(size).integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+        assert not np.array_equal(*(_ours(array, size[2:], None, resample, o) for o in ("hv", "vh")))
+    rules = list(KNOWN_ORDER_RULES.values())
+    for i, rule in enumerate(rules):
+        for other in rules[i + 1 :]:
+            assert any(rule(*size) != other(*size) for size in CALIBRATION_SIZES)
+
+
+def _one_pass_at_a_time(first: str):
+    """A fake Pillow resize that runs its two passes in a fixed order, each as a one-axis real resize (Pillow
+    skips the pass an unchanged axis does not need, so each call runs one pass and rounds to 8 bits)."""
+    real_resize = Image.Image.resize
+
+    def resize(self, size, resample=None, *args, **kwargs):
+        out_width, out_height = size
+        if first == "hv":
+            return real_resize(real_resize(self, (out_width, self.height), resample), size, resample)
+        return real_resize(real_resize(self, (self.width, out_height), resample), size, resample)
+
+    return resize
+
+
+@pytest.mark.parametrize(
+    ("first", "rule"), [("hv", "horizontal first (Pillow up to 12.3)"), ("vh", None)], ids=["pillow-12", "unknown"]
+)
+def test_an_older_or_unknown_pillow_is_followed(monkeypatch, first, rule):
+    """A Pillow that always runs the horizontal pass first (every release up to 12.3) is recognized; one that
+    always runs the vertical pass first follows no known rule, and each size is probed instead. Either way
+    the resize gives that Pillow's bytes, here on a size where Pillow 13.0 would run the vertical pass first."""
+    fake = _one_pass_at_a_time(first)
+    monkeypatch.setattr(Image.Image, "resize", fake)
+    forget_installed_pillow()
+    try:
+        assert installed_order_rule(BICUBIC) == rule
+        assert pillow_pass_order(1199, 531, 867, 384, BICUBIC) == first
+        array = np.random.default_rng(3).integers(0, 256, (300, 101, 3), dtype=np.uint8)
+        assert _pillow_13_0_order(300, 101, 120, 90) == "vh"
+        expected = _center_crop(np.asarray(fake(Image.fromarray(array), (90, 120), BICUBIC)), 64, 64)
+        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        out = resize_batch([image], lambda h, w: (120, 90), (64, 64), BICUBIC, torch.device("cpu"))
+        assert np.array_equal(out[0].permute(1, 2, 0).numpy(), expected)
+    finally:
+        forget_installed_pillow()
+
+
+def test_a_recognized_pillow_costs_no_resize_per_size(monkeypatch):
+    """The probe's cost (a Pillow resize of a noise image of each new size: 0.35–0.59 s at 4000 × 3000 on the
+    CI machine) is paid only for a Pillow that follows no known rule."""
+    forget_installed_pillow()
+    assert installed_order_rule(BICUBIC) is not None
+    calls = []
+    real_resize = Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda self, *a, **k: calls.append(self.size) or real_resize(self, *a, **k)
+    )
+    assert pillow_pass_order(3000, 4000, 384, 512, BICUBIC) == "hv"
+    assert pillow_pass_order(4000, 3000, 512, 384, BICUBIC) in ("hv", "vh")
+    assert calls == []
 
 
 def test_bad_input_is_refused_clearly():
