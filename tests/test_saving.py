@@ -104,7 +104,8 @@ def test_half_precision_save_records_its_dtype(tmp_path):
 
 def test_patched_model_saves_the_same_state(tmp_path, pixels, device):
     model = ours_tiny().to(device)  # patched on the device the kernels run on: natively a GPU
-    vf.patch(model, "triton")
+    with pytest.warns(UserWarning, match="not 16: this model's attention runs torch SDPA"):  # tiny heads
+        vf.patch(model, "triton")
     model.save_pretrained(tmp_path)
     vf.unpatch(model)
     model.cpu()  # beside the checkpoint loaded on the CPU
