@@ -365,6 +365,27 @@ def test_unpatch_carries_train_mode(tiny_model, device):
     assert all(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("source", ["ours", "transformers"])
+def test_a_model_patched_in_eval_mode_stays_in_eval_mode(source, device):
+    """A new nn.Module starts in training mode: fast modules put into an eval model once ran dropout at
+    inference (two no-grad forwards differed) and unpatch carried training mode back to the originals."""
+    overrides = {"attention_probs_dropout_prob": 0.1, "hidden_dropout_prob": 0.1}
+    if source == "ours":
+        model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict({**PATCH_CONFIG, **overrides}))
+    else:
+        model = build_hf_model({**PATCH_CONFIG, **overrides})
+    model = model.to(device).eval()
+    vf.patch(model, "triton")
+    assert patched_modules(model) and not [n for n, m in model.named_modules() if m.training]
+    pixels = pixels_for(model, device=device)
+    assert torch.equal(run(model, pixels).logits, run(model, pixels).logits)  # no dropout drawn
+    vf.unpatch(model)
+    assert not [n for n, m in model.named_modules() if m.training]
+    model.train()  # and the mode still follows the model's .train() while patched
+    vf.patch(model, "triton")
+    assert all(m.training for m in model.modules())
+
+
 # -- a family not named keeps what it had (issue 10, item 6) ---------------------------------------
 def attention_implementations(model):
     from vithybrid_fast.modeling import ViTHybridSelfAttention
@@ -389,6 +410,27 @@ def test_unpatch_restores_our_attention_switched_by_a_preset(tiny_model):
     assert attention_implementations(model) == {"sdpa"} and model.config.attn_implementation == "sdpa"
     vf.unpatch(model)
     assert attention_implementations(model) == {"eager"} and model.config.attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("how", ["load", "from_pretrained"])
+def test_the_attention_a_model_was_loaded_with_survives_unpatch(tmp_path, device, attn, how):
+    """load(kernels="eager") and from_pretrained(attn_implementation="eager") choose the model's own reference
+    attention, which unpatch keeps: a later patch/unpatch of another family used to leave it on "sdpa"."""
+    build_tiny_model().save_pretrained(tmp_path)
+    if how == "load":
+        model = vf.load(tmp_path, kernels=attn, device=device)
+    else:
+        model = vf.ViTHybridForImageClassification.from_pretrained(tmp_path, attn_implementation=attn, device=device)
+    pixels = pixels_for(model, device=device)
+    before = run(model, pixels).logits
+    vf.patch(model, {"mlp": "triton"})
+    vf.unpatch(model)
+    assert attention_implementations(model) == {attn} and model.config.attn_implementation == attn
+    assert torch.equal(run(model, pixels).logits, before)
+    vf.patch(model, "triton")
+    vf.unpatch(model)
+    assert attention_implementations(model) == {attn} and model.config.attn_implementation == attn
 
 
 def test_families_not_named_keep_their_patches(tiny_model, device):

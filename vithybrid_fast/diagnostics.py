@@ -315,7 +315,7 @@ def swap_units(model: nn.Module, family: str) -> list[str]:
 
 def _swap(model: nn.Module, family: str, prefix: str | None) -> list[tuple[nn.Module, str, nn.Module]]:
     """Patch `family` only inside `prefix` (None: everywhere); returns what to put back."""
-    from .patching import _registry
+    from .patching import _registry, build_in_mode
 
     table = _registry(model)[family]
     record = []
@@ -325,7 +325,7 @@ def _swap(model: nn.Module, family: str, prefix: str | None) -> list[tuple[nn.Mo
             inside = prefix is None or full == prefix or full.startswith(prefix + ".")
             builder = table.get(type(child))
             if builder is not None and inside:
-                setattr(parent, name, builder(child))
+                setattr(parent, name, build_in_mode(builder, child))
                 record.append((parent, name, child))
     return record
 

@@ -372,6 +372,18 @@ def _switch_transformers_attention(model: nn.Module, implementation: str, change
 
 
 # -- patch / unpatch -------------------------------------------------------------------------------
+def build_in_mode(builder: Callable[[nn.Module], nn.Module], original: nn.Module) -> nn.Module:
+    """`builder(original)` in `original`'s train/eval mode. A new nn.Module starts in training mode: a fast
+    module put into a model in eval mode would run dropout at inference (and unpatch would carry its mode
+    back). Submodules it shares with `original` keep their own mode; the ones it made take the original's."""
+    fast_module = builder(original)
+    shared = {id(m) for m in original.modules()}
+    for module in fast_module.modules():
+        if id(module) not in shared:
+            module.training = original.training
+    return fast_module
+
+
 def _swap_family(
     model: nn.Module, family: str, table: dict[type, Callable[[nn.Module], nn.Module]], changes: list[_Swap | _Setting]
 ) -> None:
@@ -382,7 +394,7 @@ def _swap_family(
         for name, child in list(parent.named_children()):
             builder = table.get(type(child))
             if builder is not None:
-                setattr(parent, name, fast_module := builder(child))
+                setattr(parent, name, fast_module := build_in_mode(builder, child))
                 swaps.append(_Swap(family, parent, name, child, fast_module))
                 changes.append(swaps[-1])
     if not swaps:
@@ -450,7 +462,14 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def apply_kernels(model: nn.Module, kernels: str | dict[str, str]) -> nn.Module:
-    """What `load(kernels=...)` does after loading: reference attention choice and/or patching."""
+    """What `load(kernels=...)` does after loading: reference attention choice and/or patching.
+
+    A reference attention ("eager" / "sdpa") chosen at load is the model's own implementation, as
+    `from_pretrained(attn_implementation=...)` makes it, not a patch: unpatch keeps it."""
+    param = next(model.parameters(), None)
+    choice = validate_kernels(kernels, _model_device(model), dtype=None if param is None else param.dtype)
+    if choice.get("attention") in ("eager", "sdpa") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(choice["attention"])
     return patch(model, kernels)
 
 
