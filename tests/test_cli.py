@@ -48,6 +48,24 @@ def test_classify_unreadable_image(checkpoint, tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
 
 
+def test_a_config_warning_is_one_prefixed_line(checkpoint, tmp_path, capsys):
+    """The loader's log records (here a label2id that does not match id2label) print as `warning: …` like the
+    other warnings; Python printed their bare text. Nothing is left attached after the command."""
+    import json
+    import logging
+
+    edited = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["label2id"] = {"not-a-label": 0}
+    (edited / "config.json").write_text(json.dumps(config))
+    handlers = list(logging.getLogger("vithybrid_fast").handlers)
+    assert main(["classify", str(sample_image_path()), "--model", str(edited), "--kernels", "sdpa"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "warning: label2id does not match id2label: rebuilt from id2label" in err, err
+    assert logging.getLogger("vithybrid_fast").handlers == handlers
+
+
 def test_classify_missing_checkpoint_is_an_error_not_a_traceback(tmp_path, capsys):
     assert main(["classify", str(sample_image_path()), "--model", str(tmp_path / "nowhere")]) == 1
     assert "no such checkpoint directory" in capsys.readouterr().err
@@ -190,3 +208,53 @@ def test_ctrl_c_ends_any_command_with_one_line_and_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_classify", interrupted)
     assert main(["classify", str(sample_image_path())]) == 130
     assert capsys.readouterr().err == "\ninterrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["classify", "x.jpg", "--device", "xpu"],
+            "argument --device: the commands run on cpu or cuda (cuda:N), not xpu",
+        ),
+        (["eval", "d", "--device", "hpu"], "argument --device: the commands run on cpu or cuda (cuda:N), not hpu"),
+        (
+            ["finetune", "d", "--device", "meta"],
+            "argument --device: the commands run on cpu or cuda (cuda:N), not meta",
+        ),
+        (["demo", "--device", "gpu"], "argument --device: not a device name; use cpu, cuda or cuda:N"),
+        (["doctor", "--device", "cuda:x"], "argument --device: not a device name; use cpu, cuda or cuda:N"),
+        (["doctor", "--dtypes", "float64"], "argument --dtypes: unknown dtype ['float64']"),
+        (["doctor", "--drift-dtype", "float64"], "argument --drift-dtype: invalid choice: 'float64'"),
+        (["export", "--output", "m.onnx", "--opset", "x"], "argument --opset: 'x' is not an integer"),
+        (["export", "--output", "m.onnx", "--image-size", "10", "72"], "argument --image-size: must be at least 17"),
+        (["export", "--output", "m.onnx", "--dynamic-batch", "--batch", "4"], "not allowed with argument"),
+    ],
+)
+def test_a_wrong_flag_value_is_a_usage_error(argv, message, capsys):
+    """Exit 2 and one line naming the flag, before any work. `--device xpu` ended in a traceback from torch,
+    `--device gpu` in torch's list of every device type, `export --opset 17` and `doctor --dtypes float64`
+    exited 1, and `--batch` beside `--dynamic-batch` was ignored."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err
+
+
+def test_an_opset_outside_the_exporters_range_is_a_usage_error(capsys):
+    from vithybrid_fast.export import _opset_range
+
+    low, high = _opset_range()
+    for opset in (low - 1, high + 1):
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", "--output", "m.onnx", "--opset", str(opset)])
+        assert exit_.value.code == 2
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .endswith(
+                f"must be from {low} to {high} (what torch's dynamo "
+                f"exporter writes with the installed onnxscript), got {opset}"
+            )
+        )

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vithybrid_fast import cli
 from vithybrid_fast.cli import main
@@ -38,7 +39,12 @@ def test_demo_unreadable_image_fails_before_the_model(no_model, tmp_path, capsys
 
 
 def test_demo_under_the_interpreter_cross_checks_triton_on_a_tiny_config(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    """As `make demo` runs it: TRITON_INTERPRET unset on a machine without a GPU, where the demo sets it itself
+    (it skipped the Triton check there). On a GPU machine the variable is set here, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    if torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     # before the fix: two interpreted base-model passes, over 15 minutes on a 2-core CPU
     out = subprocess.run(
         [sys.executable, "-m", "vithybrid_fast", "demo", "--device", "cpu"], env=env, cwd=ROOT, capture_output=True,
@@ -46,6 +52,10 @@ def test_demo_under_the_interpreter_cross_checks_triton_on_a_tiny_config(tmp_pat
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
+    if "TRITON_INTERPRET" not in env:
+        assert (
+            lines[0] == "note: no CUDA GPU; TRITON_INTERPRET=1 set so the Triton kernels are checked in the interpreter"
+        )
     # said up front, before the table
     said = [i for i, line in enumerate(lines) if line.startswith("triton: TRITON_INTERPRET=1 runs the kernels")]
     header = lines.index(next(line for line in lines if line.startswith("path ")))
@@ -78,3 +88,21 @@ def test_demo_fails_when_the_tiny_config_check_fails(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(cli, "_tiny_triton_check", lambda image, dtype, device: failed)
     assert main(["demo", "--device", "cpu"]) == 1
     assert "max |Δlogit| vs float64 3.00e-02, plain torch 1.00e-07, bound 1.02e-05: FAIL" in capsys.readouterr().out
+
+
+def test_the_interpreter_is_chosen_only_where_nothing_else_decided(monkeypatch):
+    """TRITON_INTERPRET is set for a kernel check only without a GPU, when the user left it unset and triton
+    is not imported yet (after the import it would not take effect)."""
+    from vithybrid_fast.gpu_support import interpret_kernels_without_a_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the user's choice stands
+    assert not interpret_kernels_without_a_gpu(None) and os.environ["TRITON_INTERPRET"] == "0"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setitem(sys.modules, "triton", sys.modules.get("triton", object()))  # already imported
+    assert not interpret_kernels_without_a_gpu("cpu") and "TRITON_INTERPRET" not in os.environ
+    monkeypatch.delitem(sys.modules, "triton")
+    assert interpret_kernels_without_a_gpu("cpu") and os.environ["TRITON_INTERPRET"] == "1"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: the kernels run compiled
+    assert not interpret_kernels_without_a_gpu(None) and "TRITON_INTERPRET" not in os.environ

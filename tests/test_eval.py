@@ -178,6 +178,19 @@ def test_eval_label_map_and_unmatched_class(setup, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith("images: 15")
 
 
+def test_an_unreadable_label_map_names_the_flag(tmp_path):
+    """It printed a bare "[Errno 2] No such file or directory: 'nomap.json'"."""
+    from vithybrid_fast.evaluate import _read_label_map
+
+    with pytest.raises(ValueError, match=r"^--label-map .*nomap.json: cannot read it \(No such file or directory\)$"):
+        _read_label_map(tmp_path / "nomap.json")
+    with pytest.raises(ValueError, match=r"^--label-map .*: cannot read it \(Is a directory\)$"):
+        _read_label_map(tmp_path)
+    (tmp_path / "latin1.json").write_bytes(b'{"caf\xe9": 1}')
+    with pytest.raises(ValueError, match=r"^--label-map .*latin1.json: not valid JSON"):
+        _read_label_map(tmp_path / "latin1.json")
+
+
 @pytest.mark.parametrize(
     "source, rename, key",
     [

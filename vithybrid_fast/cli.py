@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .gpu_support import KERNELS_HELP, command_device
+from .gpu_support import KERNELS_HELP, command_device, device_argument
 from .images import add_pixel_limit_argument, pixel_limit
 
 HUB_ID = "google/vit-hybrid-base-bit-384"
@@ -204,7 +205,10 @@ def _tiny_triton_check(image, dtype: torch.dtype, device: torch.device):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .gpu_support import interpreter_enabled, true_fp32
+    from .gpu_support import interpret_kernels_without_a_gpu, interpreter_enabled, true_fp32
+
+    if interpret_kernels_without_a_gpu(args.device):  # before triton is imported: the tiny-config check runs
+        print("note: no CUDA GPU; TRITON_INTERPRET=1 set so the Triton kernels are checked in the interpreter")
     from .patching import patch, triton_can_run, unpatch
     from .processing import ViTHybridImageProcessor, sample_image_path
 
@@ -320,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=KERNELS_HELP,
     )  # fmt: skip
     classify.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="(default: %(default)s)")
-    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    classify.add_argument(
+        "--device", default=None, type=device_argument, help="cpu, cuda, cuda:1 … (default: cuda when available)"
+    )
     classify.add_argument("--top-k", type=_positive_int, default=5, help="labels per image (default: %(default)s)")
     classify.add_argument(
         "--batch-size", type=_positive_int, default=16, help="images per forward (default: %(default)s)"
@@ -344,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--image", default=None, help="another image instead of the bundled one")
     demo.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="(default: %(default)s)")
-    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    demo.add_argument(
+        "--device", default=None, type=device_argument, help="cpu, cuda, cuda:1 … (default: cuda when available)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("bench", help="the benchmark suite (same flags as python -m vithybrid_fast.bench)", add_help=False)
@@ -436,11 +444,26 @@ def _one_line_warning(message, category, filename, lineno, line=None, _python=wa
     return _python(message, category, filename, lineno, line)
 
 
+class _LevelPrefixed(logging.StreamHandler):
+    """Our log records (a config field rebuilt, a head dropped) as `warning: …` lines, like our warnings; without
+    a handler Python printed a warning's bare text, and dropped info records as it still does."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.setLevel(logging.WARNING)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 success, 1 the command failed (message on stderr), 2 usage error (argparse),
     130 interrupted (Ctrl-C; `finetune` first saves its last step, see train_state.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     python_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    log_lines = _LevelPrefixed(sys.stderr)
+    package_logger = logging.getLogger("vithybrid_fast")
+    package_logger.addHandler(log_lines)
     try:
         code = _run(argv)
         sys.stdout.flush()
@@ -455,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         warnings.formatwarning = python_format  # main() called in a process that goes on (tests, notebooks)
+        package_logger.removeHandler(log_lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the verdict. Exit status: 0 when every check passed (or there was nothing to che
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -27,7 +26,9 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .bench.arguments import dtype_names
     from .cli import _positive_int
+    from .gpu_support import device_argument
 
     parser = subparsers.add_parser(
         "doctor",
@@ -36,10 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--check", action="store_true", help="each kernel and the patched model vs float64")
     parser.add_argument("--drift", action="store_true", help="per-family and per-layer drift attribution")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu … (default: cuda when available)")
-    parser.add_argument("--dtypes", default=None, help="comma-separated (default: float32,float16,bfloat16)")
     parser.add_argument(
-        "--drift-dtype", default=None, help="dtype of --drift (default: bfloat16 on a GPU, else float32)"
+        "--device", default=None, type=device_argument, help="cuda, cuda:1, cpu … (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--dtypes", default=None, type=dtype_names, help="comma-separated (default: float32,float16,bfloat16)"
+    )
+    parser.add_argument(
+        "--drift-dtype",
+        default=None,
+        choices=DTYPE_NAMES,
+        help="dtype of --drift (default: bfloat16 on a GPU, else float32)",
     )
     parser.add_argument(
         "--batch", type=_positive_int, default=None, help="batch of the checks (default: 2 on a GPU, 1 on a CPU)"
@@ -152,27 +160,21 @@ def _build_model(args, device):
     return model, f"{name} config, random weights (seed 0)"
 
 
-def _dtypes(text: str | None) -> list:
+def _dtypes(names: list[str] | str | None) -> list:
+    """torch dtypes of names checked by argparse (`--dtypes`, `--drift-dtype`); None: all of them."""
     import torch
 
-    names = [d.strip() for d in (text or ",".join(DTYPE_NAMES)).split(",") if d.strip()]
-    unknown = [d for d in names if d not in DTYPE_NAMES]
-    if unknown:
-        raise ValueError(f"unknown dtypes {unknown}; choose from {', '.join(DTYPE_NAMES)}")
+    names = [names] if isinstance(names, str) else names or list(DTYPE_NAMES)
     return [getattr(torch, d) for d in names]
 
 
 def run(args: argparse.Namespace) -> int:
+    from .gpu_support import command_device, interpret_kernels_without_a_gpu
+
     wants_kernels = args.check or args.drift
-    if wants_kernels and "triton" not in sys.modules and os.environ.get("TRITON_INTERPRET") is None:
-        import torch
-
-        if not torch.cuda.is_available() and (args.device or "cpu").startswith("cpu"):
-            os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels run on this CPU
-            print("note: no CUDA GPU; TRITON_INTERPRET=1 set so the kernels run in the Triton interpreter")
+    if wants_kernels and interpret_kernels_without_a_gpu(args.device):
+        print("note: no CUDA GPU; TRITON_INTERPRET=1 set so the kernels run in the Triton interpreter")
     import torch
-
-    from .gpu_support import command_device
 
     device = command_device(args.device)
     dtypes = _dtypes(args.dtypes)

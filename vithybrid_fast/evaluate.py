@@ -281,7 +281,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags `eval` and `finetune` share."""
     from .cli import _positive_int, int_at_least
     from .distributed import MAX_DEFAULT_WORKERS, default_num_workers
-    from .gpu_support import KERNELS_HELP
+    from .gpu_support import KERNELS_HELP, device_argument
     from .images import add_pixel_limit_argument
 
     parser.add_argument(
@@ -299,7 +299,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels", default="auto", choices=["auto", "eager", "sdpa", "triton"],
         help=KERNELS_HELP,
     )  # fmt: skip
-    parser.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available; torchrun: per rank)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        type=device_argument,
+        help="cpu, cuda (default: cuda when available; torchrun: per rank)",
+    )
     add_pixel_limit_argument(parser)
     parser.add_argument("--image-column", default="image", help="hf: datasets only (default: %(default)s)")
     parser.add_argument("--label-column", default="label", help="hf: datasets only (default: %(default)s)")
@@ -344,8 +349,10 @@ def _read_label_map(path: Path | None) -> dict[str, str | int] | None:
         return None
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--label-map {path}: not valid JSON ({err})") from None
+    except OSError as err:  # missing, a folder, unreadable: the flag named, not a bare "[Errno 2] …"
+        raise ValueError(f"--label-map {path}: cannot read it ({err.strerror or err})") from None
     if not isinstance(mapping, dict):
         raise ValueError(f"--label-map {path}: expected a JSON object {{folder: label}}")
     return mapping

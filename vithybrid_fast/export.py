@@ -483,8 +483,23 @@ def _backbone_stride(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # `vithybrid-fast export`
 # ---------------------------------------------------------------------------------------------
+def _opset_argument(text: str) -> int:
+    """argparse type of `--opset`: outside the range the exporter writes is a usage error (exit 2)."""
+    try:
+        opset = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    low, high = _opset_range()
+    if not low <= opset <= high:
+        raise argparse.ArgumentTypeError(
+            f"must be from {low} to {high} (what torch's dynamo exporter writes with the installed onnxscript), "
+            f"got {opset}"
+        )
+    return opset
+
+
 def register(subparsers: Any) -> None:
-    from .cli import _positive_int
+    from .cli import _positive_int, int_at_least
 
     parser = subparsers.add_parser(
         "export",
@@ -494,15 +509,17 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model", default="google/vit-hybrid-base-bit-384", help="hub repo id or checkpoint dir")
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch)")
-    parser.add_argument("--batch", type=_positive_int, default=1, help="fixed batch size without --dynamic-batch")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch)")
+    batch.add_argument("--batch", type=_positive_int, default=1, help="fixed batch size (default: %(default)s)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--dynamic-size", action="store_true", help="any image height and width (≥ 17 pixels)")
     size.add_argument(
-        "--image-size", type=_positive_int, nargs=2, metavar=("H", "W"), help="fixed size, not the model's"
-    )
+        "--image-size", type=int_at_least(17, "the stem's smallest input"), nargs=2, metavar=("H", "W"),
+        help="fixed size, not the model's (each ≥ 17 pixels)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="float32", choices=sorted(SUPPORTED_DTYPES))
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=_opset_argument, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--hidden-states", action="store_true", help="also output the stacked hidden states")
     parser.set_defaults(func=run)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -29,16 +30,55 @@ class KernelFallbackWarning(UserWarning):
     """kernels="auto" chose a plain-PyTorch path on a CUDA GPU, and says why."""
 
 
+COMMAND_DEVICE_TYPES = ("cpu", "cuda")  # where the commands run and are tested
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """A device name the commands run on (cpu, cuda, cuda:N), or a ValueError that says which ones are.
+    torch's own error lists every device type it knows (xpu, hpu, meta …), some of which then fail with a
+    traceback deep inside the model."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type not in COMMAND_DEVICE_TYPES:
+        raise ValueError(f"--device {name}: the commands run on cpu or cuda (cuda:N), not {device.type}")
+    return device
+
+
+def device_argument(text: str) -> str:
+    """An argparse `type` for `--device`: a wrong name is a usage error (exit 2), checked before any work."""
+    import argparse
+
+    try:
+        parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--device {text}: ")) from None
+    return text
+
+
 def command_device(name: str | torch.device | None) -> torch.device:
     """A command's `--device`: the one named, else cuda when torch sees a GPU, else cpu.
 
     The commands (classify, demo, eval, finetune, doctor) run where the work is fast by default; the
     library's `vf.load` keeps cpu as its default, as transformers' from_pretrained does.
     """
-    device = torch.device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
     return device
+
+
+def interpret_kernels_without_a_gpu(device_name: str | None) -> bool:
+    """For a command that checks the kernels (`demo`, `doctor --check`): on a machine without a CUDA GPU,
+    where the user has not set TRITON_INTERPRET and triton is not imported yet, set TRITON_INTERPRET=1 so
+    the kernels run in the Triton interpreter instead of being skipped. Returns whether it set it."""
+    if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") is not None:
+        return False
+    if torch.cuda.is_available() or not (device_name or "cpu").startswith("cpu"):
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
 
 
 # Defined here, not in kernels/_runtime.py (which re-exports them): importing vithybrid_fast.kernels
