@@ -343,9 +343,11 @@ def check_state_dict(
             f"do not fit the model built from it (set {'them' if len(causes) > 1 else 'it'} to the checkpoint's value)"
         )
         raise CheckpointError(f"{lead} — " + "; ".join(parts))
-    # a config changed on purpose (a head of other classes): transformers' flag starts those weights afresh
+    # a config changed on purpose (a head of other classes): transformers' flag starts those weights afresh.
+    # Not offered where the checkpoint disagrees with its own config.json: a fresh head would hide a broken
+    # checkpoint (and no command has that flag)
     hint = ""
-    if misshaped or config_changed:
+    if config_changed:
         hint = " (to start the weights the changed config needs afresh, pass ignore_mismatched_sizes=True)"
     described_config = "the config as changed by the arguments given" if config_changed else "its config.json"
     raise CheckpointError(f"{source} does not match {described_config} — " + "; ".join(parts) + hint)
