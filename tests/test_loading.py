@@ -119,11 +119,23 @@ def test_truncated_bin_is_a_clear_error(tmp_path, hf_model):
         vf.load(tmp_path)
 
 
+class _TouchesAFileWhenUnpickled:
+    """Pickled code: unpickling calls Path.touch(marker). A loader that runs it has run a stranger's code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
 def test_pickled_code_in_bin_is_refused(tmp_path, checkpoint):
     (checkpoint / "model.safetensors").unlink()
-    torch.save({"weights": torch.zeros(1), "obj": object()}, checkpoint / "pytorch_model.bin")
-    with pytest.raises(vf.CheckpointError):
+    marker = tmp_path / "code-ran"
+    torch.save({"weights": torch.zeros(1), "obj": _TouchesAFileWhenUnpickled(marker)}, checkpoint / "pytorch_model.bin")
+    with pytest.raises(vf.CheckpointError, match="not a weights-only checkpoint"):
         vf.load(checkpoint)
+    assert not marker.exists()  # refused before anything ran (torch.load(weights_only=False) would touch it)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(checkpoint):
