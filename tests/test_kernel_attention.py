@@ -282,15 +282,21 @@ def test_gpu_config_pruning(n, elem_bytes, kind, sm_count):
             assert all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in family for c in kept)
 
 
-@pytest.mark.parametrize(("batch", "sm_count", "expected"), [
-    (1, 132, {(64, 64), (128, 64)}),  # 12·cdiv(577, 64) = 120 < 132 SMs: none fills, most programs first
-    (8, 132, {(128, 64), (64, 64)}),  # 480 programs fill an H100: the two largest tiles
-    (64, 108, {(128, 64), (64, 64)}),
+@pytest.mark.parametrize(("kind", "batch", "sm_count", "expected"), [
+    # forward: both 16-bit tiles are always kept at N=577; the batch orders them (most programs first while
+    # none fills the SMs, the largest tile first once they do)
+    ("fwd", 1, 132, [(64, 64), (128, 64)]),  # 12·cdiv(577, 64) = 120 < 132 SMs: none fills
+    ("fwd", 8, 132, [(128, 64), (64, 64)]),  # 480 programs fill an H100: the largest tile first
+    ("fwd", 64, 108, [(128, 64), (64, 64)]),
+    # dQ has three tiles: the batch changes which two are benchmarked
+    ("dq", 1, 132, [(64, 64), (64, 32)]),  # the two giving the most programs (120 each)
+    ("dq", 8, 132, [(128, 32), (64, 64)]),  # all fill: the two largest, fewer programs first
+    ("dq", 64, 108, [(128, 32), (64, 64)]),
 ])  # fmt: skip
-def test_forward_prune_follows_the_batch(batch, sm_count, expected):
-    # The batch bucket is part of the autotune key, so batch 1 and batch 64 get different candidates.
-    kept = tiles.select_configs("fwd", tiles.CONFIGS["fwd"], 577, 64, batch * 12, 2, sm_count)
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == expected
+def test_the_prune_follows_the_batch(kind, batch, sm_count, expected):
+    # The batch bucket is part of the autotune key, so batch 1 and batch 64 are tuned apart.
+    kept = tiles.select_configs(kind, tiles.CONFIGS[kind], 577, 64, batch * 12, 2, sm_count)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == expected
 
 
 def test_autotune_key_includes_the_batch_bucket():
