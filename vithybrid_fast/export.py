@@ -489,12 +489,10 @@ def _opset_argument(text: str) -> int:
         opset = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    low, high = _opset_range()
-    if not low <= opset <= high:
-        raise argparse.ArgumentTypeError(
-            f"must be from {low} to {high} (what torch's dynamo exporter writes with the installed onnxscript), "
-            f"got {opset}"
-        )
+    try:
+        _check_opset(opset)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return opset
 
 
