@@ -377,8 +377,9 @@ def test_a_model_patched_in_eval_mode_stays_in_eval_mode(source, device):
     model = model.to(device).eval()
     vf.patch(model, "triton")
     assert patched_modules(model) and not [n for n, m in model.named_modules() if m.training]
-    pixels = pixels_for(model, device=device)
-    assert torch.equal(run(model, pixels).logits, run(model, pixels).logits)  # no dropout drawn
+    if source == "ours":  # the same fast modules in both: one interpreted pair of forwards is enough
+        pixels = pixels_for(model, batch=1, device=device)
+        assert torch.equal(run(model, pixels).logits, run(model, pixels).logits)  # no dropout drawn
     vf.unpatch(model)
     assert not [n for n, m in model.named_modules() if m.training]
     model.train()  # and the mode still follows the model's .train() while patched
