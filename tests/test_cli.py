@@ -257,3 +257,21 @@ def test_an_opset_outside_the_exporters_range_is_a_usage_error(capsys):
             f"argument --opset: opset must be an int from {low} to {high} (the opsets torch's dynamo exporter "
             f"can write with the installed onnxscript), got {opset}"
         ), err
+
+
+def test_a_gpu_index_past_the_visible_ones_is_refused_before_any_work(monkeypatch):
+    """`--device cuda:3` on a one-GPU machine failed later with CUDA's "invalid device ordinal"."""
+    from vithybrid_fast.gpu_support import command_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert command_device("cuda:0") == torch.device("cuda", 0) and command_device("cuda") == torch.device("cuda")
+    assert command_device("cpu:0") == torch.device("cpu", 0)
+    with pytest.raises(ValueError, match=r"^--device cuda:3: torch sees 1 CUDA GPU \(cuda:0\)$"):
+        command_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"^--device cuda:2: torch sees 2 CUDA GPUs \(cuda:0 … cuda:1\)$"):
+        command_device("cuda:2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: each rank takes cuda:LOCAL_RANK instead
+    assert command_device("cuda:2") == torch.device("cuda", 2)

@@ -66,6 +66,14 @@ def command_device(name: str | torch.device | None) -> torch.device:
     device = parse_device(name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+    # under torchrun each rank takes cuda:LOCAL_RANK whatever the index (distributed.setup checks that one)
+    single_process = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    if device.type == "cuda" and device.index is not None and single_process:
+        count = torch.cuda.device_count()
+        if device.index < count:
+            return device
+        gpus = "cuda:0" if count == 1 else f"cuda:0 … cuda:{count - 1}"
+        raise ValueError(f"--device {device}: torch sees {count} CUDA GPU{'s' if count > 1 else ''} ({gpus})")
     return device
 
 
