@@ -5,7 +5,10 @@ Providers, measured in the same run on the same GPU, weights, pixels and labels:
   ref-sdpa          the plain-PyTorch reference with torch SDPA attention
   compile-default   torch.compile(reference, mode="default")
 and, when named in --providers, the same with gradient checkpointing (`model.gradient_checkpointing_enable()`,
-`finetune --gradient-checkpointing`): ours-triton-ckpt, ref-sdpa-ckpt (time and peak memory it trades).
+`finetune --gradient-checkpointing`): ours-triton-ckpt, ref-sdpa-ckpt (time and peak memory it trades), or
+with the weights and pixels in torch.channels_last: ours-triton-channels-last, ref-sdpa-channels-last (an
+H100's bf16 step at batch 64 spent 8.15 of 124 ms of kernels in cuDNN's NCHW<->NHWC transposes, which
+torch.compile's NHWC backbone does not pay; our GroupNorm kernels keep either layout).
 
 Each step runs the forward under bf16 or fp16 autocast (float32 master weights, as `vithybrid-fast
 finetune` does on a GPU; fp16 with its dynamic loss scaling), the backward, gradient clipping and an
@@ -45,6 +48,8 @@ from .common import (
 PROVIDERS = ("ref-sdpa", "ours-triton", "compile-default")  # the baseline first: each record's ratio is known
 # when it is written, so a run stopped at its time budget keeps every finished record whole
 CHECKPOINTED = ("ours-triton-ckpt", "ref-sdpa-ckpt")  # asked for by name only: a default run stays as long
+CHANNELS_LAST = ("ours-triton-channels-last", "ref-sdpa-channels-last")  # by name only, likewise
+BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST)
 CPU_PROVIDERS = ("ref-sdpa",)
 
 
@@ -59,6 +64,9 @@ def build(
         model = ViTHybridForImageClassification(copy.deepcopy(config))
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     model.train()
+    if provider in CHANNELS_LAST:  # the convolutions' weights; `pixels_for` gives the input the same layout
+        model.to(memory_format=torch.channels_last)
+        provider = provider.removesuffix("-channels-last")
     if provider in CHECKPOINTED:
         model.gradient_checkpointing_enable()
         provider = provider.removesuffix("-ckpt")
@@ -69,6 +77,11 @@ def build(
         torch._dynamo.reset()  # this provider's compile time is its own
         return torch.compile(model, mode="default")
     return model
+
+
+def pixels_for(provider: str, pixels: torch.Tensor) -> torch.Tensor:
+    """The input `provider` is timed on: NHWC for the channels-last providers (else cuDNN converts it back)."""
+    return pixels.contiguous(memory_format=torch.channels_last) if provider in CHANNELS_LAST else pixels
 
 
 def make_step(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
@@ -128,7 +141,8 @@ def run(
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(dev)
-                    step = make_step(build(provider, config, state, dev, dtype), pixels, labels, dtype)
+                    model = build(provider, config, state, dev, dtype)
+                    step = make_step(model, pixels_for(provider, pixels), labels, dtype)
                     record["first_step_ms"] = first_call_ms(step, dev)
                     record.update(time_fn(step, dev, warmup=2, reps=reps))
                     record["images_per_s"] = batch / (record["ms_median"] * 1e-3)
@@ -138,7 +152,7 @@ def run(
                         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 except Exception as err:  # an OOM or a compile failure is a result too
                     record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                step = None
+                model = step = None  # freed before the next provider builds its model
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 baseline = next((r for r in records if r["provider"] == "ref-sdpa" and r["batch"] == batch
@@ -159,7 +173,7 @@ def _compare(record: dict, baseline: dict | None) -> None:
 
 
 def _progress(record: dict) -> str:
-    where = f"{record['provider']:<16} {record['dtype']:<9} b={record['batch']:<4}"
+    where = f"{record['provider']:<26} {record['dtype']:<9} b={record['batch']:<4}"
     if "error" in record:
         return f"  {where} error: {record['error'][:100]}"
     return f"  {where} {record['ms_median']:9.2f} ms/step {record['images_per_s']:8.1f} img/s  first step " + (
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=positive_ints, default=[32, 64], help="comma-separated (default: 32,64)")
     parser.add_argument("--dtypes", type=dtype_names, default=["bfloat16"], help="autocast dtypes (default: bfloat16)")
-    known = (*PROVIDERS, *CHECKPOINTED)
+    known = (*PROVIDERS, *BY_NAME_ONLY)
     parser.add_argument("--providers", default=None, help=f"comma-separated from {','.join(known)}")
     parser.add_argument("--config", default="base", choices=("base", "tiny"))
     parser.add_argument("--reps", type=positive_int, default=10)
@@ -218,15 +232,15 @@ def _or_dash(value: float | None) -> str:
 
 def table(records: list[dict]) -> str:
     head = ("provider", "dtype", "batch", "ms/step", "img/s", "peak GiB", "×sdpa", "mem×")
-    lines = ["{:<16} {:<9} {:>5} {:>9} {:>8} {:>9} {:>6} {:>6}".format(*head)]
+    lines = ["{:<26} {:<9} {:>5} {:>9} {:>8} {:>9} {:>6} {:>6}".format(*head)]
     for r in records:
         if "error" in r:
-            lines.append(f"{r['provider']:<16} {r['dtype']:<9} {r['batch']:>5}  error: {r['error'][:60]}")
+            lines.append(f"{r['provider']:<26} {r['dtype']:<9} {r['batch']:>5}  error: {r['error'][:60]}")
             continue
         # a ratio not measured (no ref-sdpa in the run, no GPU memory on a CPU) shows as "-", not as nan
         mem, speed, mem_ratio = (r.get(k) for k in ("peak_memory_gib", "speedup_vs_ref_sdpa", "memory_vs_ref_sdpa"))
         lines.append(
-            f"{r['provider']:<16} {r['dtype']:<9} {r['batch']:>5} {r['ms_median']:>9.1f} {r['images_per_s']:>8.1f} "
+            f"{r['provider']:<26} {r['dtype']:<9} {r['batch']:>5} {r['ms_median']:>9.1f} {r['images_per_s']:>8.1f} "
             f"{_or_dash(mem):>9} {_or_dash(speed):>6} {_or_dash(mem_ratio):>6}"
         )
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .arguments import DTYPE_NAMES, positive_int
-from .bench_train import CHECKPOINTED, PROVIDERS, build, make_step
+from .bench_train import BY_NAME_ONLY, PROVIDERS, build, make_step, pixels_for
 from .common import RecordLog, exit_without_cuda
 from .profile_e2e import format_table, kernel_table
 
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file for the rows")
     args = parser.parse_args(argv)
     providers = args.providers.split(",")
-    unknown = sorted(set(providers) - set(PROVIDERS + CHECKPOINTED))
+    unknown = sorted(set(providers) - set(PROVIDERS + BY_NAME_ONLY))
     if unknown:
-        parser.error(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(PROVIDERS + CHECKPOINTED)}")
+        parser.error(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(PROVIDERS + BY_NAME_ONLY)}")
     if args.device == "cuda":  # one line and exit 2 without a GPU (--device cpu: the smoke run on a CPU)
         exit_without_cuda(parser.prog, args.device)
 
@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.randint(0, config.num_labels, (args.batch,), generator=generator).to(device)
     with RecordLog(args.out) as log:
         for provider in providers:
-            step = make_step(build(provider, config, state, device, dtype), pixels, labels, dtype)
+            model = build(provider, config, state, device, dtype)
+            step = make_step(model, pixels_for(provider, pixels), labels, dtype)
             rows, wall_ms = profile_steps(step, device, args.iters)
             title = f"{provider} {dtype_name} autocast b={args.batch} training step"
             print(format_table(title, rows, wall_ms, args.rows, per="step"), flush=True)
             log.write({"kind": "train_profile", "provider": provider, "dtype": dtype_name, "batch": args.batch,
                        "config": args.config, "wall_ms": wall_ms, "kernels": rows})  # fmt: skip
-            del step
+            del step, model  # the next provider's peak memory is its own
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0

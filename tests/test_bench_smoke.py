@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = ("provider", "batch", "dtype", "ms_median", "images_per_s", "gpu", "torch", "triton", "commit", "source")
@@ -428,3 +429,48 @@ def test_gpu_session_resize_step_dry_run_on_a_cpu(tmp_path):
     ]
     assert all(r["device_images_per_s"] > 0 and r["pillow_one_process_images_per_s"] > 0 for r in records)
     assert (out / "resize.log").read_text().count("; bytes equal") == 2
+
+
+@pytest.mark.filterwarnings("ignore:flash_attention supports head sizes")  # the tiny config's 16
+@pytest.mark.parametrize("provider", ["ref-sdpa-channels-last", "ours-triton-channels-last"])
+def test_channels_last_training_providers_step_in_nhwc_and_match_the_reference(provider, monkeypatch):
+    """An H100's bf16 training step (batch 64) spent 8.15 of 124 ms of kernels in cuDNN's NCHW<->NHWC
+    transposes, which torch.compile's NHWC backbone does not pay. These providers time the step with the
+    weights and pixels in channels-last: every convolution must see NHWC, and the step must be the NCHW
+    reference's (float32, no autocast: the layout alone may change only rounding)."""
+    from vithybrid_fast.bench.bench_train import build, pixels_for
+    from vithybrid_fast.bench.e2e import random_state_dict, tiny_config
+
+    config, cpu = tiny_config(), torch.device("cpu")
+    state = random_state_dict(config, cpu)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, *config.image_size_hw, generator=generator)
+    labels = torch.randint(0, config.num_labels, (2,), generator=generator)
+
+    conv2d, seen = torch.nn.functional.conv2d, []
+
+    def spy(x, weight, *args, **kwargs):  # the reference's and our weight-standardized convs both call it
+        seen.append(x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        return conv2d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+
+    def loss_and_grads(name: str, layouts: list[bool]):
+        model = build(name, config, state, cpu)
+        seen.clear()
+        loss = model(pixels_for(name, pixels), labels=labels).loss
+        layouts.extend(seen)
+        loss.backward()
+        return model, loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    seen_nhwc, seen_ref = [], []
+    model, loss, grads = loss_and_grads(provider, seen_nhwc)
+    _, ref_loss, ref_grads = loss_and_grads("ref-sdpa", seen_ref)
+    assert len(seen_nhwc) == len(seen_ref) >= 5 and all(seen_nhwc) and not any(seen_ref)
+    kernels = [p for p in model.parameters() if p.dim() == 4]  # the weights too, not only the pixels
+    assert len(kernels) >= 5 and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert abs(loss - ref_loss) <= 1e-4
+    assert grads.keys() == ref_grads.keys()
+    for name, ref_grad in ref_grads.items():
+        tolerance = 1e-3 * ref_grad.abs().max().item() + 1e-5  # as tests/test_training_mode.py
+        assert (grads[name] - ref_grad).abs().max().item() <= tolerance, name
