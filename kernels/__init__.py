@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm import reference as _add_layer_norm_reference
-from .attention import flash_attention
+from .attention import flash_attention, flash_attention_packed
 from .attention import reference as _attention_reference
+from .attention import reference_packed as _attention_packed_reference
 from .group_norm_act import group_norm_act
 from .group_norm_act import reference as _group_norm_act_reference
 from .layer_norm_mlp import layer_norm_mlp
@@ -28,8 +29,12 @@ from .weight_standardize import weight_standardize
 
 add_layer_norm.reference = _add_layer_norm_reference  # type: ignore[attr-defined]
 flash_attention.reference = _attention_reference  # type: ignore[attr-defined]
+flash_attention_packed.reference = _attention_packed_reference  # type: ignore[attr-defined]
 group_norm_act.reference = _group_norm_act_reference  # type: ignore[attr-defined]
 layer_norm_mlp.reference = _layer_norm_mlp_reference  # type: ignore[attr-defined]
 weight_standardize.reference = _weight_standardize_reference  # type: ignore[attr-defined]
 
-__all__ = ["add_layer_norm", "flash_attention", "group_norm_act", "layer_norm_mlp", "weight_standardize"]
+__all__ = [
+    "add_layer_norm", "flash_attention", "flash_attention_packed", "group_norm_act", "layer_norm_mlp",
+    "weight_standardize",
+]  # fmt: skip

@@ -28,9 +28,11 @@ candidates are pruned by the GPU's SM count (kernels/_attention_tiles.py). Under
 (TRITON_INTERPRET=1) a single small config is used unless a test forces another, and bfloat16 dots are
 upcast to float32 there because the interpreter would multiply raw bit patterns.
 Memory: the forward saves q, k, v (the caller's views, not copies), O and the float32 lse per row.
-Entry point: `flash_attention(q, k, v, scale=None)`, backed by the torch custom op
+Entry points: `flash_attention(q, k, v, scale=None)`, backed by the torch custom op
 `vithybrid::flash_attention` (and `vithybrid::flash_attention_backward`) so torch.compile traces a
-model calling it without a graph break. Limits: no attention mask or dropout, no causal mode, no
+model calling it without a graph break; `flash_attention_packed(qkv)` for a packed (B, N, 3, H, D)
+projection output (ops `vithybrid::flash_attention_packed[_backward]`), whose gradient the backward
+writes as one tensor. Limits: no attention mask or dropout, no causal mode, no
 double backward.
 """
 
@@ -422,14 +424,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
 
 def _backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    scale: float,
+    scale: float, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dq, dk, dv; written into `grads` (any strides, unit last stride) when given, else into new tensors."""
     B, H, N, D = q.shape
     q, k, v, o, do = (_unit_last_stride(t) for t in (q, k, v, o, do))
     delta = torch.empty_like(lse)
-    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    if grads is None:
+        grads = tuple(torch.empty((B, H, N, D), device=q.device, dtype=q.dtype) for _ in range(3))
+    dq, dk, dv = grads
     common = _dot_options(B, N, D, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     with _device_of(q):
@@ -494,6 +497,55 @@ def _backward_rule(ctx, grad_o, grad_lse):
 _flash_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+def _packed_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, D) strided views of a packed (B, N, 3, H, D) tensor (no copy)."""
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))  # type: ignore[return-value]
+
+
+# The packed entry point's own ops: autograd sees one input, so the gradient is one (B, N, 3, H, D) tensor
+# the backward kernels write in place. Given q, k, v views of it instead, autograd fills a zero tensor of
+# qkv's size per view and adds the three (per layer, at batch 64 and N = 577: 3 fills and 2 adds of 85M
+# elements, which a CPU profile of a training step counts, 2 adds per layer).
+@torch.library.custom_op("vithybrid::flash_attention_packed", mutates_args=())
+def _flash_attention_packed_op(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(*_packed_views(qkv), scale)
+
+
+@_flash_attention_packed_op.register_fake
+def _(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H, D)).transpose(1, 2), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vithybrid::flash_attention_packed_backward", mutates_args=())
+def _flash_attention_packed_backward_op(
+    do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float
+) -> torch.Tensor:
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)  # every element written by dq/dk/dv
+    _backward(do, *_packed_views(qkv), o, lse, scale, grads=_packed_views(dqkv))
+    return dqkv
+
+
+@_flash_attention_packed_backward_op.register_fake
+def _(do, qkv, o, lse, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_packed_context(ctx, inputs, output) -> None:
+    qkv, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.scale = scale
+
+
+def _packed_backward_rule(ctx, grad_o, grad_lse):
+    qkv, o, lse = ctx.saved_tensors
+    return _flash_attention_packed_backward_op(grad_o, qkv, o, lse, ctx.scale), None
+
+
+_flash_attention_packed_op.register_autograd(_packed_backward_rule, setup_context=_setup_packed_context)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for (B, H, N, D) inputs (any N, D in 32/64/128); differentiable.
 
@@ -506,3 +558,27 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         return _forward(q, k, v, scale)[0]
     out, _ = _flash_attention_op(q, k, v, scale)
     return out
+
+
+def flash_attention_packed(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """`flash_attention` over the q, k, v of a packed (B, N, 3, H, D) QKV projection output (a view of the
+    fused projection's (B, N, 3·H·D) output); returns (B, H, N, D) like `flash_attention`.
+
+    Same kernels, same result; what differs is the backward: the gradient w.r.t. `qkv` is one tensor whose
+    three slices the backward kernels write directly, with no zero-fill and no adds.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        got = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"flash_attention_packed: qkv must be a 5-D (B, N, 3, H, D) tensor, got {got}")
+    q, k, v = _packed_views(qkv)
+    _check_inputs(q, k, v)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not needs_registered_op(qkv):
+        return _forward(q, k, v, scale)[0]
+    out, _ = _flash_attention_packed_op(qkv, scale)
+    return out
+
+
+def reference_packed(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """`reference` over the packed tensor's three slices."""
+    return reference(*_packed_views(qkv), scale)

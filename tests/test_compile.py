@@ -271,7 +271,7 @@ def test_whole_patched_model_compiles_fullgraph(device):
     counts = _op_counts(graphs)
     layers = config.num_hidden_layers
     assert len(graphs) == 1
-    assert counts.get("flash_attention") == layers, counts
+    assert counts.get("flash_attention_packed") == layers, counts  # the encoder's packed-QKV entry point
     assert counts.get("layer_norm_stats") == layers and counts.get("fused_linear") == 2 * layers, counts
     assert counts.get("layer_norm_mlp") == layers, counts
     # Under the compiler the standardized-weight cache is bypassed: one op per backbone conv.

@@ -114,7 +114,8 @@ class FastSelfAttention(nn.Module):
         qkv = qkv.view(batch, tokens, 3, self.num_attention_heads, self.attention_head_size)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
         if self.use_flash_kernel:
-            context = dispatch.run("flash_attention", self.measured, lambda: kernels.flash_attention(q, k, v),
+            # packed: in training its gradient is one tensor, not three autograd fills and adds
+            context = dispatch.run("flash_attention", self.measured, lambda: kernels.flash_attention_packed(qkv),
                                    lambda: nn.functional.scaled_dot_product_attention(q, k, v), (q,))  # fmt: skip
         else:
             context = nn.functional.scaled_dot_product_attention(q, k, v)
