@@ -2,9 +2,9 @@
 node id and pytest stops at collection, spending scarce device time on nothing. Each line must name a
 test file and, where given, a test function that still exists in it.
 
-The list is empty since the H100 run of 2026-11-27 passed the one test session 15 had put in it (the
-H200 runs before passed all the others); over an empty list the checks pass whatever they do, so each is
-also run on made-up lists it must reject."""
+The list was emptied by the H100 run of 2026-11-27 and then took the packed-attention tests written after
+it; an empty list makes the checks pass whatever they do, so each is also run on made-up lists it must
+reject."""
 
 from __future__ import annotations
 
