@@ -287,7 +287,7 @@ def test_torch_export_reference_and_patched_dynamic_batch(tiny_model, device):
         program = export_program(model)
         ops = {str(n.target).split(".")[1] for n in program.graph.nodes if str(n.target).startswith("vithybrid.")}
         if expect_ops:
-            assert {"flash_attention", "fused_linear", "layer_norm_mlp", "weight_standardize"} <= ops, ops
+            assert {"flash_attention_packed", "fused_linear", "layer_norm_mlp", "weight_standardize"} <= ops, ops
         else:
             assert not ops, ops
         for batch in (1, 3):  # neither is the traced batch of 2
