@@ -89,15 +89,19 @@ within_budget() {
 }
 
 bench_step() {  # bench_step NAME BENCH-ARGS...: the bench into $OUT; a report even if it was killed
-  local name=$1
+  local name=$1 dir n=2
   shift
-  mkdir -p "$OUT/$name"  # one folder per bench step: the reports are named by GPU and date alone
+  dir="$OUT/$name"  # one folder per bench step: the reports are named by GPU and date alone, so the same
+  while compgen -G "$dir/*.jsonl" >/dev/null; do  # step run again (a later call on a warm machine) gets
+    dir="$OUT/$name-$n" n=$((n + 1))              # a folder of its own rather than replacing that report
+  done
+  mkdir -p "$dir"
   within_budget "$OUT/$name.log" "$PYTHON" -m vithybrid_fast.bench --device "$DEVICE" --batches "$BATCHES" \
-    --output-dir "$OUT/$name" "$@"
+    --output-dir "$dir" "$@"
   local rc=$? newest
-  newest=$(ls -t "$OUT/$name"/*.jsonl 2>/dev/null | head -n 1)
+  newest=$(ls -t "$dir"/*.jsonl 2>/dev/null | head -n 1)
   if [ "$rc" != 0 ] && [ "$rc" != 130 ] && [ -n "$newest" ]; then  # killed before its own report
-    "$PYTHON" -m vithybrid_fast.bench --from-jsonl "$newest" --output-dir "$OUT/$name" >>"$OUT/$name.log" 2>&1
+    "$PYTHON" -m vithybrid_fast.bench --from-jsonl "$newest" --output-dir "$dir" >>"$OUT/$name.log" 2>&1
   fi
   return "$rc"
 }

@@ -292,6 +292,17 @@ def test_gpu_session_step_dry_run_on_a_cpu(tmp_path):
     (jsonl,) = (out / "e2e-float32").glob("*.jsonl")  # each bench step in its own folder: reports share names
     assert _records(out / "e2e-float32") == [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert "| ref-eager |" in (out / "e2e-float32.log").read_text()
+    # The same step again (a later call on a still-warm machine, same GPU and day): a folder of its own,
+    # not a replacement of the first report (the H100 run of 2026-11-27 had its first e2e report replaced
+    # that way; only its .jsonl kept the records).
+    first_report = {p.name: p.read_bytes() for p in (out / "e2e-float32").iterdir()}
+    again = subprocess.run(
+        ["bash", "bench/gpu_session.sh", "step", "e2e", "float32"],
+        cwd=REPO_ROOT, env={**env, "E2E_PROVIDERS": "ref-sdpa"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in (out / "e2e-float32").iterdir()} == first_report
+    assert [r["provider"] for r in _records(out / "e2e-float32-2")] == ["ref-sdpa"]
     from vithybrid_fast.bench.common import source_digest
 
     env_lines = (out / "env.txt").read_text().splitlines()
