@@ -503,9 +503,9 @@ def _packed_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 # The packed entry point's own ops: autograd sees one input, so the gradient is one (B, N, 3, H, D) tensor
-# the backward kernels write in place. Given q, k, v views of it instead, autograd fills a zero tensor of
-# qkv's size per view and adds the three (per layer, at batch 64 and N = 577: 3 fills and 2 adds of 85M
-# elements, which a CPU profile of a training step counts, 2 adds per layer).
+# the backward kernels write in place. Given q, k, v as views of it instead, autograd makes one zero-filled
+# tensor of qkv's size per view and adds the three: per layer 3 fills and 2 adds of 85M elements at
+# batch 64, N = 577 (counted in a CPU profile of a training step).
 @torch.library.custom_op("vithybrid::flash_attention_packed", mutates_args=())
 def _flash_attention_packed_op(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(*_packed_views(qkv), scale)

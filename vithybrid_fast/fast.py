@@ -112,13 +112,18 @@ class FastSelfAttention(nn.Module):
         """(B, N, 3·H·d) projection output → (B, N, H·d) attention context."""
         batch, tokens, _ = qkv.shape
         qkv = qkv.view(batch, tokens, 3, self.num_attention_heads, self.attention_head_size)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
+
+        def sdpa() -> torch.Tensor:
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, d) strided views
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
         if self.use_flash_kernel:
-            # packed: in training its gradient is one tensor, not three autograd fills and adds
+            # the packed entry point: in training its gradient is one tensor, not three autograd fills
+            # and adds; decided per packed shape (which fixes q, k, v's)
             context = dispatch.run("flash_attention", self.measured, lambda: kernels.flash_attention_packed(qkv),
-                                   lambda: nn.functional.scaled_dot_product_attention(q, k, v), (q,))  # fmt: skip
+                                   sdpa, (qkv,))  # fmt: skip
         else:
-            context = nn.functional.scaled_dot_product_attention(q, k, v)
+            context = sdpa()
         return context.transpose(1, 2).reshape(batch, tokens, self.all_head_size)
 
     def reference_forward(
