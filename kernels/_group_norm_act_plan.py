@@ -49,8 +49,13 @@ class Blocks:
     loop: int  # `_gn_fwd_group_loop`: elements per loop step
     max_chunks: int  # most partials per group, the apply's BLOCK_P (a power of two)
     reduce_tile: int  # elements per (channel × spatial) tile of the per-channel reductions
+    loop_warps: int = 8  # `_gn_fwd_group_loop`'s num_warps
+    # `_gn_fwd_group_loop`'s L2 hints: its statistics sweep loads x evict_last, its output sweep (x's last
+    # use) evict_first, so the second sweep finds the group in L2. Off: Triton's default policy.
+    loop_l2_hints: bool = True
 
 
+# The group loop's tile and hints are unmeasured choices (bench/sweep_group_norm.py times the candidates).
 GPU_BLOCKS = Blocks(stats=2048, apply=2048, loop=4096, max_chunks=64, reduce_tile=2048)
 # Small enough that the tests' tiny shapes cover multi-block loops, partial tails and several chunks.
 INTERPRETER_BLOCKS = Blocks(stats=64, apply=128, loop=64, max_chunks=4, reduce_tile=128)
@@ -62,7 +67,7 @@ class Launch:
 
     kernel: str
     grid: tuple[int, ...] | None
-    constexprs: dict[str, int] = field(default_factory=dict)
+    constexprs: dict[str, int | str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # runtime loop counts and strides
     num_warps: int | None = 4  # None: autotuned
 
@@ -165,8 +170,12 @@ def forward_plan(
         )  # fmt: skip
         return ForwardPlan(path, (launch,))
     if path == "loop":
-        iters = cdiv(length, blocks.loop)
-        return ForwardPlan(path, (Launch("_gn_fwd_group_loop", (rows,), {"BLOCK": blocks.loop}, {"ITERS": iters}, 8),))
+        hints = {"FIRST_EVICT": "evict_last", "LAST_EVICT": "evict_first"} if blocks.loop_l2_hints else {}
+        launch = Launch(
+            "_gn_fwd_group_loop", (rows,), {"BLOCK": blocks.loop, **hints}, {"ITERS": cdiv(length, blocks.loop)},
+            blocks.loop_warps,
+        )  # fmt: skip
+        return ForwardPlan(path, (launch,))
     if path == "split":
         iters, chunks = split_chunks(n, num_groups, length, sm_count, blocks)
         sizes = {"ITERS": iters, "P": chunks}

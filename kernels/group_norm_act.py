@@ -52,7 +52,7 @@ import triton.language as tl
 # as arguments), so it loads first and importing the package registers its tuned kernel too.
 from ._group_norm_act_backward import launch_backward
 from ._group_norm_act_layout import _dense, _lane_counts, _layout, _span_block, _to_layout, _welford_lanes
-from ._group_norm_act_plan import cdiv, forward_plan
+from ._group_norm_act_plan import Blocks, cdiv, forward_plan
 from ._group_norm_act_tiles import _gn_finalize, _gn_fwd_single_pass, _gn_stats, gn_apply_tuned
 from ._runtime import check_launchable, device_limits, interpreter_enabled, needs_registered_op
 from ._tuning import jit
@@ -100,20 +100,21 @@ def _merge_lanes(lane_mean, lane_m2, start, L, ITERS, BLOCK: tl.constexpr):
 @triton.jit
 def _apply_block(
     x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, start, L, S, mean, rstd,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr, EVICT: tl.constexpr = "",
 ):  # fmt: skip
     # act((x − mean)·rstd·w[c] + b[c] [+ res]) on elements [start, start + BLOCK) of one NCHW group span;
-    # pointers are at the group's first element, w and b at its first channel.
+    # pointers are at the group's first element, w and b at its first channel. EVICT: the L2 eviction
+    # policy of x, the residual and y ("evict_first" where this is x's last use).
     offs, mask, channel = _span_block(start, L, S, BLOCK)
     scale = rstd * tl.load(w_ptr + channel, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     y = (x - mean) * scale + shift  # x − mean before scaling: no folded shift, exact for |mean| ≫ std
     if HAS_RES:
-        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)  # not maximum(): keeps NaN like torch.relu
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 # Sizes that never change addressing are not specialized (one compile serves every shape and batch);
@@ -136,6 +137,8 @@ def _gn_fwd_group_loop(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK: tl.constexpr,
+    FIRST_EVICT: tl.constexpr = "",  # L2 policy of the statistics sweep's loads ("": Triton's default)
+    LAST_EVICT: tl.constexpr = "",  # and of the output sweep's loads and stores
 ):
     row = tl.program_id(0)  # n·G + g: one program sweeps its whole group twice
     base = row.to(tl.int64) * L
@@ -143,21 +146,29 @@ def _gn_fwd_group_loop(
     # plain parameter would turn into a tensor (Triton 3.6's interpreter cannot loop to a tensor).
     # Welford per lane, lanes merged once after the loop: no cross-warp reduction (and its barriers)
     # between one block's loads and the next; unrolled by two, two blocks' loads are in flight.
+    # The second sweep is cheap only if it finds the group still in L2. The H100 profile (2026-11-27, bf16,
+    # batch 64) had this kernel's 28 calls at 5.15 ms for 9.6 GB read and written once (63 % of HBM): some
+    # of the re-read may come from HBM. What is resident depends on registers (sm_90, bf16, offline): 100–102
+    # under Triton 3.6 (2 programs of 256 threads per SM), 64 under 3.9 (4 per SM): 264 or 528 groups of
+    # 37–147 KB on an H100, 10–39 or 20–78 MB against its 50 MB L2. The plan's FIRST_EVICT/LAST_EVICT hints
+    # (as Inductor marks a reduction's loads that are read again) keep x in L2 for its last read;
+    # bench/sweep_group_norm.py times them, and the tile, against each other. (A backwards second sweep,
+    # newest blocks first, cost 15 registers under 3.9, 3 programs per SM instead of 4: not done.)
     lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
     lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
     for it in tl.range(ITERS, loop_unroll_factor=2):
         offs = it * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + base + offs, mask=offs < L, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + offs, mask=offs < L, other=0.0, eviction_policy=FIRST_EVICT).to(tl.float32)
         lane_mean, lane_m2 = _welford_lanes(lane_mean, lane_m2, x, offs < L, 1.0 / (it + 1.0))
     mean, m2 = _merge_lanes(lane_mean, lane_m2, 0, L, ITERS, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / (L * 1.0) + eps)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     channel0 = (row % G) * CG
-    for it in range(ITERS):  # second sweep: at most one group per SM in flight, so mostly L2 hits
+    for it in range(ITERS):  # second sweep: x's last read
         _apply_block(
             x_ptr + base, res_ptr + base, y_ptr + base, w_ptr + channel0, b_ptr + channel0, it * BLOCK, L, S,
-            mean, rstd, HAS_RES, RELU, BLOCK,
+            mean, rstd, HAS_RES, RELU, BLOCK, LAST_EVICT,
         )  # fmt: skip
 
 
@@ -243,6 +254,8 @@ def _sm_count(device: torch.device) -> int:
 # GPU's blocks and reduction tiles under the interpreter (each one the GPU can take, at small shapes).
 _FORCE_PATH: str | None = None
 _FORCE_GPU_BLOCKS = False
+# bench/sweep_group_norm.py's hook: the plan's blocks, the group loop's warps and L2 hints (None: shipped).
+_BLOCKS: Blocks | None = None
 
 
 def _check(x, num_groups, weight, bias, act, residual) -> None:
@@ -286,7 +299,8 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
     y = torch.empty_like(x)  # preserve_format: channels-last in, channels-last out
     if x.numel() == 0:
         return y, mean, rstd
-    plan = forward_plan(n, c, s, num_groups, channels_last, _sm_count_or_one(x.device), _small_blocks(), _FORCE_PATH)
+    sm_count = _sm_count_or_one(x.device)
+    plan = forward_plan(n, c, s, num_groups, channels_last, sm_count, _small_blocks(), _FORCE_PATH, _BLOCKS)
     res_channels_last = False
     if residual is not None:
         res_channels_last = _layout(residual)

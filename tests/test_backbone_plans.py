@@ -7,6 +7,7 @@ batch 1–128, so a change to a threshold or a grid formula shows up without a G
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
@@ -73,7 +74,9 @@ def test_forward_plan_invariants(c, s, batch, sm_count):
         assert launch.constexprs["BLOCK_CG"] >= cg and launch.constexprs["BLOCK_S"] >= s
     elif p.path == "loop":
         (launch,) = p.launches
-        assert launch.grid == (rows,) and launch.constexprs == {"BLOCK": GPU.loop} and launch.num_warps == 8
+        hints = {"FIRST_EVICT": "evict_last", "LAST_EVICT": "evict_first"}  # the statistics sweep's, the output's
+        assert launch.grid == (rows,) and launch.constexprs == {"BLOCK": GPU.loop, **hints}
+        assert launch.num_warps == GPU.loop_warps == 8
         assert launch.sizes == {"ITERS": triton.cdiv(length, GPU.loop)}
     else:
         assert p.path == "split" and rows < 2 * sm_count
@@ -230,3 +233,14 @@ def test_backbone_compile_count():
     # Training adds the backward: GroupNorm 5 (the one-tile reduction per ReLU flag, the flat apply per
     # (ReLU, d residual) pair) and weight standardization 2.
     assert rows[(2, 80)] == rows[(2, 90)] == (18, 4)
+
+
+@pytest.mark.parametrize("hints", [True, False])
+def test_group_loop_blocks_choose_its_tile_warps_and_hints(hints):
+    # bench/sweep_group_norm.py times candidates through `Blocks`; the plan must launch exactly them.
+    blocks = dataclasses.replace(GPU, loop=2048, loop_warps=4, loop_l2_hints=hints)
+    (launch,) = plan.forward_plan(64, 256, 96 * 96, 32, False, H100, blocks=blocks).launches
+    assert launch.kernel == "_gn_fwd_group_loop" and launch.num_warps == 4
+    expected = {"FIRST_EVICT": "evict_last", "LAST_EVICT": "evict_first"} if hints else {}
+    assert launch.constexprs == {"BLOCK": 2048, **expected}
+    assert launch.sizes == {"ITERS": 8 * 96 * 96 // 2048}

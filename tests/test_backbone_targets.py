@@ -184,3 +184,54 @@ def test_group_norm_statistics_loops_have_no_barrier_and_two_tiles_in_flight(tmp
     assert all("bar.sync" not in body for body in bodies)
     loads = [body.count("ld.global") for body in bodies]
     assert any(2 * one in loads for one in loads if one), loads  # the unrolled loop and its remainder
+
+
+LOOP_PTX = """
+import dataclasses, json, sys, torch
+from vithybrid_fast.kernels import _group_norm_act_offline as gn
+from vithybrid_fast.kernels._offline import compile_launch
+found = gn.backbone_launches(torch.bfloat16, [64], 90)
+launch = next(ln for ln in found if ln.name.endswith("_gn_fwd_group_loop") and ln.phase == "forward")
+result, asm = compile_launch(launch, launch.configs[0], 90, keep_asm=True)
+assert not result.error, result.error
+plain = dataclasses.replace(launch, args=dict(launch.args, FIRST_EVICT="", LAST_EVICT=""))
+without, _ = compile_launch(plain, plain.configs[0], 90)
+assert not without.error, without.error
+out = {"ptx": asm["ptx"], "registers": result.registers, "without_hints": without.registers}
+json.dump(dict(out, warps=launch.configs[0].num_warps), sys.stdout)
+"""
+
+
+def programs_per_sm(registers: int, warps: int) -> int:
+    """Resident programs per SM by the register file alone (64 K registers, allocated per warp by 8s)."""
+    return 65536 // (-(-registers // 8) * 8 * 32 * warps)
+
+
+@pytest.mark.parametrize("triton_copy", ["installed", "3.6"])
+def test_group_loop_keeps_its_group_in_l2_between_its_sweeps(tmp_path, triton_copy):
+    """`_gn_fwd_group_loop` (batch 64's path for 28 of 52 norms) reads its group twice: the statistics
+    sweep's loads are marked evict_last and the output sweep's loads and stores evict_first (x's last use),
+    and the hints cost no occupancy: as many programs per SM as without them (sm_90, bf16)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    if triton_copy == "3.6":
+        require_triton36()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRITON36), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", LOOP_PTX], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout)
+    bodies = loop_bodies(out["ptx"])
+    stats = [b for b in bodies if "st.global" not in b and "ld.global" in b]
+    applies = [b for b in bodies if "st.global" in b]
+    assert stats and applies, f"expected statistics and output loops, got {len(bodies)} loops"
+
+    def vector_loads(body: str) -> list[str]:
+        return re.findall(r"ld\.global\S*\.v\d\.\S+", body)
+
+    for body in stats:
+        assert vector_loads(body) and all("evict_last" in ld for ld in vector_loads(body)), vector_loads(body)
+    for body in applies:
+        assert vector_loads(body) and all("evict_first" in ld for ld in vector_loads(body)), vector_loads(body)
+        stores = re.findall(r"st\.global\S*\.v\d\.\S+", body)
+        assert stores and all("evict_first" in st for st in stores), stores
+    hinted, plain = (programs_per_sm(out[k], out["warps"]) for k in ("registers", "without_hints"))
+    assert hinted == plain >= 2, (out["registers"], out["without_hints"], out["warps"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -293,6 +294,22 @@ def test_flat_paths_with_gpu_blocks(shape, num_groups, forced, device, monkeypat
     monkeypatch.setattr(gn_module, "_FORCE_PATH", forced)
     x, w, b, res = make_inputs(shape, torch.bfloat16, device)
     check_forward(x, num_groups, w, b, "relu", res)
+
+
+@pytest.mark.parametrize("hints", [True, False])
+def test_group_loop_sweep_candidates_compute_the_same(hints, device, monkeypatch):
+    """bench/sweep_group_norm.py's hook: other loop blocks, warps and no L2 hints still compute GroupNorm."""
+    from vithybrid_fast.kernels._group_norm_act_plan import INTERPRETER_BLOCKS
+
+    blocks = dataclasses.replace(INTERPRETER_BLOCKS, loop=32, loop_warps=2, loop_l2_hints=hints)
+    monkeypatch.setattr(gn_module, "_BLOCKS", blocks)
+    monkeypatch.setattr(gn_module, "_FORCE_PATH", "loop")
+    plans = []
+    monkeypatch.setattr(gn_module, "forward_plan", lambda *a: plans.append(plan_module.forward_plan(*a)) or plans[-1])
+    x, w, b, res = make_inputs((2, 4, 9, 10), torch.bfloat16, device)  # L = 180: 6 blocks, a partial tail
+    check_forward(x, 2, w, b, "relu", res)
+    launches = {(ln.kernel, ln.constexprs["BLOCK"], ln.num_warps) for p in plans for ln in p.launches}
+    assert launches == {("_gn_fwd_group_loop", 32, 2)}  # the candidate ran, not the shipped blocks
 
 
 def model_apply_configs(channels_last: bool) -> list:
