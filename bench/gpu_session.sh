@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh step e2e [DTYPE]      end to end, every non-compile provider (default bfloat16)
 #   bash bench/gpu_session.sh step e2e-compile [DTYPE]   the torch.compile providers (slow to compile)
 #   bash bench/gpu_session.sh step sweep-gemm [DTYPE]   fused-GEMM tiles vs cuBLAS + ops (SWEEP_BATCH, default 64)
+#   bash bench/gpu_session.sh step sweep-gn [DTYPE]     GroupNorm group-loop tiles/hints vs torch (SWEEP_BATCH, 64)
 #   bash bench/gpu_session.sh step tune [DTYPES]    autotune; the winning configs into $OUT/configs
 #   bash bench/gpu_session.sh step train [DTYPES]   training steps/s: ours-triton vs ref-sdpa vs compile (bench_train)
 #   bash bench/gpu_session.sh step input            the host's decode + preprocessing images/s per worker count
@@ -37,7 +38,7 @@ BATCHES=${BATCHES:-1,8,64}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PYTHON=.venv/bin/python: a dry run of the steps' mechanics on a CPU
 WHEELS=${WHEELS:-.whl}
-STEPS="doctor tests-kernels tests-model tests-list profile profile-train sweep-gemm tune train input resize kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
+STEPS="doctor tests-kernels tests-model tests-list profile profile-train sweep-gemm sweep-gn tune train input resize kernels-attention kernels-backbone kernels-mlp kernels-glue e2e e2e-compile"
 WORKERS=${PYTEST_WORKERS:-}  # pytest-xdist workers for the test steps (the GPU image has xdist); empty: one process
 E2E_PROVIDERS=${E2E_PROVIDERS:-"ref-eager,ref-sdpa,hf-eager,hf-sdpa,ours-triton,ours-triton-cudagraphs,ours-auto,ours-auto-cudagraphs,ours-triton-channels-last"}
 COMPILE_PROVIDERS="compile-default,compile-max-autotune,ours-triton-compile"
@@ -152,6 +153,9 @@ run_step() {
     sweep-gemm)  # every candidate tile on the four ViT GEMMs vs cuBLAS + separate ops (ARG: dtype)
       within_budget "$OUT/sweep-gemm.log" "$PYTHON" -m vithybrid_fast.bench.sweep_fused_linear --batch "${SWEEP_BATCH:-64}" \
         --dtype "${arg:-bfloat16}" --out "$OUT/sweep-gemm.jsonl" ;;
+    sweep-gn)  # group_norm_act's group loop: tiles, warps, L2 hints and the split path per shape (ARG: dtype)
+      within_budget "$OUT/sweep-gn.log" "$PYTHON" -m vithybrid_fast.bench.sweep_group_norm --batch "${SWEEP_BATCH:-64}" \
+        --dtype "${arg:-bfloat16}" --out "$OUT/sweep-gn.jsonl" ;;
     tune)  # winners into $OUT/configs/<kernel>.json, to be merged into kernels/configs and committed
       within_budget "$OUT/tune.log" "$PYTHON" -m vithybrid_fast tune --dtypes "${arg:-bfloat16}" --batches "$BATCHES" \
         --no-backward --out "$OUT/configs" ;;

@@ -142,7 +142,8 @@ def test_a_kernel_is_judged_against_its_own_devices_peak():
 
 @NO_CUDA
 @pytest.mark.parametrize(
-    "bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels", "bench_add_layer_norm"]
+    "bench",
+    ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels", "bench_add_layer_norm", "sweep_group_norm"],
 )
 def test_gpu_only_benchmark_without_a_gpu_exits_with_one_line_and_no_file(bench, capsys, tmp_path):
     import importlib
@@ -181,6 +182,8 @@ def test_gpu_only_benchmark_rejects_an_unknown_dtype_before_starting(bench, caps
         ("profile_train", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         ("sweep_fused_linear", ["--dims", "577,768"], "argument --dims: expected 3 comma-separated values"),
         ("sweep_fused_linear", ["--batch", "0"], "argument --batch: must be at least 1"),
+        ("sweep_group_norm", ["--batch", "0"], "argument --batch: must be at least 1"),
+        ("sweep_group_norm", ["--dtype", "float64"], "argument --dtype: invalid choice"),
         ("bench_cpu", ["--batches", "1,0"], "argument --batches: each value must be at least 1"),
         ("bench_cpu", ["--warmup", "-1"], "argument --warmup: must be at least 0"),
         ("bench_input", ["--workers", "0,x"], "argument --workers: not a comma-separated list of integers"),

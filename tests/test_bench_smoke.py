@@ -355,6 +355,40 @@ def test_fused_linear_tile_sweep_checks_then_ranks():
     assert len(table) == 2 + 4 and all("triton 32x32x32" in line for line in table[2:])
 
 
+def test_group_norm_sweep_checks_each_candidate_then_ranks(monkeypatch):
+    """The group-loop sweep (a GPU step) on tiny shapes in the interpreter: each candidate runs its own
+    plan and is timed only if it agrees with float64 within the bound; a wrong one is an error row."""
+    from collections import Counter
+
+    import torch
+    from vithybrid_fast.bench import sweep_group_norm as sweep
+
+    cases = Counter({(8, 6, 10, True, True): 2, (4, 5, 7, False, False): 1})  # (C, H, W, residual, relu): calls
+    launched = []
+    real_plan = sweep.gn.forward_plan
+    monkeypatch.setattr(sweep.gn, "forward_plan", lambda *a: launched.append(real_plan(*a)) or launched[-1])
+    rows = sweep.sweep(2, torch.bfloat16, "cpu", cases=cases, log=lambda _line: None, num_groups=2)
+    providers = ["torch"] + [c.label for c in sweep.INTERPRETER_CANDIDATES]
+    assert [r["provider"] for r in rows] == providers * 2
+    assert all("error" not in r and r["ms"] > 0 and r["err"] <= 0.1 for r in rows), rows
+    assert [r["bytes"] for r in rows[:: len(providers)]] == [2 * 8 * 60 * 2 * 3, 2 * 4 * 35 * 2 * 2]
+    paths = [p.path for p in launched]
+    assert {"loop", "split"} <= set(paths)  # the candidates' paths, not the plan's own choice
+    warps = {ln.num_warps for p in launched for ln in p.launches if ln.kernel == "_gn_fwd_group_loop"}
+    assert warps == {4, 2}
+    table = sweep.ranking(rows)
+    lines = table.splitlines()
+    total = [line for line in lines if line.startswith("torch ")]
+    ms = {r["shape"]: r["ms"] for r in rows if r["provider"] == "torch"}
+    assert len(total) == 1 and abs(float(total[0].split()[-1]) - (2 * ms["2x8x6x10+res"] + ms["2x4x5x7"])) < 2e-3
+
+    # A candidate whose output is off is reported, never timed.
+    monkeypatch.setattr(sweep, "_ours", lambda t, act, cand, groups: lambda: t["x"] * 1.5)
+    one = Counter({(4, 5, 7, False, False): 1})
+    bad = sweep.sweep(2, torch.bfloat16, "cpu", cases=one, log=lambda _line: None, num_groups=2)
+    assert all("over the bound" in r["error"] and "ms" not in r for r in bad[1:]), bad
+
+
 @pytest.mark.parametrize(
     "bench", ["bench_attention", "bench_layer_norm_mlp", "bench_backbone_kernels", "bench_add_layer_norm"]
 )
