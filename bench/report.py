@@ -212,21 +212,31 @@ def e2e_tables(records: list[Record], dtype: str) -> list[str]:
 
 def kernel_table(kernel_recs: list[Record], records: list[Record], device: str | None = None) -> list[str]:
     out = [f"## Kernels, {device}" if device else "## Kernels", ""]
-    out.append("| kernel | provider | case | dtype | ms median | TFLOP/s | GB/s | % of measured peak |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    # "ms on device": a replayed CUDA graph's time per call (the kernels alone), where a bench measured it.
+    out.append("| kernel | provider | case | dtype | ms median | TFLOP/s | GB/s | % of measured peak | ms on device |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for r in kernel_recs:
         if r.get("error") or r.get("skipped"):
             why = r.get("error") or f"skipped: {r.get('skipped')}"
             out.append(f"| {r.get('kernel', r.get('module'))} | {r.get('provider', '')} | {_case_label(r)} "
-                       f"| {r.get('dtype', '')} | {str(why)[:120]} | | | |")  # fmt: skip
+                       f"| {r.get('dtype', '')} | {str(why)[:120]} | | | | |")  # fmt: skip
             continue
         fraction = kernel_fraction(r, records)
         pct = f"{100 * fraction[0]:.1f} ({fraction[1]})" if fraction else "—"
         out.append(
             f"| {r.get('kernel')} | {r.get('provider')} | {_case_label(r)} | {r.get('dtype')} "
-            f"| {_fmt(r.get('ms_median'), 4)} | {_fmt(r.get('tflops'), 1)} | {_fmt(r.get('gbps'), 0)} | {pct} |"
+            f"| {_fmt(r.get('ms_median'), 4)} | {_fmt(r.get('tflops'), 1)} | {_fmt(r.get('gbps'), 0)} | {pct} "
+            f"| {_device_cell(r)} |"
         )
     return out
+
+
+def _device_cell(record: Record) -> str:
+    """ms on device, and its % of HBM where the bench computed one (memory-bound kernels)."""
+    if record.get("ms_device") is None:
+        return "—"
+    pct = record.get("pct_of_hbm_device")
+    return f"{record['ms_device']:.4f}" + (f" ({pct:.1f} % HBM)" if pct is not None else "")
 
 
 def cpu_table(cpu: list[Record]) -> list[str]:

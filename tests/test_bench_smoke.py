@@ -124,7 +124,8 @@ def _synthetic() -> list[dict]:
                     "measured_peak_tflops": 700.0, **env})  # fmt: skip
     records.append({"kind": "kernel", "kernel": "group_norm_act", "provider": "triton", "dtype": "float16",
                     "batch": 8, "variant": "relu", "layout": "nchw", "ms_median": 0.05, "images_per_s": None,
-                    "gbps": 2400.0, "hbm_gbps": 3000.0, **env})  # fmt: skip
+                    "gbps": 2400.0, "hbm_gbps": 3000.0, "ms_device": 0.04, "pct_of_hbm_device": 100.0,
+                    **env})  # fmt: skip
     return records
 
 
@@ -142,6 +143,8 @@ def test_write_results_on_synthetic_records(tmp_path):
     assert "| ours-triton | 750.0 | 750.0 | error |" in text  # images/s = batch·1000/ms; the OOM shows as error
     assert "| ref-sdpa | 500.0 | 500.0 | — |" in text  # never run at batch 64
     assert "50.0 (compute)" in text and "80.0 (memory)" in text  # % of measured peak
+    assert "| 80.0 (memory) | 0.0400 (100.0 % HBM) |" in text  # the replayed graph's time, where measured
+    assert "| 50.0 (compute) | — |" in text  # attention's record has none
     for kind in ("throughput", "roofline"):
         assert paths[kind].name == f"{stem}-{kind}.png"
         assert paths[kind].read_bytes()[:4] == b"\x89PNG"
@@ -353,6 +356,19 @@ def test_fused_linear_tile_sweep_checks_then_ranks():
     assert tiles and all("error" not in r and r["ms"] > 0 and r["err"] < 0.1 for r in tiles), tiles
     table = sweep.ranking(rows).splitlines()
     assert len(table) == 2 + 4 and all("triton 32x32x32" in line for line in table[2:])
+
+
+def test_backbone_records_carry_the_device_time_beside_the_eager_one(monkeypatch):
+    # The GB/s of a record come from its own time: eager (host included) and the replayed graph's.
+    from vithybrid_fast.bench import bench_backbone_kernels as bench
+
+    monkeypatch.setattr(bench, "device_ms", lambda fn, device: 0.5)
+    rec = bench._measure(lambda: None, "cpu", nbytes=4_000_000, hbm_gbps=16.0)
+    assert rec["ms_device"] == 0.5 and rec["gbps_device"] == 8.0 and rec["pct_of_hbm_device"] == 50.0
+    assert rec["gbps"] == 4_000_000 / (rec["ms_median"] * 1e-3) / 1e9
+    line = bench.format_table([{**rec, "kernel": "group_norm_act", "shape": [1, 2, 3, 4], "layout": "nchw",
+                                "dtype": "bfloat16", "provider": "triton"}]).splitlines()[-1]  # fmt: skip
+    assert line.split()[-2:] == ["0.5000", "50.0"]
 
 
 def test_group_norm_sweep_checks_each_candidate_then_ranks(monkeypatch):
