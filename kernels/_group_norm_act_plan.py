@@ -170,9 +170,10 @@ def forward_plan(
         )  # fmt: skip
         return ForwardPlan(path, (launch,))
     if path == "loop":
-        hints = {"FIRST_EVICT": "evict_last", "LAST_EVICT": "evict_first"} if blocks.loop_l2_hints else {}
+        hints = ("evict_last", "evict_first") if blocks.loop_l2_hints else ("", "")  # "": Triton's default
         launch = Launch(
-            "_gn_fwd_group_loop", (rows,), {"BLOCK": blocks.loop, **hints}, {"ITERS": cdiv(length, blocks.loop)},
+            "_gn_fwd_group_loop", (rows,), {"BLOCK": blocks.loop, "FIRST_EVICT": hints[0], "LAST_EVICT": hints[1]},
+            {"ITERS": cdiv(length, blocks.loop)},
             blocks.loop_warps,
         )  # fmt: skip
         return ForwardPlan(path, (launch,))

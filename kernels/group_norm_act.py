@@ -100,11 +100,12 @@ def _merge_lanes(lane_mean, lane_m2, start, L, ITERS, BLOCK: tl.constexpr):
 @triton.jit
 def _apply_block(
     x_ptr, res_ptr, y_ptr, w_ptr, b_ptr, start, L, S, mean, rstd,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr, EVICT: tl.constexpr = "",
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr, EVICT: tl.constexpr,
 ):  # fmt: skip
     # act((x − mean)·rstd·w[c] + b[c] [+ res]) on elements [start, start + BLOCK) of one NCHW group span;
     # pointers are at the group's first element, w and b at its first channel. EVICT: the L2 eviction
-    # policy of x, the residual and y ("evict_first" where this is x's last use).
+    # policy of x, the residual and y ("": the default). It has no default value: Triton 3.6 passes a
+    # jit helper's default str on unwrapped (AttributeError: 'str' object has no attribute 'type').
     offs, mask, channel = _span_block(start, L, S, BLOCK)
     scale = rstd * tl.load(w_ptr + channel, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
@@ -137,8 +138,8 @@ def _gn_fwd_group_loop(
     HAS_RES: tl.constexpr,
     RELU: tl.constexpr,
     BLOCK: tl.constexpr,
-    FIRST_EVICT: tl.constexpr = "",  # L2 policy of the statistics sweep's loads ("": Triton's default)
-    LAST_EVICT: tl.constexpr = "",  # and of the output sweep's loads and stores
+    FIRST_EVICT: tl.constexpr,  # L2 policy of the statistics sweep's loads ("": Triton's default)
+    LAST_EVICT: tl.constexpr,  # and of the output sweep's loads and stores
 ):
     row = tl.program_id(0)  # n·G + g: one program sweeps its whole group twice
     base = row.to(tl.int64) * L
@@ -242,7 +243,7 @@ def _gn_apply_grouped(
     channel0 = (row % G) * CG
     _apply_block(
         x_ptr + base, res_ptr + base, y_ptr + base, w_ptr + channel0, b_ptr + channel0, tile * BLOCK, L, S,
-        mean, rstd, HAS_RES, RELU, BLOCK,
+        mean, rstd, HAS_RES, RELU, BLOCK, "",
     )  # fmt: skip
 
 

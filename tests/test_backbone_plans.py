@@ -241,6 +241,8 @@ def test_group_loop_blocks_choose_its_tile_warps_and_hints(hints):
     blocks = dataclasses.replace(GPU, loop=2048, loop_warps=4, loop_l2_hints=hints)
     (launch,) = plan.forward_plan(64, 256, 96 * 96, 32, False, H100, blocks=blocks).launches
     assert launch.kernel == "_gn_fwd_group_loop" and launch.num_warps == 4
-    expected = {"FIRST_EVICT": "evict_last", "LAST_EVICT": "evict_first"} if hints else {}
+    expected = (
+        {"FIRST_EVICT": "evict_last", "LAST_EVICT": "evict_first"} if hints else {"FIRST_EVICT": "", "LAST_EVICT": ""}
+    )
     assert launch.constexprs == {"BLOCK": 2048, **expected}
     assert launch.sizes == {"ITERS": 8 * 96 * 96 // 2048}
