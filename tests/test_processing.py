@@ -458,12 +458,29 @@ def test_sample_image():
 def test_a_sliver_whose_resize_would_be_a_bomb_is_refused():
     """A 95-byte 1×3000 PNG, resized by its short edge to 384, became 384×1,152,000 pixels (4.5 GB)."""
     processor = ViTHybridImageProcessor.for_base_384()
-    with pytest.raises(ValueError, match=r"would make 384×1152000 pixels, over Pillow's limit of 89,478,485"):
+    with pytest.raises(
+        ValueError, match=r"would make 384×1152000 pixels, more than twice Pillow's limit of 89,478,485"
+    ):
         processor(Image.new("RGB", (1, 3000)), return_tensors="pt")
     panorama = processor(Image.new("RGB", (8000, 600)), return_tensors="pt")["pixel_values"]  # 13:1 is fine
     assert panorama.shape == (1, 3, 384, 384)
     # classify and eval read a file this way: it is one unreadable image, skipped with --on-error skip
     from vithybrid_fast.data import ImagePipeline
 
-    with pytest.raises(ValueError, match="aspect ratio is too extreme"):
+    with pytest.raises(ValueError, match=r"its aspect ratio \(3,000:1\) is too extreme"):
         ImagePipeline(processor).to_uint8(Image.new("RGB", (3000, 1)))
+
+
+def test_a_low_pixel_limit_refuses_only_resizes_that_enlarge_past_twice_it(monkeypatch):
+    """--max-image-pixels 120000 refused every 400×400 photo for the base model ("its aspect ratio is too
+    extreme"): the resize's output (384², 147,456 px) was held against the limit itself, shrink or not."""
+    processor = ViTHybridImageProcessor.for_base_384()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 120_000)
+    assert processor(Image.new("RGB", (400, 400)), return_tensors="pt")["pixel_values"].shape == (1, 3, 384, 384)
+    small = ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 64}, crop_size=64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000)
+    assert small(Image.new("RGB", (90, 70)), return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 64)  # a shrink
+    assert small(Image.new("RGB", (40, 40)), return_tensors="pt")["pixel_values"].shape == (1, 3, 64, 64)  # 4,096 px
+    with pytest.raises(ValueError, match=r"would make 64×128 pixels, more than twice .* 4,000") as refused:
+        small(Image.new("RGB", (16, 32)), return_tensors="pt")  # grows to 8,192 px > 8,000
+    assert "aspect ratio" not in str(refused.value)  # 2:1 is not the cause

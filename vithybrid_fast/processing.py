@@ -239,13 +239,18 @@ def resized_size(height: int, width: int, size: dict[str, int]) -> tuple[int, in
     """(height, width) the processor resizes a height × width image to, refused where it is too large."""
     new_height, new_width = _output_size(height, width, size)
     # A sliver resized by its short edge grows without bound (a 95-byte 1×3000 PNG became 384×1,152,000
-    # and took 4.5 GB); transformers would do the same. Pillow's decompression-bomb limit, applied to
-    # what the resize would make, stops only such aspect ratios (> ~600:1 at 384 px).
+    # and took 4.5 GB); transformers would do the same. Refused: a resize that enlarges the image past
+    # Pillow's own error threshold, twice PIL.Image.MAX_IMAGE_PIXELS (at the default limit and 384 px,
+    # aspect ratios over ~1,200:1). Never a shrink, nor a square image: both once were, whenever the
+    # limit (--max-image-pixels) was below the model's input size.
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and new_height * new_width > limit:
+    made = new_height * new_width
+    if limit is not None and made > 2 * limit and made > height * width:
+        ratio = max(height, width) / max(min(height, width), 1)
+        why = f": its aspect ratio ({ratio:,.0f}:1) is too extreme" if ratio >= 10 else ""
         raise ValueError(
             f"resizing this {width}×{height} image to {size} would make {new_width}×{new_height} pixels, "
-            f"over Pillow's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS): its aspect ratio is too extreme"
+            f"more than twice Pillow's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS, --max-image-pixels){why}"
         )
     return new_height, new_width
 
