@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -365,6 +366,32 @@ def test_offline_cache_miss_and_missing_dir_raise(tmp_path, monkeypatch):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         ViTHybridImageProcessor.from_pretrained(tmp_path / "list.json")
+
+
+def test_a_bad_preprocessor_config_is_named_when_it_is_loaded(tmp_path):
+    """An audit found a broken preprocessor_config.json reported as a bare JSONDecodeError or
+    'do_resize must be a bool' (no file named), and image_mean [0.5] blamed on every image in classify
+    while `eval` broadcast it to three channels and reported top-1 without a word."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    config = folder / CONFIG_NAME
+    config.write_text("{bad")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: not valid JSON \(Expecting property name"):
+        load_processor(folder)
+    for fields, message in [
+        ({"do_resize": None}, "do_resize must be a bool, got None"),
+        ({"image_mean": [0.5]}, r"image_mean is a list of 1 value, but do_convert_rgb makes every image 3 channels"),
+        ({"image_std": [0.5], "image_mean": 0.5}, r"image_std is a list of 1 value"),
+    ]:
+        config.write_text(json.dumps(fields))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(config))}: {message}"):
+            load_processor(folder)
+    # a grey-image processor (no RGB conversion) may hold one value per its one channel
+    config.write_text(json.dumps({"image_mean": [0.5], "image_std": [0.25], "do_convert_rgb": False}))
+    assert load_processor(folder).image_mean == [0.5]
+    config.write_text(json.dumps({"image_mean": 0.5}))
+    with pytest.raises(ValueError, match=r"^size\['shortest_edge'\] must be a positive int"):  # the override's
+        load_processor(folder, size=0)
 
 
 @pytest.mark.parametrize(

@@ -149,6 +149,14 @@ def _validated(options: dict[str, Any]) -> dict[str, Any]:
     out["rescale_factor"] = float(factor)
     out["image_mean"] = _mean_or_std(out["image_mean"], "image_mean")
     out["image_std"] = _mean_or_std(out["image_std"], "image_std")
+    for name in ("image_mean", "image_std"):
+        # RGB conversion makes every image 3 channels, so a 1-value list could never apply (it failed
+        # image by image in classify, and `eval`'s batched path broadcast it without a word)
+        if out["do_convert_rgb"] and isinstance(out[name], list) and len(out[name]) == 1:
+            raise ValueError(
+                f"{name} is a list of 1 value, but do_convert_rgb makes every image 3 channels: give 3 values, "
+                f"or the number {out[name][0]} for all channels"
+            )
     return out
 
 
@@ -416,11 +424,21 @@ class ViTHybridImageProcessor:
                 # the hub file is known and identical to the built-in preset: work offline with it
                 logger.warning("%s not reachable or cached: using the built-in preprocessor preset", CONFIG_NAME)
                 return cls.for_base_384(**overrides)
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-        return cls.from_dict(config, **overrides)
+        try:
+            return cls.from_dict(config, **overrides)
+        except ValueError:
+            try:  # the file's own options alone: an error there names the file, an override's does not
+                cls.from_dict(config)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+            raise
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write preprocessor_config.json into `save_directory` (created if needed); returns its path."""
