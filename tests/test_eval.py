@@ -376,3 +376,74 @@ def test_negative_num_workers_is_a_usage_error(command, capsys):
     assert usage.value.code == 2
     assert "argument --num-workers: must be at least 0 (0: load in the main process), got -1" in capsys.readouterr().err
     assert build_parser().parse_args([*command, "--num-workers", "0"]).num_workers == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune"])
+def test_data_is_checked_before_the_model_is_looked_for(command, tmp_path, monkeypatch, capsys):
+    """eval and finetune loaded (offline: failed to find) the model before saying DATA was mistyped; on a
+    networked machine the typo cost the model's download first. classify already checked paths first."""
+    import vithybrid_fast.loading as loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was looked for before the data was checked")
+
+    monkeypatch.setattr(loading, "load", no_model)
+    monkeypatch.setattr(loading, "find_weight_files", no_model)
+    extra = ["--output-dir", str(tmp_path / "run")] if command == "finetune" else []
+    assert main([command, str(tmp_path / "nodata"), "--model", "org/some-model", *extra]) == 1
+    nodata = tmp_path / "nodata"
+    expected = {
+        "eval": f"error: {nodata}: not a directory (expected one subfolder per class)\n",
+        "finetune": f"error: {nodata}: no such directory (expected {nodata}/train/ and {nodata}/val/)\n",
+    }
+    assert capsys.readouterr().err == expected[command]
+    assert main([command, "hf:", "--model", "org/some-model", *extra]) == 1
+    assert "'hf:': no dataset name after 'hf:'" in capsys.readouterr().err
+
+
+def test_a_hub_dataset_offline_fails_at_once_and_in_one_line(tmp_path, monkeypatch):
+    """`eval hf:beans` with the hub unreachable printed five retry tracebacks over 27 s, then the error."""
+    pytest.importorskip("datasets")
+    import time
+
+    from vithybrid_fast import hub
+    from vithybrid_fast.data import ImagePipeline, open_dataset
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "huggingface.co:443: refused (test)")
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"hf:org/no-such-set: the hub is unreachable \(huggingface.co:443"):
+        open_dataset("hf:org/no-such-set", ImagePipeline(vf.ViTHybridImageProcessor.for_base_384()))
+    assert time.monotonic() - started < 10
+    assert before == constants.HF_HUB_OFFLINE  # offline for that call only
+
+
+def test_output_that_cannot_be_created_is_refused_before_the_run(setup, tmp_path, monkeypatch, capsys):
+    """os.access says yes to root anywhere: `--output /proc/x.jsonl` ran the evaluation, then failed to
+    write (naming its temporary file). The check now creates a file where the output will go."""
+    import tempfile
+
+    root, data, _, _ = setup
+    real = tempfile.mkstemp
+
+    def refused(*args, dir=None, **kwargs):
+        if dir is not None and str(dir) == str(tmp_path / "ro"):
+            raise PermissionError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    argv = ["eval", str(data), "--model", str(root / "ckpt"), "--kernels", "sdpa", "--num-workers", "0",
+            "--device", "cpu", "--output", str(tmp_path / "ro" / "p.jsonl")]  # fmt: skip
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    folder = tmp_path / "ro"
+    assert err == f"error: --output {folder / 'p.jsonl'}: cannot create a file in {folder} (Read-only file system)\n"
+    assert "top-1" not in out  # refused before the run
+    assert not list((tmp_path / "ro").iterdir())

@@ -312,12 +312,63 @@ class HFLabelledImages(LabelledImages):
         return image.convert("RGB")
 
 
-def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
+def _import_datasets(spec: str) -> Any:
     try:
         import datasets
     except ImportError:
         raise RuntimeError(f"{spec} needs the `datasets` package: pip install 'vithybrid-fast[datasets]'") from None
-    name, _, spec_split = spec[len(HF_PREFIX) :].partition(":")
+    return datasets
+
+
+def _hf_name(spec: str) -> tuple[str, str]:
+    """(NAME, SPLIT or "") of `hf:NAME[:SPLIT]`; an empty NAME is an error, not a dataset."""
+    name, _, split = spec[len(HF_PREFIX) :].partition(":")
+    if not name:
+        raise ValueError(f"{spec!r}: no dataset name after 'hf:' (hf:NAME, hf:NAME:SPLIT or hf:DIR)")
+    return name, split
+
+
+def check_source(spec: str | os.PathLike) -> None:
+    """open_dataset's cheap checks, for a command to run before it loads a model: a typo in DATA must not
+    cost a model download (or, offline, hide behind the hub's error) first. A local source must exist;
+    `hf:` needs a name and the `datasets` package."""
+    text = str(spec)
+    if text.startswith(HF_PREFIX):
+        _hf_name(text)
+        _import_datasets(text)
+    elif is_list_file(text) and not Path(text).is_dir():
+        if not Path(text).is_file():
+            raise FileNotFoundError(f"{text}: no such file")
+    elif not Path(text).is_dir():
+        raise FileNotFoundError(f"{text}: not a directory (expected one subfolder per class)")
+
+
+def _load_hub_dataset(datasets: Any, spec: str, name: str, split: str) -> Any:
+    """datasets.load_dataset, cache only where the hub is unreachable: otherwise datasets retries a dead
+    network five times, printing each retry's traceback (27 s, then the error)."""
+    from huggingface_hub import constants
+
+    from .hub import hub_offline, hub_unreachable_reason
+
+    unreachable = None if hub_offline() else hub_unreachable_reason()
+    if unreachable is None:
+        return datasets.load_dataset(name, split=split)
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets' offline errors vary by version: the cause goes in the message
+        raise ConnectionError(
+            f"{spec}: the hub is unreachable ({unreachable}) and {name!r} is not in the local datasets cache "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from None
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
+    datasets = _import_datasets(spec)
+    name, spec_split = _hf_name(spec)
     split = spec_split or split or "train"
     if Path(name).is_dir():
         loaded = datasets.load_from_disk(name)
@@ -331,7 +382,7 @@ def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
             raise ValueError(f"{spec}: {name} has no split {split!r}; its splits are {list(loaded)}")
         dataset = loaded[split]
     else:
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = _load_hub_dataset(datasets, spec, name, split)
     return dataset, f"{name}:{split}"
 
 

@@ -331,7 +331,9 @@ def register(subparsers: Any) -> None:
         "--model", default=HUB_ID, help="hub repo id or local checkpoint directory (default: %(default)s)"
     )
     add_common_arguments(parser)
-    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the model's weights (default: %(default)s)"
+    )
     parser.add_argument("--label-map", type=Path, help='JSON {"folder name or list label": "model label" or index}')
     parser.add_argument(
         "--output", type=Path, help="write one JSON line per image (path, label, top-5, probs); checked before the run"
@@ -361,7 +363,7 @@ def _read_label_map(path: Path | None) -> dict[str, str | int] | None:
 def run(args: argparse.Namespace) -> int:
     from . import distributed
     from .cli import _processor_for
-    from .data import ImagePipeline, open_dataset
+    from .data import ImagePipeline, check_source, open_dataset
     from .files import check_writable_file, write_atomic
     from .loading import load
     from .modeling import ViTHybridForImageClassification
@@ -372,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
         label_map = _read_label_map(args.label_map)
         if ctx.is_main and args.output is not None:  # before the run: a bad path must not cost an evaluation
             check_writable_file(args.output, "--output")
+        check_source(args.data)  # before the model: a typo in DATA must not cost a 400 MB load first
         model = load(
             args.model, kernels=args.kernels, dtype=args.dtype, device=ctx.device,
             model_class=ViTHybridForImageClassification,
@@ -401,7 +404,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"top-5 is 1 by definition: the model has {len(model.config.id2label)} labels")
             if args.output is not None:  # after the results are printed: a failed write cannot lose them
                 lines = [json.dumps({k: v for k, v in p.items() if k != "index"}) + "\n" for p in result.predictions]
-                write_atomic(args.output, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+                try:
+                    write_atomic(args.output, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+                except OSError as err:  # said of --output, not of the temporary file beside it
+                    raise OSError(f"--output {args.output}: the predictions could not be written "
+                                  f"({err.strerror or err})") from None  # fmt: skip
                 print(f"predictions: {args.output}")
             print(result.summary_line())
         return 0

@@ -68,6 +68,14 @@ def _check_creatable(folder: Path, path: Path, what: str) -> None:
         raise ValueError(f"{what} {path}: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: the folder {folder} is not writable")
+    # os.access answers yes to root everywhere, and knows nothing of read-only or pseudo filesystems
+    # (an audit's `eval --output /proc/x.jsonl` ran the whole evaluation, then failed to write): try it.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vithybrid-write-check-", dir=folder)
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot create a file in {folder} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -181,7 +181,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     from .augment import TrainAugment
     from .cli import _processor_for
     from .config import ViTHybridConfig
-    from .data import ImagePipeline, collate, open_dataset
+    from .data import ImagePipeline, check_source, collate, open_dataset
     from .evaluate import make_loader
     from .loading import find_weight_files, load_model
     from .patching import patch_for_autocast, validate_kernels
@@ -197,13 +197,17 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     state, resume_dir = resumed if resumed is not None else (None, None)
     seed_everything(cfg.seed)
 
+    # DATA's cheap checks (it exists; hf: has a name and `datasets`) before the model's weights are found:
+    # a typo in DATA must not cost their download first, nor hide behind the hub's error offline
+    train_spec, val_spec = data_specs(cfg.data)
+    for spec in dict.fromkeys((train_spec, val_spec)):
+        check_source(spec)
     if state is None:  # offline and uncached: said before the data is scanned, not after a preset's notes
         find_weight_files(cfg.model)
     # resuming: the saved run's own preprocessing (saved beside its weights), not --model's
     source = resume_dir if state is not None else cfg.model
     processor = _processor_for(str(source), ViTHybridConfig.from_pretrained(source))
     pipeline = ImagePipeline(processor)
-    train_spec, val_spec = data_specs(cfg.data)
     columns = {"image_column": cfg.image_column, "label_column": cfg.label_column}
     train_data = open_dataset(train_spec, pipeline, split=cfg.train_split, **columns)
     val_data = open_dataset(val_spec, pipeline, classes=train_data.classes, split=cfg.val_split, **columns)
