@@ -241,6 +241,9 @@ def _report_from_jsonl(paths: list[Path], output_dir: Path) -> int:
     except (OSError, ValueError) as err:  # a missing file, a corrupt line: the user's input, one line
         print(f"error: --from-jsonl: {err}", file=sys.stderr)
         return 1
+    if not records:  # said of the files read, not of the output folder, and not a success
+        print(f"error: --from-jsonl: no records in {', '.join(map(str, paths))}", file=sys.stderr)
+        return 1
     _write_report(records, output_dir)
     return 0
 

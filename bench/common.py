@@ -308,7 +308,8 @@ def read_records(paths: list[Path]) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                if number != len(lines):
+                # only a record cut off mid-write (a last line begun with "{") is a kill's trace to skip
+                if number != len(lines) or not line.lstrip().startswith("{"):
                     raise ValueError(f"{path}:{number}: not a JSON record") from None
     return records
 

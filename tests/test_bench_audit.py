@@ -67,6 +67,24 @@ def test_from_jsonl_of_a_missing_file_is_one_line(capsys, tmp_path):
     assert line.startswith("error: --from-jsonl:") and "none.jsonl" in line
 
 
+def test_from_jsonl_of_no_records_is_an_error_naming_the_file(capsys, tmp_path):
+    """`--from-jsonl g.jsonl` of a non-JSON file said "no records to report in bench-results", exit 0."""
+    from vithybrid_fast.bench.common import read_records
+
+    garbage = tmp_path / "g.jsonl"
+    garbage.write_text("garbage\n")
+    assert _bench_main(["--from-jsonl", str(garbage), "--output-dir", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: --from-jsonl: {garbage}:1: not a JSON record\n"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert _bench_main(["--from-jsonl", str(empty), "--output-dir", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: --from-jsonl: no records in {empty}\n"
+    assert not (tmp_path / "out").exists()
+    cut = tmp_path / "cut.jsonl"  # a kill mid-write leaves a last line begun with "{": skipped
+    cut.write_text('{"kind": "peak", "value": 1.0}\n{"kind": "e2e", "ms_me')
+    assert read_records([cut]) == [{"kind": "peak", "value": 1.0}]
+
+
 def test_a_failure_while_measuring_still_reports_what_was_measured(monkeypatch, capsys, tmp_path):
     from vithybrid_fast.bench import e2e
 
