@@ -505,7 +505,9 @@ def register(subparsers: Any) -> None:
         description="Export the reference computation to ONNX (logits; label map in the metadata) and verify "
         f"it in ONNX Runtime on the CPU. Needs: {INSTALL_HINT}",
     )
-    parser.add_argument("--model", default="google/vit-hybrid-base-bit-384", help="hub repo id or checkpoint dir")
+    parser.add_argument(
+        "--model", default="google/vit-hybrid-base-bit-384", help="hub repo id or checkpoint dir (default: %(default)s)"
+    )
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: --batch)")
@@ -516,7 +518,10 @@ def register(subparsers: Any) -> None:
         "--image-size", type=int_at_least(17, "the stem's smallest input"), nargs=2, metavar=("H", "W"),
         help="fixed size, not the model's (each ≥ 17 pixels)",
     )  # fmt: skip
-    parser.add_argument("--dtype", default="float32", choices=sorted(SUPPORTED_DTYPES))
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(SUPPORTED_DTYPES),
+        help="dtype of the exported weights and computation (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--opset", type=_opset_argument, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--hidden-states", action="store_true", help="also output the stacked hidden states")
     parser.set_defaults(func=run)
