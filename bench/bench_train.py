@@ -8,7 +8,8 @@ and, when named in --providers, the same with gradient checkpointing (`model.gra
 `finetune --gradient-checkpointing`): ours-triton-ckpt, ref-sdpa-ckpt (time and peak memory it trades), or
 with the weights and pixels in torch.channels_last: ours-triton-channels-last, ref-sdpa-channels-last (an
 H100's bf16 step at batch 64 spent 8.15 of 124 ms of kernels in cuDNN's NCHW<->NHWC transposes, which
-torch.compile's NHWC backbone does not pay; our GroupNorm kernels keep either layout).
+torch.compile's NHWC backbone does not pay; our GroupNorm kernels keep either layout), or
+ours-triton-compile: ours under torch.compile (mode "default"), as `finetune --compile` trains.
 
 Each step runs the forward under bf16 or fp16 autocast (float32 master weights, as `vithybrid-fast
 finetune` does on a GPU; fp16 with its dynamic loss scaling), the backward, gradient clipping and an
@@ -49,7 +50,10 @@ PROVIDERS = ("ref-sdpa", "ours-triton", "compile-default")  # the baseline first
 # when it is written, so a run stopped at its time budget keeps every finished record whole
 CHECKPOINTED = ("ours-triton-ckpt", "ref-sdpa-ckpt")  # asked for by name only: a default run stays as long
 CHANNELS_LAST = ("ours-triton-channels-last", "ref-sdpa-channels-last")  # by name only, likewise
-BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST)
+# `finetune --compile`: our kernels as custom ops inside torch.compile's graph, which fuses the glue
+# (autocast's casts, residual adds, LayerNorms: most of the H100 step's gap to compile-default)
+COMPILED = ("ours-triton-compile",)
+BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST, *COMPILED)
 CPU_PROVIDERS = ("ref-sdpa",)
 
 
@@ -70,8 +74,12 @@ def build(
     if provider in CHECKPOINTED:
         model.gradient_checkpointing_enable()
         provider = provider.removesuffix("-ckpt")
-    if provider == "ours-triton":
-        return patch_for_autocast(model, "triton", dtype)
+    if provider in ("ours-triton", "ours-triton-compile"):
+        patched = patch_for_autocast(model, "triton", dtype)
+        if provider == "ours-triton":
+            return patched
+        torch._dynamo.reset()  # this provider's compile time is its own
+        return torch.compile(patched, mode="default")  # as finetune --compile
     model.set_attn_implementation("sdpa")
     if provider == "compile-default":
         torch._dynamo.reset()  # this provider's compile time is its own

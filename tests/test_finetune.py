@@ -629,3 +629,34 @@ def test_training_benchmark_writes_each_record_as_measured_and_reports_when_stop
     (record,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert record["provider"] == "ref-sdpa" and record["speedup_vs_ref_sdpa"] == 1.0  # the baseline ran first
     assert "  ref-sdpa " in captured.out and " img/s " in captured.out  # a progress line as it was measured
+
+
+def test_compile_trains_the_compiled_step_and_saves_the_bare_model(trained, tmp_path, monkeypatch):
+    """--compile: the training step runs through torch.compile (here on aot_eager: Dynamo and AOTAutograd
+    trace forward and backward, without Inductor's C++ build), validation and checkpoints use the bare
+    model (no "_orig_mod." keys), and the run trains as the uncompiled one does."""
+    root, _ = trained
+    compiled = []
+    real_compile = torch.compile
+
+    def on_aot_eager(module, **kwargs):
+        compiled.append((module, kwargs))
+        return real_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", on_aot_eager)
+    torch._dynamo.reset()
+    try:
+        summary = finetune(config(root, tmp_path / "out", epochs=1, compile=True))
+    finally:
+        torch._dynamo.reset()
+    ((module, kwargs),) = compiled
+    assert isinstance(module, vf.ViTHybridForImageClassification) and kwargs == {}
+    plain = finetune(config(root, tmp_path / "plain", epochs=1))
+    assert summary["best"]["top1"] == plain["best"]["top1"]
+    ours, theirs = (load_file(p / "last" / "model.safetensors") for p in (tmp_path / "out", tmp_path / "plain"))
+    assert sorted(ours) == sorted(theirs) and not [k for k in ours if "_orig_mod" in k]
+    worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)
+    assert worst < 1e-4, worst  # the same three optimizer steps, traced: float rounding only
+    steps = [r["loss"] for r in read_log(tmp_path / "out" / "train_log.jsonl") if r["type"] == "step"]
+    plain_steps = [r["loss"] for r in read_log(tmp_path / "plain" / "train_log.jsonl") if r["type"] == "step"]
+    assert steps == pytest.approx(plain_steps, rel=1e-4)

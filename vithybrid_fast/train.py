@@ -14,7 +14,7 @@ Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), li
 decay per optimizer step, gradient clipping, bf16 autocast on sm_80+ GPUs (float16 with dynamic loss
 scaling on V100 / T4), gradient accumulation, `--freeze-backbone` (train the head only),
 `--gradient-checkpointing` (less memory), our Triton kernels forward and backward on a GPU (`--kernels auto`;
-SDPA on a CPU). Training images are augmented
+SDPA on a CPU), `--compile` (torch.compile of the training step). Training images are augmented
 (`--augment`: random resized crop and horizontal flip by default, seeded per image and epoch, see
 `augment.py`); validation images get the checkpoint's own preprocessing. `--label-smoothing` softens the
 cross-entropy targets.
@@ -81,6 +81,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     freeze_backbone: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1 more forward
+    compile: bool = False  # torch.compile the training forward and backward: speed only, not a resume setting
     augment: str = "crop-flip"  # crop-flip | flip | none (see augment.py)
     min_crop_scale: float = 0.08  # smallest crop area of crop-flip, as a fraction of the image
     label_smoothing: float = 0.0
@@ -249,6 +250,11 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None
         )
+    if cfg.compile:
+        # the DDP wrapper compiled, not the model inside it: Dynamo then splits the graph at DDP's gradient
+        # buckets (its DDPOptimizer), so the all-reduces still overlap the backward. `model` stays the
+        # uncompiled module that is saved and validated (its state_dict has no "_orig_mod." prefix).
+        trained = torch.compile(trained)
 
     # every rank draws the same permutation (seed + epoch) and takes every world_size-th sample, so one
     # global batch holds the same images whatever the number of ranks
@@ -385,6 +391,10 @@ def register(subparsers: Any) -> None:
     add("--gradient-checkpointing", action="store_true",
         help="keep only each layer's input and recompute the rest in the backward pass: less memory "
         "(fewer --grad-accum steps for a batch) for about one more forward pass of time")  # fmt: skip
+    add("--compile", action="store_true",
+        help="torch.compile the model's training step (mode 'default'; our kernels stay single ops in its graph, "
+        "torch.compile fuses the rest; validation runs the uncompiled model): the first steps compile, a minute or "
+        "more on a GPU; a speed setting, not one --resume compares")  # fmt: skip
     add("--augment", default="crop-flip", choices=["crop-flip", "flip", "none"],
         help="training images: random resized crop + horizontal flip, flip only, or none (the evaluation "
         "preprocessing) (default: %(default)s)")  # fmt: skip
