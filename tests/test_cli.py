@@ -212,6 +212,35 @@ def test_ctrl_c_ends_any_command_with_one_line_and_130(monkeypatch, capsys):
     assert capsys.readouterr().err == "\ninterrupted\n"
 
 
+CTRL_C_WHILE_TORCH_LOADS = """
+import sys
+
+class CtrlC:  # Ctrl-C while the package imports torch: raised as its first heavy module loads
+    def find_spec(self, name, path=None, target=None):
+        if name == "vithybrid_fast.config":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv[0] = sys.argv[1]
+import vithybrid_fast
+"""
+
+
+@pytest.mark.parametrize(("argv0", "code"), [("/usr/local/bin/vithybrid-fast", 130), ("python-or-pytest", -2)])
+def test_ctrl_c_while_the_package_loads_is_one_line_for_the_command_only(argv0, code):
+    """The audit's Ctrl-C 0.2 s into `vithybrid-fast classify …` printed a traceback (torch still loading,
+    before main's handler); any other importer must still get the KeyboardInterrupt itself."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_TORCH_LOADS, argv0], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == code
+    if code == 130:
+        assert done.stderr == "\ninterrupted\n"
+    else:  # an uncaught KeyboardInterrupt: Python's traceback and its death by SIGINT (-2)
+        assert "Traceback" in done.stderr and done.stderr.rstrip().endswith("KeyboardInterrupt")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -17,14 +17,25 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_repo_root)
 
-from .config import BitConfig, ViTHybridConfig
-from .export import export_onnx, export_program, load_program
-from .hub import CheckpointNotFoundError
-from .loading import CheckpointError, load
-from .modeling import ViTHybridForImageClassification, ViTHybridModel
-from .patching import patch, unpatch
-from .processing import ViTHybridImageProcessor, load_processor
-from .weight_cache import freeze, unfreeze
+try:
+    from .config import BitConfig, ViTHybridConfig
+    from .export import export_onnx, export_program, load_program
+    from .hub import CheckpointNotFoundError
+    from .loading import CheckpointError, load
+    from .modeling import ViTHybridForImageClassification, ViTHybridModel
+    from .patching import patch, unpatch
+    from .processing import ViTHybridImageProcessor, load_processor
+    from .weight_cache import freeze, unfreeze
+except KeyboardInterrupt:
+    # Ctrl-C in the first seconds of `vithybrid-fast …` lands here, while torch loads: before cli.main's
+    # handler exists, so it was a traceback. The command's one line and status instead; anyone else
+    # importing the package (a notebook, pytest) gets the KeyboardInterrupt as always.
+    import sys as _sys
+
+    if _os.path.basename(_sys.argv[0]) in ("vithybrid-fast", "vithybrid-fast.exe"):
+        print("\ninterrupted", file=_sys.stderr)
+        raise SystemExit(130) from None
+    raise
 
 __version__ = "0.1.0"
 
