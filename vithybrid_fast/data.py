@@ -353,8 +353,12 @@ def _load_hub_dataset(datasets: Any, spec: str, name: str, split: str) -> Any:
     unreachable = None if hub_offline() else hub_unreachable_reason()
     if unreachable is None:
         return datasets.load_dataset(name, split=split)
-    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    # the offline switches each library reads at call time (datasets' names vary across its versions)
+    switches = [(module, attr) for module, attr in ((constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                (datasets.config, "HF_DATASETS_OFFLINE")) if hasattr(module, attr)]  # fmt: skip
+    saved = [getattr(module, attr) for module, attr in switches]
+    for module, attr in switches:
+        setattr(module, attr, True)
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets' offline errors vary by version: the cause goes in the message
@@ -363,7 +367,8 @@ def _load_hub_dataset(datasets: Any, spec: str, name: str, split: str) -> Any:
             f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from None
     finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+        for (module, attr), value in zip(switches, saved):
+            setattr(module, attr, value)
 
 
 def _load_hf(spec: str, split: str | None) -> tuple[Any, str]:
