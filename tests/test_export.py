@@ -48,7 +48,8 @@ def _uniform(*shape: int, seed: int) -> torch.Tensor:
 def test_fp32_dynamic_batch_names_metadata_and_report(tiny_model, tmp_path):
     path = tmp_path / "tiny.onnx"
     report = export_onnx(tiny_model, path)
-    assert report.max_abs_diff <= 1e-4 and report.bound == 1e-4
+    assert report.max_abs_diff <= 1e-4 and report.bound == 1e-4 + 1e-5 * report.largest_logit
+    assert 0 < report.largest_logit < 100
     assert report.inputs == 5  # photo + random batches of 1 and 3
     assert report.summary() == f"onnx: max|Δlogit| {report.max_abs_diff:.2e} over 5 inputs"
 
@@ -114,8 +115,28 @@ def test_float16_within_its_stated_bound(tiny_model, tmp_path):
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
+def test_float16_logits_that_overflow_are_refused_and_large_float32_logits_pass(tiny_model, tmp_path):
+    """An audit's float16 export whose logits overflow float16 (inf in ONNX Runtime and in PyTorch float16)
+    passed: the bound was inf too, and inf <= inf. A float32 head with logits in the thousands was refused
+    by a fixed 1e-4 for ordinary float32 rounding (~1e-6 relative)."""
+    big = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        big.classifier.weight.mul_(1e5)
+    path = tmp_path / "big16.onnx"
+    path.write_bytes(b"an earlier export")
+    with pytest.raises(OnnxVerificationError, match=r"float16 holds at most 65,504\); .* was not written"):
+        export_onnx(big, path, batch=1, dtype=torch.float16)
+    assert path.read_bytes() == b"an earlier export"
+    large = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        large.classifier.weight.mul_(1000)
+    report = export_onnx(large, tmp_path / "large32.onnx", batch=1)
+    assert report.largest_logit > 200 and report.max_abs_diff <= report.bound < 1e-4 + 1e-5 * 1e4
+
+
 def test_verification_failure_removes_the_file(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-12)  # no real export meets this
+    monkeypatch.setattr(vf_export, "FP32_RTOL", 0.0)
     path = tmp_path / "strict.onnx"
     with pytest.raises(OnnxVerificationError, match="differ from PyTorch's"):
         export_onnx(tiny_model, path, batch=1)
@@ -183,11 +204,13 @@ def test_export_is_atomic_with_external_data(tiny_model, tmp_path, monkeypatch):
     path = tmp_path / "model.onnx"
     path.write_bytes(b"an earlier export")
     monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-12)
+    monkeypatch.setattr(vf_export, "FP32_RTOL", 0.0)
     with pytest.raises(OnnxVerificationError, match="was not written"):
         export_onnx(tiny_model, path, batch=1)
     assert path.read_bytes() == b"an earlier export" and os.listdir(tmp_path) == ["model.onnx"]
 
     monkeypatch.setattr(vf_export, "FP32_BOUND", 1e-4)
+    monkeypatch.setattr(vf_export, "FP32_RTOL", 1e-5)
     report = export_onnx(tiny_model, path, batch=1)
     assert report.path == path and report.max_abs_diff <= 1e-4, report.checks
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
