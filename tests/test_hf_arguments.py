@@ -106,6 +106,9 @@ def test_torch_dtype_attn_implementation_and_config_fields(checkpoint):
         ({"attn_implementation": "eager", "kernels": "triton"}, ValueError, "disagree"),
         ({"torch_dtype": torch.float16, "dtype": torch.bfloat16}, ValueError, "disagree"),
         ({"device_map": {"": "cpu", "classifier": "cuda"}}, ValueError, "loads on one"),
+        ({"device_map": {"": "nope"}}, ValueError, r"device_map=\{'': 'nope'\}: "),
+        ({"attn_implementation": "eager", "kernels": {"attention": "sdpa"}}, ValueError, "disagree on the attention"),
+        ({"attn_implementation": "eager", "kernels": {"attention": "triton"}}, ValueError, "disagree on the attention"),
         ({"config": {"num_labels": 3}}, TypeError, "config must be a vithybrid_fast.ViTHybridConfig"),
         ({"hidden_dropout_prob": 2.0}, ValueError, "hidden_dropout_prob"),
     ],
@@ -113,6 +116,36 @@ def test_torch_dtype_attn_implementation_and_config_fields(checkpoint):
 def test_what_cannot_be_honoured_is_an_error(checkpoint, kwargs, error, message):
     with pytest.raises(error, match=message):
         vf.ViTHybridForImageClassification.from_pretrained(checkpoint, **kwargs)
+
+
+@pytest.mark.parametrize("device_map", [{"": "cpu"}, {"vit": "cpu", "classifier": "cpu"}, "sequential", "balanced"])
+def test_a_device_map_of_one_device_loads_there(checkpoint, device_map):
+    """The second audit: {"": "cpu"} was refused as placing modules "on several devices", and "sequential"
+    or "balanced" reached torch.device as a device name (transformers 4.47.1 loads all four)."""
+    model = vf.ViTHybridForImageClassification.from_pretrained(checkpoint, device_map=device_map)
+    assert {p.device.type for p in model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def test_attn_implementation_sets_the_attention_beside_a_kernels_dict(checkpoint, monkeypatch):
+    """from_pretrained(attn_implementation="eager", kernels={"mlp": "torch"}) ran SDPA: the dict replaced it."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    for kernels in ({"mlp": "torch"}, {"attention": "torch", "backbone": "torch"}, {"attention": "eager"}):
+        model = vf.ViTHybridForImageClassification.from_pretrained(
+            checkpoint, attn_implementation="eager", kernels=kernels
+        )
+        with torch.no_grad():
+            model(torch.randn(1, 3, *model.config.image_size_hw))
+        assert calls == [] and model.config.attn_implementation == "eager", kernels
+    model = vf.ViTHybridForImageClassification.from_pretrained(
+        checkpoint, attn_implementation="sdpa", kernels={"mlp": "torch"}
+    )
+    with torch.no_grad():
+        model(torch.randn(1, 3, *model.config.image_size_hw))
+    assert calls and model.config.attn_implementation == "sdpa"
 
 
 def test_num_labels_of_the_same_count_keeps_the_class_names(checkpoint):

@@ -80,9 +80,19 @@ def load_arguments(
                 "4.47.1 too); our flash attention kernel is kernels='triton'"
             )
         kernels = arguments.setdefault("kernels", attn_implementation)
-        if kernels not in (attn_implementation, "auto") and not isinstance(kernels, dict):
+        if isinstance(kernels, dict):
+            # it names the attention family's implementation unless the dict does (an audit found it
+            # ignored beside kernels={"mlp": "torch"}); "torch" there is the reference module, which
+            # attn_implementation then configures, and another implementation named is a disagreement
+            named = kernels.get("attention", "torch")
+            if named not in (attn_implementation, "torch"):
+                raise ValueError(
+                    f"attn_implementation={attn_implementation!r} and kernels={kernels!r} disagree on the attention"
+                )
+            arguments["kernels"] = {**kernels, "attention": attn_implementation}
+        elif kernels not in (attn_implementation, "auto"):
             raise ValueError(f"attn_implementation={attn_implementation!r} and kernels={kernels!r} disagree")
-        if kernels == "auto":
+        elif kernels == "auto":
             arguments["kernels"] = attn_implementation
     if config is not None and not isinstance(config, ViTHybridConfig):
         kind = f"{type(config).__module__.split('.')[0]}.{type(config).__name__}"
@@ -98,13 +108,23 @@ def load_arguments(
 
 
 def _single_device(device_map: Any) -> Any:
+    """The one device a transformers `device_map` names: a device, "auto" / "balanced" / "sequential" (one
+    GPU if any, as transformers places a model this size), or a dict whose modules all go to one device."""
     if isinstance(device_map, dict):
-        raise ValueError(
-            "device_map as a dict places modules on several devices; this model (about 400 MB) loads on one: "
-            "give device='cuda' (or a device_map naming one device)"
-        )
-    if device_map == "auto":
+        try:
+            devices = {str(torch.device(f"cuda:{d}" if isinstance(d, int) else d)) for d in device_map.values()}
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device_map={device_map!r}: {err}") from None
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map={device_map!r} places modules on several devices; this model (about 400 MB) loads "
+                "on one: give device='cuda' (or a device_map naming one device)"
+            )
+        return next(iter(devices))
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, int) and not isinstance(device_map, bool):  # transformers' GPU index
+        return f"cuda:{device_map}"
     return device_map
 
 
