@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(source_digest())
         return 0
     if args.from_jsonl:
-        return _report_from_jsonl(args.from_jsonl, args.output_dir)
+        return _report_from_jsonl(args.from_jsonl, args.output_dir) if _output_dir_usable(args.output_dir) else 2
     cache_root = None
     if not args.warm_caches:
         cache_root = tempfile.TemporaryDirectory(prefix="vithybrid-bench-caches-")
@@ -258,8 +258,11 @@ def _run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    if args.kernels and device != "cuda":
-        print("error: --kernels: the kernel microbenchmarks need a CUDA GPU, and torch sees none", file=sys.stderr)
+    if (args.kernels or (args.kernels is None and args.kernel_benches)) and device != "cuda":
+        asked = "--kernels" if args.kernels else f"--kernel-benches {args.kernel_benches}"
+        print(f"error: {asked}: the kernel microbenchmarks need a CUDA GPU, and torch sees none", file=sys.stderr)
+        return 2
+    if not _output_dir_usable(args.output_dir):
         return 2
     unknown = unknown_providers(args.providers) if args.e2e else []
     if unknown:
@@ -294,8 +297,27 @@ def _run(args: argparse.Namespace) -> int:
             status = 1
         finally:
             signal.signal(signal.SIGTERM, previous)
+    if all(r.get("skipped") for r in records):
+        # nothing asked for could run (ours-triton or --no-e2e on a CPU): a report of empty tables would
+        # replace the day's real one under the same name, and exit 0 would say it worked
+        reasons = sorted({f"{r.get('provider')}: {r.get('skipped')}" for r in records})
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        print(f"error: nothing was measured{why}; no report written", file=sys.stderr)
+        return status or 1
     _write_report(records, args.output_dir)
     return status
+
+
+def _output_dir_usable(output_dir: Path) -> bool:
+    """--output-dir checked before anything is measured: a file there was a FileExistsError traceback."""
+    from vithybrid_fast.files import check_writable_dir
+
+    try:
+        check_writable_dir(Path(output_dir), "--output-dir")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

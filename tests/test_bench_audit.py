@@ -85,6 +85,27 @@ def test_from_jsonl_of_no_records_is_an_error_naming_the_file(capsys, tmp_path):
     assert read_records([cut]) == [{"kind": "peak", "value": 1.0}]
 
 
+@NO_CUDA
+def test_a_run_that_can_measure_nothing_says_so_and_writes_no_report(capsys, tmp_path):
+    """The second audit: on a CPU, `--providers ours-triton` (skipped: no GPU) rewrote the day's report with
+    empty tables, `--kernel-benches attention` was ignored, both exiting 0; an --output-dir that is a file
+    was a FileExistsError traceback."""
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--batches", "1", "--output-dir", str(out)]
+    assert _bench_main([*argv, "--providers", "ours-triton"]) == 1
+    assert capsys.readouterr().err == "error: nothing was measured (ours-triton: no CUDA GPU); no report written\n"
+    assert not list(out.glob("*.md")) and not list(out.glob("*.json"))
+    assert _bench_main([*argv, "--no-e2e"]) == 1
+    assert capsys.readouterr().err.endswith("error: nothing was measured; no report written\n")
+    assert _bench_main([*argv, "--kernel-benches", "attention"]) == 2
+    assert "error: --kernel-benches attention: the kernel microbenchmarks need a CUDA GPU" in capsys.readouterr().err
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    for extra in (["--providers", "ref-eager"], ["--from-jsonl", str(a_file)]):
+        assert _bench_main([*argv[:-1], str(a_file), *extra]) == 2
+        assert capsys.readouterr().err == f"error: --output-dir {a_file}: a file, not a folder\n"
+
+
 def test_a_failure_while_measuring_still_reports_what_was_measured(monkeypatch, capsys, tmp_path):
     from vithybrid_fast.bench import e2e
 
