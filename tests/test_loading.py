@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,6 +221,36 @@ def test_float64_with_triton_names_the_dtype_on_a_machine_where_triton_cannot_ru
         vf.load(checkpoint, kernels="triton", dtype="float64")
     with pytest.raises(RuntimeError):  # a supported dtype still hears about the device
         vf.load(checkpoint, kernels="triton", dtype="float32")
+
+
+FOLLOW_THE_ADVICE = """
+import os, sys, torch
+os.environ.pop("TRITON_INTERPRET", None)
+import vithybrid_fast as vf
+try:
+    vf.load(sys.argv[1], kernels="triton", device="cpu")
+    raise SystemExit("loaded without a GPU or the interpreter")
+except RuntimeError as err:
+    assert "TRITON_INTERPRET=1 set before triton is imported" in str(err), err
+print("triton imported:", "triton" in sys.modules)
+os.environ["TRITON_INTERPRET"] = "1"  # what the error says to do
+model = vf.load(sys.argv[1], kernels="triton", device="cpu")
+with torch.no_grad():
+    print("logits:", tuple(model(torch.randn(1, 3, *model.config.image_size_hw)).logits.shape))
+"""
+
+
+def test_the_triton_errors_advice_can_be_followed_in_the_same_process(checkpoint):
+    """The second audit: a failed kernels="triton" load imported triton itself (its check imported the
+    kernels package), so setting TRITON_INTERPRET=1 afterwards, as the error advises, loaded a model whose
+    forward failed ("0 active drivers")."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: kernels='triton' loads on cuda")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", FOLLOW_THE_ADVICE, str(checkpoint)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["triton imported: False", "logits: (1, 7)"], done.stdout  # 7 labels
 
 
 def test_cuda_device_without_gpu_is_a_clear_error(checkpoint):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .dispatch import set_measured
-from .gpu_support import auto_choice, triton_error_message
+from .gpu_support import auto_choice, triton_error_message, triton_unsupported_reason
 from .weight_cache import derived_weight_caches, freeze, is_frozen
 
 FAMILIES = ("attention", "mlp", "backbone")
@@ -49,9 +49,10 @@ _PATCH_RECORD = "_vithybrid_fast_patches"
 
 
 def triton_can_run(device: torch.device | None = None) -> bool:
-    from vithybrid_fast.kernels._runtime import triton_can_run as can_run
-
-    return can_run(device)
+    # gpu_support, not kernels._runtime: importing the kernels package imports triton, and a failed
+    # kernels="triton" check that imported it made its own advice (set TRITON_INTERPRET=1 before triton
+    # is imported) impossible to follow in the same process
+    return triton_unsupported_reason(device) is None
 
 
 def resolve_kernels(kernels: str | dict[str, str], device: torch.device | None = None) -> dict[str, str]:
