@@ -262,3 +262,22 @@ def test_autocast_training_patches_a_float32_model_without_the_warning(monkeypat
     assert any(isinstance(m, FastSelfAttention) for m in model.modules())  # it did patch
     with pytest.warns(patching.SlowFloat32Warning, match="Under torch.autocast this does not apply"):
         patching.patch_for_autocast(model, "triton", torch.float32)  # no autocast: the warning stands
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "/nonexistent"], "error: --model: options of --check / --drift, given without them\n"),
+        (
+            ["--config", "base", "--batch", "2"],
+            "error: --config, --batch: options of --check / --drift, given without them\n",
+        ),
+        (["--check", "--drift-dtype", "float16"], "error: --drift-dtype: an option of --drift, given without it\n"),
+    ],
+)
+def test_options_of_the_checks_without_them_are_usage_errors(argv, message, capsys):
+    """The second audit: `doctor --model /nonexistent` exited 0 with the usual verdict (ignored)."""
+    from vithybrid_fast.cli import main
+
+    assert main(["doctor", *argv]) == 2
+    assert capsys.readouterr().err == message

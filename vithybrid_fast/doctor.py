@@ -172,6 +172,15 @@ def run(args: argparse.Namespace) -> int:
     from .gpu_support import command_device, interpret_kernels_without_a_gpu
 
     wants_kernels = args.check or args.drift
+    # options of the checks, given without them, were silently ignored (a bad --model passed as "ok")
+    unused = [flag for flag, value in (("--model", args.model), ("--config", args.config), ("--batch", args.batch),
+              ("--dtypes", args.dtypes), ("--drift-dtype", args.drift_dtype)) if value is not None]  # fmt: skip
+    if not wants_kernels and unused:
+        print(f"error: {', '.join(unused)}: options of --check / --drift, given without them", file=sys.stderr)
+        return 2
+    if args.drift_dtype is not None and not args.drift:
+        print("error: --drift-dtype: an option of --drift, given without it", file=sys.stderr)
+        return 2
     if wants_kernels and interpret_kernels_without_a_gpu(args.device):
         print("note: no CUDA GPU; TRITON_INTERPRET=1 set so the kernels run in the Triton interpreter")
     import torch
