@@ -229,6 +229,16 @@ def test_loading_info_is_transformers(checkpoint):
     assert strict == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
 
 
+def test_loading_info_of_an_encoder_from_a_classifier_names_the_dropped_head(checkpoint):
+    """The second audit: ViTHybridModel.from_pretrained(classifier checkpoint, output_loading_info=True)
+    reported no unexpected keys; transformers 4.47.1 names the head it leaves out."""
+    _, info = vf.ViTHybridModel.from_pretrained(checkpoint, output_loading_info=True)
+    _, hf_info = transformers.ViTHybridModel.from_pretrained(
+        checkpoint, add_pooling_layer=False, output_loading_info=True
+    )
+    assert info["unexpected_keys"] == sorted(hf_info["unexpected_keys"]) == ["classifier.bias", "classifier.weight"]
+
+
 def test_an_encoder_without_its_pooler(tmp_path):
     torch.manual_seed(0)
     vf.ViTHybridModel(vf.ViTHybridConfig.from_dict(tiny_config())).save_pretrained(tmp_path)  # with a pooler

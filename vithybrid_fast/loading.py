@@ -386,7 +386,11 @@ def load_model(
     device = resolve_device(device)
     files = find_weight_files(name_or_path, use_safetensors, **hub_kwargs)
     logger.info("loading %s from %s", name_or_path, ", ".join(str(f) for f in files))
-    state = _state_for_class(read_state_dict(files, dtype, device), model_class, ignore_mismatched_sizes, name_or_path)
+    raw = read_state_dict(files, dtype, device)
+    state = _state_for_class(raw, model_class, ignore_mismatched_sizes, name_or_path)
+    if loading_info is not None and model_class is ViTHybridModel and state is not raw:
+        # the classifier's head, dropped for its encoder: unused, as transformers reports it
+        loading_info.setdefault("unexpected_keys", []).extend(sorted(k for k in raw if not k.startswith("vit.")))
     model = build_for_keys(config, set(state))
     fresh = loosen(model, state, loading_info) if ignore_mismatched_sizes else []
     check_state_dict(model, state, str(name_or_path), config, fresh=set(fresh), config_changed=config_arg is not None)
