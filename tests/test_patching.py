@@ -92,6 +92,24 @@ def test_patch_twice_then_unpatch_restores_exact_modules(tiny_model, device):
     assert patched_modules(model) == []
 
 
+def test_unpatch_of_a_part_of_a_patched_model_says_which_model_to_unpatch(tiny_model):
+    """The second audit: vf.unpatch(m.vit) after vf.patch(m, "triton") returned quietly, every fast
+    module still in place (the patch's record lives on m)."""
+    model = copy.deepcopy(tiny_model)
+    vf.patch(model, "triton")
+    patched = patched_modules(model)
+    with pytest.raises(ValueError, match=r"unpatch: this ViTHybridModel holds patched modules .* unpatch the model"):
+        vf.unpatch(model.vit)
+    assert patched_modules(model) == patched  # nothing half undone
+    vf.unpatch(model)
+    assert patched_modules(model) == []
+    vf.unpatch(model.vit)  # nothing patched there any more: a no-op, as unpatch of an unpatched model is
+    part = copy.deepcopy(tiny_model)
+    vf.patch(part.vit, "triton")  # patched where it is unpatched: fine
+    vf.unpatch(part.vit)
+    assert patched_modules(part) == []
+
+
 def test_a_module_the_user_put_in_after_patch_is_neither_listed_nor_undone(tiny_model):
     model = copy.deepcopy(tiny_model)
     vf.patch(model, "triton")

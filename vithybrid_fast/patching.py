@@ -453,6 +453,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 
     Parameters and buffers that were replaced while patched come back with them (see module docstring).
     """
+    if not _holders(model):
+        fast = [name for name, m in model.named_modules() if type(m).__module__ == f"{__package__}.fast"]
+        if fast:  # a patch made on an enclosing model keeps its record there: this call would do nothing
+            raise ValueError(
+                f"unpatch: this {type(model).__name__} holds patched modules ({fast[0] or 'itself'}, …) put in by a "
+                "patch of a model enclosing it; unpatch the model that was patched"
+            )
     frozen = is_frozen(model)
     _undo(model, set(FAMILIES))
     for module in model.modules():
