@@ -550,3 +550,21 @@ def test_what_cannot_be_done_is_a_clear_error(tiny_model, device):
         vf.patch(backbone, "triton")
     vf.patch(backbone, {"backbone": "triton"})  # what it has works
     assert {kind for _, kind in patched_modules(backbone)} >= {"FastWeightStandardizedConv2d"}
+
+
+def test_patching_a_model_without_the_families_names_each_class_once():
+    """The second audit, on a plain transformers ViT: the error listed ViTHybridSelfAttention twice (ours
+    and transformers' share the name) and suggested {'backbone': 'triton'}, a family the model lacked too."""
+    transformers = pytest.importorskip("transformers")
+    import re
+
+    vit = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                 image_size=32, patch_size=8)  # fmt: skip
+    other = transformers.ViTModel(vit)
+    with pytest.raises(ValueError) as triton_error:
+        vf.patch(other, {"attention": "triton"})
+    listed = re.search(r"\(([^)]*)\)", str(triton_error.value)).group(1).split(", ")
+    assert listed and len(listed) == len(set(listed)), listed
+    with pytest.raises(ValueError, match=r"families: attention, mlp, backbone") as sdpa_error:
+        vf.patch(other, "sdpa")
+    assert "{'backbone': 'triton'}" not in str(sdpa_error.value)

@@ -338,8 +338,8 @@ def _switch_attention(model: nn.Module, implementation: str, changes: list[_Swap
     if not found:
         raise ValueError(
             f"kernels asks for {implementation!r} attention, but {type(model).__name__} has no ViT Hybrid "
-            "self-attention module (ours or transformers') to switch; name only the families it has, e.g. "
-            "{'backbone': 'triton'}" + _patched_from_outside(model, [FastSelfAttention])
+            "self-attention module (ours or transformers') to switch; name only the families it has in a kernels "
+            f"dict (families: {', '.join(FAMILIES)})" + _patched_from_outside(model, [FastSelfAttention])
         )
 
 
@@ -399,7 +399,7 @@ def _swap_family(
                 swaps.append(_Swap(family, parent, name, child, fast_module))
                 changes.append(swaps[-1])
     if not swaps:
-        known = ", ".join(sorted(cls.__name__ for cls in table))
+        known = ", ".join(sorted({cls.__name__ for cls in table}))  # ours and transformers' share names
         raise ValueError(
             f"kernels[{family!r}]='triton': {type(model).__name__} has no module of that family ({known})"
             + _patched_from_outside(model, table.values())
