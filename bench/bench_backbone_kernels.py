@@ -77,8 +77,8 @@ def hf_weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=eps).reshape_as(w)
 
 
-def torch_group_norm_act(x, weight, bias, act, residual):
-    y = F.group_norm(x, NUM_GROUPS, weight, bias, 1e-5)
+def torch_group_norm_act(x, weight, bias, act, residual, num_groups: int = NUM_GROUPS):
+    y = F.group_norm(x, num_groups, weight, bias, 1e-5)
     if residual is not None:
         y = y + residual
     return F.relu(y) if act == "relu" else y

@@ -27,13 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from vithybrid_fast.kernels import _group_norm_act_plan as plan
 from vithybrid_fast.kernels._backbone_calls import group_norm_calls
 from vithybrid_fast.kernels._runtime import interpreter_enabled
 
 from .arguments import positive_int
-from .bench_backbone_kernels import NUM_GROUPS
+from .bench_backbone_kernels import NUM_GROUPS, torch_group_norm_act
 from .common import RecordLog, device_ms, exit_without_cuda, measured_hbm_gbps
 
 gn = importlib.import_module("vithybrid_fast.kernels.group_norm_act")  # the module: the package re-exports the function
@@ -94,13 +93,6 @@ def _inputs(case: tuple, batch: int, dtype: torch.dtype, device: str, seed: int 
     return dict(x=x, w=rnd(c, scale=0.2, shift=1.0), b=rnd(c, scale=0.1), res=rnd(batch, c, h, w) if residual else None)
 
 
-def _torch_ops(t: dict, act: str | None, num_groups: int) -> torch.Tensor:
-    """What the fusion replaces: relu(group_norm(x) [+ residual]), torch's kernels."""
-    y = F.group_norm(t["x"], num_groups, t["w"], t["b"], 1e-5)
-    y = y if t["res"] is None else y + t["res"]
-    return F.relu(y) if act == "relu" else y
-
-
 def _ours(t: dict, act: str | None, candidate: Candidate, num_groups: int) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         saved = gn._BLOCKS, gn._FORCE_PATH
@@ -143,8 +135,9 @@ def sweep(
             c, h, w, residual, relu = case
             act = "relu" if relu else None
             t = _inputs(case, batch, dtype, device)
-            ref = _torch_ops({k: None if v is None else v.double() for k, v in t.items()}, act, num_groups)
-            peer = lambda t=t, act=act: _torch_ops(t, act, num_groups)  # noqa: E731
+            wide = {k: None if v is None else v.double() for k, v in t.items()}
+            ref = torch_group_norm_act(wide["x"], wide["w"], wide["b"], act, wide["res"], num_groups)
+            peer = lambda t=t, act=act: torch_group_norm_act(t["x"], t["w"], t["b"], act, t["res"], num_groups)  # noqa: E731
             peer_err = (peer().double() - ref).abs().max().item()
             bound = 2 * peer_err + ATOL[dtype] * max(1.0, ref.abs().max().item())
             nbytes = t["x"].numel() * t["x"].element_size() * (3 if residual else 2)

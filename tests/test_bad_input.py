@@ -346,24 +346,17 @@ def test_patched_meta_model_says_meta(checkpoint):
     assert "TRITON_INTERPRET" not in str(info.value)
 
 
-def test_a_decompression_bomb_warning_names_its_file(tmp_path, monkeypatch):
-    """Pillow's warning over the pixel limit named no file ("Image size (12000 pixels) exceeds limit…"),
+def test_a_decompression_bomb_warning_names_its_file(tmp_path, monkeypatch, capsys):
+    """Pillow's warning over the pixel limit names no file ("Image size (12000 pixels) exceeds limit…"),
     and classify printed the same line for two different images."""
-    import warnings
-
-    from PIL import Image
-
-    from vithybrid_fast.images import open_image
+    from vithybrid_fast.cli import _open_images
 
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
         Image.new("RGB", (120, 100)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 7000)  # 12,000 px: over the limit, under twice it
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for path in paths:
-            assert open_image(path).size == (120, 100)
-    bombs = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-    assert [str(w.message).split(": ")[0] for w in bombs] == [str(p) for p in paths]
-    assert all("exceeds limit of 7000 pixels" in str(w.message) for w in bombs)
-    assert all(w.filename == __file__ for w in bombs)  # attributed to the caller: one line in the CLI
+    kept, images = _open_images(paths)
+    assert kept == paths and [image.size for image in images] == [(120, 100)] * 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[:2] for line in lines] == [["warning", str(p)] for p in paths], lines
+    assert all("exceeds limit of 7000 pixels" in line for line in lines)

@@ -113,7 +113,10 @@ def _open_images(
             hint = " (pass --on-error skip to leave such files out)" if on_error == "fail" else ""
             raise RuntimeError(f"cannot read image {path}: {type(err).__name__}: {err}{hint}") from None
         for record in caught:
-            _warn(str(record.message))
+            # Pillow's decompression-bomb warning names no file ("Image size (N pixels) exceeds limit…");
+            # ours (16-bit images) name theirs
+            bomb = issubclass(record.category, Image.DecompressionBombWarning)
+            _warn(f"{path}: {record.message}" if bomb else str(record.message))
         kept.append(path)
         images.append(image)
     return kept, images

@@ -65,6 +65,11 @@ class Sample:
     label: int
 
 
+def _require_folder(root: str | os.PathLike) -> None:
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: not a directory (expected one subfolder per class)")
+
+
 def image_folder_samples(
     root: str | os.PathLike, classes: Sequence[str] | None = None
 ) -> tuple[list[Sample], list[str]]:
@@ -75,8 +80,7 @@ def image_folder_samples(
     subfolder that is none of them is an error naming it.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a directory (expected one subfolder per class)")
+    _require_folder(root)
     # hidden folders (.ipynb_checkpoints, .git, .cache) are no classes: taken as one, an empty
     # .ipynb_checkpoints became class 0 and moved every real class's index
     folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
@@ -337,10 +341,10 @@ def check_source(spec: str | os.PathLike) -> None:
         _hf_name(text)
         _import_datasets(text)
     elif is_list_file(text) and not Path(text).is_dir():
-        if not Path(text).is_file():
+        if not Path(text).is_file():  # a mistyped list name, not "not a directory"
             raise FileNotFoundError(f"{text}: no such file")
-    elif not Path(text).is_dir():
-        raise FileNotFoundError(f"{text}: not a directory (expected one subfolder per class)")
+    else:
+        _require_folder(text)
 
 
 def _load_hub_dataset(datasets: Any, spec: str, name: str, split: str) -> Any:
@@ -405,12 +409,11 @@ def open_dataset(
     set may lack some of them, but a class outside them is an error (a datasets ClassLabel must list
     exactly these names, in this order)."""
     text = str(spec)
+    check_source(text)
     if text.startswith(HF_PREFIX):
         dataset, name = _load_hf(text, split)
         data: LabelledImages = HFLabelledImages(dataset, pipeline, name, image_column, label_column, classes)
     elif is_list_file(text) and not Path(text).is_dir():
-        if not Path(text).is_file():  # a mistyped list name, not "not a directory"
-            raise FileNotFoundError(f"{text}: no such file")
         samples, found = list_file_samples(text, classes)
         data = LabelledImages(samples, found, pipeline, text)
     else:

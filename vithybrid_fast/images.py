@@ -97,23 +97,9 @@ def expand_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return list(first.values())
 
 
-def _open(path: str | os.PathLike) -> Image.Image:
-    """Image.open, its decompression-bomb warning (over the pixel limit, under twice it) naming the file:
-    Pillow's says only "Image size (N pixels) exceeds limit…", once per process in eval's workers."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = Image.open(path)
-    for record in caught:
-        if issubclass(record.category, Image.DecompressionBombWarning):
-            warnings.warn(f"{path}: {record.message}", Image.DecompressionBombWarning, stacklevel=3)
-        else:  # anything else as it was raised
-            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
-    return image
-
-
 def open_image(path: str | os.PathLike) -> Image.Image:
     """The decoded image as RGB, upright per its EXIF orientation; warns if the RGB conversion destroys it."""
-    with _open(path) as image:
+    with Image.open(path) as image:
         image.load()
         upright = ImageOps.exif_transpose(image)
         if upright is None:  # Pillow < 9.4 returns None for in_place; ours is a copy either way
