@@ -178,7 +178,9 @@ def test_the_patched_encoder_trains_through_the_packed_op(device):
 
     config = vf.ViTHybridConfig.from_dict(tiny_config(hidden_size=64, num_attention_heads=2))  # head size 32
     torch.manual_seed(0)
-    model = vf.patch(vf.ViTHybridForImageClassification(config), {"attention": "triton"}).to(device).train()
+    # patched where it runs: patch() checks that Triton can run on the model's device (a CPU model on a GPU
+    # machine has none, where the interpreter is off)
+    model = vf.patch(vf.ViTHybridForImageClassification(config).to(device), {"attention": "triton"}).train()
     pixels = torch.randn(2, 3, config.image_size, config.image_size, device=device)
     loss = model(pixels, labels=torch.tensor([1, 4], device=device)).loss
     with _OpLog() as log:
