@@ -53,17 +53,15 @@ def _loop(block: int, warps: int, hints: bool = True, base: plan.Blocks = plan.G
 SHIPPED = plan.GPU_BLOCKS
 # The shipped tile first; then the same without hints, and tiles that trade registers for residency
 # (offline, Triton 3.6, sm_90, bf16: 2048×8 warps 48 registers → 5 programs per SM; 1024×4 40 → 12).
-CANDIDATES = [
-    _loop(SHIPPED.loop, SHIPPED.loop_warps),
-    _loop(SHIPPED.loop, SHIPPED.loop_warps, hints=False),
-    _loop(2048, 8),
-    _loop(2048, 8, hints=False),
-    _loop(2048, 4),
-    _loop(1024, 4),
-    _loop(4096, 16),
-    _loop(8192, 16),
-    Candidate("split", "split", SHIPPED),
-]
+def _candidates() -> list[Candidate]:
+    tiles = [(SHIPPED.loop, SHIPPED.loop_warps, True), (SHIPPED.loop, SHIPPED.loop_warps, False)]
+    tiles += [(4096, 8, True), (4096, 8, False), (2048, 8, True), (2048, 8, False), (2048, 4, True)]
+    tiles += [(1024, 4, True), (4096, 16, True), (8192, 16, True)]
+    unique = list(dict.fromkeys(tiles))  # the shipped tile is also one of the others
+    return [_loop(block, warps, hints) for block, warps, hints in unique] + [Candidate("split", "split", SHIPPED)]
+
+
+CANDIDATES = _candidates()
 INTERPRETER_CANDIDATES = [
     _loop(64, 4, base=plan.INTERPRETER_BLOCKS),
     _loop(32, 2, hints=False, base=plan.INTERPRETER_BLOCKS),

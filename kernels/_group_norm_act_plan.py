@@ -49,14 +49,16 @@ class Blocks:
     loop: int  # `_gn_fwd_group_loop`: elements per loop step
     max_chunks: int  # most partials per group, the apply's BLOCK_P (a power of two)
     reduce_tile: int  # elements per (channel × spatial) tile of the per-channel reductions
-    loop_warps: int = 8  # `_gn_fwd_group_loop`'s num_warps
+    loop_warps: int = 4  # `_gn_fwd_group_loop`'s num_warps
     # `_gn_fwd_group_loop`'s L2 hints: its statistics sweep loads x evict_last, its output sweep (x's last
     # use) evict_first, so the second sweep finds the group in L2. Off: Triton's default policy.
     loop_l2_hints: bool = True
 
 
-# The group loop's tile and hints are unmeasured choices (bench/sweep_group_norm.py times the candidates).
-GPU_BLOCKS = Blocks(stats=2048, apply=2048, loop=4096, max_chunks=64, reduce_tile=2048)
+# The group loop's tile: bench/sweep_group_norm.py's ranking on an H200 (bf16, batch 64, 2026-11-27,
+# bench/results/nvidia-h200-2026-11-27-s18-notes.md): 2048 elements × 4 warps with the L2 hints, 3.85 ms per
+# forward over the loop's 28 calls against 4.35 for the 4096 × 8 warps it replaces (device time).
+GPU_BLOCKS = Blocks(stats=2048, apply=2048, loop=2048, max_chunks=64, reduce_tile=2048)
 # Small enough that the tests' tiny shapes cover multi-block loops, partial tails and several chunks.
 INTERPRETER_BLOCKS = Blocks(stats=64, apply=128, loop=64, max_chunks=4, reduce_tile=128)
 
