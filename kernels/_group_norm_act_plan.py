@@ -56,7 +56,7 @@ class Blocks:
 
 
 # The group loop's tile: bench/sweep_group_norm.py's ranking on an H200 (bf16, batch 64, 2026-11-27,
-# bench/results/nvidia-h200-2026-11-27-s18-notes.md): 2048 elements × 4 warps with the L2 hints, 3.85 ms per
+# bench/results/nvidia-h200-2026-11-27-run3-notes.md): 2048 elements × 4 warps with the L2 hints, 3.85 ms per
 # forward over the loop's 28 calls against 4.35 for the 4096 × 8 warps it replaces (device time).
 GPU_BLOCKS = Blocks(stats=2048, apply=2048, loop=2048, max_chunks=64, reduce_tile=2048)
 # Small enough that the tests' tiny shapes cover multi-block loops, partial tails and several chunks.
