@@ -16,6 +16,7 @@ Providers (the peers DESIGN.md names, plus ours):
     ours-triton-compile               torch.compile of the patched model
     ours-triton-channels-last         ours-triton with the backbone in channels_last end to end
     ours-auto-channels-last           ours-auto likewise (its dispatch measures each op in that layout)
+    ours-auto-cudagraphs-channels-last  ours-auto-cudagraphs likewise
     ref-sdpa-channels-last            ref-sdpa likewise: what the layout alone does to the reference
 
 Per (dtype, provider, batch): the first call is timed on its own (compile, autotune, graph capture),
@@ -47,7 +48,8 @@ from .common import environment, first_call_ms, time_fn
 PROVIDERS = (
     "ref-eager", "ref-sdpa", "ref-sdpa-frozen", "compile-default", "compile-max-autotune", "hf-eager", "hf-sdpa",
     "ours-triton", "ours-triton-cudagraphs", "ours-triton-compile", "ours-triton-channels-last",
-    "ours-auto", "ours-auto-cudagraphs", "ours-auto-channels-last", "ref-sdpa-channels-last",
+    "ours-auto", "ours-auto-cudagraphs", "ours-auto-channels-last", "ours-auto-cudagraphs-channels-last",
+    "ref-sdpa-channels-last",
 )  # fmt: skip
 CPU_PROVIDERS = ("ref-eager", "ref-sdpa", "ref-sdpa-frozen", "hf-eager", "hf-sdpa")
 GPU_BATCHES = (1, 2, 4, 8, 32, 64, 128)
@@ -67,6 +69,9 @@ NOTES = {
     # forward were cuDNN's NCHW<->NHWC transposes, which torch.compile's channels-last backbone does not pay
     "ours-auto-channels-last": 'kernels="auto" with weights and input pixels in torch.channels_last',
     "ref-sdpa-channels-last": "ref-sdpa with weights and input pixels in torch.channels_last",
+    # The H200's channels-last profile (bf16, batch 64, 2026-11-27) summed 27.67 ms of kernels, 2.5 ms under
+    # that provider's eager forward: host gaps, which graph replay removes
+    "ours-auto-cudagraphs-channels-last": "ours-auto-cudagraphs with weights and input pixels in torch.channels_last",
 }
 
 # Adaptive repetition counts on a GPU: enough runs for a stable median without spending minutes on
@@ -420,7 +425,7 @@ def _run_provider(
         if provider.startswith("ours-auto"):  # what the measured dispatch chose, per op: {"op choice": count}
             from vithybrid_fast import dispatch
 
-            timing = "graph" if provider.endswith("-cudagraphs") else "eager"  # graphs decide by replay timing
+            timing = "graph" if "-cudagraphs" in provider else "eager"  # graphs decide by replay timing
             chosen = [f"{key[0]} {choice}" for key, choice in dispatch.decisions().items()
                       if key[0] != "weight_standardize" and key[1][0][0][0] == batch and key[4] == timing]  # fmt: skip
             log(f"{tag} b={batch:<4d} dispatch: {', '.join(sorted(set(chosen)))}")

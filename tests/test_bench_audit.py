@@ -366,3 +366,26 @@ def test_channels_last_providers_run_nhwc_and_compute_the_reference(provider):
         got, want = model(pixels).logits, reference(pixels).logits
     assert seen == [True]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_graphed_channels_last_provider_wraps_the_graphed_auto_model(monkeypatch):
+    # CUDA graphs need a GPU: a stand-in runner shows the composition (layout outside, graphs inside)
+    from vithybrid_fast.bench.e2e import ChannelsLastInput, build_provider, random_state_dict, tiny_config
+
+    import vithybrid_fast.cuda_graphs as cuda_graphs
+
+    class GraphRunnerStandIn(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values)
+
+    monkeypatch.setattr(cuda_graphs, "enable_cuda_graphs", GraphRunnerStandIn)
+    config = tiny_config()
+    state = random_state_dict(config, torch.device("cpu"))
+    model = build_provider("ours-auto-cudagraphs-channels-last", config, state, torch.float32)
+    assert isinstance(model, ChannelsLastInput) and isinstance(model.model, GraphRunnerStandIn)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
