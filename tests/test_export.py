@@ -76,6 +76,8 @@ def test_dynamic_size_matches_pytorch_at_other_sizes(tiny_model, tmp_path):
     report = export_onnx(tiny_model, path, image_size="dynamic")
     assert report.inputs == 7 and report.max_abs_diff <= 1e-4, report.checks
     assert any("101×58" in what for what, _ in report.checks), report.checks
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]  # not the exporter's "s100"
     # 88×72 → 6×5 tokens; 105×56 → 7×4 (odd height: asymmetric SAME padding); 40×40 → 3×3
     for seed, (height, width) in enumerate([(88, 72), (105, 56), (40, 40)]):
         pixels = _uniform(2, 3, height, width, seed=seed)

@@ -322,7 +322,8 @@ def export_onnx(
     example = torch.rand(fixed_batch or 2, channels, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
     dims: dict[int, Any] = {} if fixed_batch else {0: _batch_dim()}
     if dynamic_size:
-        dims.update({2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC})
+        # strings: dynamic axes the exporter names so in the file (Dim.DYNAMIC left its symbols, "s100", "s4")
+        dims.update({2: "height", 3: "width"})
     outputs = ["logits", "hidden_states"] if hidden_states else ["logits"]
     try:
         with torch.no_grad(), _quiet_exporter():
