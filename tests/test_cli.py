@@ -241,6 +241,16 @@ def test_ctrl_c_while_the_package_loads_is_one_line_for_the_command_only(argv0, 
         assert "Traceback" in done.stderr and done.stderr.rstrip().endswith("KeyboardInterrupt")
 
 
+def test_ctrl_c_while_the_package_loads_under_python_m(tmp_path):
+    """`python -m vithybrid_fast …` is the command too (torchrun runs it so): one line and 130, no traceback."""
+    finder = CTRL_C_WHILE_TORCH_LOADS.split("sys.argv[0] = sys.argv[1]")[0]  # the finder alone, installed at start-up
+    (tmp_path / "sitecustomize.py").write_text(finder)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+    done = subprocess.run([sys.executable, "-m", "vithybrid_fast", "classify", "x.jpg"], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert (done.returncode, done.stderr) == (130, "\ninterrupted\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -32,7 +32,11 @@ except KeyboardInterrupt:
     # importing the package (a notebook, pytest) gets the KeyboardInterrupt as always.
     import sys as _sys
 
-    if _os.path.basename(_sys.argv[0]) in ("vithybrid-fast", "vithybrid-fast.exe"):
+    # `python -m vithybrid_fast`: while -m imports the package, argv[0] is "-m"; orig_argv names the module
+    _orig = list(getattr(_sys, "orig_argv", ()))
+    _m = _orig.index("-m") if "-m" in _orig else len(_orig)
+    _as_module = _orig[_m + 1 : _m + 2] == [__name__] or f"-m{__name__}" in _orig
+    if _os.path.basename(_sys.argv[0]) in ("vithybrid-fast", "vithybrid-fast.exe") or _as_module:
         print("\ninterrupted", file=_sys.stderr)
         raise SystemExit(130) from None
     raise
