@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +245,39 @@ def test_unreadable_files_in_worker_processes_fail_or_skip_by_path(folder, tmp_p
     assert split_errors(batches[0], "skip", reported.append) == batches[0]["errors"]
     assert reported == [f"skipped unreadable image {batches[0]['errors'][0]}"]
     assert sum(len(b["labels"]) for b in batches) == len(samples) - 1
+
+
+BOMB_SCRIPT = """
+import sys, warnings
+import torch
+from PIL import Image
+import vithybrid_fast as vf
+from vithybrid_fast.data import ImagePipeline, LabelledImages, Sample, collate
+
+Image.MAX_IMAGE_PIXELS = 7000  # 12,000 px: over the limit, under twice it
+pipeline = ImagePipeline(vf.ViTHybridImageProcessor.for_base_384(size={"shortest_edge": 72}, crop_size=72))
+dataset = LabelledImages([Sample(p, 0) for p in sys.argv[2:]], ["x"], pipeline)
+loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=int(sys.argv[1]), collate_fn=collate)
+(batch,) = list(loader)
+assert batch["indices"].tolist() == [0, 1] and not batch["errors"]
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_decompression_bomb_warning_names_its_file(tmp_path, workers):
+    """Pillow's warning over the pixel limit names no file; eval and finetune read images in DataLoader
+    workers (a process of their own, printing its own warnings), where classify's naming did not reach."""
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in paths:
+        Image.new("RGB", (120, 100)).save(path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(workers), *map(str, paths)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "DecompressionBombWarning" in line]
+    assert len(lines) == 2, done.stderr
+    for path, line in zip(paths, lines, strict=True):
+        assert f"{path}: Image size (12000 pixels) exceeds limit of 7000 pixels" in line
 
 
 def test_open_dataset_dispatches_and_checks_classes(folder, pipeline):

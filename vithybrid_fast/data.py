@@ -33,6 +33,7 @@ import csv
 import functools
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,15 +267,23 @@ class LabelledImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         item: dict[str, Any] = {"index": index, "label": sample.label}
-        try:
-            with pixel_limit(self.pixel_limit):  # the processor's resize check reads it too
-                image = self.load_image(index)
-                if self.augment is None:
-                    item["pixels"] = self.pipeline.to_uint8(image)
-                else:
-                    item["pixels"] = self.augment.to_uint8(image, index, self.epoch)
-        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError…
-            item["error"] = f"{sample.source}: {type(err).__name__}: {err}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # this image's warnings, given on below with its name where needed
+            try:
+                with pixel_limit(self.pixel_limit):  # the processor's resize check reads it too
+                    image = self.load_image(index)
+                    if self.augment is None:
+                        item["pixels"] = self.pipeline.to_uint8(image)
+                    else:
+                        item["pixels"] = self.augment.to_uint8(image, index, self.epoch)
+            except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError…
+                item["error"] = f"{sample.source}: {type(err).__name__}: {err}"
+        for record in caught:
+            # Pillow's decompression-bomb warning names no file ("Image size (N pixels) exceeds limit…"):
+            # a data set of such images warned the same line for each, with no way to find them
+            bomb = issubclass(record.category, Image.DecompressionBombWarning)
+            message = f"{sample.source}: {record.message}" if bomb else record.message
+            warnings.warn_explicit(message, record.category, record.filename, record.lineno)
         return item
 
 
