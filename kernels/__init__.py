@@ -2,6 +2,7 @@
 
     from vithybrid_fast.kernels import flash_attention, weight_standardize, group_norm_act, layer_norm_mlp
     from vithybrid_fast.kernels import add_layer_norm  # inference glue for kernels="auto"
+    from vithybrid_fast.kernels import add_layer_norm_train  # the same under autocast, with its backward
 
 Three of the kernel files share their name with their function (kernels/weight_standardize.py
 defines weight_standardize). Python binds a package attribute to the submodule when it is
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from .add_layer_norm import add_layer_norm
 from .add_layer_norm import reference as _add_layer_norm_reference
+from .add_layer_norm_train import add_layer_norm_train
+from .add_layer_norm_train import reference as _add_layer_norm_train_reference
 from .attention import flash_attention, flash_attention_packed
 from .attention import reference as _attention_reference
 from .attention import reference_packed as _attention_packed_reference
@@ -28,6 +31,7 @@ from .weight_standardize import reference as _weight_standardize_reference
 from .weight_standardize import weight_standardize
 
 add_layer_norm.reference = _add_layer_norm_reference  # type: ignore[attr-defined]
+add_layer_norm_train.reference = _add_layer_norm_train_reference  # type: ignore[attr-defined]
 flash_attention.reference = _attention_reference  # type: ignore[attr-defined]
 flash_attention_packed.reference = _attention_packed_reference  # type: ignore[attr-defined]
 group_norm_act.reference = _group_norm_act_reference  # type: ignore[attr-defined]
@@ -35,6 +39,6 @@ layer_norm_mlp.reference = _layer_norm_mlp_reference  # type: ignore[attr-define
 weight_standardize.reference = _weight_standardize_reference  # type: ignore[attr-defined]
 
 __all__ = [
-    "add_layer_norm", "flash_attention", "flash_attention_packed", "group_norm_act", "layer_norm_mlp",
-    "weight_standardize",
+    "add_layer_norm", "add_layer_norm_train", "flash_attention", "flash_attention_packed", "group_norm_act",
+    "layer_norm_mlp", "weight_standardize",
 ]  # fmt: skip

@@ -44,8 +44,10 @@ def _add_layer_norm_kernel(
     res_ptr,  # (M, N) residual rows (unused without HAS_RESIDUAL)
     w_ptr,  # (N,) LayerNorm weight
     b_ptr,  # (N,) LayerNorm bias
-    h_ptr,  # (M, N) out: x + residual (unused without HAS_RESIDUAL)
-    y_ptr,  # (M, N) out: LayerNorm(h)
+    h_ptr,  # (M, N) out: x + residual in h's dtype (unused without HAS_RESIDUAL)
+    y_ptr,  # (M, N) out: LayerNorm(h) in y's dtype
+    mean_ptr,  # (M,) float32 out: each row's mean (unused without SAVE_STATS)
+    rstd_ptr,  # (M,) float32 out: each row's 1 / sqrt(var + eps) (unused without SAVE_STATS)
     N,  # row length
     stride_x,  # row strides (elements; columns are contiguous)
     stride_r,
@@ -53,6 +55,7 @@ def _add_layer_norm_kernel(
     stride_y,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    SAVE_STATS: tl.constexpr,  # for the backward (add_layer_norm_train.py)
     BLOCK_N: tl.constexpr,  # next power of two ≥ N
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -61,7 +64,9 @@ def _add_layer_norm_kernel(
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)  # torch's add: float32 math, one rounding
+        # torch's add: float32 math, one rounding to h's dtype (x's, or the wider of x's and the residual's
+        # under autocast: a bf16 branch added to the float32 residual stream)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
     hf = h.to(tl.float32)
     n = N * 1.0
@@ -73,6 +78,9 @@ def _add_layer_norm_kernel(
     var = (tl.sum(centred * centred, axis=0) - resid * resid / n) / n
     centred = centred - resid / n
     rstd = 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
+    if SAVE_STATS:  # the mean the centred values imply (corrected by their residual sum)
+        tl.store(mean_ptr + row, mean + resid / n)
+        tl.store(rstd_ptr + row, rstd)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = centred * rstd * w + b
@@ -105,8 +113,8 @@ def launch(
     if m > 0:
         block_n = triton.next_power_of_2(n)
         _add_layer_norm_kernel[(m,)](
-            x2, r2, weight, bias, h2, y2, n, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=_warps(block_n),
+            x2, r2, weight, bias, h2, y2, y2, y2, n, x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), eps,
+            HAS_RESIDUAL=residual is not None, SAVE_STATS=False, BLOCK_N=block_n, num_warps=_warps(block_n),
         )  # fmt: skip
     return h, y
 
@@ -179,8 +187,9 @@ def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = 
     launches = []
     for has_residual in (True, False):
         args = dict(
-            x_ptr=t, res_ptr=t, w_ptr=t, b_ptr=t, h_ptr=t, y_ptr=t, N=HIDDEN, stride_x=HIDDEN, stride_r=HIDDEN,
-            stride_h=HIDDEN, stride_y=HIDDEN, eps=1e-12, HAS_RESIDUAL=has_residual, BLOCK_N=block_n,
+            x_ptr=t, res_ptr=t, w_ptr=t, b_ptr=t, h_ptr=t, y_ptr=t, mean_ptr=t, rstd_ptr=t, N=HIDDEN,
+            stride_x=HIDDEN, stride_r=HIDDEN, stride_h=HIDDEN, stride_y=HIDDEN, eps=1e-12,
+            HAS_RESIDUAL=has_residual, SAVE_STATS=False, BLOCK_N=block_n,
         )  # fmt: skip
         name = "add_layer_norm" if has_residual else "layer_norm"
         launches.append(Launch(name, _add_layer_norm_kernel, args, [triton.Config({}, num_warps=_warps(block_n))]))

@@ -32,6 +32,8 @@ FAMILIES = {
     "fused_linear",
     "layer_norm_mlp",
     "add_layer_norm",
+    "add_layer_norm_train",
+    "add_layer_norm_train_backward",
 }
 ATOL = 1e-6  # DESIGN.md: kernel error <= 2 x the torch float32 error + a small atol
 

@@ -106,6 +106,16 @@ def _cases() -> dict:
             lambda a, r: kernels.add_layer_norm.reference(a, r, ln_w.to(a.dtype), ln_b.to(a.dtype), 1e-6),
             [rows, res],
         ),
+        "add_layer_norm_train": lambda: _errors(
+            lambda a, r: kernels.add_layer_norm_train(a, r, ln_w, ln_b, 1e-6),
+            lambda a, r: kernels.add_layer_norm_train.reference(a, r, ln_w.to(a.dtype), ln_b.to(a.dtype), 1e-6),
+            [rows, res],
+        ),
+        "add_layer_norm_train_backward": lambda: _grad_errors(
+            lambda a, r, w, b: kernels.add_layer_norm_train(a, r, w, b, 1e-6)[1],
+            lambda a, r, w, b: kernels.add_layer_norm_train.reference(a, r, w, b, 1e-6)[1],
+            [rows, res, ln_w, ln_b],
+        ),
     }
 
 
