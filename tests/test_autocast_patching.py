@@ -36,7 +36,7 @@ def model(request):
 
 
 def count_calls(monkeypatch):
-    calls = {"fused_linear": 0, "layer_norm_mlp": 0, "flash_attention": 0}
+    calls = {"fused_linear": 0, "layer_norm_mlp": 0, "flash_attention": 0, "add_layer_norm_train": 0}
 
     def counted(name, fn):
         def wrapper(*args, **kwargs):
@@ -49,6 +49,8 @@ def count_calls(monkeypatch):
     monkeypatch.setattr(kernels, "layer_norm_mlp", counted("layer_norm_mlp", kernels.layer_norm_mlp))
     # the encoder's attention calls the packed entry point (one gradient tensor for q, k, v)
     monkeypatch.setattr(kernels, "flash_attention_packed", counted("flash_attention", kernels.flash_attention_packed))
+    glue = counted("add_layer_norm_train", kernels.add_layer_norm_train)
+    monkeypatch.setattr(kernels, "add_layer_norm_train", glue)
     return calls
 
 
@@ -71,6 +73,7 @@ def test_autocast_forward_and_backward_match_torch_under_the_same_autocast(model
     assert calls["fused_linear"] == 0 and calls["layer_norm_mlp"] == 0, calls  # autocast: torch's GEMMs
     uses_flash = model.config.hidden_size // model.config.num_attention_heads == 32
     assert (calls["flash_attention"] > 0) == uses_flash, calls  # the attention kernel still runs
+    assert calls["add_layer_norm_train"] == 2 * model.config.num_hidden_layers, calls  # the glue: 2 per layer
     assert_close_to_reference(outputs["ours"], outputs["torch"], exact, dtype, what="logits under autocast")
     for (name, p), (_, q) in zip(patched.named_parameters(), reference.named_parameters(), strict=True):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -83,3 +86,36 @@ def test_without_autocast_the_fused_kernels_run(model, device, monkeypatch):
     with torch.no_grad():
         patched(torch.randn(1, 3, 72, 72).to(device))
     assert calls["fused_linear"] > 0 and calls["layer_norm_mlp"] > 0, calls
+
+
+def test_autocast_gradients_with_the_glue_kernels_as_close_as_torchs(device, monkeypatch):
+    """A training step's every gradient under bf16 autocast, ours (add_layer_norm_train as the glue) and
+    torch's, against float32 without autocast; and ours with the glue switched off (bench_train's A/B) runs
+    none. One config, one dtype: the kernel tests take fp16 and the other layouts, this is the wiring."""
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    model = vf.ViTHybridForImageClassification(vf.ViTHybridConfig.from_dict(CONFIGS["flash attention (head size 32)"]))
+    randomize_(model)
+    pixels = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(2)).to(device)
+    labels = torch.tensor([1, 2], device=device)
+
+    def gradients(net, autocast):
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=autocast):
+            net(pixels, labels=labels).loss.backward()
+        return torch.cat([p.grad.flatten().double() for p in net.parameters()])
+
+    exact = gradients(copy.deepcopy(model).to(device).train(), autocast=False)
+    torchs = gradients(copy.deepcopy(model).to(device).train(), autocast=True)
+    calls = count_calls(monkeypatch)
+    ours = gradients(vf.patch(copy.deepcopy(model).to(device).train(), "triton"), autocast=True)
+    assert calls["add_layer_norm_train"] == 2 * model.config.num_hidden_layers, calls
+    assert_close_to_reference(ours, torchs, exact, dtype, what="gradients under autocast")
+
+    patched = vf.patch(copy.deepcopy(model).to(device).train(), "triton")
+    for layer in patched.modules():
+        if isinstance(layer, fast.FastViTLayer):
+            layer.autocast_glue_kernels = False
+    calls["add_layer_norm_train"] = 0
+    unglued = gradients(patched, autocast=True)
+    assert calls["add_layer_norm_train"] == 0
+    assert_close_to_reference(unglued, torchs, exact, dtype, what="gradients, glue off")

@@ -165,6 +165,9 @@ class FastViTLayer(nn.Module):
         self.layernorm_after = reference.layernorm_after
         self.measured = False
         self._glue_verdicts: dict[tuple, bool] = {}  # see _torch_gemms_chosen
+        # under autocast (training): LayerNorms and the attention's residual add as add_layer_norm_train
+        # (see autocast_layer); off, torch's ops as autocast casts them (bench_train's A/B switch)
+        self.autocast_glue_kernels = True
 
     def attention_block(
         self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
@@ -221,6 +224,8 @@ class FastViTLayer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._autocast_glue_serves(hidden_states, head_mask, output_attentions):
+            return self.autocast_layer(hidden_states), None
         if self._torch_gemms_chosen(hidden_states, head_mask, output_attentions):
             return self.cublas_with_glue_kernels(hidden_states), None
         h, probs = self.attention_block(hidden_states, head_mask, output_attentions)
@@ -230,6 +235,38 @@ class FastViTLayer(nn.Module):
             # output equals the second's (one extra layer forward, on the first call only)
             return self.cublas_with_glue_kernels(hidden_states), None
         return out, probs
+
+    # -- under torch.autocast: the GEMMs are torch's, the glue between them ours ------------------------
+    # Autocast casts the inputs of torch's ops only, so under it the fused GEMMs step aside (_autocasting)
+    # and the layer was torch's float32 LayerNorms, mixed-dtype residual adds and casts, forward and
+    # backward: 18.5 ms of a 97 ms bf16 training step on the H200 (batch 64, 2026-11-27). Here each
+    # LayerNorm, with the attention's residual add before LayerNorm-after, is one add_layer_norm_train,
+    # which writes its output in autocast's dtype (the cast the next GEMM made) and has its own backward.
+    # Not under "auto" (its dispatch times forwards alone), nor where attention dropout is active.
+    def _autocast_glue_serves(self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
+        self_attention = self.attention.attention
+        if self.measured or not self.autocast_glue_kernels or not _autocasting(x):
+            return False
+        if not isinstance(self_attention, FastSelfAttention) or not self_attention.can_fuse(
+            head_mask, output_attentions
+        ):
+            return False
+        if self.training and self.attention.output.dropout.p > 0:
+            return False
+        return x.shape[-1] <= GLUE_MAX_WIDTH
+
+    def autocast_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer as autocast's per-op torch path computes it, with add_layer_norm_train as the glue."""
+        dtype = torch.get_autocast_dtype(x.device.type)
+        ln_before, ln_after = self.layernorm_before, self.layernorm_after
+        _, normed = kernels.add_layer_norm_train(x, None, ln_before.weight, ln_before.bias, ln_before.eps, dtype)
+        self_attention = self.attention.attention
+        weight, bias = self_attention.fused_qkv()
+        context = self_attention.attend_packed(nn.functional.linear(normed, weight, bias))
+        dense = self.attention.output.dense
+        out = nn.functional.linear(context, dense.weight, dense.bias)
+        h, normed = kernels.add_layer_norm_train(out, x, ln_after.weight, ln_after.bias, ln_after.eps, dtype)
+        return self.output(self.intermediate(normed), h)  # fc1 + activation, fc2 (+ dropout) + h: the reference's
 
     # -- kernels="auto" where the measured dispatch chose torch's GEMMs -------------------------------
     # Our fused GEMMs lose to cuBLAS (H100/H200, every tile), so "auto" runs F.linear; then the glue
