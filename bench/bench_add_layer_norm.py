@@ -5,6 +5,12 @@ Providers, measured in the same run on the same GPU and inputs (ViT-Base rows: 5
   torch          `x + residual` then F.layer_norm (two launches), or F.layer_norm alone
   torch.compile  the same function, torch.compile(mode="default", dynamic=False): Inductor's fused kernel
 
+and the training variant (kernels/add_layer_norm_train.py): a bf16/fp16 branch + the float32 residual
+stream, LayerNorm in float32 written in the branch's dtype, forward and backward (`torch.autograd.grad` of
+all four inputs), against autocast's unfused ops (torch's add, float32 `F.layer_norm`, the cast) and their
+torch.compile; its minimum traffic is 28 bytes per element in bf16 (forward: read 2 + 4, write 4 + 2;
+backward: read dy 2, h 4, dh 4, write 2 + 4).
+
 The ops are memory-bound: each record reports GB/s of the minimum traffic (add + LayerNorm: read x and the
 residual, write h and the output; LayerNorm: read x, write the output) and its percent of the measured HBM
 copy bandwidth. This is what `kernels="auto"` times per shape before it picks ours or torch's
@@ -16,7 +22,7 @@ copy bandwidth. This is what `kernels="auto"` times per shape before it picks ou
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,57 @@ EPS = 1e-12  # the hub checkpoint's LayerNorm eps
 def torch_add_layer_norm(x, residual, weight, bias):
     h = x if residual is None else x + residual
     return h, F.layer_norm(h, (h.shape[-1],), weight, bias, EPS)
+
+
+def torch_autocast_glue(x, residual, weight, bias):
+    """What autocast's unfused ops compute: mixed-dtype add, float32 LayerNorm, the next GEMM's cast."""
+    h = x + residual
+    return h, F.layer_norm(h.float(), (h.shape[-1],), weight, bias, EPS).to(x.dtype)
+
+
+def _train_providers() -> dict[str, Callable]:
+    from vithybrid_fast.kernels import add_layer_norm_train
+
+    compiled = torch.compile(torch_autocast_glue, mode="default", dynamic=False)
+    return {
+        "ours": lambda x, r, w, b: add_layer_norm_train(x, r, w, b, EPS, x.dtype),
+        "torch": torch_autocast_glue,
+        "torch.compile": compiled,
+    }
+
+
+def _forward_backward(fn, x, r, w, b, dy, dh) -> Callable[[], tuple[torch.Tensor, ...]]:
+    def step():
+        h, y = fn(x, r, w, b)
+        return (y, *torch.autograd.grad((h, y), (x, r, w, b), (dh, dy)))
+
+    return step
+
+
+def _train_records(dtype_name, batches, weight, bias, gen, device, hbm_gbps, env) -> Iterator[dict]:
+    """One record per (batch, provider), yielded as measured."""
+    dtype = getattr(torch, dtype_name)
+    w = weight.float().requires_grad_()
+    b = bias.float().requires_grad_()
+    providers = _train_providers()
+    for batch in batches:
+        x = torch.randn(batch, TOKENS, D, device=device, generator=gen).to(dtype).requires_grad_()
+        r = torch.randn(batch, TOKENS, D, device=device, generator=gen).requires_grad_()
+        dy, dh = torch.randn_like(x), torch.randn_like(r)
+        nbytes = x.numel() * (3 * x.element_size() + 4 * r.element_size())
+        want = _forward_backward(torch_autocast_glue, x, r, w, b, dy, dh)()
+        for provider, fn in providers.items():
+            call = _forward_backward(fn, x, r, w, b, dy, dh)
+            first = first_call_ms(call, device)
+            timing = time_fn(call, device)
+            diff = max((got.float() - ref.float()).abs().max().item() for got, ref in zip(call(), want, strict=True))
+            gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
+            yield {
+                "provider": provider, "kernel": "add_layer_norm_train", "variant": "train add+layer_norm",
+                "batch": batch, "M": batch * TOKENS, "dtype": dtype_name, **timing, "first_call_ms": first,
+                "bytes": nbytes, "gbps": gbps, "hbm_gbps": hbm_gbps, "pct_of_hbm": 100 * gbps / hbm_gbps,
+                "max_abs_diff_vs_torch": diff, **env,
+            }  # fmt: skip
 
 
 def _providers() -> dict[str, Callable]:
@@ -84,6 +141,10 @@ def run(
                         })  # fmt: skip
                         if on_record is not None:
                             on_record(records[-1])
+        for record in _train_records(dtype_name, batches, weight, bias, gen, device, hbm_gbps, env):
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
     return records
 
 

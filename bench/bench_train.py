@@ -9,7 +9,9 @@ and, when named in --providers, the same with gradient checkpointing (`model.gra
 with the weights and pixels in torch.channels_last: ours-triton-channels-last, ref-sdpa-channels-last (an
 H100's bf16 step at batch 64 spent 8.15 of 124 ms of kernels in cuDNN's NCHW<->NHWC transposes, which
 torch.compile's NHWC backbone does not pay; our GroupNorm kernels keep either layout), or
-ours-triton-compile: ours under torch.compile (mode "default"), as `finetune --compile` trains.
+ours-triton-compile: ours under torch.compile (mode "default"), as `finetune --compile` trains, or
+ours-triton-torch-glue: ours with torch's ops as the encoder's autocast glue (LayerNorms, the attention's
+residual add) instead of kernels/add_layer_norm_train.py: that kernel's A/B.
 
 Each step runs the forward under bf16 or fp16 autocast (float32 master weights, as `vithybrid-fast
 finetune` does on a GPU; fp16 with its dynamic loss scaling), the backward, gradient clipping and an
@@ -53,7 +55,8 @@ CHANNELS_LAST = ("ours-triton-channels-last", "ref-sdpa-channels-last")  # by na
 # `finetune --compile`: our kernels as custom ops inside torch.compile's graph, which fuses the glue
 # (autocast's casts, residual adds, LayerNorms: most of the H100 step's gap to compile-default)
 COMPILED = ("ours-triton-compile",)
-BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST, *COMPILED)
+TORCH_GLUE = ("ours-triton-torch-glue",)  # the autocast glue kernel's A/B (fast.FastViTLayer.autocast_glue_kernels)
+BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST, *COMPILED, *TORCH_GLUE)
 CPU_PROVIDERS = ("ref-sdpa",)
 
 
@@ -74,9 +77,15 @@ def build(
     if provider in CHECKPOINTED:
         model.gradient_checkpointing_enable()
         provider = provider.removesuffix("-ckpt")
-    if provider in ("ours-triton", "ours-triton-compile"):
+    if provider in ("ours-triton", "ours-triton-compile", *TORCH_GLUE):
         patched = patch_for_autocast(model, "triton", dtype)
-        if provider == "ours-triton":
+        if provider in TORCH_GLUE:
+            from vithybrid_fast.fast import FastViTLayer
+
+            for layer in patched.modules():
+                if isinstance(layer, FastViTLayer):
+                    layer.autocast_glue_kernels = False
+        if provider != "ours-triton-compile":
             return patched
         torch._dynamo.reset()  # this provider's compile time is its own
         return torch.compile(patched, mode="default")  # as finetune --compile

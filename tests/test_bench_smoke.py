@@ -425,13 +425,14 @@ def test_glue_benchmark_mechanics_on_a_cpu(monkeypatch):
     monkeypatch.setattr(bench, "TOKENS", 3)  # 3·batch rows of 768: the interpreter stays quick
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **kwargs: fn)  # Inductor's CPU build: minutes
     records = bench.run("cpu", batches=(1, 2), dtypes=("float32",))
-    assert len(records) == 2 * 2 * 3  # variant × batch × provider
+    assert len(records) == 3 * 2 * 3  # variant (inference: 2, training: 1) × batch × provider
+    per_element = {"add+layer_norm": 4 * 4, "layer_norm": 2 * 4, "train add+layer_norm": 3 * 4 + 4 * 4}
     for r in records:
         rows = r["batch"] * 3
-        assert r["bytes"] == rows * 768 * 4 * (4 if r["variant"] == "add+layer_norm" else 2)
+        assert r["bytes"] == rows * 768 * per_element[r["variant"]]
         assert math.isclose(r["gbps"], r["bytes"] / (r["ms_median"] * 1e-3) / 1e9)
         assert math.isclose(r["pct_of_hbm"], r["gbps"] / 10) and r["max_abs_diff_vs_torch"] < 1e-5
-    assert "add+layer_norm" in bench.format_table(records)
+    assert "add+layer_norm" in bench.format_table(records) and "train add+layer_norm" in bench.format_table(records)
 
 
 def test_profilers_on_a_cpu_list_the_ops_of_a_forward_and_of_a_training_step(tmp_path, capsys):
@@ -576,3 +577,22 @@ def test_compiled_training_provider_is_ours_patched_under_torch_compile(monkeypa
     for name, grad in grads.items():
         ref_grad = ref_grads[name.removeprefix("_orig_mod.")]
         assert (grad - ref_grad).abs().max().item() <= 1e-3 * ref_grad.abs().max().item() + 1e-5, name
+
+
+@pytest.mark.filterwarnings("ignore:flash_attention supports head sizes")  # the tiny config's 16
+def test_torch_glue_provider_is_ours_with_the_autocast_glue_kernel_off():
+    # the A/B of kernels/add_layer_norm_train.py: the same patched model, the glue switched per layer
+    from vithybrid_fast.bench.bench_train import BY_NAME_ONLY, build
+    from vithybrid_fast.bench.e2e import random_state_dict, tiny_config
+
+    from vithybrid_fast.fast import FastViTLayer
+
+    assert "ours-triton-torch-glue" in BY_NAME_ONLY
+    config, cpu = tiny_config(), torch.device("cpu")
+    state = random_state_dict(config, cpu)
+    glue = {}
+    for name in ("ours-triton", "ours-triton-torch-glue"):
+        layers = [m for m in build(name, config, state, cpu).modules() if isinstance(m, FastViTLayer)]
+        assert len(layers) == config.num_hidden_layers
+        glue[name] = {layer.autocast_glue_kernels for layer in layers}
+    assert glue == {"ours-triton": {True}, "ours-triton-torch-glue": {False}}
