@@ -144,20 +144,27 @@ def _(x, weight, bias, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def check_inputs(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    name: str = "add_layer_norm",
+    same_dtype: bool = True,
+) -> None:
+    """Clear errors for what the kernel cannot take; `same_dtype` False lets the residual's dtype differ
+    (add_layer_norm_train: autocast's bf16 branch on the float32 stream)."""
     tensors = (x, weight, bias) if residual is None else (x, residual, weight, bias)
-    check_launchable("add_layer_norm", *tensors)
+    check_launchable(name, *tensors)
     n = x.shape[-1] if x.dim() else 0
     if n == 0 or n > MAX_WIDTH:
-        raise ValueError(f"add_layer_norm: rows of 1 to {MAX_WIDTH} elements, got shape {tuple(x.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{name}: rows of 1 to {MAX_WIDTH} elements, got shape {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or (same_dtype and residual.dtype != x.dtype)):
         raise ValueError(
-            f"add_layer_norm: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+            f"{name}: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
         )
     if weight.shape != (n,) or bias.shape != (n,):
-        raise ValueError(
-            f"add_layer_norm: weight and bias must be ({n},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
-        )
+        raise ValueError(f"{name}: weight and bias must be ({n},), got {tuple(weight.shape)} and {tuple(bias.shape)}")
 
 
 def add_layer_norm(
@@ -167,7 +174,7 @@ def add_layer_norm(
 
     Inference glue: where a gradient is recorded for any input it returns `reference(...)` instead.
     """
-    _check(x, residual, weight, bias)
+    check_inputs(x, residual, weight, bias)
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return reference(x, residual, weight, bias, eps)

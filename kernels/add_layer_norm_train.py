@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import check_launchable, device_limits, interpreter_enabled, needs_registered_op
+from ._runtime import device_limits, interpreter_enabled, needs_registered_op
 from ._tuning import jit
-from .add_layer_norm import MAX_WIDTH, _add_layer_norm_kernel, _rows, _warps
+from .add_layer_norm import _add_layer_norm_kernel, _rows, _warps, check_inputs
 
 # Programs per SM of the backward: each sweeps a run of rows and keeps its weight/bias partial sums in
 # registers; a few per SM keep HBM busy, and the partials (programs × N floats, twice) stay small.
@@ -282,20 +282,6 @@ def _backward_plain(ctx, dy, _dmean, _drstd):
 _layer_norm_train_op.register_autograd(_backward_plain, setup_context=_setup_plain)
 
 
-def _check(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    tensors = (x, weight, bias) if residual is None else (x, residual, weight, bias)
-    check_launchable("add_layer_norm_train", *tensors)
-    n = x.shape[-1] if x.dim() else 0
-    if n == 0 or n > MAX_WIDTH:
-        raise ValueError(f"add_layer_norm_train: rows of 1 to {MAX_WIDTH} elements, got shape {tuple(x.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"add_layer_norm_train: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
-    if weight.shape != (n,) or bias.shape != (n,):
-        raise ValueError(
-            f"add_layer_norm_train: weight and bias must be ({n},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
-        )
-
-
 def add_layer_norm_train(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -306,7 +292,7 @@ def add_layer_norm_train(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, LayerNorm(h)) with h = x + residual in torch's promoted dtype (x itself when residual is None) and
     the LayerNorm taken in float32, written in `out_dtype` (default h's); differentiable in every input."""
-    _check(x, residual, weight, bias)
+    check_inputs(x, residual, weight, bias, "add_layer_norm_train", same_dtype=False)
     out_dtype = out_dtype or _h_dtype(x, residual)
     if not needs_registered_op(x, residual, weight, bias):  # no gradient recorded: no statistics kept
         h, y, _, _ = launch_forward(x, residual, weight, bias, float(eps), out_dtype, save_stats=False)
