@@ -280,6 +280,29 @@ def test_a_decompression_bomb_warning_names_its_file(tmp_path, workers):
         assert f"{path}: Image size (12000 pixels) exceeds limit of 7000 pixels" in line
 
 
+def test_a_warning_every_image_gives_is_shown_once(folder, pipeline, monkeypatch):
+    # the per-image capture that names bomb warnings gives other warnings on as Python would: once per
+    # text and place under the default filter, not once per image
+    import uuid
+    import warnings
+
+    samples, classes = image_folder_samples(folder)
+    text = f"the same for every image {uuid.uuid4()}"
+    real = LabelledImages.load_image
+
+    def warning_load(self, index):
+        warnings.warn(text, UserWarning, stacklevel=1)
+        return real(self, index)
+
+    monkeypatch.setattr(LabelledImages, "load_image", warning_load)
+    dataset = LabelledImages(samples[:3], classes, pipeline)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        items = [dataset[i] for i in range(3)]
+    assert all("pixels" in item for item in items)
+    assert [str(w.message) for w in caught].count(text) == 1
+
+
 def test_open_dataset_dispatches_and_checks_classes(folder, pipeline):
     data = open_dataset(folder, pipeline)
     assert data.classes == list(CLASSES) and len(data) == 9

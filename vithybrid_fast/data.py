@@ -240,6 +240,9 @@ class ImagePipeline:
         return x.to(torch.float32)
 
 
+_REWARNED: set[tuple] = set()  # the warnings LabelledImages.__getitem__ gave on (see there)
+
+
 class LabelledImages(torch.utils.data.Dataset):
     """Samples + classes; item i → {"index", "label", "pixels": uint8 (3, H, W)} or {"index", "label", "error"}.
 
@@ -282,6 +285,13 @@ class LabelledImages(torch.utils.data.Dataset):
             # Pillow's decompression-bomb warning names no file ("Image size (N pixels) exceeds limit…"):
             # a data set of such images warned the same line for each, with no way to find them
             bomb = issubclass(record.category, Image.DecompressionBombWarning)
+            if not bomb:
+                # any other warning (same text, same place for every image) once per process, as Python's
+                # default filter showed it before this capture (a registry cannot: catch_warnings clears them)
+                key = (record.category, str(record.message), record.filename, record.lineno)
+                if key in _REWARNED:
+                    continue
+                _REWARNED.add(key)
             message = f"{sample.source}: {record.message}" if bomb else record.message
             warnings.warn_explicit(message, record.category, record.filename, record.lineno)
         return item
