@@ -90,6 +90,7 @@ class CompileResult:
     spill_loads: int
     stack: int
     tf32_mma: bool  # a tf32 mma/wgmma in the PTX
+    fp32_fma: int  # float32 FMAs in the PTX (none in a kernel compiled with jit(fp_fusion=False)'s math)
     seconds: float  # wall time: grows with whatever else the machine runs
     cpu_seconds: float  # CPU time of the compile, ptxas included: about its wall time on an idle core
     cached: bool  # Triton's cache already held it (no compile happened)
@@ -130,7 +131,8 @@ def _bind(kernel: Any, args: dict[str, Any], config: Any, target: Any):
 
     merged = {**args, **config.kwargs}
     fn, merged = _jit_function(kernel, merged)
-    return bind_call(fn, {**merged, **config.all_kwargs(), "enable_fp_fusion": FP_FUSION}, target)
+    fusion = getattr(fn, "fp_fusion", FP_FUSION)  # a kernel's own choice (jit(fp_fusion=...)), as it launches
+    return bind_call(fn, {**merged, **config.all_kwargs(), "enable_fp_fusion": fusion}, target)
 
 
 def bind_call(fn: Any, call: dict[str, Any], target: Any):
@@ -185,6 +187,7 @@ def _ptxas_verbose(ptx: str, arch: int) -> str:
 
 
 _TF32_MMA = re.compile(r"\b(?:mma|wgmma)[.\w]*\.tf32\b")
+_FP32_FMA = re.compile(r"\bfma\.rn(?:\.ftz)?\.f32\b")
 
 
 def _cpu_time() -> float:
@@ -212,7 +215,7 @@ def compile_launch(launch: Launch, config: Any, arch: int, keep_asm: bool = Fals
         with redirect_stdout(log):
             compiled = triton.compile(source, target=target, options=options.__dict__)
     except Exception as err:  # a compile error is a result the checks report, not a crash
-        failed = dict(shared=-1, registers=-1, spill_stores=-1, spill_loads=-1, stack=-1, tf32_mma=False)
+        failed = dict(shared=-1, registers=-1, spill_stores=-1, spill_loads=-1, stack=-1, tf32_mma=False, fp32_fma=0)
         message = f"{type(err).__name__}: {str(err)[:2000]}"
         timing = dict(seconds=time.perf_counter() - start, cpu_seconds=_cpu_time() - cpu_start)
         return CompileResult(**common, **failed, **timing, cached=False, error=message), {}
@@ -225,6 +228,7 @@ def compile_launch(launch: Launch, config: Any, arch: int, keep_asm: bool = Fals
     info = _ptxas_info(text if not cached else _ptxas_verbose(ptx, arch))
     result = CompileResult(
         **common, shared=int(compiled.metadata.shared), tf32_mma=bool(_TF32_MMA.search(ptx)),
+        fp32_fma=len(_FP32_FMA.findall(ptx)),
         seconds=seconds, cpu_seconds=cpu_seconds, cached=cached, **info,
     )  # fmt: skip
     asm = {}

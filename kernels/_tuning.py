@@ -285,6 +285,7 @@ def jit(
     *,
     constexpr_under_interpreter: Sequence[str] = (),
     do_not_specialize: Sequence[str] = (),
+    fp_fusion: bool | None = None,
 ) -> Any:
     """`triton.jit`, with some runtime sizes turned into constexprs only under the interpreter.
 
@@ -292,6 +293,9 @@ def jit(
     however, cannot loop to a runtime bound under NumPy >= 2.4, so there the same parameters are
     compile-time constants. The kernel body must treat them as plain values either way. Parameters
     in `do_not_specialize` (autotune keys, row counts) get no 1 / multiple-of-16 specialization.
+    `fp_fusion=False`: no FMA contraction in this kernel (default FP_FUSION), for a kernel that subtracts
+    a product from a sum of the same products rounded (contracted, the product is not rounded, and a
+    difference that should be exactly zero is not).
     """
 
     def wrap(f: Callable) -> Any:
@@ -304,7 +308,7 @@ def jit(
         kernel = triton.jit(f, do_not_specialize=dns or None)
         if interpreter_enabled() and constexpr_under_interpreter:
             _keep_annotations_when_rewritten(kernel, f.__annotations__)
-        return _pin_fp_fusion(kernel)
+        return _pin_fp_fusion(kernel, FP_FUSION if fp_fusion is None else fp_fusion)
 
     return wrap if fn is None else wrap(fn)
 
@@ -336,12 +340,14 @@ def _keep_annotations_when_rewritten(kernel: Any, annotations: dict) -> None:
 FP_FUSION = True
 
 
-def _pin_fp_fusion(kernel: Any) -> Any:
-    """`kernel` whose every launch (direct, or through an autotuner or heuristics) passes FP_FUSION."""
+def _pin_fp_fusion(kernel: Any, fusion: bool = FP_FUSION) -> Any:
+    """`kernel` whose every launch (direct, or through an autotuner or heuristics) passes `fusion` (kept
+    as `kernel.fp_fusion`: kernels/_offline.py compiles with the same)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("enable_fp_fusion", FP_FUSION)
+        kwargs.setdefault("enable_fp_fusion", fusion)
         return type(kernel).run(kernel, *args, **kwargs)  # looked up per call: tests may patch the class
 
     kernel.run = run
+    kernel.fp_fusion = fusion
     return kernel

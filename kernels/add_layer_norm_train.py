@@ -49,7 +49,11 @@ def reference(
     return h, y.to(out_dtype or h.dtype)
 
 
-@jit(constexpr_under_interpreter=["ROWS"], do_not_specialize=["M", "ROWS"])
+# No FMA contraction: contracted, w·dy − (x̂·c1 + c2) subtracts c2 (a mean of the rounded products) from the
+# unrounded product, and where the true difference is zero (a row of one element: dx = 0 exactly) it is
+# the product's rounding error times rstd (up to 1000 at eps 1e-6): 3e-5 on the H200 (session 19), where
+# torch's float32 backward gives 0. Memory-bound, so the separate multiply costs nothing measurable.
+@jit(constexpr_under_interpreter=["ROWS"], do_not_specialize=["M", "ROWS"], fp_fusion=False)
 def _add_layer_norm_bwd_kernel(
     dy_ptr,  # (M, N) gradient of y, y's dtype
     dh_ptr,  # (M, N) gradient h receives downstream (unused without HAS_DH)

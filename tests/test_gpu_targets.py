@@ -202,6 +202,21 @@ def test_tf32_detector_finds_a_tf32_dot(compiled):
     assert compiled["tf32_probe"] == {"ieee": False, "tf32": True}
 
 
+# Kernels launched with jit(fp_fusion=False): a float32 FMA in their PTX means a launch or an offline compile
+# ignored the choice (add_layer_norm_train's backward gave dx = 3e-5 where exact is 0 on the H200, session 19).
+NO_FMA_KERNELS = {"_add_layer_norm_bwd_kernel"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kernels_without_fp_fusion_have_no_fma(compiled, arch):
+    rows = [r for dtype in DTYPES for r in _rows(compiled, arch, dtype)]
+    chosen = [r for r in rows if r["kernel"] in NO_FMA_KERNELS]
+    assert {r["kernel"] for r in chosen} == NO_FMA_KERNELS
+    assert [_label(r) for r in chosen if r["fp32_fma"]] == []
+    # and the count can fail: the forward it pairs with contracts its y = x̂·w + b
+    assert any(r["fp32_fma"] > 0 for r in rows if r["kernel"] == "_add_layer_norm_kernel")
+
+
 def test_triton_36_compiles(tmp_path):
     """The GPU machines run triton 3.6.0: the same kernels compile there within the same limits."""
     require_triton36()
@@ -213,7 +228,8 @@ def test_triton_36_compiles(tmp_path):
     bad = [f"{_label(r)} {r['dtype']}: error={r['error'][:200]!r} shared={r['shared']} regs={r['registers']} "
            f"spills={r['spill_stores'] + r['spill_loads']} tf32={r['tf32_mma']}" for r in rows
            if r["error"] or r["shared"] > SHARED_LIMIT[90] or not 0 < r["registers"] <= 255
-           or r["spill_stores"] or r["spill_loads"] or (r["dtype"] == "float32" and r["tf32_mma"])]  # fmt: skip
+           or r["spill_stores"] or r["spill_loads"] or (r["dtype"] == "float32" and r["tf32_mma"])
+           or (r["kernel"] in NO_FMA_KERNELS and r["fp32_fma"])]  # fmt: skip
     assert rows and not bad, "\n".join(bad)
 
 

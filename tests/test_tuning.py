@@ -239,7 +239,7 @@ def test_shipped_tables_name_real_kernels_and_configs():
 def test_every_launch_states_fp_fusion(monkeypatch, device):
     """FMA contraction is passed at each launch, direct or through an autotuner and heuristics, rather than
     left to Triton's default (which triton 3.10 turns off: every kernel's rounding would change)."""
-    from vithybrid_fast.kernels import add_layer_norm, attention, weight_standardize
+    from vithybrid_fast.kernels import add_layer_norm, add_layer_norm_train, attention, weight_standardize
     from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
 
     kernel_class = type(attention._attn_bwd_delta)  # InterpretedFunction here, JITFunction on a GPU
@@ -259,7 +259,14 @@ def test_every_launch_states_fp_fusion(monkeypatch, device):
                  torch.zeros(32, device=device)), activation="gelu")  # fmt: skip
     weight_standardize(torch.randn(8, 4, 3, 3, device=device))
     add_layer_norm(x, x, torch.ones(32, device=device), torch.zeros(32, device=device), 1e-5)
+    w = torch.ones(32, device=device, requires_grad=True)
+    add_layer_norm_train(x.requires_grad_(), x, w, torch.zeros(32, device=device), 1e-5, torch.float32)[
+        1
+    ].sum().backward()
     names = {name for name, _ in seen}
     assert {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_layer_norm_stats_kernel",
-            "_fused_linear_kernel", "_weight_standardize_fwd", "_add_layer_norm_kernel"} <= names, names  # fmt: skip
-    assert {flag for _, flag in seen} == {_tuning.FP_FUSION} == {True}
+            "_fused_linear_kernel", "_weight_standardize_fwd", "_add_layer_norm_kernel",
+            "_add_layer_norm_bwd_kernel"} <= names, names  # fmt: skip
+    # every kernel the default (contracted) but the one that chose otherwise (jit(fp_fusion=False))
+    assert {flag for name, flag in seen if name != "_add_layer_norm_bwd_kernel"} == {_tuning.FP_FUSION} == {True}
+    assert {flag for name, flag in seen if name == "_add_layer_norm_bwd_kernel"} == {False}
