@@ -13,7 +13,13 @@ backward: read dy 2, h 4, dh 4, write 2 + 4).
 
 The ops are memory-bound: each record reports GB/s of the minimum traffic (add + LayerNorm: read x and the
 residual, write h and the output; LayerNorm: read x, write the output) and its percent of the measured HBM
-copy bandwidth. This is what `kernels="auto"` times per shape before it picks ours or torch's
+copy bandwidth, from the eager calls' wall time (`ms_median`, which includes the host's launch time) and
+from a replayed CUDA graph (`ms_device`, the kernels alone). The training variant needs both: on the H200
+(session 19) ours took 1.03 ms a call in wall time against torch's 0.69 (bf16, batch 64), while in the
+training step's profile its kernels averaged 0.07 ms forward and 0.13 ms backward a call, and the step's
+kernels summed 94.7 ms with it against 102.7 with torch's glue: the wall time was the host's.
+
+The inference variants' wall time is what `kernels="auto"` times per shape before it picks ours or torch's
 (vithybrid_fast/fast.py, FastViTLayer.cublas_with_glue_kernels).
 
     python -m vithybrid_fast.bench.bench_add_layer_norm --out bench/results/add_layer_norm.json
@@ -27,7 +33,15 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .common import environment, first_call_ms, measured_hbm_gbps, run_gpu_bench_cli, skip_without_cuda, time_fn
+from .common import (
+    device_ms,
+    environment,
+    first_call_ms,
+    measured_hbm_gbps,
+    run_gpu_bench_cli,
+    skip_without_cuda,
+    time_fn,
+)
 
 TOKENS, D = 577, 768
 EPS = 1e-12  # the hub checkpoint's LayerNorm eps
@@ -53,6 +67,17 @@ def _train_providers() -> dict[str, Callable]:
         "torch": torch_autocast_glue,
         "torch.compile": compiled,
     }
+
+
+def _on_device(call: Callable[[], object], device, nbytes: int, hbm_gbps: float) -> dict:
+    """ms_device (a replayed CUDA graph of `call`: the kernels without the host) and its GB/s; None with the
+    reason where the call cannot be captured (a record is still written with its wall time)."""
+    try:
+        ms = device_ms(call, device)
+    except Exception as err:  # a capture failure is reported in the record, not fatal
+        return {"ms_device": None, "device_error": f"{type(err).__name__}: {str(err)[:200]}"}
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return {"ms_device": ms, "gbps_device": gbps, "pct_of_hbm_device": 100 * gbps / hbm_gbps}
 
 
 def _forward_backward(fn, x, r, w, b, dy, dh) -> Callable[[], tuple[torch.Tensor, ...]]:
@@ -81,11 +106,12 @@ def _train_records(dtype_name, batches, weight, bias, gen, device, hbm_gbps, env
             timing = time_fn(call, device)
             diff = max((got.float() - ref.float()).abs().max().item() for got, ref in zip(call(), want, strict=True))
             gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
+            on_device = _on_device(call, device, nbytes, hbm_gbps)
             yield {
                 "provider": provider, "kernel": "add_layer_norm_train", "variant": "train add+layer_norm",
                 "batch": batch, "M": batch * TOKENS, "dtype": dtype_name, **timing, "first_call_ms": first,
                 "bytes": nbytes, "gbps": gbps, "hbm_gbps": hbm_gbps, "pct_of_hbm": 100 * gbps / hbm_gbps,
-                "max_abs_diff_vs_torch": diff, **env,
+                "max_abs_diff_vs_torch": diff, **on_device, **env,
             }  # fmt: skip
 
 
@@ -132,12 +158,14 @@ def run(
                         timing = time_fn(call, device)
                         diff = (call()[1].float() - want.float()).abs().max().item()
                         gbps = nbytes / (timing["ms_median"] * 1e-3) / 1e9
+                        on_device = _on_device(call, device, nbytes, hbm_gbps)
                         records.append({
                             "provider": provider, "kernel": "add_layer_norm",
                             "variant": "add+layer_norm" if with_residual else "layer_norm",
                             "batch": batch, "M": batch * TOKENS, "dtype": dtype_name, **timing,
                             "first_call_ms": first, "bytes": nbytes, "gbps": gbps, "hbm_gbps": hbm_gbps,
-                            "pct_of_hbm": 100 * gbps / hbm_gbps, "max_abs_diff_vs_torch": diff, **env,
+                            "pct_of_hbm": 100 * gbps / hbm_gbps, "max_abs_diff_vs_torch": diff, **on_device,
+                            **env,
                         })  # fmt: skip
                         if on_record is not None:
                             on_record(records[-1])
@@ -149,13 +177,15 @@ def run(
 
 
 def format_table(records: list[dict]) -> str:
-    header = f"{'dtype':<9} {'variant':<15} {'batch':>5} {'provider':<14} {'ms':>8} {'GB/s':>8} {'%HBM':>6} "
-    header += f"{'maxdiff':>9}"
+    header = f"{'dtype':<9} {'variant':<20} {'batch':>5} {'provider':<14} {'ms':>8} {'GB/s':>8} {'%HBM':>6} "
+    header += f"{'ms dev':>8} {'%HBM dev':>8} {'maxdiff':>9}"
     lines = [header, "-" * len(header)]
     for r in records:
+        dev = "—" if r.get("ms_device") is None else f"{r['ms_device']:.4f}"
+        dev_pct = "—" if r.get("ms_device") is None else f"{r['pct_of_hbm_device']:.1f}"
         lines.append(
-            f"{r['dtype']:<9} {r['variant']:<15} {r['batch']:>5} {r['provider']:<14} {r['ms_median']:>8.4f} "
-            f"{r['gbps']:>8.1f} {r['pct_of_hbm']:>6.1f} {r['max_abs_diff_vs_torch']:>9.2e}"
+            f"{r['dtype']:<9} {r['variant']:<20} {r['batch']:>5} {r['provider']:<14} {r['ms_median']:>8.4f} "
+            f"{r['gbps']:>8.1f} {r['pct_of_hbm']:>6.1f} {dev:>8} {dev_pct:>8} {r['max_abs_diff_vs_torch']:>9.2e}"
         )
     return "\n".join(lines)
 
