@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import call, custom_op, run, twin
 from ._runtime import device_limits, interpreter_enabled, needs_registered_op
 from ._tuning import jit
 from .add_layer_norm import _add_layer_norm_kernel, _rows, _warps, check_inputs
@@ -198,7 +199,7 @@ def launch_backward(
 
 # Custom ops: one opaque node each for torch.compile (finetune --compile), and the autograd rule. mean/rstd
 # are outputs only so the backward can have them (never handed to users; their gradients are ignored).
-@torch.library.custom_op("vithybrid::add_layer_norm_train", mutates_args=())
+@custom_op("vithybrid::add_layer_norm_train")
 def _add_layer_norm_train_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     out_dtype: torch.dtype,
@@ -215,7 +216,7 @@ def _(x, residual, weight, bias, eps, out_dtype):
     )  # fmt: skip
 
 
-@torch.library.custom_op("vithybrid::layer_norm_train", mutates_args=())
+@custom_op("vithybrid::layer_norm_train")
 def _layer_norm_train_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,7 +234,7 @@ def _(x, weight, bias, eps, out_dtype):
     )
 
 
-@torch.library.custom_op("vithybrid::add_layer_norm_train_backward", mutates_args=())
+@custom_op("vithybrid::add_layer_norm_train_backward")
 def _backward_op(
     dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor, x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
@@ -261,11 +262,13 @@ def _backward_add(ctx, dh, dy, _dmean, _drstd):
     h, mean, rstd, weight = ctx.saved_tensors
     x_dtype, residual_dtype, out_dtype = ctx.dtypes
     dy = dy if dy is not None else h.new_zeros(h.shape, dtype=out_dtype)
-    dx, dr, dweight, dbias = _backward_op(dy, dh, h, mean, rstd, weight, x_dtype, residual_dtype)
+    dx, dr, dweight, dbias = run(ctx, _backward_op, dy, dh, h, mean, rstd, weight, x_dtype, residual_dtype)
     return dx, dr, dweight, dbias, None, None
 
 
 _add_layer_norm_train_op.register_autograd(_backward_add, setup_context=_setup_add)
+# dh None (h not used downstream) is the kernel's HAS_DH=False; dy None is filled above; mean, rstd ignored
+_add_layer_norm_train_eager = twin(_add_layer_norm_train_op, _setup_add, _backward_add, materialize_grads=False)
 
 
 def _setup_plain(ctx, inputs, output) -> None:
@@ -279,11 +282,12 @@ def _backward_plain(ctx, dy, _dmean, _drstd):
     x, mean, rstd, weight = ctx.saved_tensors
     x_dtype, out_dtype = ctx.dtypes
     dy = dy if dy is not None else x.new_zeros(x.shape, dtype=out_dtype)
-    dx, _, dweight, dbias = _backward_op(dy, None, x, mean, rstd, weight, x_dtype, None)
+    dx, _, dweight, dbias = run(ctx, _backward_op, dy, None, x, mean, rstd, weight, x_dtype, None)
     return dx, dweight, dbias, None, None
 
 
 _layer_norm_train_op.register_autograd(_backward_plain, setup_context=_setup_plain)
+_layer_norm_train_eager = twin(_layer_norm_train_op, _setup_plain, _backward_plain, materialize_grads=False)
 
 
 def add_layer_norm_train(
@@ -302,9 +306,11 @@ def add_layer_norm_train(
         h, y, _, _ = launch_forward(x, residual, weight, bias, float(eps), out_dtype, save_stats=False)
         return h, y
     if residual is None:
-        y, _, _ = _layer_norm_train_op(x, weight, bias, float(eps), out_dtype)
+        y, _, _ = call(_layer_norm_train_op, _layer_norm_train_eager, x, weight, bias, float(eps), out_dtype)
         return x, y
-    h, y, _, _ = _add_layer_norm_train_op(x, residual, weight, bias, float(eps), out_dtype)
+    h, y, _, _ = call(
+        _add_layer_norm_train_op, _add_layer_norm_train_eager, x, residual, weight, bias, float(eps), out_dtype
+    )
     return h, y
 
 

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ._attention_tiles import autotuned, n_bucket
+from ._eager import call, custom_op, run, twin
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 from ._tuning import jit
 
@@ -454,7 +455,7 @@ def _backward(
 # during tracing and fails, so it cannot be tested on a CPU.) The op receives its arguments as given:
 # strided q/k/v views reach the kernels without a copy in eager mode and under torch.compile (checked
 # with the eager, aot_eager and inductor backends; Inductor keeps a custom op's input strides exact).
-@torch.library.custom_op("vithybrid::flash_attention", mutates_args=())
+@custom_op("vithybrid::flash_attention")
 def _flash_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,7 +468,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[
     return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("vithybrid::flash_attention_backward", mutates_args=())
+@custom_op("vithybrid::flash_attention_backward")
 def _flash_attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     scale: float,
@@ -490,11 +491,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward_rule(ctx, grad_o, grad_lse):
     # lse is an internal by-product (never handed to users), so its gradient is ignored.
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_backward_op(grad_o, q, k, v, o, lse, ctx.scale)
+    dq, dk, dv = run(ctx, _flash_attention_backward_op, grad_o, q, k, v, o, lse, ctx.scale)
     return dq, dk, dv, None
 
 
 _flash_attention_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_flash_attention_eager = twin(_flash_attention_op, _setup_context, _backward_rule, materialize_grads=False)
 
 
 def _packed_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -506,7 +508,7 @@ def _packed_views(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 # the backward kernels write in place. Given q, k, v as views of it instead, autograd makes one zero-filled
 # tensor of qkv's size per view and adds the three: per layer 3 fills and 2 adds of 85M elements at
 # batch 64, N = 577 (counted in a CPU profile of a training step).
-@torch.library.custom_op("vithybrid::flash_attention_packed", mutates_args=())
+@custom_op("vithybrid::flash_attention_packed")
 def _flash_attention_packed_op(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(*_packed_views(qkv), scale)
 
@@ -517,7 +519,7 @@ def _(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return qkv.new_empty((B, N, H, D)).transpose(1, 2), qkv.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("vithybrid::flash_attention_packed_backward", mutates_args=())
+@custom_op("vithybrid::flash_attention_packed_backward")
 def _flash_attention_packed_backward_op(
     do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -540,10 +542,13 @@ def _setup_packed_context(ctx, inputs, output) -> None:
 
 def _packed_backward_rule(ctx, grad_o, grad_lse):
     qkv, o, lse = ctx.saved_tensors
-    return _flash_attention_packed_backward_op(grad_o, qkv, o, lse, ctx.scale), None
+    return run(ctx, _flash_attention_packed_backward_op, grad_o, qkv, o, lse, ctx.scale), None
 
 
 _flash_attention_packed_op.register_autograd(_packed_backward_rule, setup_context=_setup_packed_context)
+_flash_attention_packed_eager = twin(
+    _flash_attention_packed_op, _setup_packed_context, _packed_backward_rule, materialize_grads=False
+)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -556,7 +561,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not needs_registered_op(q, k, v):
         return _forward(q, k, v, scale)[0]
-    out, _ = _flash_attention_op(q, k, v, scale)
+    out, _ = call(_flash_attention_op, _flash_attention_eager, q, k, v, scale)
     return out
 
 
@@ -575,7 +580,7 @@ def flash_attention_packed(qkv: torch.Tensor, scale: float | None = None) -> tor
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
     if not needs_registered_op(qkv):
         return _forward(q, k, v, scale)[0]
-    out, _ = _flash_attention_packed_op(qkv, scale)
+    out, _ = call(_flash_attention_packed_op, _flash_attention_packed_eager, qkv, scale)
     return out
 
 

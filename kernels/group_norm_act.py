@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import call, custom_op, run, twin
+
 # The backward imports nothing from this module (layouts come from _group_norm_act_layout, the test hooks
 # as arguments), so it loads first and importing the package registers its tuned kernel too.
 from ._group_norm_act_backward import launch_backward
@@ -362,7 +364,7 @@ def launch_forward(x, num_groups, weight, bias, eps, act, residual):
 # Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per call, no graph break.
 # The fake (meta) implementations allocate exactly as the launchers do (`torch.empty_like(_dense(x))`),
 # so a channels-last x gives a channels-last output under the compiler too.
-@torch.library.custom_op("vithybrid::group_norm_act", mutates_args=())
+@custom_op("vithybrid::group_norm_act")
 def _group_norm_act_op(
     x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
     act: str | None, residual: torch.Tensor | None,
@@ -376,7 +378,7 @@ def _(x, num_groups, weight, bias, eps, act, residual):
     return torch.empty_like(_dense(x)), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vithybrid::group_norm_act_backward", mutates_args=())
+@custom_op("vithybrid::group_norm_act_backward")
 def _group_norm_act_backward_op(
     gy: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
     rstd: torch.Tensor, relu: bool, need_gz: bool,
@@ -409,7 +411,7 @@ def _backward_rule(ctx, gy, grad_mean, grad_rstd):
     # mean and rstd are internal by-products (never handed to users): their gradients are ignored.
     x, weight, mean, rstd, y = ctx.saved_tensors
     need_res = ctx.needs_input_grad[6]
-    gx, gres, dw, db = _group_norm_act_backward_op(gy, y, x, weight, mean, rstd, ctx.relu, need_res)
+    gx, gres, dw, db = run(ctx, _group_norm_act_backward_op, gy, y, x, weight, mean, rstd, ctx.relu, need_res)
     if need_res and not ctx.relu:
         gres = gy  # no activation: d residual = dL/dy
     dw = dw.to(ctx.w_dtype) if ctx.w_dtype is not None and ctx.needs_input_grad[2] else None
@@ -418,6 +420,7 @@ def _backward_rule(ctx, gy, grad_mean, grad_rstd):
 
 
 _group_norm_act_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_group_norm_act_eager = twin(_group_norm_act_op, _setup_context, _backward_rule, materialize_grads=False)
 
 
 def group_norm_act(
@@ -437,4 +440,5 @@ def group_norm_act(
     _check(x, num_groups, weight, bias, act, residual)
     if not needs_registered_op(x, weight, bias, residual):
         return launch_forward(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
-    return _group_norm_act_op(x, int(num_groups), weight, bias, float(eps), act, residual)[0]
+    args = (x, int(num_groups), weight, bias, float(eps), act, residual)
+    return call(_group_norm_act_op, _group_norm_act_eager, *args)[0]

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import call, custom_op, run, twin
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 from ._tuning import jit
 
@@ -198,7 +199,7 @@ def launch_backward(grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
 
 # Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per call, no graph break.
 # The fake (meta) implementations return the same layout as the launchers: `_rows` only inspects strides.
-@torch.library.custom_op("vithybrid::weight_standardize", mutates_args=())
+@custom_op("vithybrid::weight_standardize")
 def _weight_standardize_op(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch_forward(w, eps)
 
@@ -209,7 +210,7 @@ def _(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return torch.empty_like(_rows(w)), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("vithybrid::weight_standardize_backward", mutates_args=())
+@custom_op("vithybrid::weight_standardize_backward")
 def _weight_standardize_backward_op(
     grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor:
@@ -230,10 +231,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward_rule(ctx, grad_out, grad_mean, grad_rstd):
     # mean and rstd are internal by-products (never handed to users): their gradients are ignored.
     w, mean, rstd = ctx.saved_tensors
-    return _weight_standardize_backward_op(grad_out, w, mean, rstd), None
+    return run(ctx, _weight_standardize_backward_op, grad_out, w, mean, rstd), None
 
 
 _weight_standardize_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_weight_standardize_eager = twin(_weight_standardize_op, _setup_context, _backward_rule, materialize_grads=False)
 
 
 def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -246,7 +248,7 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     _check(w)
     if not needs_registered_op(w):
         return launch_forward(w, float(eps))[0]
-    return _weight_standardize_op(w, float(eps))[0]
+    return call(_weight_standardize_op, _weight_standardize_eager, w, float(eps))[0]
 
 
 def offline_launches(dtype: torch.dtype, batches: list[int], arch: int | None = None) -> list:

@@ -1,0 +1,66 @@
+"""Eager twins of the kernels' custom ops: the same launch and the same autograd rule, without the dispatcher.
+
+Why: a custom op is what torch.compile traces (one opaque node) and what `opcheck` checks, but each eager call
+through it passes torch's dispatcher twice (Autograd, then the backend key) and `torch._library`'s Python
+wrappers, and its backward calls the backward op through the dispatcher again. The H200 training step (bf16
+autocast, batch 64, session 19) was host-bound: 94.7 ms of kernels in a step of 115–218 ms, spread over ~140
+kernel calls with a backward each. On this project's CPU machine, Triton's launch stubbed out, one forward +
+backward of `add_layer_norm_train` took 235 µs of host time through the custom ops, 135 µs through a twin.
+
+A twin is a `torch.autograd.Function` whose forward is the op's Python implementation and whose setup_context
+and backward are the op's own registered ones (one rule, two callers): `call` picks the op under torch.compile
+(and export) and the twin otherwise. In the twin's backward, `run` calls a backward op's implementation
+directly. `materialize_grads=False` (for rules that take None for an unused output's gradient) also saves the
+zero tensors autograd would otherwise allocate and fill for the statistics outputs nobody uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_IMPLS: dict[Any, Callable] = {}  # custom op → its Python implementation
+
+
+def custom_op(name: str) -> Callable[[Callable], Any]:
+    """`torch.library.custom_op(name, mutates_args=())`, remembering the implementation for `run` and `twin`."""
+
+    def wrap(fn: Callable) -> Any:
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _IMPLS[op] = fn
+        return op
+
+    return wrap
+
+
+def twin(op: Any, setup_context: Callable, backward: Callable, materialize_grads: bool = True) -> Callable:
+    """`apply` of an autograd.Function computing what `op` computes, with `op`'s autograd rule."""
+    impl = _IMPLS[op]
+
+    def forward(*args: Any) -> Any:
+        return impl(*args)
+
+    def setup(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.eager = True  # read by `run` in the backward
+        ctx.set_materialize_grads(materialize_grads)
+        setup_context(ctx, inputs, output)
+
+    name = f"{op._name}_eager" if hasattr(op, "_name") else "eager_twin"
+    members = {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+    }
+    return type(name, (torch.autograd.Function,), members).apply
+
+
+def run(ctx: Any, op: Any, *args: Any) -> Any:
+    """`op(*args)` from an autograd rule: its implementation directly when the rule runs for a twin."""
+    return _IMPLS[op](*args) if getattr(ctx, "eager", False) else op(*args)
+
+
+def call(op: Any, eager: Callable, *args: Any) -> Any:
+    """The custom op while torch.compile or export traces, the twin in eager mode."""
+    return op(*args) if torch.compiler.is_compiling() else eager(*args)

@@ -1,0 +1,118 @@
+"""Eager twins (kernels/_eager.py): in eager training each kernel runs through an autograd.Function with its
+custom op's own autograd rule, and torch.compile still sees the custom op. The twin must give exactly the
+custom op's values and gradients (same launches), skip the backward op's dispatch, and leave gradients of
+unused outputs unmaterialized where its rule takes None."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from vithybrid_fast.kernels import (
+    add_layer_norm_train,
+    flash_attention,
+    flash_attention_packed,
+    group_norm_act,
+    weight_standardize,
+)
+
+alnt = importlib.import_module("vithybrid_fast.kernels.add_layer_norm_train")
+gna = importlib.import_module("vithybrid_fast.kernels.group_norm_act")
+ws = importlib.import_module("vithybrid_fast.kernels.weight_standardize")
+attn = importlib.import_module("vithybrid_fast.kernels.attention")
+
+
+def _leaf(*shape, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(device).requires_grad_()
+
+
+def _cases(device):
+    """(name, public call, the same computation through the custom op, its leaves, the op's backward op)."""
+    x = _leaf(2, 8, 4, 4, device=device)
+    w, b = _leaf(8, device=device, seed=1), _leaf(8, device=device, seed=2)
+    cw = _leaf(6, 4, 3, 3, device=device, seed=3)
+    q, k, v = (_leaf(1, 2, 20, 32, device=device, seed=s) for s in (4, 5, 6))
+    qkv = _leaf(1, 20, 3, 2, 32, device=device, seed=7)
+    hx, hr = _leaf(5, 32, device=device, seed=8), _leaf(5, 32, device=device, seed=9)
+    lw, lb = _leaf(32, device=device, seed=10), _leaf(32, device=device, seed=11)
+    ops = torch.ops.vithybrid
+    return [
+        ("group_norm_act", lambda: group_norm_act(x, 4, w, b, 1e-5, "relu"),
+         lambda: ops.group_norm_act(x, 4, w, b, 1e-5, "relu", None)[0], (x, w, b), gna._group_norm_act_backward_op),
+        ("weight_standardize", lambda: weight_standardize(cw), lambda: ops.weight_standardize(cw, 1e-8)[0], (cw,),
+         ws._weight_standardize_backward_op),
+        ("flash_attention", lambda: flash_attention(q, k, v), lambda: ops.flash_attention(q, k, v, 32**-0.5)[0],
+         (q, k, v), attn._flash_attention_backward_op),
+        ("flash_attention_packed", lambda: flash_attention_packed(qkv),
+         lambda: ops.flash_attention_packed(qkv, 32**-0.5)[0], (qkv,), attn._flash_attention_packed_backward_op),
+        ("add_layer_norm_train", lambda: add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)[1],
+         lambda: ops.add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)[1], (hx, hr, lw, lb),
+         alnt._backward_op),
+        ("layer_norm_train", lambda: add_layer_norm_train(hx, None, lw, lb, 1e-6, torch.float32)[1],
+         lambda: ops.layer_norm_train(hx, lw, lb, 1e-6, torch.float32)[0], (hx, lw, lb), alnt._backward_op),
+    ]  # fmt: skip
+
+
+def _value_and_grads(fn, leaves):
+    out = fn()
+    upstream = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape).to(out.dtype)
+    return out.detach(), torch.autograd.grad(out, leaves, upstream), out.grad_fn
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _cases("cpu")])
+def test_the_twin_gives_the_custom_ops_values_and_gradients_exactly(name, device):
+    (case,) = [c for c in _cases(device) if c[0] == name]
+    _, public, through_op, leaves, _ = case
+    out, grads, grad_fn = _value_and_grads(public, leaves)
+    want, want_grads, op_grad_fn = _value_and_grads(through_op, leaves)
+    # the public call took the twin (an autograd.Function of its own), the op call the custom op
+    assert "_eager" in type(grad_fn).__name__, type(grad_fn).__name__
+    assert "_eager" not in type(op_grad_fn).__name__
+    assert torch.equal(out, want)
+    for got, exp in zip(grads, want_grads, strict=True):
+        assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _cases("cpu")])
+def test_the_twins_backward_skips_the_backward_ops_dispatch(name, device, monkeypatch):
+    (case,) = [c for c in _cases(device) if c[0] == name]
+    _, public, through_op, leaves, backward_op = case
+    calls = []
+    real_call = type(backward_op).__call__
+    monkeypatch.setattr(
+        type(backward_op), "__call__", lambda self, *a, **k: calls.append(self) or real_call(self, *a, **k)
+    )
+    _value_and_grads(public, leaves)
+    assert backward_op not in calls  # the implementation was called directly
+    _value_and_grads(through_op, leaves)
+    assert backward_op in calls  # and the custom op's own rule still goes through the op (compile traces it)
+
+
+def test_unused_outputs_get_no_zero_gradients(device):
+    # h alone used downstream: the backward sees dy None and fills it itself; y alone: dh None is HAS_DH=False
+    hx, hr = _leaf(5, 32, device=device, seed=8), _leaf(5, 32, device=device, seed=9)
+    lw, lb = _leaf(32, device=device, seed=10), _leaf(32, device=device, seed=11)
+    for pick in (0, 1):
+        got = add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)[pick]
+        want = torch.ops.vithybrid.add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)[pick]
+        g = torch.autograd.grad(got.sum(), (hx, hr, lw, lb), allow_unused=True)
+        w = torch.autograd.grad(want.sum(), (hx, hr, lw, lb), allow_unused=True)
+        for a, b in zip(g, w, strict=True):
+            assert (a is None and b is None) or (b is not None and torch.allclose(a, b, rtol=0, atol=1e-6))
+
+
+def test_torch_compile_still_traces_the_custom_op(device):
+    x = _leaf(2, 8, 4, 4, device=device)
+    w, b = _leaf(8, device=device, seed=1), _leaf(8, device=device, seed=2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(lambda t: group_norm_act(t, 4, w, b, 1e-5, "relu"), backend=backend, fullgraph=True)
+    compiled(x).sum().backward()
+    assert any("vithybrid.group_norm_act" in g for g in graphs), graphs
+    assert x.grad is not None and torch.isfinite(x.grad).all()
