@@ -24,7 +24,7 @@
 #   bash bench/gpu_session.sh step input            the host's decode + preprocessing images/s per worker count
 #   bash bench/gpu_session.sh step resize           eval --resize-on device: the GPU's resize + crop images/s
 #   bash bench/gpu_session.sh plan doctor@60 tests-kernels@100 e2e=bfloat16@120 …   several steps, one call
-# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, INPUT_MODES and INPUT_WORKERS (the input step), TRAIN_PROVIDERS (e.g. adding ours-triton-ckpt), STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
+# Knobs: PYTEST_WORKERS (xdist workers for test steps), E2E_PROVIDERS, INPUT_MODES and INPUT_WORKERS (the input step), TRAIN_PROVIDERS (e.g. adding ours-triton-ckpt), TRAIN_REPS (steps timed per provider, default 10), STEP_BUDGET_S (default 400: the step's main command is stopped there, with SIGINT, and reports
 # what it measured), BATCHES (default 1,8,64), OUT (default ./bench-results/gpu-session, git-ignored),
 # PYTHON (default python3), DEVICE (default cuda), WHEELS (default .whl).
 #
@@ -161,7 +161,8 @@ run_step() {
         --no-backward --out "$OUT/configs" ;;
     train)  # one optimizer step (fwd, bwd, clip, AdamW) per provider; fp16 with loss scaling as finetune
       within_budget "$OUT/train.log" "$PYTHON" -m vithybrid_fast.bench.bench_train --batches "${TRAIN_BATCHES:-32,64}" \
-        --dtypes "${arg:-bfloat16,float16}" ${TRAIN_PROVIDERS:+--providers "$TRAIN_PROVIDERS"} --out "$OUT/train.json" ;;
+        --dtypes "${arg:-bfloat16,float16}" ${TRAIN_PROVIDERS:+--providers "$TRAIN_PROVIDERS"} \
+        ${TRAIN_REPS:+--reps "$TRAIN_REPS"} --out "$OUT/train.json" ;;
     resize)  # eval --resize-on device's resize + crop on the GPU (batch 64: one size, then 8 sizes) vs Pillow
       local args="--batch 64"
       [ "$DEVICE" = cpu ] && args="--batch 4 --reps 2"
