@@ -614,3 +614,43 @@ def test_glue_benchmark_records_a_failed_capture_and_goes_on(monkeypatch):
                                  "ms_median": 0.1, "gbps": 1.0, "pct_of_hbm": 0.1, "max_abs_diff_vs_torch": 0.0,
                                  **got}])  # fmt: skip
     assert table.splitlines()[-1].split()[7:9] == ["—", "—"]
+
+
+def test_host_overhead_benchmark_times_both_routes_in_its_own_process(tmp_path):
+    # it stubs Triton's launcher for its whole process, so it runs in one of its own, interpreter off
+    out = tmp_path / "host.jsonl"
+    cmd = [sys.executable, "-m", "vithybrid_fast.bench.bench_host_overhead", "--calls", "3", "--rounds", "2",
+           "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    routes = {(r["kernel"], r["provider"]) for r in records}
+    for kernel in ("group_norm_act", "weight_standardize", "flash_attention", "add_layer_norm_train"):
+        assert {(kernel, "ours (eager twin)"), (kernel, "ours (custom op)")} <= routes
+    assert all(r["us_per_call"] > 0 and len(r["us_rounds"]) == 2 and r["calls"] == 3 for r in records)
+    # the routing really changed the path: the twin's and the op's autograd nodes differ (checked here by
+    # the benchmark's own switch, which once patched _eager itself and timed the twin twice)
+    probe = (
+        "import os; os.environ['TRITON_INTERPRET'] = '0'\n"
+        "from vithybrid_fast.bench import bench_host_overhead as B\n"
+        "B._stub_launches()\n"
+        "import torch\n"
+        "from vithybrid_fast.kernels import group_norm_act\n"
+        "x = torch.randn(1, 4, 2, 2, requires_grad=True)\n"
+        "names = []\n"
+        "for on in (False, True):\n"
+        "    B._through_custom_ops(on)\n"
+        "    names.append(type(group_norm_act(x, 2, None, None).grad_fn).__name__)\n"
+        "print(*names)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    twin_node, op_node = done.stdout.strip().splitlines()[-1].split()
+    assert "_eager" in twin_node and "_eager" not in op_node, (twin_node, op_node)
+
+
+def test_host_overhead_benchmark_refuses_the_interpreter():
+    cmd = [sys.executable, "-m", "vithybrid_fast.bench.bench_host_overhead", "--calls", "1"]
+    done = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "needs TRITON_INTERPRET unset or 0" in done.stderr
