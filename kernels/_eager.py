@@ -59,7 +59,9 @@ def twin(op: Any, setup_context: Callable, backward: Callable, materialize_grads
 
 def run(ctx: Any, op: Any, *args: Any) -> Any:
     """`op(*args)` from an autograd rule: its implementation directly when the rule runs for a twin."""
-    return _IMPLS[op](*args) if getattr(ctx, "eager", False) else op(*args)
+    # (a twin's backward traced by a compiler, compiled autograd say, keeps the op: it cannot trace a launch)
+    direct = getattr(ctx, "eager", False) and not torch.compiler.is_compiling()
+    return _IMPLS[op](*args) if direct else op(*args)
 
 
 def call(op: Any, eager: Callable, *args: Any) -> Any:

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._eager import call, custom_op, twin
 from ._fused_linear_tiles import GPU_CONFIGS, INTERPRETER_CONFIG, prune_configs
 from ._runtime import check_launchable, interpreter_enabled, needs_registered_op
 from ._tuning import jit, tuned
@@ -345,7 +346,7 @@ def reference_grads(
 
 # Custom ops (as in kernels/attention.py): torch.compile sees one opaque node per forward call, so no
 # graph break; the backward is `reference_grads` in each op's autograd rule.
-@torch.library.custom_op("vithybrid::layer_norm_stats", mutates_args=())
+@custom_op("vithybrid::layer_norm_stats")
 def _layer_norm_stats_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_layer_norm_stats(x, eps)
 
@@ -369,9 +370,10 @@ def _layer_norm_stats_backward(ctx, grad_mean, grad_rstd):
 
 
 _layer_norm_stats_op.register_autograd(_layer_norm_stats_backward, setup_context=_layer_norm_stats_setup)
+_layer_norm_stats_eager = twin(_layer_norm_stats_op, _layer_norm_stats_setup, _layer_norm_stats_backward)
 
 
-@torch.library.custom_op("vithybrid::fused_linear", mutates_args=())
+@custom_op("vithybrid::fused_linear")
 def _fused_linear_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
     rstd: torch.Tensor | None, ln_w: torch.Tensor | None, ln_b: torch.Tensor | None,
@@ -400,6 +402,7 @@ def _fused_linear_backward(ctx, grad):
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
+_fused_linear_eager = twin(_fused_linear_op, _fused_linear_setup, _fused_linear_backward)
 
 
 def layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +412,7 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
         raise ValueError(f"layer_norm_stats: x needs a non-empty last dimension, got shape {tuple(x.shape)}")
     if not needs_registered_op(x):
         return launch_layer_norm_stats(x, float(eps))
-    return _layer_norm_stats_op(x, float(eps))
+    return call(_layer_norm_stats_op, _layer_norm_stats_eager, x, float(eps))
 
 
 def check_linear_inputs(
@@ -480,4 +483,5 @@ def fused_linear(
     )
     if not needs_registered_op(x, weight, bias, mean, rstd, ln_w, ln_b, residual):
         return launch_fused_linear(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)
-    return _fused_linear_op(x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)
+    args = (x, weight, bias, mean, rstd, ln_w, ln_b, residual, activation)
+    return call(_fused_linear_op, _fused_linear_eager, *args)

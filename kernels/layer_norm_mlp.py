@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._eager import call, custom_op, twin
 from ._runtime import needs_registered_op
 from .fused_linear import check_linear_inputs, launch_fused_linear, launch_layer_norm_stats, reference_grads
 
@@ -93,7 +94,7 @@ def offline_launches(dtype: torch.dtype, batches: Sequence[int], arch: int | Non
 
 # Custom op (as in kernels/attention.py): torch.compile sees one opaque node per forward call, so no
 # graph break; the backward is `reference_grads` (kernels/fused_linear.py) in the autograd rule.
-@torch.library.custom_op("vithybrid::layer_norm_mlp", mutates_args=())
+@custom_op("vithybrid::layer_norm_mlp")
 def _layer_norm_mlp_op(
     x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor | None,
     fc2_w: torch.Tensor, fc2_b: torch.Tensor | None, eps: float, residual: bool,
@@ -120,6 +121,7 @@ def _backward_rule(ctx, grad):
 
 
 _layer_norm_mlp_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_layer_norm_mlp_eager = twin(_layer_norm_mlp_op, _setup_context, _backward_rule)
 
 
 def layer_norm_mlp(
@@ -151,4 +153,5 @@ def layer_norm_mlp(
 
     if not needs_registered_op(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b):
         return _forward(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, float(eps), bool(residual))
-    return _layer_norm_mlp_op(x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, float(eps), bool(residual))
+    args = (x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, float(eps), bool(residual))
+    return call(_layer_norm_mlp_op, _layer_norm_mlp_eager, *args)

@@ -14,8 +14,10 @@ from vithybrid_fast.kernels import (
     flash_attention,
     flash_attention_packed,
     group_norm_act,
+    layer_norm_mlp,
     weight_standardize,
 )
+from vithybrid_fast.kernels.fused_linear import fused_linear, layer_norm_stats
 
 alnt = importlib.import_module("vithybrid_fast.kernels.add_layer_norm_train")
 gna = importlib.import_module("vithybrid_fast.kernels.group_norm_act")
@@ -37,6 +39,13 @@ def _cases(device):
     qkv = _leaf(1, 20, 3, 2, 32, device=device, seed=7)
     hx, hr = _leaf(5, 32, device=device, seed=8), _leaf(5, 32, device=device, seed=9)
     lw, lb = _leaf(32, device=device, seed=10), _leaf(32, device=device, seed=11)
+    fw, fb, fr = (
+        _leaf(16, 32, device=device, seed=12),
+        _leaf(16, device=device, seed=13),
+        _leaf(5, 16, device=device, seed=14),
+    )
+    m1w, m1b = _leaf(48, 32, device=device, seed=15), _leaf(48, device=device, seed=16)
+    m2w, m2b = _leaf(32, 48, device=device, seed=17), _leaf(32, device=device, seed=18)
     ops = torch.ops.vithybrid
     return [
         ("group_norm_act", lambda: group_norm_act(x, 4, w, b, 1e-5, "relu"),
@@ -52,6 +61,14 @@ def _cases(device):
          alnt._backward_op),
         ("layer_norm_train", lambda: add_layer_norm_train(hx, None, lw, lb, 1e-6, torch.float32)[1],
          lambda: ops.layer_norm_train(hx, lw, lb, 1e-6, torch.float32)[0], (hx, lw, lb), alnt._backward_op),
+        # autograd by recomputation in torch (reference_grads): no backward op to skip
+        ("layer_norm_stats", lambda: layer_norm_stats(hx, 1e-6)[1], lambda: ops.layer_norm_stats(hx, 1e-6)[1],
+         (hx,), None),
+        ("fused_linear", lambda: fused_linear(hx, fw, fb, activation="gelu", residual=fr),
+         lambda: ops.fused_linear(hx, fw, fb, None, None, None, None, fr, "gelu"), (hx, fw, fb, fr), None),
+        ("layer_norm_mlp", lambda: layer_norm_mlp(hx, lw, lb, m1w, m1b, m2w, m2b, 1e-6),
+         lambda: ops.layer_norm_mlp(hx, lw, lb, m1w, m1b, m2w, m2b, 1e-6, True), (hx, lw, lb, m1w, m1b, m2w, m2b),
+         None),
     ]  # fmt: skip
 
 
@@ -75,7 +92,7 @@ def test_the_twin_gives_the_custom_ops_values_and_gradients_exactly(name, device
         assert torch.equal(got, exp)
 
 
-@pytest.mark.parametrize("name", [c[0] for c in _cases("cpu")])
+@pytest.mark.parametrize("name", [c[0] for c in _cases("cpu") if c[4] is not None])
 def test_the_twins_backward_skips_the_backward_ops_dispatch(name, device, monkeypatch):
     (case,) = [c for c in _cases(device) if c[0] == name]
     _, public, through_op, leaves, backward_op = case
