@@ -14,7 +14,8 @@ backward: read dy 2, h 4, dh 4, write 2 + 4).
 The ops are memory-bound: each record reports GB/s of the minimum traffic (add + LayerNorm: read x and the
 residual, write h and the output; LayerNorm: read x, write the output) and its percent of the measured HBM
 copy bandwidth, from the eager calls' wall time (`ms_median`, which includes the host's launch time) and
-from a replayed CUDA graph (`ms_device`, the kernels alone). The training variant needs both: on the H200
+from a replayed CUDA graph (`ms_device`, the kernels alone; no L2 flush between replays, and at batch 64 each
+tensor, 57–113 MB, is larger than the H100's or H200's L2). The training variant needs both: on the H200
 (session 19) ours took 1.03 ms a call in wall time against torch's 0.69 (bf16, batch 64), while in the
 training step's profile its kernels averaged 0.07 ms forward and 0.13 ms backward a call, and the step's
 kernels summed 94.7 ms with it against 102.7 with torch's glue: the wall time was the host's.
@@ -98,7 +99,9 @@ def _train_records(dtype_name, batches, weight, bias, gen, device, hbm_gbps, env
         x = torch.randn(batch, TOKENS, D, device=device, generator=gen).to(dtype).requires_grad_()
         r = torch.randn(batch, TOKENS, D, device=device, generator=gen).requires_grad_()
         dy, dh = torch.randn_like(x), torch.randn_like(r)
-        nbytes = x.numel() * (3 * x.element_size() + 4 * r.element_size())
+        # x, y, dy, dx in x's dtype; residual, h (written, read back), dh, dresidual in the residual's.
+        # (Session 19's records used 3 and 4, 22 of these 28 bytes in bf16: their GB/s read 22/28 low.)
+        nbytes = x.numel() * (4 * x.element_size() + 5 * r.element_size())
         want = _forward_backward(torch_autocast_glue, x, r, w, b, dy, dh)()
         for provider, fn in providers.items():
             call = _forward_backward(fn, x, r, w, b, dy, dh)

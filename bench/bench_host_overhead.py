@@ -1,7 +1,7 @@
 """Host time per kernel call (forward + backward), Triton's launch stubbed out: what the Python side costs.
 
 Why: the H200's bf16 training step (session 19, bench/results/nvidia-h200-2026-11-27-run4-notes.md) ran
-94.7 ms of kernels in steps of 115–218 ms: the GPU waited for the host. The host's part per call (argument
+94.7 ms of kernels in steps of 120–188 ms: the GPU waited for the host. The host's part per call (argument
 checks, allocation, the autograd node, torch's custom-op dispatcher, Triton's launcher) can be measured on
 any CPU: this script replaces the kernel launches with no-ops and times the calls themselves on small CPU
 tensors, through the public functions in eager mode (the eager twins of kernels/_eager.py) and the same
@@ -95,7 +95,7 @@ def _op_call(op, eager, *args):
 
 
 def _time_us(step: Callable[[], None], calls: int, rounds: int) -> list[float]:
-    for _ in range(max(calls // 20, 5)):
+    for _ in range(max(calls // 20, 5)):  # warm-up (also after a route switch)
         step()
     per_round = []
     for _ in range(rounds):
@@ -116,16 +116,22 @@ def run(calls: int = 2000, rounds: int = 5, on_record: Callable[[dict], None] | 
     for kernel, providers in _cases().items():
         for provider, step in providers.items():
             routes = ((" (eager twin)", False), (" (custom op)", True)) if provider == "ours" else (("", False),)
-            for suffix, custom_ops in routes:
-                _through_custom_ops(custom_ops)
-                rounds_us = _time_us(step, calls, rounds)
-                _through_custom_ops(False)
+            per_route: dict[str, list[float]] = {suffix: [] for suffix, _ in routes}
+            for _ in range(rounds):  # the routes alternate round by round: this machine's speed drifts
+                for suffix, custom_ops in routes:
+                    _through_custom_ops(custom_ops)
+                    per_route[suffix] += _time_us(step, calls, 1)
+                    _through_custom_ops(False)
+            for suffix, rounds_us in per_route.items():
                 record = {
                     "kind": "host_overhead", "kernel": kernel, "provider": provider + suffix,
                     "us_per_call": statistics.median(rounds_us), "us_rounds": rounds_us, "calls": calls,
                     "torch": torch.__version__, "python": platform.python_version(),
                     "cpu": platform.processor() or platform.machine(),
                 }  # fmt: skip
+                if len(routes) == 2:  # the twin's time over the op's, round by round (paired)
+                    twin, op = per_route[" (eager twin)"], per_route[" (custom op)"]
+                    record["twin_over_op_median"] = statistics.median(a / b for a, b in zip(twin, op, strict=True))
                 records.append(record)
                 if on_record is not None:
                     on_record(record)
@@ -142,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs TRITON_INTERPRET unset or 0: the interpreter's launch cannot be stubbed out")
 
     def show(record: dict) -> None:
-        print(
+        line = (
             f"{record['kernel']:<22} {record['provider']:<22} {record['us_per_call']:>8.1f} µs per forward + backward"
         )
+        if record["provider"].endswith("(custom op)"):
+            line += f"   twin / op, paired by round: {record['twin_over_op_median']:.2f}"
+        print(line)
         if args.out is not None:
             with args.out.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -131,7 +131,8 @@ def _bind(kernel: Any, args: dict[str, Any], config: Any, target: Any):
 
     merged = {**args, **config.kwargs}
     fn, merged = _jit_function(kernel, merged)
-    fusion = getattr(fn, "fp_fusion", FP_FUSION)  # a kernel's own choice (jit(fp_fusion=...)), as it launches
+    fusion = getattr(fn, "fp_fusion", None)  # a kernel's own choice (jit(fp_fusion=...)), as it launches
+    fusion = FP_FUSION if fusion is None else fusion
     return bind_call(fn, {**merged, **config.all_kwargs(), "enable_fp_fusion": fusion}, target)
 
 

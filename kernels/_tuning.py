@@ -308,7 +308,7 @@ def jit(
         kernel = triton.jit(f, do_not_specialize=dns or None)
         if interpreter_enabled() and constexpr_under_interpreter:
             _keep_annotations_when_rewritten(kernel, f.__annotations__)
-        return _pin_fp_fusion(kernel, FP_FUSION if fp_fusion is None else fp_fusion)
+        return _pin_fp_fusion(kernel, fp_fusion)
 
     return wrap if fn is None else wrap(fn)
 
@@ -340,12 +340,13 @@ def _keep_annotations_when_rewritten(kernel: Any, annotations: dict) -> None:
 FP_FUSION = True
 
 
-def _pin_fp_fusion(kernel: Any, fusion: bool = FP_FUSION) -> Any:
-    """`kernel` whose every launch (direct, or through an autotuner or heuristics) passes `fusion` (kept
-    as `kernel.fp_fusion`: kernels/_offline.py compiles with the same)."""
+def _pin_fp_fusion(kernel: Any, fusion: bool | None = None) -> Any:
+    """`kernel` whose every launch (direct, or through an autotuner or heuristics) passes `fusion`, or
+    FP_FUSION as it is at launch time where None (kept as `kernel.fp_fusion`: kernels/_offline.py compiles
+    with the same)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("enable_fp_fusion", fusion)
+        kwargs.setdefault("enable_fp_fusion", FP_FUSION if fusion is None else fusion)
         return type(kernel).run(kernel, *args, **kwargs)  # looked up per call: tests may patch the class
 
     kernel.run = run

@@ -426,7 +426,7 @@ def test_glue_benchmark_mechanics_on_a_cpu(monkeypatch):
     monkeypatch.setattr(bench.torch, "compile", lambda fn, **kwargs: fn)  # Inductor's CPU build: minutes
     records = bench.run("cpu", batches=(1, 2), dtypes=("float32",))
     assert len(records) == 3 * 2 * 3  # variant (inference: 2, training: 1) × batch × provider
-    per_element = {"add+layer_norm": 4 * 4, "layer_norm": 2 * 4, "train add+layer_norm": 3 * 4 + 4 * 4}
+    per_element = {"add+layer_norm": 4 * 4, "layer_norm": 2 * 4, "train add+layer_norm": 4 * 4 + 5 * 4}
     for r in records:
         rows = r["batch"] * 3
         assert r["bytes"] == rows * 768 * per_element[r["variant"]]
@@ -628,6 +628,12 @@ def test_host_overhead_benchmark_times_both_routes_in_its_own_process(tmp_path):
     for kernel in ("group_norm_act", "weight_standardize", "flash_attention", "add_layer_norm_train"):
         assert {(kernel, "ours (eager twin)"), (kernel, "ours (custom op)")} <= routes
     assert all(r["us_per_call"] > 0 and len(r["us_rounds"]) == 2 and r["calls"] == 3 for r in records)
+    for r in records:  # the paired ratio: the median of the two rounds' twin/op ratios
+        if r["provider"].startswith("ours"):
+            (twin,) = [t for t in records if (t["kernel"], t["provider"]) == (r["kernel"], "ours (eager twin)")]
+            (op,) = [t for t in records if (t["kernel"], t["provider"]) == (r["kernel"], "ours (custom op)")]
+            ratios = [a / b for a, b in zip(twin["us_rounds"], op["us_rounds"], strict=True)]
+            assert math.isclose(r["twin_over_op_median"], sum(ratios) / 2)
     # the routing really changed the path: the twin's and the op's autograd nodes differ (checked here by
     # the benchmark's own switch, which once patched _eager itself and timed the twin twice)
     probe = (

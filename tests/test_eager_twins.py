@@ -133,3 +133,37 @@ def test_torch_compile_still_traces_the_custom_op(device):
     compiled(x).sum().backward()
     assert any("vithybrid.group_norm_act" in g for g in graphs), graphs
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+class _DropGradient(torch.autograd.Function):
+    """Passes its input on and returns no gradient for it: the node before it is reached with none."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _cases("cpu")])
+def test_a_node_reached_with_no_gradient_gives_none_as_the_custom_op_gives_zeros(name, device):
+    # unmaterialized, every incoming gradient is None: the rule would pass None to a kernel
+    (case,) = [c for c in _cases(device) if c[0] == name]
+    _, public, through_op, leaves, _ = case
+    for fn in (public, through_op):
+        loss = _DropGradient.apply(fn()).sum() + sum(t.sum() for t in leaves)
+        grads = torch.autograd.grad(loss, leaves)
+        assert all(torch.equal(g, torch.ones_like(g)) for g in grads)  # the direct terms' only
+
+
+@pytest.mark.parametrize("name", ["group_norm_act", "add_layer_norm_train", "flash_attention"])
+def test_a_double_backward_fails_as_through_the_custom_op(name, device):
+    # the backward's launches record no graph: differentiating it again must raise, not drop its part
+    (case,) = [c for c in _cases(device) if c[0] == name]
+    _, public, through_op, leaves, _ = case
+    for fn in (public, through_op):
+        (grad, *_) = torch.autograd.grad(fn().pow(2).sum(), leaves, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):  # the op's own message, both ways
+            torch.autograd.grad((grad**2).sum() + leaves[0].pow(3).sum(), leaves[0])
