@@ -11,7 +11,9 @@ H100's bf16 step at batch 64 spent 8.15 of 124 ms of kernels in cuDNN's NCHW<->N
 torch.compile's NHWC backbone does not pay; our GroupNorm kernels keep either layout), or
 ours-triton-compile: ours under torch.compile (mode "default"), as `finetune --compile` trains, or
 ours-triton-torch-glue: ours with torch's ops as the encoder's autocast glue (LayerNorms, the attention's
-residual add) instead of kernels/add_layer_norm_train.py: that kernel's A/B.
+residual add) instead of kernels/add_layer_norm_train.py: that kernel's A/B, or ours-triton-cudagraphs:
+ours with the forward + backward replayed from CUDA graphs (`torch.cuda.make_graphed_callables`; clipping and
+AdamW eager; bf16 or fp32), the step without the host's launch time.
 
 Each step runs the forward under bf16 or fp16 autocast (float32 master weights, as `vithybrid-fast
 finetune` does on a GPU; fp16 with its dynamic loss scaling), the backward, gradient clipping and an
@@ -56,7 +58,11 @@ CHANNELS_LAST = ("ours-triton-channels-last", "ref-sdpa-channels-last")  # by na
 # (autocast's casts, residual adds, LayerNorms: most of the H100 step's gap to compile-default)
 COMPILED = ("ours-triton-compile",)
 TORCH_GLUE = ("ours-triton-torch-glue",)  # the autocast glue kernel's A/B (fast.FastViTLayer.autocast_glue_kernels)
-BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST, *COMPILED, *TORCH_GLUE)
+# ours "triton" with the forward + backward captured as CUDA graphs (torch.cuda.make_graphed_callables; the
+# clipping and AdamW step stay eager): what the host-bound eager step (session 19, H200: 94.7 ms of kernels
+# in steps of 120-188 ms) reaches without the host's launch time. bf16/fp32 only (no GradScaler in a graph).
+GRAPHED = ("ours-triton-cudagraphs",)
+BY_NAME_ONLY = (*CHECKPOINTED, *CHANNELS_LAST, *COMPILED, *TORCH_GLUE, *GRAPHED)
 CPU_PROVIDERS = ("ref-sdpa",)
 
 
@@ -77,7 +83,7 @@ def build(
     if provider in CHECKPOINTED:
         model.gradient_checkpointing_enable()
         provider = provider.removesuffix("-ckpt")
-    if provider in ("ours-triton", "ours-triton-compile", *TORCH_GLUE):
+    if provider in ("ours-triton", "ours-triton-compile", *TORCH_GLUE, *GRAPHED):
         patched = patch_for_autocast(model, "triton", dtype)
         if provider in TORCH_GLUE:
             from vithybrid_fast.fast import FastViTLayer
@@ -127,6 +133,49 @@ def make_step(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, dtyp
     return step
 
 
+class _Loss(nn.Module):
+    """The model's loss as a module of tensors in, a tensor out: what make_graphed_callables can capture."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels, labels=labels).loss
+
+
+def make_graphed_step(
+    model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+) -> Callable[[], None]:
+    """`make_step`'s step with its forward + backward replayed from CUDA graphs (captured here, after
+    make_graphed_callables' own warm-up iterations, which also compile and autotune the kernels)."""
+    if pixels.device.type != "cuda":
+        raise RuntimeError(f"{GRAPHED[0]}: CUDA graphs need a CUDA device, got {pixels.device}")
+    if dtype == torch.float16:
+        raise ValueError(f"{GRAPHED[0]}: bfloat16 or float32 only (GradScaler's scaling is not captured)")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = dtype != torch.float32
+    # autocast's weight-cast cache must be off around a capture and its replays (make_graphed_callables' rule)
+    with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(_Loss(model), (pixels, labels))
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            loss = graphed(pixels, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.scaler, step.skipped = None, 0
+    return step
+
+
+def step_for(provider: str, model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype):
+    """The timed step of `provider`: graphed for the CUDA-graph provider, else `make_step`'s."""
+    return (make_graphed_step if provider in GRAPHED else make_step)(model, pixels_for(provider, pixels), labels, dtype)
+
+
 def run(
     device: str = "cuda",
     batches: tuple[int, ...] = (32, 64),
@@ -159,7 +208,7 @@ def run(
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(dev)
                     model = build(provider, config, state, dev, dtype)
-                    step = make_step(model, pixels_for(provider, pixels), labels, dtype)
+                    step = step_for(provider, model, pixels, labels, dtype)
                     record["first_step_ms"] = first_call_ms(step, dev)
                     record.update(time_fn(step, dev, warmup=2, reps=reps))
                     record["images_per_s"] = batch / (record["ms_median"] * 1e-3)

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .arguments import DTYPE_NAMES, positive_int
-from .bench_train import BY_NAME_ONLY, PROVIDERS, build, make_step, pixels_for
+from .bench_train import BY_NAME_ONLY, PROVIDERS, build, step_for
 from .common import RecordLog, exit_without_cuda
 from .profile_e2e import format_table, kernel_table
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     with RecordLog(args.out) as log:
         for provider in providers:
             model = build(provider, config, state, device, dtype)
-            step = make_step(model, pixels_for(provider, pixels), labels, dtype)
+            step = step_for(provider, model, pixels, labels, dtype)
             rows, wall_ms = profile_steps(step, device, args.iters)
             title = f"{provider} {dtype_name} autocast b={args.batch} training step"
             print(format_table(title, rows, wall_ms, args.rows, per="step"), flush=True)

@@ -660,3 +660,27 @@ def test_host_overhead_benchmark_refuses_the_interpreter():
     cmd = [sys.executable, "-m", "vithybrid_fast.bench.bench_host_overhead", "--calls", "1"]
     done = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs TRITON_INTERPRET unset or 0" in done.stderr
+
+
+@pytest.mark.filterwarnings("ignore:flash_attention supports head sizes")  # the tiny config's 16
+def test_graphed_training_provider_is_ours_triton_and_says_it_needs_a_gpu():
+    # its model is ours "triton" (the glue kernel on); only its step differs, and that needs CUDA graphs
+    from vithybrid_fast.bench import bench_train
+    from vithybrid_fast.bench.e2e import random_state_dict, tiny_config
+
+    from vithybrid_fast.fast import FastViTLayer
+    from vithybrid_fast.patching import patched_modules
+
+    assert "ours-triton-cudagraphs" in bench_train.BY_NAME_ONLY
+    config, cpu = tiny_config(), torch.device("cpu")
+    model = bench_train.build("ours-triton-cudagraphs", config, random_state_dict(config, cpu), cpu)
+    assert patched_modules(model)
+    assert {m.autocast_glue_kernels for m in model.modules() if isinstance(m, FastViTLayer)} == {True}
+    pixels, labels = torch.randn(2, 3, *config.image_size_hw), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        bench_train.step_for("ours-triton-cudagraphs", model, pixels, labels, torch.bfloat16)
+    assert bench_train.step_for("ours-triton", model, pixels, labels, torch.bfloat16).scaler is not None
+    # a run records the refusal as the provider's result, and goes on
+    (record,) = bench_train.run("cpu", batches=(2,), dtypes=("bfloat16",), providers=("ours-triton-cudagraphs",),
+                                config_name="tiny", reps=1)  # fmt: skip
+    assert record["error"].startswith("RuntimeError: ours-triton-cudagraphs: CUDA graphs need a CUDA device")
