@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 _IMPLS: dict[Any, Callable] = {}  # custom op → its Python implementation
+TWINS = True  # False: eager calls take the custom ops too (bench/bench_host_overhead.py's A/B)
 
 
 def custom_op(name: str) -> Callable[[Callable], Any]:
@@ -77,5 +78,5 @@ def run(ctx: Any, op: Any, *args: Any) -> Any:
 
 
 def call(op: Any, eager: Callable, *args: Any) -> Any:
-    """The custom op while torch.compile or export traces, the twin in eager mode."""
-    return op(*args) if torch.compiler.is_compiling() else eager(*args)
+    """The custom op while torch.compile or export traces, the twin in eager mode (unless TWINS is off)."""
+    return eager(*args) if TWINS and not torch.compiler.is_compiling() else op(*args)

@@ -634,8 +634,8 @@ def test_host_overhead_benchmark_times_both_routes_in_its_own_process(tmp_path):
             (op,) = [t for t in records if (t["kernel"], t["provider"]) == (r["kernel"], "ours (custom op)")]
             ratios = [a / b for a, b in zip(twin["us_rounds"], op["us_rounds"], strict=True)]
             assert math.isclose(r["twin_over_op_median"], sum(ratios) / 2)
-    # the routing really changed the path: the twin's and the op's autograd nodes differ (checked here by
-    # the benchmark's own switch, which once patched _eager itself and timed the twin twice)
+    # the routing really changed the path: the twin's and the op's autograd nodes differ (a first version
+    # of the switch patched _eager itself and timed the twin twice)
     probe = (
         "import os; os.environ['TRITON_INTERPRET'] = '0'\n"
         "from vithybrid_fast.bench import bench_host_overhead as B\n"

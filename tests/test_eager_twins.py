@@ -167,3 +167,13 @@ def test_a_double_backward_fails_as_through_the_custom_op(name, device):
         (grad, *_) = torch.autograd.grad(fn().pow(2).sum(), leaves, create_graph=True)
         with pytest.raises(RuntimeError, match="no autograd formula"):  # the op's own message, both ways
             torch.autograd.grad((grad**2).sum() + leaves[0].pow(3).sum(), leaves[0])
+
+
+def test_with_twins_off_eager_calls_take_the_custom_op(device, monkeypatch):
+    # the switch bench_host_overhead's A/B uses: same call, the custom op's node instead of the twin's
+    from vithybrid_fast.kernels import _eager
+
+    x = _leaf(2, 8, 4, 4, device=device)
+    assert "_eager" in type(group_norm_act(x, 4, None, None).grad_fn).__name__
+    monkeypatch.setattr(_eager, "TWINS", False)
+    assert "_eager" not in type(group_norm_act(x, 4, None, None).grad_fn).__name__
