@@ -10,7 +10,7 @@ import torch
 from vithybrid_fast.kernels import add_layer_norm
 from vithybrid_fast.kernels._runtime import interpreter_enabled
 
-from tests.tolerance import assert_close_to_reference
+from tests.tolerance import assert_close_to_reference, unit_variance_row
 
 aln = importlib.import_module("vithybrid_fast.kernels.add_layer_norm")  # the package binds the function
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -71,9 +71,7 @@ def test_low_variance_rows_follow_eps_row_by_row(eps, device):
     # constant rows (variance exactly 0), rows at variance ≈ eps, below it, and a large mean with a small
     # spread: each row against float64, so a tenfold eps (or E[h²] − E[h]²) fails on the rows it decides
     width = 768
-    g = torch.Generator().manual_seed(3)
-    base = torch.randn(width, generator=g, dtype=torch.float64)
-    base = (base - base.mean()) / base.std(correction=0)
+    base = unit_variance_row(width, seed=3)
     rows = [torch.full((width,), 3.25, dtype=torch.float64)]
     rows += [base * s for s in (eps**0.5, 0.3 * eps**0.5, 3 * eps**0.5)]
     rows += [

@@ -30,3 +30,10 @@ def assert_close_to_reference(
         f"{what}: kernel max abs err {kernel_err:.3e} > bound {bound:.3e} "
         f"(torch {dtype} err {torch_err:.3e}, dtype {dtype})"
     )
+
+
+def unit_variance_row(width: int, seed: int) -> torch.Tensor:
+    """A float64 row of mean 0 and biased variance exactly 1: scaled by eps**0.5 it sits at variance ≈ eps,
+    where a LayerNorm's eps decides the result (the low-variance tests)."""
+    base = torch.randn(width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (base - base.mean()) / base.std(correction=0)
