@@ -466,6 +466,13 @@ def test_profilers_on_a_cpu_list_the_ops_of_a_forward_and_of_a_training_step(tmp
     assert "aten::convolution_backward" in names  # the backward is in the profile, not only the forward
     assert any("AdamW" in name for name in names)  # and the optimizer step
     assert "aten::convolution_backward" not in {row["name"] for row in forward["kernels"]}
+    # the host's side: enqueueing a step takes part of the step (all of it on a CPU, where nothing is queued)
+    assert 0 < step["host_ms"] <= step["step_ms"]
+    assert "host:" in printed and "to enqueue a step of" in printed
+    functions = step["host_functions"]
+    assert len(functions) == 25 and all(f["calls"] >= 1 and 0 <= f["self_ms"] <= f["total_ms"] for f in functions)
+    assert [f["self_ms"] for f in functions] == sorted((f["self_ms"] for f in functions), reverse=True)
+    assert any("run_backward" in f["function"] for f in functions)  # autograd's engine, where the backward runs
 
 
 def test_gpu_session_profile_train_step_dry_run_on_a_cpu(tmp_path):
