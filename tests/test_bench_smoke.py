@@ -663,6 +663,28 @@ def test_host_overhead_benchmark_times_both_routes_in_its_own_process(tmp_path):
     assert "_eager" in twin_node and "_eager" not in op_node, (twin_node, op_node)
 
 
+def test_host_census_counts_a_training_step_of_the_real_architecture(tmp_path):
+    """Its own process (it stubs Triton's launcher), the interpreter off: the GPU's launch plans."""
+    out = tmp_path / "census.jsonl"
+    cmd = [sys.executable, "-m", "vithybrid_fast.bench.host_census", "--providers", "ours-triton", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**_env(), "TRITON_INTERPRET": "0"}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (record["kind"], record["provider"], record["syncing_ops"]) == ("host_census", "ours-triton", {})
+    assert record["torch_ops"] == sum(record["ops"].values()) and record["triton_launches"] == sum(
+        record["launches"].values()
+    )
+    # the base model's 52 standardized convs and 12 encoder layers, each launched forward and backward
+    assert record["launches"]["_weight_standardize_fwd"] == record["launches"]["_weight_standardize_bwd"] == 52
+    assert record["launches"]["_attn_fwd"] == record["launches"]["_attn_bwd_dq"] == 12
+    assert "ours-triton:" in proc.stdout and "syncing ops: none" in proc.stdout
+    refused = subprocess.run([sys.executable, "-m", "vithybrid_fast.bench.host_census"], cwd=REPO_ROOT,
+                             env={**_env(), "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "needs TRITON_INTERPRET unset or 0" in refused.stderr
+
+
 def test_host_overhead_benchmark_refuses_the_interpreter():
     cmd = [sys.executable, "-m", "vithybrid_fast.bench.bench_host_overhead", "--calls", "1"]
     done = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
