@@ -314,6 +314,28 @@ def test_autocast_gets_its_own_graph_captured_without_the_cast_cache(stubbed_cud
     torch.testing.assert_close(plain, recorder.inner(x).logits, rtol=0, atol=0)
 
 
+def test_warm_up_and_capture_decide_ops_under_graph_timing_and_replays_run_no_forward(stubbed_cuda):
+    """kernels="auto" times each op on its first call: the runner's warm-up and capture must run under
+    dispatch.timing_for_graphs (a graph's replay pays no launch time, which eager timing at batch 1 is
+    mostly made of), and a replay must not run the model's Python at all."""
+    from vithybrid_fast import dispatch
+
+    seen = []
+    model = tiny_model("cpu")
+    model.register_forward_pre_hook(lambda module, args: seen.append(dispatch._GRAPH_TIMING[0]))
+    runner = enable_cuda_graphs(model, clone_outputs=False)
+    x = pixels(1, "cpu")
+    with torch.no_grad():
+        runner(x)
+        assert seen == [True] * (runner.warmup_runs + 1), seen  # the warm-up runs, then the capture
+        runner(x)  # a replay (stubbed: it does nothing), same key
+    assert len(seen) == runner.warmup_runs + 1 and runner.num_graphs == 1
+    assert dispatch._GRAPH_TIMING[0] is False  # eager calls after it are timed eagerly again
+    with torch.no_grad():
+        model(x)
+    assert seen[-1] is False
+
+
 def encoder_returning_tuples(classifier):
     """A copy of the encoder of `classifier` whose config says return_dict=False: it returns a tuple."""
     import copy
