@@ -9,7 +9,7 @@ And the host's side of the same step, after the profile: how long the Python sid
 step against the step's wall time (`host_ms` near `step_ms` means the GPU waited for the host: session 19's
 H200 ran 94.7 ms of ours' kernels in steps of 120–188 ms, and could not say where the host's time went), and
 cProfile's functions by self time over HOST_PROFILE_STEPS steps (Triton's launcher, our launchers, autograd,
-torch ops: each a row).
+torch ops: each a row), and on CUDA torch's synchronizing calls in one step (`set_sync_debug_mode`).
 
     python -m vithybrid_fast.bench.profile_train --providers ours-triton,compile-default --batch 64
     python -m vithybrid_fast.bench.profile_train --device cpu --config tiny --batch 2 --providers ref-sdpa
@@ -20,10 +20,12 @@ Prints one table per provider and appends the rows as JSON lines to --out when g
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pstats
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,6 +94,22 @@ def host_functions(step, device: torch.device, steps: int = HOST_PROFILE_STEPS, 
     return rows[:top]
 
 
+def synchronizing_calls(step, device: torch.device) -> list[dict] | None:
+    """torch's own synchronizing CUDA calls in one step ({message, count}; torch.cuda.set_sync_debug_mode
+    warns on each), None off CUDA. A sync in the step makes host and device time add up instead of overlap."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    messages = collections.Counter(str(w.message)[:300] for w in caught if "synchroniz" in str(w.message))
+    return [{"message": message, "count": count} for message, count in messages.most_common()]
+
+
 def format_host(timing: dict, functions: list[dict], limit: int) -> str:
     share = timing["host_ms"] / timing["step_ms"] if timing["step_ms"] > 0 else float("nan")
     lines = [f"host: {timing['host_ms']:.3f} ms to enqueue a step of {timing['step_ms']:.3f} ms ({share:.0%}); "
@@ -142,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{provider} {dtype_name} autocast b={args.batch} training step"
             print(format_table(title, rows, wall_ms, args.rows, per="step"), flush=True)
             timing, functions = host_timing(step, device, args.iters), host_functions(step, device)
+            syncs = synchronizing_calls(step, device)
             print(format_host(timing, functions, args.rows), flush=True)
+            if syncs is not None:
+                print(f"synchronizing CUDA calls in one step: {sum(s['count'] for s in syncs)}", *syncs, sep="\n  ")
             log.write({"kind": "train_profile", "provider": provider, "dtype": dtype_name, "batch": args.batch,
                        "config": args.config, "wall_ms": wall_ms, "kernels": rows, **timing,
-                       "host_functions": functions})  # fmt: skip
+                       "host_functions": functions, "sync_warnings": syncs})  # fmt: skip
             del step, model  # the next provider's peak memory is its own
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -473,6 +473,37 @@ def test_profilers_on_a_cpu_list_the_ops_of_a_forward_and_of_a_training_step(tmp
     assert len(functions) == 25 and all(f["calls"] >= 1 and 0 <= f["self_ms"] <= f["total_ms"] for f in functions)
     assert [f["self_ms"] for f in functions] == sorted((f["self_ms"] for f in functions), reverse=True)
     assert any("run_backward" in f["function"] for f in functions)  # autograd's engine, where the backward runs
+    assert step["sync_warnings"] is None  # CUDA's sync debug mode: not on a CPU
+
+
+def test_profile_train_counts_the_synchronizing_calls_cuda_warns_of(monkeypatch):
+    """On CUDA, torch.cuda.set_sync_debug_mode("warn") warns at each synchronizing call; the profile counts
+    them per message, and leaves the mode off afterwards, also when the step raises."""
+    import warnings
+
+    from vithybrid_fast.bench import profile_train
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step() -> None:
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=2)
+        warnings.warn("something else", UserWarning, stacklevel=2)
+
+    assert profile_train.synchronizing_calls(step, torch.device("cuda")) == [
+        {"message": "called a synchronizing CUDA operation", "count": 3}
+    ]
+    assert modes == ["warn", 0]
+    assert profile_train.synchronizing_calls(lambda: None, torch.device("cuda")) == []
+
+    def failing() -> None:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        profile_train.synchronizing_calls(failing, torch.device("cuda"))
+    assert modes[-1] == 0
+    assert profile_train.synchronizing_calls(step, torch.device("cpu")) is None
 
 
 def test_gpu_session_profile_train_step_dry_run_on_a_cpu(tmp_path):
