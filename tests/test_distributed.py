@@ -175,3 +175,60 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resume_finishes
     torchrun(*args, "--resume")
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"type": "step"' in line]
     assert steps == list(range(1, 13))
+
+
+# -- the process group on GPUs: NCCL has no backend for CPU tensors, which evaluate() sums ---------------------
+def _one_rank_group(backend: str, store_path: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, store=dist.FileStore(str(store_path), 1), rank=0, world_size=1)
+
+
+def test_a_group_without_a_cpu_backend_cannot_sum_evaluates_cpu_counts(tmp_path):
+    """What `finetune`/`eval` under torchrun on 2+ GPUs hit with backend "nccl": gloo registered for the cuda
+    device type only stands in for it (the same device map); the CPU counts then have no backend."""
+    import torch.distributed as dist
+
+    from vithybrid_fast.distributed import all_reduce_sum
+
+    _one_rank_group("cuda:gloo", tmp_path / "store")
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            all_reduce_sum(torch.zeros(3, dtype=torch.int64), DistContext(0, 2, 0, torch.device("cuda", 0)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_group_with_gloo_for_cpu_tensors_sums_them(tmp_path):
+    import torch.distributed as dist
+
+    from vithybrid_fast.distributed import all_reduce_sum
+
+    _one_rank_group("cpu:gloo,cuda:gloo", tmp_path / "store")  # as setup's "cpu:gloo,cuda:nccl", NCCL aside
+    try:
+        counts = torch.tensor([3, 1, 2], dtype=torch.int64)
+        assert all_reduce_sum(counts, DistContext(0, 2, 0, torch.device("cuda", 0))).tolist() == [3, 1, 2]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_setup_on_gpus_asks_for_nccl_and_gloo_for_cpu_tensors(monkeypatch):
+    import torch.distributed as dist
+
+    from vithybrid_fast import distributed
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    asked = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: asked.update(kwargs))
+    ctx = distributed.setup("cuda")
+    assert ctx.device == torch.device("cuda", 1) and (ctx.rank, ctx.world_size) == (1, 2)
+    assert asked["backend"] == "cpu:gloo,cuda:nccl" and asked["device_id"] == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    asked.clear()
+    assert distributed.setup("cpu").device == torch.device("cpu") and asked["backend"] == "gloo"

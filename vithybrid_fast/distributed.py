@@ -82,7 +82,9 @@ def setup(device: str | torch.device | None) -> DistContext:
         requested = torch.device("cuda", local_rank)
         torch.cuda.set_device(requested)
     if not dist.is_initialized():
-        backend = "nccl" if requested.type == "cuda" else "gloo"
+        # on GPUs NCCL for CUDA tensors and gloo for CPU ones (torch's own default pair): "nccl" alone has no
+        # backend for a CPU tensor, and evaluate() sums its counts and loss on the CPU
+        backend = "cpu:gloo,cuda:nccl" if requested.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": requested} if requested.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return DistContext(rank, world, local_rank, requested)
