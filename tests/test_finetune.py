@@ -660,3 +660,25 @@ def test_compile_trains_the_compiled_step_and_saves_the_bare_model(trained, tmp_
     steps = [r["loss"] for r in read_log(tmp_path / "out" / "train_log.jsonl") if r["type"] == "step"]
     plain_steps = [r["loss"] for r in read_log(tmp_path / "plain" / "train_log.jsonl") if r["type"] == "step"]
     assert steps == pytest.approx(plain_steps, rel=1e-4)
+
+
+def test_kernels_auto_trains_with_sdpa_on_a_gpu_older_than_sm80(monkeypatch):
+    """finetune's default `--kernels auto` took "triton" on any CUDA device, so on a T4 or V100 (where
+    `--dtype auto` trains in float16 on purpose) it stopped with kernels='triton' cannot run; vf.load's
+    "auto" falls back to SDPA there, saying why."""
+    from vithybrid_fast import gpu_support
+    from vithybrid_fast.gpu_support import KernelFallbackWarning
+    from vithybrid_fast.train import training_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(gpu_support, "triton_importable", lambda: True)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.warns(KernelFallbackWarning, match=r"Tesla T4 has compute capability 7.5 \(sm_75\)"):
+        assert training_kernels("auto", cuda) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert training_kernels("auto", cuda) == "triton"
+    assert training_kernels("auto", torch.device("cpu")) == "sdpa"
+    assert training_kernels("eager", cuda) == "eager"  # an explicit choice is kept (validate_kernels judges it)

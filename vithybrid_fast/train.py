@@ -14,9 +14,9 @@ Optimisation: AdamW (no weight decay on biases, norms and embeddings tokens), li
 decay per optimizer step, gradient clipping, bf16 autocast on sm_80+ GPUs (float16 with dynamic loss
 scaling on V100 / T4), gradient accumulation, `--freeze-backbone` (train the head only),
 `--gradient-checkpointing` (less memory), our Triton kernels forward and backward on a GPU (`--kernels auto`;
-SDPA on a CPU), `--compile` (torch.compile of the training step). Training images are augmented
-(`--augment`: random resized crop and horizontal flip by default, seeded per image and epoch, see
-`augment.py`); validation images get the checkpoint's own preprocessing. `--label-smoothing` softens the
+SDPA on a CPU and on GPUs older than sm_80), `--compile` (torch.compile of the training step). Training
+images are augmented (`--augment`: random resized crop and horizontal flip by default, seeded per image
+and epoch, see `augment.py`); validation images get the checkpoint's own preprocessing. `--label-smoothing` softens the
 cross-entropy targets.
 `--batch-size` is the *global* batch of one optimizer step: each of W ranks runs batch/(W·accum) images
 per micro-step, so W, accum and the batch are independent choices that give the same optimisation.
@@ -177,6 +177,16 @@ def check_settings(cfg: FinetuneConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least {least}")
 
 
+def training_kernels(kernels: str, device: torch.device) -> str:
+    """`--kernels` resolved: "auto" is vf.load's choice without its measured dispatch (training runs every
+    kernel): "triton" where the kernels run compiled (a CUDA GPU of sm_80 or newer, triton installed), else
+    "sdpa", with a warning saying why on an older GPU (a T4 or V100, where --dtype auto trains in float16)."""
+    from .gpu_support import auto_choice
+    from .patching import triton_can_run
+
+    return auto_choice(device, triton_can_run(device)) if kernels == "auto" else kernels
+
+
 def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     """Data, model, optimizer and schedule (restored with --resume); returns the run and its first epoch."""
     from .augment import TrainAugment
@@ -187,8 +197,7 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
     from .loading import find_weight_files, load_model
     from .patching import patch_for_autocast, validate_kernels
 
-    kernels = "triton" if cfg.kernels == "auto" and ctx.device.type == "cuda" else cfg.kernels
-    kernels = "sdpa" if kernels == "auto" else kernels
+    kernels = training_kernels(cfg.kernels, ctx.device)
     validate_kernels(kernels, ctx.device)  # before any data or weights are read
     check_settings(cfg)
     per_rank = _checked_batch_split(cfg, ctx)
