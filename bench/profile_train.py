@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import gc
 import pstats
 import statistics
 import time
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             log.write({"kind": "train_profile", "provider": provider, "dtype": dtype_name, "batch": args.batch,
                        "config": args.config, "wall_ms": wall_ms, "kernels": rows, **timing,
                        "host_functions": functions, "sync_warnings": syncs})  # fmt: skip
-            del step, model  # the next provider's peak memory is its own
+            del step, model  # the next provider's memory is its own (the step refers to itself: collected)
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
