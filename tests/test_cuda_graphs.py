@@ -293,7 +293,7 @@ def stubbed_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=lambda: None))
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None, **kwargs: contextlib.nullcontext())
     monkeypatch.setattr(CUDAGraphRunner, "can_serve", lambda self, x, kwargs: not kwargs)
 
 
@@ -334,6 +334,34 @@ def test_warm_up_and_capture_decide_ops_under_graph_timing_and_replays_run_no_fo
     with torch.no_grad():
         model(x)
     assert seen[-1] is False
+
+
+def test_capture_runs_on_a_stream_of_the_inputs_device_with_thread_local_errors(stubbed_cuda, monkeypatch):
+    """torch.cuda.graph's default capture stream is made once per process, on the device current at the first
+    capture: a runner on another GPU would capture nothing there and replay the capture run's outputs. And in
+    torch's default "global" mode a DataLoader's pin-memory thread allocating during the capture breaks it."""
+    import contextlib
+    from types import SimpleNamespace
+
+    made, captures = [], []
+
+    def stream_on(device=None):
+        made.append(SimpleNamespace(device=device, wait_stream=lambda other: None))
+        return made[-1]
+
+    def graph(cuda_graph, pool=None, **kwargs):
+        captures.append(kwargs)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.cuda, "Stream", stream_on)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    runner = enable_cuda_graphs(tiny_model("cpu"))
+    x = pixels(1, "cpu")
+    with torch.no_grad():
+        runner(x)
+    (capture,) = captures
+    assert capture["capture_error_mode"] == "thread_local"
+    assert capture["stream"] in made and capture["stream"].device == x.device
 
 
 def encoder_returning_tuples(classifier):

@@ -5,7 +5,7 @@ GPU waited for the host. A synchronizing op inside the step would add the two ti
 the host run ahead, and one can slip into a launcher as an innocent-looking check (`if x.isnan().any()`).
 This runs a training step's forward + backward and an inference forward of the patched model with every
 Triton launch counted and skipped (their outputs stay uninitialized: only the ops matter here), and
-records every torch op the dispatcher sees.
+records every torch op the dispatcher sees: on the CPU under the interpreter, on a GPU natively.
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ def small_config() -> vf.ViTHybridConfig:
         (torch.bfloat16, torch.channels_last),  # the backbone's NHWC kernels (bench_train's channels-last)
     ],
 )
-def test_a_training_step_forward_and_backward_never_syncs(launches, autocast_dtype, layout):
+def test_a_training_step_forward_and_backward_never_syncs(launches, autocast_dtype, layout, device):
     torch.manual_seed(0)
-    model = vf.ViTHybridForImageClassification(small_config()).train().to(memory_format=layout)
+    model = vf.ViTHybridForImageClassification(small_config()).train().to(device, memory_format=layout)
     model = patch_for_autocast(model, "triton", autocast_dtype)
-    pixels, labels = torch.randn(2, 3, 64, 64).contiguous(memory_format=layout), torch.tensor([1, 2])
+    pixels = torch.randn(2, 3, 64, 64).to(device, memory_format=layout)
+    labels = torch.tensor([1, 2], device=device)
     with op_census() as census:
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
             loss = model(pixels, labels=labels).loss
         loss.backward()
     assert not SYNCING & set(census.ops), {op: census.ops[op] for op in SYNCING & set(census.ops)}
@@ -65,11 +66,11 @@ def test_a_training_step_forward_and_backward_never_syncs(launches, autocast_dty
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_an_inference_forward_never_syncs(launches):
+def test_an_inference_forward_never_syncs(launches, device):
     torch.manual_seed(0)
-    model = vf.patch(vf.ViTHybridForImageClassification(small_config()).eval(), "triton")
+    model = vf.patch(vf.ViTHybridForImageClassification(small_config()).eval().to(device), "triton")
     with op_census() as census, torch.inference_mode():
-        logits = model(torch.randn(2, 3, 64, 64)).logits
+        logits = model(torch.randn(2, 3, 64, 64, device=device)).logits
     assert logits.shape == (2, 10)
     assert not SYNCING & set(census.ops), {op: census.ops[op] for op in SYNCING & set(census.ops)}
     assert {"_attn_fwd", "_weight_standardize_fwd"} <= set(launches), sorted(launches)

@@ -302,8 +302,14 @@ class CUDAGraphRunner(nn.Module):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        # On a stream of the input's device: torch.cuda.graph's default capture stream is made once per process,
+        # on the device current at the first capture, and a capture on another GPU's stream records nothing
+        # (the forward would run eagerly; every replay would return the capture run's outputs). Thread-local
+        # capture errors: another thread's CUDA calls (a DataLoader's pin-memory thread allocating pinned
+        # buffers) neither break this capture nor are broken by it, torch's documented mode for that.
+        capture = torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local")
         # under the graph-timed choices, and without autocast's cast cache (see uncached_autocast)
-        with torch.cuda.graph(graph, pool=self._pool), dispatch.timing_for_graphs(), uncached_autocast(device.type):
+        with capture, dispatch.timing_for_graphs(), uncached_autocast(device.type):
             out = self.model(static_input)
         return _CapturedForward(graph, static_input, static_outputs(self.model, out), type(out))
 

@@ -151,7 +151,7 @@ def _graph_times(paths: dict[str, Callable[[], object]], device: torch.device) -
         # before every capture: seconds over a model's ~100 measured ops
         with torch.cuda.stream(stream):
             fn()  # once on the capture stream first: per-stream lazy set-up (cuBLAS workspace) stays outside
-            graph.capture_begin()
+            graph.capture_begin(capture_error_mode="thread_local")  # as the CUDA-graph runner's captures
             try:
                 for _ in range(CALLS_PER_GRAPH):
                     fn()
