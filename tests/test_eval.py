@@ -447,3 +447,37 @@ def test_output_that_cannot_be_created_is_refused_before_the_run(setup, tmp_path
     assert err == f"error: --output {folder / 'p.jsonl'}: cannot create a file in {folder} (Read-only file system)\n"
     assert "top-1" not in out  # refused before the run
     assert not list((tmp_path / "ro").iterdir())
+
+
+def test_imagenet_synset_folders_match_an_imagenet_model_by_sorted_order(capsys):
+    """ImageNet-1k's own layout (val/n01440764/...) matched no label of an ImageNet model: the README's first
+    eval example failed with a 1000-name error. Its sorted synset ids are the label order."""
+    imagenet = vf.ViTHybridConfig.base_384().id2label
+    synsets = [f"n{index:08d}" for index in range(1000)]  # sorted as ImageNet's ids are, each its own index
+    shuffled = synsets[500:] + synsets[:500]
+    assert match_labels(shuffled, imagenet) == list(range(500, 1000)) + list(range(500))
+    assert "matched to the model's labels by their sorted order" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"the 10 classes are ImageNet synset ids \(e.g. 'n00000000'\), but not all"):
+        match_labels(synsets[:10], imagenet)  # a subset's order says nothing of its indices
+    assert match_labels(synsets[:2], imagenet, {synsets[0]: 0, synsets[1]: 7}) == [0, 7]  # a map decides
+    # a model of other labels: names as before, and the error names ten classes, not a thousand
+    with pytest.raises(ValueError) as error:
+        match_labels(synsets, dict(enumerate(MODEL_LABELS)))
+    assert "1000 class(es) match no label of the model: 'n00000000', " in str(error.value)
+    assert "'n00000009' and 990 more. Rename" in str(error.value) and "'n00000010'" not in str(error.value)
+
+
+def test_eval_of_a_model_giving_nan_logits_is_an_error_not_an_accuracy(setup, tmp_path, capsys):
+    """NaN logits rank label 0 first: a diverged model scored 1/num_classes (and 100 % on class 0)."""
+    _, data, model, processor = setup
+    broken = tmp_path / "nan-model"
+    nan_model = vf.ViTHybridForImageClassification(model.config).eval()
+    nan_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        nan_model.classifier.weight.fill_(float("nan"))
+    nan_model.save_pretrained(broken)
+    processor.save_pretrained(broken)
+    argv = ["--model", str(broken), "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu"]
+    assert main(["eval", str(data), *argv]) == 1
+    captured = capsys.readouterr()
+    assert f"{broken} gives NaN or infinite logits (mean loss nan)" in captured.err and "top-1" not in captured.out

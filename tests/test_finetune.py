@@ -682,3 +682,77 @@ def test_kernels_auto_trains_with_sdpa_on_a_gpu_older_than_sm80(monkeypatch):
     assert training_kernels("auto", cuda) == "triton"
     assert training_kernels("auto", torch.device("cpu")) == "sdpa"
     assert training_kernels("eager", cuda) == "eager"  # an explicit choice is kept (validate_kernels judges it)
+
+
+# -- what a user's run must never lose or pass off as a result (session 20's audit) -------------------------
+def _argv(root, out, *extra):
+    return ["finetune", str(root / "data"), "--model", str(root / "start"), "--kernels", "sdpa", "--num-workers",
+            "0", "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--output-dir", str(out), *extra]  # fmt: skip
+
+
+def test_overwrite_refuses_to_delete_the_model_it_starts_from(trained, capsys):
+    root, _ = trained
+    out = root / "further-in-place"
+    shutil.copytree(root / "out", out)
+    before = (out / "best" / "model.safetensors").read_bytes()
+    argv = _argv(root, out, "--overwrite")
+    argv[argv.index("--model") + 1] = str(out / "best")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"--overwrite would delete {out / 'best'}, which --model {out / 'best'} starts from" in err
+    assert (out / "best" / "model.safetensors").read_bytes() == before and (out / "last").is_dir()
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_saved(trained, capsys):
+    """--overwrite removed the earlier run at start-up: a new run failing at its first step (an unreadable
+    image, out of memory) left the output directory empty. The earlier run now waits in
+    OUT/.overwritten-run until the new run's first checkpoint."""
+    root, _ = trained
+    out = root / "overwritten"
+    shutil.copytree(root / "out", out)
+    best, log = (out / "best" / "model.safetensors").read_bytes(), (out / "train_log.jsonl").read_text()
+    broken = root / "broken-data"
+    shutil.copytree(root / "data", broken)
+    victim = next((broken / "train").rglob("*.png"))
+    victim.write_bytes(victim.read_bytes()[:60])  # truncated: decoding fails in the first step
+    argv = _argv(root, out, "--overwrite")
+    argv[1] = str(broken)
+    assert main(argv) == 1
+    assert "cannot read image" in capsys.readouterr().err
+    aside = out / ".overwritten-run"
+    assert (aside / "best" / "model.safetensors").read_bytes() == best
+    assert (aside / "train_log.jsonl").read_text() == log
+    assert (aside / "last").is_dir() and not (out / "best").exists() and not (out / "last").exists()
+    # without --overwrite a new run refuses to take the directory (the set-aside run is a run)
+    assert main(_argv(root, out)) == 1
+    assert "holds a run (.overwritten-run)" in capsys.readouterr().err
+    # a second failing attempt keeps the set-aside run as it is; a run that saves removes it
+    assert main(argv) == 1 and (aside / "best" / "model.safetensors").read_bytes() == best
+    assert main(_argv(root, out, "--overwrite")) == 0
+    assert not aside.exists() and (out / "best").is_dir()
+    assert [r["step"] for r in read_log(out / "train_log.jsonl") if r["type"] == "step"] == [1, 2, 3]
+
+
+def test_a_single_class_is_refused(tmp_path, capsys):
+    root = write_finetune_inputs(tmp_path)
+    for split in ("train", "val"):
+        for folder in sorted((root / "data" / split).iterdir())[1:]:
+            shutil.rmtree(folder)
+    assert main(_argv(root, root / "one-class")) == 1
+    assert "one class only ('" in (err := capsys.readouterr().err) and "a classifier needs two or more" in err
+    assert not (root / "one-class" / "best").exists()
+
+
+def test_a_diverging_run_stops_before_nan_weights_are_applied_or_saved(tmp_path, capsys):
+    """bfloat16/float32 runs went on with NaN weights, validated them (NaN logits rank label 0 first, a
+    believable top-1) and saved them as best/, exiting 0."""
+    root = write_finetune_inputs(tmp_path)
+    out = root / "diverged"
+    assert main(_argv(root, out, "--lr", "1e6", "--grad-clip", "0", "--epochs", "2", "--warmup-ratio", "0")) == 1
+    err = capsys.readouterr().err
+    assert "the run diverged; that step was not applied, and nothing was saved after it" in err, err[-2000:]
+    for directory in (out / "best", out / "last"):
+        if directory.exists():
+            weights = load_file(directory / "model.safetensors")
+            assert all(torch.isfinite(t).all() for t in weights.values()), directory
+    assert "NaN" not in (out / "train_log.jsonl").read_text()  # strict JSON: no bare NaN tokens

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +49,12 @@ def match_labels(
     """The model's label index for each dataset class (exact name, or through `label_map`).
 
     source: the data spec (a folder, a .csv/.jsonl list or hf:NAME); the error's advice speaks of it.
+    ImageNet-1k's own layout (`val/n01440764/…`, 1000 synset-id folders) matches an ImageNet-1k model's
+    labels by sorted order, which is its label order.
     """
+    synsets = synset_order(classes, id2label) if not label_map else None
+    if synsets is not None:
+        return synsets
     indices_of: dict[str, list[int]] = {}
     for index, name in sorted(id2label.items()):
         indices_of.setdefault(name, []).append(index)
@@ -82,12 +89,37 @@ def match_labels(
     if unmatched:
         sample = ", ".join(repr(v) for v in list(id2label.values())[:3])
         rename, key = _rename_advice(source)
+        named = ", ".join(unmatched[:10]) + (f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
         raise ValueError(
-            f"{len(unmatched)} class(es) match no label of the model: {', '.join(unmatched)}. "
+            f"{len(unmatched)} class(es) match no label of the model: {named}. "
             f"Rename {rename} to the model's labels (e.g. {sample}) or pass --label-map map.json "
             f'({{"{key}": "model label" or label index}})'
         )
     return targets
+
+
+SYNSET_ID = re.compile(r"n\d{8}")
+
+
+def synset_order(classes: Sequence[str], id2label: dict[int, str]) -> list[int] | None:
+    """The label index of each class when the classes are ImageNet-1k synset ids and the model classifies
+    ImageNet-1k (its labels are the 1000 of vithybrid_fast/assets): every ImageNet-1k classifier orders its
+    labels as the sorted synset ids (0 = n01440764, "tench, Tinca tinca"). None for any other data."""
+    from .config import imagenet_labels
+
+    if not classes or not all(SYNSET_ID.fullmatch(name) for name in classes):
+        return None
+    if [id2label.get(i) for i in range(len(id2label))] != imagenet_labels():
+        return None
+    if len(set(classes)) != 1000:  # the order of a subset's ids says nothing of their indices
+        raise ValueError(
+            f"the {len(set(classes))} classes are ImageNet synset ids (e.g. {classes[0]!r}), but not all 1000 of "
+            "ImageNet-1k, whose sorted order gives the label indices: pass --label-map map.json "
+            '({"n01440764": 0, ...}) or evaluate on the whole validation set'
+        )
+    order = {name: index for index, name in enumerate(sorted(classes))}
+    _warn("the classes are ImageNet-1k's 1000 synset ids: matched to the model's labels by their sorted order")
+    return [order[name] for name in classes]
 
 
 def _warn(message: str) -> None:
@@ -392,6 +424,13 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         if result.total == 0:  # a top-1 of 0 over no image would pass for a result
             raise RuntimeError(f"none of the {result.skipped} images of {args.data} could be read")
+        if not math.isfinite(result.mean_loss):  # NaN logits rank label 0 first: a believable top-1 for nothing
+            half = args.dtype == "float16"
+            overflow = " or float16 overflows in it (try --dtype bfloat16 or float32)" if half else ""
+            raise RuntimeError(
+                f"{args.model} gives NaN or infinite logits (mean loss {result.mean_loss}): its weights are broken "
+                f"(a diverged fine-tuning run?){overflow}; no accuracy is reported"
+            )
         if ctx.is_main:
             print(result.table())
             kernels = args.kernels

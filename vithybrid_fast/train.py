@@ -228,6 +228,8 @@ def _prepare(cfg: FinetuneConfig, ctx: Any) -> tuple[Run, int]:
             "(hf:NAME, or a save_to_disk DatasetDict; --train-split / --val-split name them)"
         )
     train_data.augment = TrainAugment(pipeline, cfg.augment, cfg.min_crop_scale, cfg.seed)
+    if len(train_data.classes) < 2:  # softmax over one class: loss 0, no gradient, top-1 1.0 for any weights
+        raise ValueError(f"{train_spec}: one class only ({train_data.classes[0]!r}): a classifier needs two or more")
     empty = sorted(set(train_data.classes) - {train_data.classes[s.label] for s in train_data.samples})
     if empty:  # a class without a training image would still get a head row and an index
         raise ValueError(f"{train_spec}: no images of the classes {empty}: add images, or remove their folders")
@@ -417,7 +419,7 @@ def register(subparsers: Any) -> None:
     add("--seed", type=int_at_least(INT_MINIMUMS["seed"]), default=0, help="(default: %(default)s)")
     add("--resume", action="store_true", help="continue from OUTPUT_DIR/last")
     add("--overwrite", action="store_true",
-        help="start afresh in an OUTPUT_DIR that holds a run (its checkpoints and log go)")  # fmt: skip
+        help="start afresh in an OUTPUT_DIR holding a run (that run goes once this one saves)")  # fmt: skip
     add("--max-epochs-this-run", type=int_at_least(INT_MINIMUMS["max_epochs_this_run"]), default=None,
         help="stop after this many epochs (job time limits); continue with --resume")  # fmt: skip
     add("--save-every-steps", type=int_at_least(INT_MINIMUMS["save_every_steps"]), default=None,

@@ -131,6 +131,17 @@ def _placeholder_loss(run: Run, autocast: Any) -> torch.Tensor:
         return run.trained(pixels).logits.float().sum() * 0.0
 
 
+def raise_diverged(run: Run, grad_norm: float, rank_loss: float, lr: float) -> None:
+    """bfloat16 and float32 have no loss scaler to skip a step: one with NaN or infinite gradients would
+    make every weight NaN, and each later epoch would validate them (NaN logits rank label 0 first) and save
+    them as `last/` and `best/`. The gradients are all-reduced, so every rank stops here together."""
+    raise RuntimeError(
+        f"the gradients are {grad_norm} at step {run.step + 1} (loss {rank_loss:.4g} on this rank, lr {lr:.3g}): "
+        "the run diverged; that step was not applied, and nothing was saved after it. Lower "
+        "--lr, keep --grad-clip on, or train in float32"
+    )
+
+
 def train_epoch(run: Run, epoch: int) -> float | None:
     """The epoch's optimizer steps (from the first unfinished one); the sum of their losses (each the
     mean over all ranks), or None when a stop signal ended it (OUT/last then holds its last whole step)."""
@@ -193,6 +204,8 @@ def train_epoch(run: Run, epoch: int) -> float | None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip or math.inf))
             scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
             lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+            if not math.isfinite(grad_norm) and scale is None:
+                raise_diverged(run, grad_norm, float(step_loss), lr)
             run.scaler.step(run.optimizer)  # float16: skipped when a gradient overflowed
             run.scaler.update()
             skipped = scale is not None and run.scaler.get_scale() < scale

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 TRAINING_STATE = "training_state.pt"
+SET_ASIDE = ".overwritten-run"  # the run --overwrite replaces, kept until the new run's first checkpoint
+CHECKPOINT_NAMES = ("last", "last.old", "best", "best.old")
 LOG_NAME = "train_log.jsonl"
 # settings that must match for --resume to continue the same run
 RESUME_KEYS = (
@@ -83,6 +85,7 @@ def save_checkpoint(model: nn.Module, processor: Any, directory: Path, training_
         directory.rename(old)
     partial.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(directory.parent / SET_ASIDE, ignore_errors=True)  # a run --overwrite replaced: this one saved
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -119,10 +122,20 @@ def check_output_dir(cfg: Any) -> None:
 
     out = Path(cfg.output_dir)
     check_writable_dir(out, "--output-dir")  # before the data and the model are read
+    if cfg.overwrite and not cfg.resume and Path(cfg.model).exists():
+        # what --overwrite replaces goes at the new run's first checkpoint: a start model among it with it
+        model = Path(cfg.model).resolve()
+        for name in (*CHECKPOINT_NAMES, SET_ASIDE):
+            held = (out / name).resolve()
+            if model == held or held in model.parents:
+                raise ValueError(
+                    f"--overwrite would delete {out / name}, which --model {cfg.model} starts from: copy it out of "
+                    "--output-dir first, or choose another --output-dir"
+                )
     if cfg.resume or cfg.overwrite:
         return
     # a log alone (a run that failed before its first checkpoint) holds nothing to keep or resume
-    held = [name for name in ("last", "last.old", "best") if (out / name).exists()]
+    held = [name for name in ("last", "last.old", "best", SET_ASIDE) if (out / name).exists()]
     if held:
         raise FileExistsError(
             f"--output-dir {out} holds a run ({', '.join(held)}): pass --resume to continue it, --overwrite to "
@@ -131,8 +144,21 @@ def check_output_dir(cfg: Any) -> None:
 
 
 def clear_run(out: Path) -> None:
-    """Remove an earlier run's checkpoints and log from `out` (only the names a run writes)."""
-    for name in ("last", "last.old", "last.partial", "best", "best.old", "best.partial"):
+    """Make way for a new run in `out` (only the names a run writes are touched).
+
+    An earlier run's checkpoints and log move to OUT/.overwritten-run, which the new run's first checkpoint
+    deletes: a run that fails before it has saved anything (out of memory at step 1, an unreadable image)
+    leaves the earlier one there, to move back. A set-aside run already there stays when `out` holds no
+    checkpoint: what is in `out` then is a failed run's (a log, partial checkpoints), removed."""
+    aside = out / SET_ASIDE
+    held = [name for name in CHECKPOINT_NAMES if (out / name).exists()]
+    if held:  # a run that saved checkpoints supersedes any run set aside before it
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in (*held, LOG_NAME):
+            if (out / name).exists():
+                (out / name).rename(aside / name)
+    for name in ("last.partial", "best.partial"):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / LOG_NAME).unlink(missing_ok=True)
 
