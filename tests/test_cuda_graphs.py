@@ -322,7 +322,7 @@ def test_warm_up_and_capture_decide_ops_under_graph_timing_and_replays_run_no_fo
 
     seen = []
     model = tiny_model("cpu")
-    model.register_forward_pre_hook(lambda module, args: seen.append(dispatch._GRAPH_TIMING[0]))
+    model.register_forward_pre_hook(lambda module, args: seen.append(dispatch._GRAPH_TIMING.on))
     runner = enable_cuda_graphs(model, clone_outputs=False)
     x = pixels(1, "cpu")
     with torch.no_grad():
@@ -330,7 +330,7 @@ def test_warm_up_and_capture_decide_ops_under_graph_timing_and_replays_run_no_fo
         assert seen == [True] * (runner.warmup_runs + 1), seen  # the warm-up runs, then the capture
         runner(x)  # a replay (stubbed: it does nothing), same key
     assert len(seen) == runner.warmup_runs + 1 and runner.num_graphs == 1
-    assert dispatch._GRAPH_TIMING[0] is False  # eager calls after it are timed eagerly again
+    assert dispatch._GRAPH_TIMING.on is False  # eager calls after it are timed eagerly again
     with torch.no_grad():
         model(x)
     assert seen[-1] is False

@@ -304,3 +304,17 @@ def test_torch_ops_failing_too_is_the_callers_error():
     with pytest.raises(ValueError, match="shapes do not match"):
         dispatch.run("op", True, broken, bad_input, (torch.zeros(3),))
     assert dispatch.decisions() == {}  # nothing decided: the next call tries again
+
+
+def test_graph_timing_is_per_thread():
+    """A CUDA-graph runner warming up in one thread (timing_for_graphs) must leave another thread's eager
+    decisions eager: the flag was one process-wide list."""
+    import threading
+
+    seen = []
+    with dispatch.timing_for_graphs():
+        other = threading.Thread(target=lambda: seen.append(dispatch.epoch()[0]))
+        other.start()
+        other.join()
+        assert dispatch.epoch()[0] is True
+    assert seen == [False] and dispatch.epoch()[0] is False

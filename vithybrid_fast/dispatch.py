@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,16 @@ logger = logging.getLogger(__name__)
 WARMUP, REPS = 2, 5
 CALLS_PER_GRAPH = 5  # graph timing: calls captured in one graph, so a replay is long enough to time
 _DECISIONS: dict[tuple, str] = {}
-_GRAPH_TIMING = [False]
+
+
+class _GraphTiming(threading.local):
+    """Per thread: a CUDA-graph runner warming up in one thread must not make another thread's eager
+    calls time (and key) their ops as graph replays."""
+
+    on = False
+
+
+_GRAPH_TIMING = _GraphTiming()
 _RESETS = [0]  # bumped by reset(): what was derived from earlier decisions is stale
 
 
@@ -48,12 +58,12 @@ _RESETS = [0]  # bumped by reset(): what was derived from earlier decisions is s
 def timing_for_graphs() -> Iterator[None]:
     """Ops decided inside will be replayed from a CUDA graph: time each path as a graph replay (device
     time, no host launch cost), and keep these decisions apart from eager ones."""
-    previous = _GRAPH_TIMING[0]
-    _GRAPH_TIMING[0] = True
+    previous = _GRAPH_TIMING.on
+    _GRAPH_TIMING.on = True
     try:
         yield
     finally:
-        _GRAPH_TIMING[0] = previous
+        _GRAPH_TIMING.on = previous
 
 
 def decisions() -> dict[tuple, str]:
@@ -76,13 +86,13 @@ def reset() -> None:
 
 def epoch() -> tuple[bool, int]:
     """(graph timing on, resets so far): a decision found once stays until either changes."""
-    return _GRAPH_TIMING[0], _RESETS[0]
+    return _GRAPH_TIMING.on, _RESETS[0]
 
 
 def _key(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple, device: torch.device) -> tuple:
     # Built on every call of a measured op, so from hashable objects as they are (torch.Size, dtype,
     # device): formatting them as strings took half of dispatch's per-call host time. decisions() names them.
-    return (op, tuple(None if t is None else (t.shape, t.dtype) for t in tensors), extra, device, _GRAPH_TIMING[0])
+    return (op, tuple(None if t is None else (t.shape, t.dtype) for t in tensors), extra, device, _GRAPH_TIMING.on)
 
 
 def decided(op: str, tensors: Sequence[torch.Tensor | None], extra: tuple = ()) -> str | None:
@@ -192,7 +202,7 @@ def run(
         if not _can_measure(device):
             return kernel()
         try:
-            ms = measure(kernel, reference, device, graphed=_GRAPH_TIMING[0])
+            ms = measure(kernel, reference, device, graphed=_GRAPH_TIMING.on)
         except Exception as err:
             reference_result = reference()  # the torch ops failing too is the caller's error: raise it
             _DECISIONS[key] = "torch"
