@@ -481,3 +481,23 @@ def test_eval_of_a_model_giving_nan_logits_is_an_error_not_an_accuracy(setup, tm
     assert main(["eval", str(data), *argv]) == 1
     captured = capsys.readouterr()
     assert f"{broken} gives NaN or infinite logits (mean loss nan)" in captured.err and "top-1" not in captured.out
+
+
+def test_label_map_keys_the_data_lacks_are_named(capsys):
+    """A typo in a --label-map key was ignored silently; its class then failed to match by name."""
+    id2label = dict(enumerate(MODEL_LABELS))
+    assert match_labels(["hund", "cat"], id2label, {"hund": "dog", "Hund": "dog", "kat": "cat"}) == [0, 2]
+    assert "--label-map names 2 class(es) the data does not have: 'Hund', 'kat'" in capsys.readouterr().err
+    assert match_labels(["hund"], id2label, {"hund": "dog"}) == [0]
+    assert "--label-map" not in capsys.readouterr().err
+
+
+def test_a_fine_tuning_output_directory_as_model_points_at_its_checkpoints(setup, tmp_path, capsys):
+    """`classify --model OUT` (the fine-tuning run's folder, not OUT/best) said only "has no config.json"."""
+    root, data, _, _ = setup
+    run = tmp_path / "run"
+    shutil.copytree(root / "ckpt", run / "best")
+    argv = ["--model", str(run), "--kernels", "sdpa", "--num-workers", "0", "--device", "cpu"]
+    assert main(["eval", str(data), *argv]) == 1
+    err = capsys.readouterr().err
+    assert f"{run} has no config.json: it holds a fine-tuning run, whose checkpoints are {run / 'best'}" in err

@@ -59,6 +59,9 @@ def match_labels(
     for index, name in sorted(id2label.items()):
         indices_of.setdefault(name, []).append(index)
     label_map = label_map or {}
+    strays = sorted(set(label_map) - set(classes))
+    if strays:  # a typo in a key leaves its class unmapped, and the error then blames the class, not the map
+        _warn(f"--label-map names {len(strays)} class(es) the data does not have: {', '.join(map(repr, strays[:10]))}")
     targets, unmatched, ambiguous, out_of_range = [], [], [], []
     for name in classes:
         target = label_map.get(name, name)

@@ -310,7 +310,10 @@ def resolve_file(
         if path.is_file():
             return path
         if required:
-            raise CheckpointNotFoundError(f"{local} has no {filename}")
+            # a fine-tuning run's output directory holds its checkpoints one level down
+            inside = [f"{local / name}" for name in ("best", "last") if (local / name / filename).is_file()]
+            hint = f": it holds a fine-tuning run, whose checkpoints are {' and '.join(inside)}" if inside else ""
+            raise CheckpointNotFoundError(f"{local} has no {filename}{hint}")
         return None
     _check_local_looking(name_or_path, local)
     return _resolve_hub_file(
