@@ -756,3 +756,16 @@ def test_a_diverging_run_stops_before_nan_weights_are_applied_or_saved(tmp_path,
             weights = load_file(directory / "model.safetensors")
             assert all(torch.isfinite(t).all() for t in weights.values()), directory
     assert "NaN" not in (out / "train_log.jsonl").read_text()  # strict JSON: no bare NaN tokens
+
+
+def test_without_a_terminal_progress_lines_come_now_and_then(tmp_path, capsys, monkeypatch):
+    """Under nohup, Slurm or a pipe there is no progress bar, and stdout got one line per epoch: an ImageNet
+    epoch said nothing for an hour. A plain line comes at most once a minute (here: every step)."""
+    from vithybrid_fast import train_loop
+
+    monkeypatch.setattr(train_loop, "PROGRESS_SECONDS", 0.0)
+    root = write_finetune_inputs(tmp_path)
+    assert main(_argv(root, root / "out")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1 step")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/1 step 1/3", "epoch 1/1 step 2/3", "epoch 1/1 step 3/3"]
+    assert all("loss " in line and "images/s" in line for line in lines)

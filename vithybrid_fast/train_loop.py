@@ -131,6 +131,9 @@ def _placeholder_loss(run: Run, autocast: Any) -> torch.Tensor:
         return run.trained(pixels).logits.float().sum() * 0.0
 
 
+PROGRESS_SECONDS = 60.0  # a plain progress line at most this often when no progress bar is shown
+
+
 def raise_diverged(run: Run, grad_norm: float, rank_loss: float, lr: float) -> None:
     """bfloat16 and float32 have no loss scaler to skip a step: one with NaN or infinite gradients would
     make every weight NaN, and each later epoch would validate them (NaN logits rank label 0 first) and save
@@ -158,6 +161,7 @@ def train_epoch(run: Run, epoch: int) -> float | None:
     # micro-batches drawn ahead and never reached its end (the loop stops before the loader is exhausted)
     bar = progress_bar(ctx, f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch, initial=steps)
     bar = bar(None) if bar is not None else None
+    said = time.perf_counter()  # without a bar (stderr no terminal: nohup, Slurm, a pipe), a line now and then
     mixed = run.autocast_dtype != torch.float32
     autocast = torch.autocast(ctx.device.type, dtype=run.autocast_dtype) if mixed else nullcontext()
     trainable = [p for p in run.model.parameters() if p.requires_grad]
@@ -223,6 +227,10 @@ def train_epoch(run: Run, epoch: int) -> float | None:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            elif ctx.is_main and time.perf_counter() - said >= PROGRESS_SECONDS:
+                say(f"epoch {epoch + 1}/{cfg.epochs} step {steps}/{run.steps_per_epoch}: loss {mean_loss:.4f}  "
+                    f"lr {lr:.2e}  {rate:.1f} images/s")  # fmt: skip
+                said = time.perf_counter()
             every = cfg.save_every_steps
             if every and run.step % every == 0 and steps < run.steps_per_epoch:  # the epoch's end saves anyway
                 _save_mid_epoch(run, epoch, steps, loss_sum)
