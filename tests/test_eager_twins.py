@@ -177,3 +177,54 @@ def test_with_twins_off_eager_calls_take_the_custom_op(device, monkeypatch):
     assert "_eager" in type(group_norm_act(x, 4, None, None).grad_fn).__name__
     monkeypatch.setattr(_eager, "TWINS", False)
     assert "_eager" not in type(group_norm_act(x, 4, None, None).grad_fn).__name__
+
+
+# -- from session 20's mutation audit: what the value checks above could not see --------------------------
+def _add_ln_leaves(device, seed=8):
+    return [_leaf(*shape, device=device, seed=seed + i) for i, shape in enumerate(((5, 32), (5, 32), (32,), (32,)))]
+
+
+@pytest.mark.parametrize("pick", [0, 1])
+def test_the_twin_hands_its_rule_none_for_unused_outputs(pick, monkeypatch, device):
+    # materialize_grads=False is what lets the rule see None: dh None → HAS_DH=False (no zeros read), and
+    # dy None → the rule's own fill. Kills: dropping ctx.set_materialize_grads (E3), or the add twin built
+    # without materialize_grads=False (A9). (Session 20's mutation audit.)
+    seen = []
+    real = alnt.launch_backward
+
+    def spy(dy, dh, *rest):
+        seen.append((dy, dh))
+        return real(dy, dh, *rest)
+
+    monkeypatch.setattr(alnt, "launch_backward", spy)
+    hx, hr, lw, lb = _add_ln_leaves(device)
+    out = add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)[pick]
+    torch.autograd.grad(out.sum(), (hx, hr, lw, lb), allow_unused=True)
+    ((dy, dh),) = seen
+    if pick == 1:  # y used, h not: no gradient for h reaches the kernel
+        assert dh is None
+    else:  # h used, y not: dy is the rule's zero fill in y's dtype; dh is the upstream ones
+        assert dh is not None and torch.equal(dh, torch.ones_like(dh)) and not dy.any()
+
+
+def test_compiled_autograd_of_an_eager_step_traces_the_backward_op(device):
+    # run(): a twin's backward traced by a compiler must call the op, not the launch (E7: the
+    # is_compiling() exception dropped). Under compiled autograd the eager twin's backward is traced.
+    from torch._dynamo import compiled_autograd
+
+    hx, hr, lw, lb = _add_ln_leaves(device)
+    _, y = add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+        y.sum().backward()
+    assert any("add_layer_norm_train_backward" in g for g in graphs), graphs
+    want = torch.autograd.grad(
+        torch.ops.vithybrid.add_layer_norm_train(hx, hr, lw, lb, 1e-6, torch.float32)[1].sum(), (hx, hr, lw, lb)
+    )
+    for got, exp in zip((hx.grad, hr.grad, lw.grad, lb.grad), want, strict=True):
+        torch.testing.assert_close(got, exp)

@@ -11,6 +11,7 @@ import torch
 from vithybrid_fast.kernels import add_layer_norm_train
 
 from tests.tolerance import assert_close_to_reference, unit_variance_row
+from vithybrid_fast.gpu_support import interpreter_enabled
 
 alnt = importlib.import_module("vithybrid_fast.kernels.add_layer_norm_train")  # the package binds the function
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -177,3 +178,23 @@ def test_bad_inputs_are_clear_errors(change, error, message, device):
     x, r, w, b = change(*_inputs(2, 16, BF16, F32, device))
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         add_layer_norm_train(x, r, w, b, 1e-5, BF16)
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="the interpreter's plan: on a GPU the plan is the GPU's")
+def test_the_backward_launch_takes_the_interpreters_plan(monkeypatch):
+    # 7 rows → 3 programs of 3, 3 and 1 rows: the only CPU coverage of ROWS > 1 (dw/db accumulated over rows
+    # in registers) and of a ragged last run. Kills launch_backward dropping interpreter_enabled() (then each
+    # program has one row and neither path runs on a CPU).
+    plans = []
+    real = alnt.backward_programs
+
+    def spy(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(alnt, "backward_programs", spy)
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(7, 40, generator=g).requires_grad_() for _ in range(2))
+    w, b = torch.ones(40, requires_grad=True), torch.zeros(40, requires_grad=True)
+    add_layer_norm_train(x, r, w, b, 1e-6, torch.float32)[1].sum().backward()
+    assert plans == [(3, 3)]

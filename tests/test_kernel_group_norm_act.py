@@ -438,3 +438,80 @@ def test_gpu_reduction_tiles(shape, num_groups, channels_last, device, monkeypat
     ref = run_grads(reference, [t.double() for t in inputs], grad_out.double(), num_groups=num_groups, act="relu")
     for name, o, p, r in zip(("dx", "dweight", "dbias", "dresidual"), ours, peer, ref):
         assert_close_to_reference(o, p, r, torch.float32, what=name)
+
+
+# -- from session 20's mutation audit: signed weights, no affine, an empty batch, a ragged tile ----------
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("act", ["relu", None])
+def test_backward_with_negative_weights(channels_last, act, device):
+    # the coefficients are Σ gz·w and Σ gz·w·x̂: a weight's sign must reach them (kills `weight.abs()` in
+    # launch_backward's bookkeeping, or a kernel that loses w's sign in its forward)
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(2, 12, 5, 7, generator=g) * 2 + 0.5).to(device)
+    w = torch.randn(12, generator=g).to(device)
+    w[::2] = -w[::2].abs() - 0.2  # half the channels negative, none near zero
+    b = (torch.randn(12, generator=g) * 0.2).to(device)
+    res = torch.randn(2, 12, 5, 7, generator=g).to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    inputs = [x, w, b, res]
+    grad_out = torch.randn(2, 12, 5, 7, generator=torch.Generator().manual_seed(12)).to(device)
+    ours = run_grads(group_norm_act, inputs, grad_out, num_groups=4, act=act)
+    peer = run_grads(torch_peer, inputs, grad_out, num_groups=4, act=act)
+    ref = run_grads(reference, [t.double() for t in inputs], grad_out.double(), num_groups=4, act=act)
+    for name, o, p, r in zip(("dx", "dweight", "dbias", "dresidual"), ours, peer, ref, strict=True):
+        assert_close_to_reference(o, p, r, torch.float32, what=name)
+
+
+def test_an_empty_batch_backward_gives_zero_gradients_in_separate_tensors(device):
+    # launch_backward's numel() == 0 early return: untested before (kills returning None for the residual's
+    # gradient there, or dw and db as one tensor, which a custom op may not return)
+    from vithybrid_fast.kernels import _group_norm_act_backward as gnb
+
+    x = torch.randn(0, 8, 3, 3, device=device, requires_grad=True)
+    r = torch.randn(0, 8, 3, 3, device=device, requires_grad=True)
+    w = torch.ones(8, device=device, requires_grad=True)
+    b = torch.zeros(8, device=device, requires_grad=True)
+    group_norm_act(x, 4, w, b, residual=r).sum().backward()
+    assert x.grad.shape == x.shape and r.grad is not None and r.grad.shape == r.shape
+    assert torch.equal(w.grad, torch.zeros(8, device=device)) and torch.equal(b.grad, torch.zeros(8, device=device))
+    mean = rstd = torch.zeros(0, 4, device=device)
+    gx, gz, dw, db = gnb.launch_backward(x.detach(), None, x.detach(), w.detach(), mean, rstd, relu=False,
+                                         need_gz=True, sm_count=1, small_blocks=True)  # fmt: skip
+    assert gx.shape == x.shape and not gx.any()
+    assert gz is not None and gz.shape == x.shape
+    assert dw.untyped_storage().data_ptr() != db.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_without_affine(channels_last, device):
+    # weight=None, bias=None: the backward's stand-in weight must be ones (kills any other stand-in; only the
+    # forward of the no-affine case was tested)
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(2, 12, 5, 7, generator=g) * 2 + 0.5).to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad_out = torch.randn(2, 12, 5, 7, generator=g).to(device)
+    inputs = [x, None, None, None]
+    ours = run_grads(group_norm_act, inputs, grad_out, num_groups=4, act="relu")
+    peer = run_grads(torch_peer, inputs, grad_out, num_groups=4, act="relu")
+    ref = run_grads(reference, [x.double(), None, None, None], grad_out.double(), num_groups=4, act="relu")
+    assert_close_to_reference(ours[0], peer[0], ref[0], torch.float32, what="dx")
+
+
+def test_nchw_backward_apply_covers_a_ragged_last_tile(device):
+    # each group's span (CG·S = 3·63 = 189) is more than one interpreter apply block (128) and not a multiple
+    # of it: the last tile is partial (kills cdiv → floor in launch_backward's tile count; every existing
+    # NCHW backward shape had a span ≤ 128 or a multiple of 128)
+    g = torch.Generator().manual_seed(14)
+    x = (torch.randn(2, 6, 7, 9, generator=g) * 2 + 0.5).to(device)
+    w = (torch.rand(6, generator=g) + 0.5).to(device)
+    b = (torch.randn(6, generator=g) * 0.2).to(device)
+    res = torch.randn(2, 6, 7, 9, generator=g).to(device)
+    inputs = [x, w, b, res]
+    grad_out = torch.randn(2, 6, 7, 9, generator=g).to(device)
+    ours = run_grads(group_norm_act, inputs, grad_out, num_groups=2, act="relu")
+    peer = run_grads(torch_peer, inputs, grad_out, num_groups=2, act="relu")
+    ref = run_grads(reference, [t.double() for t in inputs], grad_out.double(), num_groups=2, act="relu")
+    for name, o, p, r in zip(("dx", "dweight", "dbias", "dresidual"), ours, peer, ref, strict=True):
+        assert_close_to_reference(o, p, r, torch.float32, what=name)
