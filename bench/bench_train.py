@@ -151,10 +151,10 @@ def make_graphed_step(
 ) -> Callable[[], None]:
     """`make_step`'s step with its forward + backward replayed from CUDA graphs (captured here, after
     make_graphed_callables' own warm-up iterations, which also compile and autotune the kernels)."""
+    if dtype == torch.float16:  # first: a CPU can check it too
+        raise ValueError(f"{GRAPHED[0]}: bfloat16 or float32 only (GradScaler's scaling is not captured)")
     if pixels.device.type != "cuda":
         raise RuntimeError(f"{GRAPHED[0]}: CUDA graphs need a CUDA device, got {pixels.device}")
-    if dtype == torch.float16:
-        raise ValueError(f"{GRAPHED[0]}: bfloat16 or float32 only (GradScaler's scaling is not captured)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     autocast = dtype != torch.float32
     # autocast's weight-cast cache must be off around a capture and its replays (make_graphed_callables' rule)

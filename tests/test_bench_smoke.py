@@ -739,6 +739,8 @@ def test_graphed_training_provider_is_ours_triton_and_says_it_needs_a_gpu():
     pixels, labels = torch.randn(2, 3, *config.image_size_hw), torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         bench_train.step_for("ours-triton-cudagraphs", model, pixels, labels, torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 or float32 only"):
+        bench_train.step_for("ours-triton-cudagraphs", model, pixels, labels, torch.float16)
     assert bench_train.step_for("ours-triton", model, pixels, labels, torch.bfloat16).scaler is not None
     # a run records the refusal as the provider's result, and goes on
     (record,) = bench_train.run("cpu", batches=(2,), dtypes=("bfloat16",), providers=("ours-triton-cudagraphs",),
