@@ -511,3 +511,29 @@ def test_a_low_pixel_limit_refuses_only_resizes_that_enlarge_past_twice_it(monke
     with pytest.raises(ValueError, match=r"would make 64×128 pixels, more than twice .* 4,000") as refused:
         small(Image.new("RGB", (16, 32)), return_tensors="pt")  # grows to 8,192 px > 8,000
     assert "aspect ratio" not in str(refused.value)  # 2:1 is not the cause
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        {"size": {"height": 384, "width": 384}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+        {},  # transformers' ViTImageProcessor defaults throughout: 224 × 224, bilinear, mean/std 0.5
+    ],
+)
+def test_a_vit_image_processor_config_is_read_with_its_meaning(saved, tmp_path):
+    """A checkpoint saved with transformers' ViTImageProcessor (no center crop) got our default 224 crop:
+    a 384 model's input came out 224 and the error spoke of the feature grid (session 20's user audit)."""
+    from transformers import ViTImageProcessor
+
+    config = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "do_rescale": True, **saved}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="a ViTImageProcessor's: read with its meaning"):
+        ours = ViTHybridImageProcessor.from_pretrained(tmp_path)
+    theirs = ViTImageProcessor(**{k: v for k, v in config.items() if k != "image_processor_type"})
+    image = grace()
+    got = ours(image, return_tensors="np")["pixel_values"]
+    want = theirs(image, return_tensors="np")["pixel_values"]
+    side = saved.get("size", {"height": 224})["height"]
+    assert got.shape == want.shape == (1, 3, side, side)
+    assert_close(got, want, "ViTImageProcessor config")
+    assert ours.to_dict()["do_center_crop"] is False  # saved again, transformers' ViTHybridImageProcessor agrees

@@ -56,6 +56,16 @@ BASE_384_PREPROCESSOR_CONFIG: dict[str, Any] = {
     "crop_size": {"height": 384, "width": 384},
 }
 
+# transformers' ViTImageProcessor's defaults, where they differ from ours: a checkpoint saved with one (its
+# preprocessor_config.json says so) resizes to `size` without a center crop, with its own mean and std.
+VIT_IMAGE_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_center_crop": False,
+    "size": {"height": 224, "width": 224},
+    "resample": 2,  # bilinear
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
 ImageInput = Image.Image | np.ndarray | torch.Tensor | Sequence[Image.Image | np.ndarray | torch.Tensor]
 
 _FLAGS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
@@ -376,7 +386,17 @@ class ViTHybridImageProcessor:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> ViTHybridImageProcessor:
-        return cls(**{**copy.deepcopy(config), **overrides})
+        config = copy.deepcopy(config)
+        if config.get("image_processor_type") == "ViTImageProcessor":
+            # ViTImageProcessor has no center crop: read with our defaults, its `size` was resized to, then our
+            # default 224 crop cut a 384 model's input to 224 (an error about the feature grid, not the config)
+            config = {**VIT_IMAGE_PROCESSOR_DEFAULTS, **config, "image_processor_type": cls.__name__}
+            warnings.warn(
+                "preprocessor_config.json is a ViTImageProcessor's: read with its meaning (resize to "
+                f"{config['size']}, no center crop)",
+                stacklevel=2,
+            )
+        return cls(**{**config, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: copy.deepcopy(getattr(self, name)) for name in _OPTIONS}
