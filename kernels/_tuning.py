@@ -141,7 +141,14 @@ def write_table(name: str, gpu: str, entries: dict[str, str], table_dir: Path | 
     table.setdefault(gpu, {}).update(entries)
     path = directory / f"{name}.json"
     ordered = {g: dict(sorted(rows.items())) for g, rows in sorted(table.items())}
-    path.write_text(json.dumps(ordered, indent=1) + "\n")
+    # renamed into place: a Ctrl-C or full disk mid-write must not leave a truncated shipped table, which
+    # every later run on any GPU would fail to parse
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(ordered, indent=1) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

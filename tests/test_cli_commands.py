@@ -101,3 +101,17 @@ def test_warmup_counts_only_what_it_compiled(tmp_path):
     assert second[-2].startswith("cpu-seconds: 0.0 ")
     assert f": {kernels} kernels ({kernels} already cached), " in second[-3]
     assert int(second[-1].split(",")[0].split(":")[1]) == 0  # how tests/test_gpu_targets.py reads N
+
+
+def test_warmup_whose_compiles_all_fail_says_so_on_its_last_line(tmp_path):
+    """Failed compiles were counted as compiled: 'compiles: 17' after 17 error lines (session 20's audit)."""
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "a-file" / "cache")}
+    cmd = [sys.executable, "-m", "vithybrid_fast", "warmup", "--arch", "sm_90", "--dtype", "bfloat16",
+           "--batches", "1", "--workers", "1"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    last = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"compiles: 0, seconds: 0\.0 \(0 already cached\), FAILED: \d+ \(see the error lines above\)", last
+    ), last

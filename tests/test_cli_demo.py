@@ -68,6 +68,7 @@ def test_demo_under_the_interpreter_cross_checks_triton_on_a_tiny_config(tmp_pat
     prefix = "tiny-config cross-check (triton, interpreted, untimed, logits (1, 10)): max |Δlogit| vs float64 "
     check = [line for line in lines if line.startswith(prefix)]
     assert len(check) == 1, out.stdout
+    assert lines[-1] == check[0]  # last: it decides the exit status (a command's last line states its result)
     # judged as doctor --check judges: kernel error ≤ 2 × plain torch's + atol, and said so
     kernel_err, torch_err, bound = (float(v) for v in re.findall(r"(\d\.\d\de[-+]\d+)", check[0]))
     assert kernel_err <= bound and bound >= 2 * torch_err  # bound = 2 × torch's error + atol

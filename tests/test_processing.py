@@ -537,3 +537,13 @@ def test_a_vit_image_processor_config_is_read_with_its_meaning(saved, tmp_path):
     assert got.shape == want.shape == (1, 3, side, side)
     assert_close(got, want, "ViTImageProcessor config")
     assert ours.to_dict()["do_center_crop"] is False  # saved again, transformers' ViTHybridImageProcessor agrees
+
+
+def test_a_model_config_given_as_the_processor_config_is_refused(tmp_path):
+    """load_processor("ckpt/config.json") read a model's config as a processor config naming no option:
+    224 px and CLIP's mean and std, silently (session 20's audit)."""
+    import vithybrid_fast as vf
+
+    vf.ViTHybridConfig.base_384().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"config.json is a model config, not a preprocessor config"):
+        vf.load_processor(str(tmp_path / "config.json"))

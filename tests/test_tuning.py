@@ -270,3 +270,22 @@ def test_every_launch_states_fp_fusion(monkeypatch, device):
     # every kernel the default (contracted) but the one that chose otherwise (jit(fp_fusion=False))
     assert {flag for name, flag in seen if name != "_add_layer_norm_bwd_kernel"} == {_tuning.FP_FUSION} == {True}
     assert {flag for name, flag in seen if name == "_add_layer_norm_bwd_kernel"} == {False}
+
+
+def test_a_table_write_that_fails_leaves_the_table_as_it_was(tmp_path, monkeypatch):
+    """The shipped tables were written in place: a Ctrl-C or a full disk mid-write left a truncated JSON that
+    every later run would fail to parse (session 20's audit). Now renamed into place."""
+    from pathlib import Path
+
+    from vithybrid_fast.kernels import _tuning
+
+    path = _tuning.write_table("demo_kernel", "GPU A", {"k1": "c1"}, tmp_path)
+    before = path.read_text()
+
+    def fail(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        _tuning.write_table("demo_kernel", "GPU B", {"k2": "c2"}, tmp_path)
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]

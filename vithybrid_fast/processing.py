@@ -451,6 +451,13 @@ class ViTHybridImageProcessor:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        if not any(name in config for name in _OPTIONS) and ("architectures" in config or "model_type" in config):
+            # a model's config.json names no preprocessing option: read as one it gave every default (224,
+            # CLIP's mean and std), silently the wrong preprocessing for this model
+            raise ValueError(
+                f"{path} is a model config, not a preprocessor config (preprocessor_config.json); "
+                f"pass the checkpoint directory ({path.parent}) or its preprocessor_config.json"
+            )
         try:
             return cls.from_dict(config, **overrides)
         except ValueError:

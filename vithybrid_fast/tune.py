@@ -109,6 +109,15 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from .kernels import _tuning
 
+    table_dir = args.out or _tuning.TABLE_DIR
+    try:  # before minutes of tuning, not after: an installed package's folder is often read-only
+        table_dir.mkdir(parents=True, exist_ok=True)
+        probe = table_dir / f".tune-write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        print(f"error: cannot write the tables to {table_dir} ({err}); pass --out DIR", file=sys.stderr)
+        return 1
     gpu = _tuning.gpu_name() or "unknown"
     _tuning.reset_all()
     exercise(args.dtypes, args.batches, backward=not args.no_backward)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,7 +65,15 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--workers", str(args.workers)]
         if args.list:
             argv.append("--list")
-        return subprocess.call(argv, env=env)
+        # the child is the CLI itself (one-line errors, one "interrupted" line on Ctrl-C), and this process
+        # waits it out instead of printing its own traceback-free but second "interrupted"
+        argv[1:3] = ["-m", "vithybrid_fast", "warmup"]
+        child = subprocess.Popen(argv, env=env)  # started first: it must not inherit SIG_IGN
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     import torch
 
@@ -89,11 +98,15 @@ def run(args: argparse.Namespace) -> int:
     with_workers = f"{workers} worker" + ("s" if workers != 1 else "")
     print(f"{args.arch} {args.dtype} batches {','.join(map(str, args.batches))}: {len(results)} kernels "
           f"({cached} already cached), {wall:.1f} s wall with {with_workers}")  # fmt: skip
-    compiled = [r for r in results if not r.cached]
+    compiled = [r for r in results if not r.cached and not r.error]
     print(
         f"cpu-seconds: {sum(r.cpu_seconds for r in compiled):.1f} (CPU time of the compiles; wall time grows with load)"
     )
-    print(f"compiles: {len(compiled)}, seconds: {sum(r.seconds for r in compiled):.1f} ({cached} already cached)")
+    failures = f", FAILED: {len(failed)} (see the error lines above)" if failed else ""
+    print(
+        f"compiles: {len(compiled)}, seconds: {sum(r.seconds for r in compiled):.1f} ({cached} already cached)"
+        + failures
+    )
     return 1 if failed else 0
 
 
