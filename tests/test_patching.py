@@ -568,3 +568,66 @@ def test_patching_a_model_without_the_families_names_each_class_once():
     with pytest.raises(ValueError, match=r"families: attention, mlp, backbone") as sdpa_error:
         vf.patch(other, "sdpa")
     assert "{'backbone': 'triton'}" not in str(sdpa_error.value)
+
+
+# -- modules a user changed or hooks: patching must call them, not read their weights (session 20's audit) ----
+class LoraLinear(torch.nn.Module):
+    """What peft's LoRA puts where an nn.Linear was: the base layer plus a low-rank update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        generator = torch.Generator().manual_seed(base.out_features)
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator) * 0.3)
+        self.lora_b = torch.nn.Parameter(torch.randn(base.out_features, rank, generator=generator) * 0.3)
+
+    @property
+    def weight(self) -> torch.Tensor:  # peft exposes the base layer's weight too: a fused path reads it
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+@pytest.mark.parametrize("kernels", ["triton", {"attention": "triton"}, {"mlp": "triton"}])
+def test_a_lora_wrapped_linear_is_called_not_bypassed(kernels):
+    """The fused QKV, LayerNorm+MLP and glue paths read .weight/.bias and dropped the adapters: a patched
+    LoRA model gave exactly the base model's logits, silently."""
+    model = build_tiny_model()
+    pixels = pixels_for(model)
+    base = run(model, pixels)
+    for layer in model.vit.encoder.layer:
+        attention = layer.attention.attention
+        attention.query, attention.value = LoraLinear(attention.query), LoraLinear(attention.value)
+        layer.intermediate.dense = LoraLinear(layer.intermediate.dense)
+    with_lora = run(model, pixels)
+    assert (with_lora.logits - base.logits).abs().max().item() > 1e-2  # the adapters matter
+    vf.patch(model, kernels)
+    assert_same_outputs(run(model, pixels), with_lora, 1e-4, f"patched {kernels} with LoRA")
+
+
+def test_forward_hooks_keep_firing_after_patch():
+    """Hooks on a replaced module (a layer, the stem) and on modules a fused path skips (a query projection,
+    the last GroupNorm of a block) went silent after vf.patch."""
+    model = build_tiny_model()
+    pixels = pixels_for(model)
+    layer = model.vit.encoder.layer[0]
+    hooked = {
+        "layer0": layer,
+        "query0": layer.attention.attention.query,
+        "fc1_0": layer.intermediate.dense,
+        "norm3": next(m for name, m in model.named_modules() if name.endswith("norm3")),
+    }
+    fired = []
+    for name, module in hooked.items():
+        module.register_forward_hook(lambda m, args, out, name=name: fired.append(name))
+    reference = run(model, pixels)
+    assert sorted(set(fired)) == sorted(hooked)
+    fired.clear()
+    vf.patch(model, "triton")
+    assert_same_outputs(run(model, pixels), reference, 1e-4, "patched with hooks")
+    assert sorted(set(fired)) == sorted(hooked)

@@ -47,6 +47,23 @@ def _is_exact_gelu(module: nn.Module) -> bool:
     return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is nn.functional.gelu
 
 
+def _plain_linear(*modules: nn.Module) -> bool:
+    """Each module computes exactly F.linear(x, .weight, .bias): an nn.Linear (parametrized ones too) whose
+    forward is nn.Linear's. A LoRA wrapper, a quantized or otherwise subclassed linear, or one with hooks
+    must be called, not read for its .weight: the fused paths would silently drop what it adds."""
+    return all(
+        isinstance(m, nn.Linear)
+        and type(m).forward is nn.Linear.forward
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        for m in modules
+    )
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    """No forward hook on any of `modules`: a fused path that skips calling them may skip them."""
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _is_relu(module: nn.Module) -> bool:
     return isinstance(module, nn.ReLU)
 
@@ -106,7 +123,8 @@ class FastSelfAttention(nn.Module):
 
     def can_fuse(self, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
         dropout_active = self.training and self.dropout.p > 0
-        return not output_attentions and head_mask is None and not dropout_active
+        plain = _plain_linear(self.query, self.key, self.value)
+        return plain and not output_attentions and head_mask is None and not dropout_active
 
     def attend_packed(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, N, 3·H·d) projection output → (B, N, H·d) attention context."""
@@ -173,7 +191,12 @@ class FastViTLayer(nn.Module):
         self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self_attention = self.attention.attention
-        if isinstance(self_attention, FastSelfAttention) and self_attention.can_fuse(head_mask, output_attentions):
+        if (
+            isinstance(self_attention, FastSelfAttention)
+            and self_attention.can_fuse(head_mask, output_attentions)
+            and _plain_linear(self.attention.output.dense)
+            and _unhooked(self.attention, self_attention, self.attention.output, self.layernorm_before)
+        ):
             ln = self.layernorm_before
             weight, bias = self_attention.fused_qkv()
 
@@ -210,7 +233,10 @@ class FastViTLayer(nn.Module):
 
     def mlp_block(self, h: torch.Tensor) -> torch.Tensor:
         dropout_active = self.training and self.output.dropout.p > 0
-        if dropout_active or not _is_exact_gelu(self.intermediate.intermediate_act_fn) or _autocasting(h):
+        plain = _plain_linear(self.intermediate.dense, self.output.dense) and _unhooked(
+            self.intermediate, self.output, self.layernorm_after, self.intermediate.intermediate_act_fn
+        )
+        if dropout_active or not plain or not _is_exact_gelu(self.intermediate.intermediate_act_fn) or _autocasting(h):
             return self.output(self.intermediate(self.layernorm_after(h)), h)
         ln, fc1, fc2 = self.layernorm_after, self.intermediate.dense, self.output.dense
         return dispatch.run(
@@ -253,6 +279,8 @@ class FastViTLayer(nn.Module):
         ):
             return False
         if self.training and self.attention.output.dropout.p > 0:
+            return False
+        if not _plain_linear(self.attention.output.dense, self.intermediate.dense, self.output.dense):
             return False
         return x.shape[-1] <= GLUE_MAX_WIDTH
 
@@ -310,6 +338,8 @@ class FastViTLayer(nn.Module):
         if not self_attention.can_fuse(head_mask, output_attentions):
             return False
         if self.training and (self.attention.output.dropout.p > 0 or self.output.dropout.p > 0):
+            return False
+        if not _plain_linear(self.attention.output.dense, self.intermediate.dense, self.output.dense):
             return False
         return _is_exact_gelu(self.intermediate.intermediate_act_fn) and x.shape[-1] <= GLUE_MAX_WIDTH
 
@@ -438,7 +468,7 @@ class FastBottleneckLayer(nn.Module):
         x = self.conv3(x)
         drop_path_active = self.training and getattr(self.drop_path, "drop_prob", 0.0) > 0
         norm3 = self.norm3
-        if drop_path_active or not _is_relu(self.activation):
+        if drop_path_active or not _is_relu(self.activation) or not _unhooked(norm3, self.activation):
             return self.activation(self.drop_path(norm3(x)) + shortcut)
         weight, bias = norm3.weight, norm3.bias
         return group_norm_act(self.measured, x, norm3.num_groups, weight, bias, norm3.eps, "relu", shortcut)
@@ -469,7 +499,7 @@ class FastBitEmbeddings(nn.Module):
             )  # transformers' words
         x = self.norm(self.pad(self.convolution(pixel_values)))
         pool = self.pooler
-        if self.pad_free_pool:
+        if self.pad_free_pool and _unhooked(pool):  # a hooked pool is called (the hook sees its call)
             padding = implicit_same_padding(x, pool.kernel_size[0], pool.stride[0])
             if padding is not None:
                 return nn.functional.max_pool2d(x, pool.kernel_size, pool.stride, padding, pool.dilation, True)

@@ -378,6 +378,19 @@ def build_in_mode(builder: Callable[[nn.Module], nn.Module], original: nn.Module
     module put into a model in eval mode would run dropout at inference (and unpatch would carry its mode
     back). Submodules it shares with `original` keep their own mode; the ones it made take the original's."""
     fast_module = builder(original)
+    # the user's hooks on the replaced module (feature extraction, Grad-CAM) keep firing: the
+    # fast module shares the original's hook dicts, so hooks added or removed while patched reach both
+    for slot in (
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    ):
+        if hasattr(original, slot):
+            object.__setattr__(fast_module, slot, getattr(original, slot))
     shared = {id(m) for m in original.modules()}
     for module in fast_module.modules():
         if id(module) not in shared:
