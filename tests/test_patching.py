@@ -631,3 +631,19 @@ def test_forward_hooks_keep_firing_after_patch():
     vf.patch(model, "triton")
     assert_same_outputs(run(model, pixels), reference, 1e-4, "patched with hooks")
     assert sorted(set(fired)) == sorted(hooked)
+
+
+def test_layer_norm_hooks_fire_in_the_autocast_glue_path():
+    """Under autocast the layer runs autocast_layer, whose glue kernel replaces both LayerNorms: a hook on
+    either made it step aside only in the fp32 paths (one predicate now serves all of them)."""
+    from vithybrid_fast.patching import patch_for_autocast
+
+    model = build_tiny_model().train()
+    layer = model.vit.encoder.layer[0]
+    fired = []
+    for name in ("layernorm_before", "layernorm_after"):
+        getattr(layer, name).register_forward_hook(lambda m, args, out, name=name: fired.append(name))
+    patch_for_autocast(model, "triton", torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(pixels_for(model)).logits.float().sum().backward()
+    assert sorted(set(fired)) == ["layernorm_after", "layernorm_before"]

@@ -51,11 +51,8 @@ def _plain_linear(*modules: nn.Module) -> bool:
     """Each module computes exactly F.linear(x, .weight, .bias): an nn.Linear (parametrized ones too) whose
     forward is nn.Linear's. A LoRA wrapper, a quantized or otherwise subclassed linear, or one with hooks
     must be called, not read for its .weight: the fused paths would silently drop what it adds."""
-    return all(
-        isinstance(m, nn.Linear)
-        and type(m).forward is nn.Linear.forward
-        and not (m._forward_hooks or m._forward_pre_hooks)
-        for m in modules
+    return all(isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward for m in modules) and _unhooked(
+        *modules
     )
 
 
@@ -187,16 +184,23 @@ class FastViTLayer(nn.Module):
         # (see autocast_layer); off, torch's ops as autocast casts them (bench_train's A/B switch)
         self.autocast_glue_kernels = True
 
-    def attention_block(
-        self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _attention_fusable(self, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
+        """The attention half may run fused (here, in autocast_layer or cublas_with_glue_kernels): its
+        self-attention is ours and can fuse, and every module those paths skip (LayerNorm-before, the
+        attention wrappers, the out-projection, read for its weights) is plain and unhooked."""
         self_attention = self.attention.attention
-        if (
+        return (
             isinstance(self_attention, FastSelfAttention)
             and self_attention.can_fuse(head_mask, output_attentions)
             and _plain_linear(self.attention.output.dense)
             and _unhooked(self.attention, self_attention, self.attention.output, self.layernorm_before)
-        ):
+        )
+
+    def attention_block(
+        self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self_attention = self.attention.attention
+        if self._attention_fusable(head_mask, output_attentions):
             ln = self.layernorm_before
             weight, bias = self_attention.fused_qkv()
 
@@ -271,18 +275,14 @@ class FastViTLayer(nn.Module):
     # the next GEMM made) and has its own backward; the MLP's residual add and the weights' casts stay.
     # Not under "auto" (its dispatch times forwards alone), nor where attention dropout is active.
     def _autocast_glue_serves(self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
-        self_attention = self.attention.attention
         if self.measured or not self.autocast_glue_kernels or not _autocasting(x):
             return False
-        if not isinstance(self_attention, FastSelfAttention) or not self_attention.can_fuse(
-            head_mask, output_attentions
-        ):
+        if not self._attention_fusable(head_mask, output_attentions):
             return False
         if self.training and self.attention.output.dropout.p > 0:
             return False
-        if not _plain_linear(self.attention.output.dense, self.intermediate.dense, self.output.dense):
-            return False
-        return x.shape[-1] <= GLUE_MAX_WIDTH
+        # LayerNorm-after is skipped too; fc1 and fc2 are called as modules
+        return _unhooked(self.layernorm_after) and x.shape[-1] <= GLUE_MAX_WIDTH
 
     def autocast_layer(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as autocast's per-op torch path computes it, with add_layer_norm_train as the glue."""
@@ -332,14 +332,11 @@ class FastViTLayer(nn.Module):
 
     def _glue_serves(self, x: torch.Tensor, head_mask: torch.Tensor | None, output_attentions: bool) -> bool:
         """The call is one the fused path serves too: fused attention, no dropout, exact GELU, no autocast."""
-        self_attention = self.attention.attention
-        if not isinstance(self_attention, FastSelfAttention) or _autocasting(x):
-            return False
-        if not self_attention.can_fuse(head_mask, output_attentions):
+        if _autocasting(x) or not self._attention_fusable(head_mask, output_attentions):
             return False
         if self.training and (self.attention.output.dropout.p > 0 or self.output.dropout.p > 0):
             return False
-        if not _plain_linear(self.attention.output.dense, self.intermediate.dense, self.output.dense):
+        if not _unhooked(self.layernorm_after):  # skipped too; fc1 and fc2 are called as modules
             return False
         return _is_exact_gelu(self.intermediate.intermediate_act_fn) and x.shape[-1] <= GLUE_MAX_WIDTH
 

@@ -388,8 +388,8 @@ class ViTHybridImageProcessor:
     def from_dict(cls, config: dict[str, Any], **overrides: Any) -> ViTHybridImageProcessor:
         config = copy.deepcopy(config)
         if config.get("image_processor_type") == "ViTImageProcessor":
-            # ViTImageProcessor has no center crop: read with our defaults, its `size` was resized to, then our
-            # default 224 crop cut a 384 model's input to 224 (an error about the feature grid, not the config)
+            # ViTImageProcessor resizes to `size` and has no center crop: read with our defaults, our 224 crop
+            # cut a 384 model's input to 224 (and the error then spoke of the feature grid, not the config)
             config = {**VIT_IMAGE_PROCESSOR_DEFAULTS, **config, "image_processor_type": cls.__name__}
             warnings.warn(
                 "preprocessor_config.json is a ViTImageProcessor's: read with its meaning (resize to "

@@ -107,16 +107,13 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("error: tune needs a CUDA GPU (it measures the kernels on it)", file=sys.stderr)
         return 1
+    from .files import check_writable_dir
     from .kernels import _tuning
 
-    table_dir = args.out or _tuning.TABLE_DIR
     try:  # before minutes of tuning, not after: an installed package's folder is often read-only
-        table_dir.mkdir(parents=True, exist_ok=True)
-        probe = table_dir / f".tune-write-probe-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        print(f"error: cannot write the tables to {table_dir} ({err}); pass --out DIR", file=sys.stderr)
+        check_writable_dir(args.out or _tuning.TABLE_DIR, "the tables' folder")
+    except ValueError as err:
+        print(f"error: {err}; pass --out DIR", file=sys.stderr)
         return 1
     gpu = _tuning.gpu_name() or "unknown"
     _tuning.reset_all()

@@ -59,15 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if _interpreter_on():
         # Kernels imported under the interpreter are not the native ones: compile in a clean process.
         env = {**os.environ, "TRITON_INTERPRET": "0"}
-        argv = [sys.executable, "-m", "vithybrid_fast.warmup", "--arch", args.arch, "--dtype", args.dtype,
+        # the child is the CLI itself: one-line errors, one "interrupted" line on Ctrl-C
+        argv = [sys.executable, "-m", "vithybrid_fast", "warmup", "--arch", args.arch, "--dtype", args.dtype,
                 "--batches", ",".join(map(str, args.batches))]  # fmt: skip
         if args.workers:
             argv += ["--workers", str(args.workers)]
         if args.list:
             argv.append("--list")
-        # the child is the CLI itself (one-line errors, one "interrupted" line on Ctrl-C), and this process
-        # waits it out instead of printing its own traceback-free but second "interrupted"
-        argv[1:3] = ["-m", "vithybrid_fast", "warmup"]
+        # a terminal's Ctrl-C reaches both processes: the child reports it, this one waits for the child
         child = subprocess.Popen(argv, env=env)  # started first: it must not inherit SIG_IGN
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
